@@ -1,0 +1,255 @@
+//! Stage 2: answer ARP requests and IPv6 Neighbor Solicitations for service IPs, in place.
+//!
+//! Only for an IP that has an entry in `L2_VIPS` for the interface the frame arrived on: that is
+//! how "answer only on the interfaces the operator chose" holds. Anything else is left untouched.
+//! Never answers a truncated or malformed frame.
+
+use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
+use lb_common::{L2VipKey, L2VipValue};
+
+use crate::{
+    checksum,
+    headers::*,
+    maps::L2_VIPS,
+    parse::{ptr_at, L2},
+    stats::Outcome,
+};
+
+/// How many 8-byte option units an NS may carry for us to validate (and answer) it.
+const NS_MAX_OPTION_UNITS: usize = 8;
+
+#[inline(always)]
+fn our_mac(key: &L2VipKey) -> Option<[u8; 6]> {
+    // SAFETY: the value is copied out at once; nothing holds the reference.
+    let value: &L2VipValue = unsafe { L2_VIPS.get(key) }?;
+    Some(value.mac)
+}
+
+#[inline(always)]
+fn is_multicast(mac: &[u8; 6]) -> bool {
+    mac[0] & 1 == 1
+}
+
+/// ARP request for a VIP on this interface → ARP reply in place (`Outcome::ArpReply`).
+#[inline(always)]
+pub fn arp(ctx: &XdpContext, l2: &L2) -> Outcome {
+    let Some(arp) = ptr_at::<ArpEthIpv4>(ctx, l2.l3_offset) else {
+        return Outcome::Malformed;
+    };
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Outcome::Malformed;
+    };
+    let (arp, eth) = unsafe { (&mut *arp, &mut *eth) };
+
+    if u16::from_be_bytes(arp.htype) != ARP_HTYPE_ETHERNET
+        || u16::from_be_bytes(arp.ptype) != ETH_P_IPV4
+        || arp.hlen != 6
+        || arp.plen != 4
+    {
+        return Outcome::Malformed;
+    }
+    if u16::from_be_bytes(arp.oper) != ARP_OP_REQUEST {
+        return Outcome::Passed;
+    }
+    // A gratuitous ARP (sender IP = target IP) announces an address, it asks nothing: leave it to
+    // the kernel (and to whoever watches for address conflicts).
+    if u32::from_ne_bytes(arp.spa) == u32::from_ne_bytes(arp.tpa) {
+        return Outcome::Passed;
+    }
+    // Never answer to a multicast or broadcast sender: such a request is forged or broken.
+    if is_multicast(&eth.src) || is_multicast(&arp.sha) {
+        return Outcome::Malformed;
+    }
+
+    let key = L2VipKey::v4(ctx.ingress_ifindex() as u32, arp.tpa);
+    let Some(mac) = our_mac(&key) else {
+        return Outcome::Passed;
+    };
+
+    // Reply: to the asker, from us; "VIP is at mac".
+    let vip = arp.tpa;
+    eth.dst = eth.src;
+    eth.src = mac;
+    arp.oper = ARP_OP_REPLY.to_be_bytes();
+    arp.tha = arp.sha;
+    arp.tpa = arp.spa;
+    arp.sha = mac;
+    arp.spa = vip;
+    Outcome::ArpReply
+}
+
+/// What the NS told us, copied out of the packet before it is resized.
+struct Solicitation {
+    asker_mac: [u8; 6],
+    asker_ip: [u8; 16],
+    target: [u8; 16],
+    from_unspecified: bool,
+}
+
+/// ICMPv6 Neighbor Solicitation for a VIP on this interface → solicited Neighbor Advertisement
+/// in place (`Outcome::NaReply`). Other IPv6 traffic → `Outcome::Passed`.
+#[inline(always)]
+pub fn ndp(ctx: &XdpContext, l2: &L2) -> Outcome {
+    let Some(ip6) = ptr_at::<Ipv6Hdr>(ctx, l2.l3_offset) else {
+        return Outcome::Malformed;
+    };
+    let ip6 = unsafe { &*ip6 };
+    if ip6.vtcfl[0] >> 4 != 6 {
+        return Outcome::Malformed;
+    }
+    // No extension headers: an NS behind one is not for us to answer.
+    if ip6.next_header != IPPROTO_ICMPV6 {
+        return Outcome::Passed;
+    }
+    let icmp_offset = l2.l3_offset + IPV6_HLEN;
+    let payload_len = u16::from_be_bytes(ip6.payload_len) as usize;
+    if ctx.data() + icmp_offset + payload_len > ctx.data_end() {
+        return Outcome::Malformed;
+    }
+    let Some(icmp_type) = ptr_at::<u8>(ctx, icmp_offset) else {
+        return Outcome::Malformed;
+    };
+    if unsafe { *icmp_type } != ICMPV6_NS {
+        return Outcome::Passed;
+    }
+    let Some(nd) = ptr_at::<NdMsg>(ctx, icmp_offset) else {
+        return Outcome::Malformed;
+    };
+    let nd = unsafe { &*nd };
+
+    // RFC 4861 §7.1.1 validity checks.
+    if ip6.hop_limit != 255
+        || nd.code != 0
+        || payload_len < ND_FIXED_LEN
+        || !(payload_len - ND_FIXED_LEN).is_multiple_of(8)
+    {
+        return Outcome::Malformed;
+    }
+    let option_units = (payload_len - ND_FIXED_LEN) / 8;
+    if option_units > NS_MAX_OPTION_UNITS {
+        return Outcome::Passed;
+    }
+
+    let key = L2VipKey::v6(ctx.ingress_ifindex() as u32, nd.target);
+    let Some(mac) = our_mac(&key) else {
+        return Outcome::Passed;
+    };
+
+    // The checksum is verified only for NSs we would answer: the kernel verifies the rest.
+    let Some(sum) = ns_checksum_sum(ctx, ip6, nd, icmp_offset, payload_len, option_units) else {
+        return Outcome::Malformed;
+    };
+    if checksum::fold(sum) != 0xffff {
+        return Outcome::Malformed;
+    }
+
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Outcome::Malformed;
+    };
+    let asker_mac = unsafe { (*eth).src };
+    if is_multicast(&asker_mac) {
+        return Outcome::Malformed;
+    }
+    let ns = Solicitation {
+        asker_mac,
+        asker_ip: ip6.src,
+        target: nd.target,
+        from_unspecified: ip6.src.iter().fold(0u8, |acc, b| acc | b) == 0,
+    };
+    write_advertisement(ctx, l2.l3_offset, &ns, mac)
+}
+
+/// One's-complement sum over the pseudo-header and the whole NS (fixed part and options),
+/// including the checksum field. `None` if an option unit runs past the packet.
+#[inline(always)]
+fn ns_checksum_sum(
+    ctx: &XdpContext,
+    ip6: &Ipv6Hdr,
+    nd: &NdMsg,
+    icmp_offset: usize,
+    payload_len: usize,
+    option_units: usize,
+) -> Option<u32> {
+    let mut sum = checksum::icmpv6_pseudo_header(&ip6.src, &ip6.dst, payload_len as u32);
+    sum += u16::from_be_bytes([nd.icmp_type, nd.code]) as u32;
+    sum += u16::from_be_bytes(nd.checksum) as u32;
+    sum = checksum::add_words(sum, &nd.flags);
+    sum = checksum::add_words(sum, &nd.target);
+    let mut unit = 0;
+    while unit < NS_MAX_OPTION_UNITS {
+        if unit >= option_units {
+            break;
+        }
+        let opt: *const [u8; 8] = ptr_at(ctx, icmp_offset + ND_FIXED_LEN + unit * 8)?;
+        sum = checksum::add_words(sum, unsafe { &*opt });
+        unit += 1;
+    }
+    Some(sum)
+}
+
+const ALL_NODES: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
+
+/// Resizes the frame to Ethernet (+VLAN) + IPv6 + NA-with-TLLA and writes the advertisement.
+#[inline(always)]
+fn write_advertisement(
+    ctx: &XdpContext,
+    l3_offset: usize,
+    ns: &Solicitation,
+    mac: [u8; 6],
+) -> Outcome {
+    let wanted = (l3_offset + IPV6_HLEN + NA_LEN) as i32;
+    let current = (ctx.data_end() - ctx.data()) as i32;
+    if wanted != current {
+        // SAFETY: the helper only moves data_end; every pointer is re-derived below.
+        let rc = unsafe { bpf_xdp_adjust_tail(ctx.ctx, wanted - current) };
+        if rc != 0 {
+            // No tailroom to grow into: leave the NS to the kernel, unanswered by us.
+            return Outcome::Passed;
+        }
+    }
+    let (Some(eth), Some(ip6), Some(na)) = (
+        ptr_at::<EthHdr>(ctx, 0),
+        ptr_at::<Ipv6Hdr>(ctx, l3_offset),
+        ptr_at::<NaWithTlla>(ctx, l3_offset + IPV6_HLEN),
+    ) else {
+        return Outcome::Malformed;
+    };
+    let (eth, ip6, na) = unsafe { (&mut *eth, &mut *ip6, &mut *na) };
+
+    // A DAD probe (from ::) is answered to all nodes, unsolicited (RFC 4861 §7.2.4).
+    let (dst_ip, dst_mac, flags) = if ns.from_unspecified {
+        (ALL_NODES, ALL_NODES_MAC, NA_FLAG_OVERRIDE)
+    } else {
+        (
+            ns.asker_ip,
+            ns.asker_mac,
+            NA_FLAG_SOLICITED | NA_FLAG_OVERRIDE,
+        )
+    };
+
+    eth.dst = dst_mac;
+    eth.src = mac;
+    ip6.vtcfl = [0x60, 0, 0, 0];
+    ip6.payload_len = (NA_LEN as u16).to_be_bytes();
+    ip6.next_header = IPPROTO_ICMPV6;
+    ip6.hop_limit = 255;
+    ip6.src = ns.target;
+    ip6.dst = dst_ip;
+    na.nd.icmp_type = ICMPV6_NA;
+    na.nd.code = 0;
+    na.nd.flags = [flags, 0, 0, 0];
+    na.nd.target = ns.target;
+    na.opt_type = ND_OPT_TARGET_LL_ADDR;
+    na.opt_len = 1;
+    na.mac = mac;
+
+    let mut sum = checksum::icmpv6_pseudo_header(&ns.target, &dst_ip, NA_LEN as u32);
+    sum += u16::from_be_bytes([ICMPV6_NA, 0]) as u32;
+    sum += u16::from_be_bytes([flags, 0]) as u32;
+    sum = checksum::add_words(sum, &ns.target);
+    sum += u16::from_be_bytes([ND_OPT_TARGET_LL_ADDR, 1]) as u32;
+    sum = checksum::add_words(sum, &mac);
+    na.nd.checksum = (!checksum::fold(sum)).to_be_bytes();
+    Outcome::NaReply
+}

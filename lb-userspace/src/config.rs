@@ -1,0 +1,178 @@
+//! The model of what the operator asked for, and its validation. Pure: never touches the kernel.
+//!
+//! For now it holds the L2 announcements (`IP@interface`); pools, services and peers join it with
+//! the standalone issue. Every error names the field and the value it rejects.
+
+use std::{fmt, net::IpAddr, str::FromStr};
+
+/// Why a piece of configuration was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{field}: {value:?} is not of the form IP@INTERFACE (e.g. 198.51.100.10@eth1)")]
+    NotIpAtInterface { field: String, value: String },
+    #[error("{field}: {value:?} is not an IP address")]
+    NotAnIp { field: String, value: String },
+    #[error("{field}: {value} is not a valid unicast address for a service: {reason}")]
+    NotUnicast {
+        field: String,
+        value: IpAddr,
+        reason: &'static str,
+    },
+    #[error("{field}: {value:?} is not a valid interface name: {reason}")]
+    BadInterfaceName {
+        field: String,
+        value: String,
+        reason: &'static str,
+    },
+}
+
+/// An IP to answer ARP (IPv4) or NDP (IPv6) for, on one interface only.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct L2Announcement {
+    pub ip: IpAddr,
+    pub interface: String,
+}
+
+impl fmt::Display for L2Announcement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.ip, self.interface)
+    }
+}
+
+impl L2Announcement {
+    /// Parses `IP@INTERFACE`; `field` names where the text came from, for the error.
+    pub fn parse(field: &str, text: &str) -> Result<Self, ConfigError> {
+        let (ip_text, interface) =
+            text.rsplit_once('@')
+                .ok_or_else(|| ConfigError::NotIpAtInterface {
+                    field: field.to_string(),
+                    value: text.to_string(),
+                })?;
+        let ip = IpAddr::from_str(ip_text).map_err(|_| ConfigError::NotAnIp {
+            field: field.to_string(),
+            value: ip_text.to_string(),
+        })?;
+        validate_service_ip(field, ip)?;
+        validate_interface_name(field, interface)?;
+        Ok(Self {
+            ip,
+            interface: interface.to_string(),
+        })
+    }
+}
+
+/// A service IP must be one a host can own and answer for: unicast, not loopback, not
+/// unspecified, not broadcast.
+pub fn validate_service_ip(field: &str, ip: IpAddr) -> Result<(), ConfigError> {
+    let reason = match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() => Some("it is the unspecified address"),
+        IpAddr::V4(v4) if v4.is_loopback() => Some("it is a loopback address"),
+        IpAddr::V4(v4) if v4.is_multicast() => Some("it is a multicast address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("it is the broadcast address"),
+        IpAddr::V4(v4) if v4.octets()[0] == 0 => Some("0.0.0.0/8 means \"this network\""),
+        IpAddr::V4(v4) if v4.octets()[0] >= 240 => Some("240.0.0.0/4 is reserved"),
+        IpAddr::V6(v6) if v6.is_unspecified() => Some("it is the unspecified address"),
+        IpAddr::V6(v6) if v6.is_loopback() => Some("it is the loopback address"),
+        IpAddr::V6(v6) if v6.is_multicast() => Some("it is a multicast address"),
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+            Some("IPv4-mapped IPv6 addresses are not announced; use the IPv4 address")
+        }
+        _ => None,
+    };
+    match reason {
+        Some(reason) => Err(ConfigError::NotUnicast {
+            field: field.to_string(),
+            value: ip,
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Linux interface names: 1 to 15 bytes, no '/', no whitespace, not "." or "..".
+pub fn validate_interface_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    let reason = if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > 15 {
+        Some("Linux interface names have at most 15 bytes")
+    } else if name.contains('/') || name.chars().any(char::is_whitespace) {
+        Some("it contains '/' or whitespace")
+    } else if name == "." || name == ".." {
+        Some("it is not a name")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(ConfigError::BadInterfaceName {
+            field: field.to_string(),
+            value: name.to_string(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ipv4_and_ipv6_announcements() {
+        let a = L2Announcement::parse("--vip", "198.51.100.10@eth1").unwrap();
+        assert_eq!(a.ip, "198.51.100.10".parse::<IpAddr>().unwrap());
+        assert_eq!(a.interface, "eth1");
+        let b = L2Announcement::parse("--vip", "2001:db8::10@bond0.100").unwrap();
+        assert_eq!(b.ip, "2001:db8::10".parse::<IpAddr>().unwrap());
+        assert_eq!(b.interface, "bond0.100");
+        assert_eq!(b.to_string(), "2001:db8::10@bond0.100");
+    }
+
+    #[test]
+    fn rejects_text_without_an_interface_naming_field_and_value() {
+        let err = L2Announcement::parse("--vip", "198.51.100.10").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--vip: \"198.51.100.10\" is not of the form IP@INTERFACE (e.g. 198.51.100.10@eth1)"
+        );
+    }
+
+    #[test]
+    fn rejects_a_non_ip() {
+        let err = L2Announcement::parse("--vip", "10.0.0.300@eth0").unwrap_err();
+        assert!(matches!(err, ConfigError::NotAnIp { ref value, .. } if value == "10.0.0.300"));
+    }
+
+    #[test]
+    fn rejects_every_kind_of_non_unicast_address() {
+        for bad in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "0.1.2.3",
+            "240.0.0.1",
+            "::",
+            "::1",
+            "ff02::1",
+            "::ffff:198.51.100.1",
+        ] {
+            let err = L2Announcement::parse("--vip", &format!("{bad}@eth0")).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::NotUnicast { .. }),
+                "{bad} was accepted or misreported: {err}"
+            );
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn rejects_impossible_interface_names() {
+        for bad in ["", "a-name-longer-than-15", "eth/0", "eth 0", ".."] {
+            let err = L2Announcement::parse("--vip", &format!("198.51.100.1@{bad}")).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::BadInterfaceName { .. }),
+                "{bad}: {err}"
+            );
+        }
+    }
+}

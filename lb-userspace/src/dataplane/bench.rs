@@ -1,0 +1,244 @@
+//! Timing the data plane's programs with BPF_PROG_TEST_RUN, for `cargo xtask bench`.
+//!
+//! A program that rewrites the packet cannot be timed with `repeat` > 1 on its own: from the
+//! second run on it sees its own output. So rewriting paths are timed behind
+//! `bench_restore_then_call` (copy the original frame back, then tail-call the program under
+//! test), and the cost of that wrapper is measured the same way in front of `bench_floor` and
+//! subtracted. Each measurement also checks that the wrapped run's action and output equal a
+//! single direct run's.
+
+use aya::{
+    maps::{Array, ProgramArray},
+    programs::{TestRun, TestRunOptions, Xdp},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{bench as names, BenchFrame, BENCH_FRAME_MAX, PROG_XDP_INGRESS};
+
+use super::{load_error, program_load_error, run_xdp, xdp_md, Dataplane, DataplaneError, Result};
+use super::{RunOutcome, XdpAction};
+
+static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-bench.o"));
+
+/// One timing: nanoseconds per packet, and what the program did to the frame.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub ns_per_packet: f64,
+    pub outcome: RunOutcome,
+}
+
+/// The benchmark programs next to a loaded data plane.
+pub struct BenchHarness {
+    dataplane: Dataplane,
+    bench: Ebpf,
+}
+
+impl BenchHarness {
+    /// Loads the benchmark object next to `dataplane` (which should be loaded unpinned).
+    pub fn new(dataplane: Dataplane) -> Result<Self> {
+        let mut bench = EbpfLoader::new()
+            .load(BENCH_OBJECT)
+            .map_err(|e| load_error("sluice-bench", e))?;
+        for name in [names::PROG_FLOOR, names::PROG_RESTORE_THEN_CALL] {
+            let program: &mut Xdp = bench
+                .program_mut(name)
+                .ok_or(DataplaneError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| DataplaneError::Program {
+                    program: name,
+                    source,
+                })?;
+            program.load().map_err(|e| program_load_error(name, e))?;
+        }
+        Ok(Self { dataplane, bench })
+    }
+
+    /// The data plane under test (to set VIPs before timing).
+    pub fn dataplane(&mut self) -> &mut Dataplane {
+        &mut self.dataplane
+    }
+
+    fn program(&self, name: &'static str) -> Result<&Xdp> {
+        self.bench
+            .program(name)
+            .ok_or(DataplaneError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                program: name,
+                source,
+            })
+    }
+
+    fn time(
+        &self,
+        program: &Xdp,
+        name: &'static str,
+        ifindex: u32,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<f64> {
+        let ctx = xdp_md(ifindex, frame.len());
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| DataplaneError::Program {
+                program: name,
+                source,
+            })?;
+        // The kernel reports the mean duration per run.
+        Ok(result.duration.as_nanos() as f64)
+    }
+
+    /// The floor: a program that only returns XDP_PASS.
+    pub fn floor(&self, ifindex: u32, frame: &[u8], repeat: u32) -> Result<Timing> {
+        let program = self.program(names::PROG_FLOOR)?;
+        let ns = self.time(program, names::PROG_FLOOR, ifindex, frame, repeat)?;
+        let outcome = run_xdp(program, names::PROG_FLOOR, ifindex, frame)?;
+        Ok(Timing {
+            ns_per_packet: ns,
+            outcome,
+        })
+    }
+
+    /// The ingress program run directly, `repeat` times on the same buffer. Valid only for paths
+    /// that leave the frame untouched; returns an error otherwise.
+    pub fn ingress_direct(&self, ifindex: u32, frame: &[u8], repeat: u32) -> Result<Timing> {
+        let program = self.dataplane.ingress()?;
+        let outcome = run_xdp(program, PROG_XDP_INGRESS, ifindex, frame)?;
+        if outcome.frame != frame {
+            return Err(DataplaneError::InvalidBenchmark(
+                "the ingress program rewrote this frame: time it with ingress_restored".into(),
+            ));
+        }
+        let ns = self.time(program, PROG_XDP_INGRESS, ifindex, frame, repeat)?;
+        Ok(Timing {
+            ns_per_packet: ns,
+            outcome,
+        })
+    }
+
+    /// The ingress program behind the restore wrapper, minus the wrapper's own cost (measured in
+    /// front of the floor program). Checks the wrapped run does what a direct run does.
+    pub fn ingress_restored(
+        &mut self,
+        ifindex: u32,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(Timing, f64)> {
+        let direct = self.dataplane.run_ingress(ifindex, frame)?;
+        self.set_restore_frame(frame)?;
+        let ingress_fd = self
+            .dataplane
+            .ingress()?
+            .fd()
+            .map_err(|source| DataplaneError::Program {
+                program: PROG_XDP_INGRESS,
+                source,
+            })?
+            .try_clone()
+            .map_err(|e| DataplaneError::InvalidBenchmark(e.to_string()))?;
+        let floor_fd = self
+            .program(names::PROG_FLOOR)?
+            .fd()
+            .map_err(|source| DataplaneError::Program {
+                program: names::PROG_FLOOR,
+                source,
+            })?
+            .try_clone()
+            .map_err(|e| DataplaneError::InvalidBenchmark(e.to_string()))?;
+
+        self.set_target(&ingress_fd)?;
+        let wrapper = self.program(names::PROG_RESTORE_THEN_CALL)?;
+        let wrapped = run_xdp(wrapper, names::PROG_RESTORE_THEN_CALL, ifindex, frame)?;
+        if wrapped != direct {
+            return Err(DataplaneError::InvalidBenchmark(format!(
+                "the wrapped run differs from the direct run: {:?} vs {:?}",
+                wrapped.action, direct.action
+            )));
+        }
+        let with_ingress = self.time(
+            wrapper,
+            names::PROG_RESTORE_THEN_CALL,
+            ifindex,
+            frame,
+            repeat,
+        )?;
+
+        self.set_target(&floor_fd)?;
+        let wrapper = self.program(names::PROG_RESTORE_THEN_CALL)?;
+        let overhead_run = run_xdp(wrapper, names::PROG_RESTORE_THEN_CALL, ifindex, frame)?;
+        if overhead_run.action != XdpAction::Pass {
+            return Err(DataplaneError::InvalidBenchmark(format!(
+                "restore wrapper in front of the floor returned {:?}",
+                overhead_run.action
+            )));
+        }
+        let overhead = self.time(
+            wrapper,
+            names::PROG_RESTORE_THEN_CALL,
+            ifindex,
+            frame,
+            repeat,
+        )?;
+        let floor = self.floor(ifindex, frame, repeat)?.ns_per_packet;
+        // wrapper+ingress − (wrapper+floor) + floor = ingress alone.
+        Ok((
+            Timing {
+                ns_per_packet: with_ingress - overhead + floor,
+                outcome: direct,
+            },
+            overhead - floor,
+        ))
+    }
+
+    fn set_restore_frame(&mut self, frame: &[u8]) -> Result<()> {
+        if frame.len() > BENCH_FRAME_MAX || !frame.len().is_multiple_of(2) {
+            return Err(DataplaneError::InvalidBenchmark(format!(
+                "frames to restore must have an even length of at most {BENCH_FRAME_MAX} bytes, not {}",
+                frame.len()
+            )));
+        }
+        let mut value = BenchFrame {
+            len: frame.len() as u32,
+            _pad: 0,
+            data: [0; BENCH_FRAME_MAX],
+        };
+        value.data[..frame.len()].copy_from_slice(frame);
+        let map = self
+            .bench
+            .map_mut(names::MAP_FRAME)
+            .ok_or(DataplaneError::MissingMap(names::MAP_FRAME))?;
+        let mut array: Array<_, BenchFrame> =
+            Array::try_from(map).map_err(|source| DataplaneError::Map {
+                map: names::MAP_FRAME,
+                source,
+            })?;
+        array
+            .set(0, value, 0)
+            .map_err(|source| DataplaneError::Map {
+                map: names::MAP_FRAME,
+                source,
+            })
+    }
+
+    fn set_target(&mut self, fd: &aya::programs::ProgramFd) -> Result<()> {
+        let map = self
+            .bench
+            .map_mut(names::MAP_TARGET)
+            .ok_or(DataplaneError::MissingMap(names::MAP_TARGET))?;
+        let mut array = ProgramArray::try_from(map).map_err(|source| DataplaneError::Map {
+            map: names::MAP_TARGET,
+            source,
+        })?;
+        array.set(0, fd, 0).map_err(|source| DataplaneError::Map {
+            map: names::MAP_TARGET,
+            source,
+        })
+    }
+}

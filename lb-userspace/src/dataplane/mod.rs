@@ -1,0 +1,494 @@
+//! The data plane: loads lb-ebpf, attaches it, pins its maps and writes them.
+//!
+//! This module is the only code in Sluice that uses aya or talks to the BPF subsystem. Everything
+//! else hands it decisions (which IP on which interface) through a small typed API. It never
+//! decides anything itself, and it never leaves a program half-attached: `attach_all` attaches to
+//! every interface or to none.
+
+pub mod bench;
+mod error;
+mod system;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{HashMap, Map, MapData, PerCpuArray},
+    programs::{xdp::XdpLinkId, ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
+    Ebpf, EbpfError, EbpfLoader,
+};
+use lb_common::{
+    GlobalStats, L2VipKey, L2VipValue, FAMILY_IPV4, L2_VIPS_DEFAULT_CAPACITY, MAP_GLOBAL_STATS,
+    MAP_L2_VIPS, PROG_XDP_INGRESS,
+};
+
+pub use error::{DataplaneError, Result};
+pub use system::{
+    default_pin_dir, format_mac, interface, interface_name, require_root, Interface, BPFFS_ROOT,
+};
+
+/// The data plane object, built by `cargo xtask build-ebpf` and embedded at compile time.
+static DATAPLANE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-dataplane.o"));
+const DATAPLANE_OBJECT_NAME: &str = "sluice-dataplane";
+
+/// How to load the data plane.
+#[derive(Debug, Clone)]
+pub struct DataplaneOptions {
+    /// Directory under a bpffs mount where the maps are pinned (and reused on the next start),
+    /// `None` to keep them private to this process (tests, benchmarks).
+    pub pin_dir: Option<PathBuf>,
+    /// Capacity of the L2 VIP map: (interface, IP) pairs.
+    pub l2_vips_capacity: u32,
+}
+
+impl Default for DataplaneOptions {
+    fn default() -> Self {
+        Self {
+            pin_dir: Some(default_pin_dir()),
+            l2_vips_capacity: L2_VIPS_DEFAULT_CAPACITY,
+        }
+    }
+}
+
+/// An IP the XDP program answers ARP/NDP for on one interface, with the MAC it answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct L2Vip {
+    pub ifindex: u32,
+    pub ip: IpAddr,
+    pub mac: [u8; 6],
+}
+
+impl L2Vip {
+    fn key(&self) -> L2VipKey {
+        match self.ip {
+            IpAddr::V4(v4) => L2VipKey::v4(self.ifindex, v4.octets()),
+            IpAddr::V6(v6) => L2VipKey::v6(self.ifindex, v6.octets()),
+        }
+    }
+
+    fn from_entry(key: &L2VipKey, value: &L2VipValue) -> Self {
+        let ip = if key.family == FAMILY_IPV4 {
+            IpAddr::from([key.addr[0], key.addr[1], key.addr[2], key.addr[3]])
+        } else {
+            IpAddr::from(key.addr)
+        };
+        Self {
+            ifindex: key.ifindex,
+            ip,
+            mac: value.mac,
+        }
+    }
+}
+
+/// The XDP action a program returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpAction {
+    Aborted,
+    Drop,
+    Pass,
+    Tx,
+    Redirect,
+    Other(u32),
+}
+
+impl From<u32> for XdpAction {
+    fn from(value: u32) -> Self {
+        match value {
+            0 => Self::Aborted,
+            1 => Self::Drop,
+            2 => Self::Pass,
+            3 => Self::Tx,
+            4 => Self::Redirect,
+            other => Self::Other(other),
+        }
+    }
+}
+
+/// What one run of the ingress program did to one frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutcome {
+    pub action: XdpAction,
+    pub frame: Vec<u8>,
+}
+
+/// The loaded data plane. Dropping it detaches the program from every interface.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
+    attached: BTreeMap<u32, (String, XdpLinkId)>,
+}
+
+impl std::fmt::Debug for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataplane")
+            .field("pin_dir", &self.pin_dir)
+            .field("attached", &self.attached.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Dataplane {
+    /// Loads the programs and creates (or reuses pinned) maps. Attaches nothing yet.
+    pub fn load(options: &DataplaneOptions) -> Result<Self> {
+        require_root()?;
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(MAP_L2_VIPS, options.l2_vips_capacity);
+        let pin_paths: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
+            Some(dir) => {
+                system::prepare_pin_dir(dir)?;
+                [MAP_L2_VIPS, MAP_GLOBAL_STATS]
+                    .into_iter()
+                    .map(|name| (name, dir.join(name)))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(DATAPLANE_OBJECT)
+            .map_err(|e| load_error(DATAPLANE_OBJECT_NAME, e))?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROG_XDP_INGRESS)
+            .ok_or(DataplaneError::MissingProgram(PROG_XDP_INGRESS))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                program: PROG_XDP_INGRESS,
+                source,
+            })?;
+        program
+            .load()
+            .map_err(|e| program_load_error(PROG_XDP_INGRESS, e))?;
+        tracing::info!(
+            event = "dataplaneLoaded",
+            pin_dir = ?options.pin_dir,
+            l2_vips_capacity = options.l2_vips_capacity
+        );
+        Ok(Self {
+            ebpf,
+            pin_dir: options.pin_dir.clone(),
+            attached: BTreeMap::new(),
+        })
+    }
+
+    fn ingress(&self) -> Result<&Xdp> {
+        self.ebpf
+            .program(PROG_XDP_INGRESS)
+            .ok_or(DataplaneError::MissingProgram(PROG_XDP_INGRESS))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                program: PROG_XDP_INGRESS,
+                source,
+            })
+    }
+
+    fn ingress_mut(&mut self) -> Result<&mut Xdp> {
+        self.ebpf
+            .program_mut(PROG_XDP_INGRESS)
+            .ok_or(DataplaneError::MissingProgram(PROG_XDP_INGRESS))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                program: PROG_XDP_INGRESS,
+                source,
+            })
+    }
+
+    /// Attaches the ingress program to every interface, or to none: if one attach fails, the
+    /// ones done by this call are detached again and the error names the interface.
+    pub fn attach_all(&mut self, interfaces: &[Interface]) -> Result<()> {
+        let mut done = Vec::new();
+        for iface in interfaces {
+            if self.attached.contains_key(&iface.ifindex) {
+                continue;
+            }
+            match self.attach_one(iface) {
+                Ok(()) => done.push(iface.ifindex),
+                Err(error) => {
+                    for ifindex in done {
+                        self.detach(ifindex);
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_one(&mut self, iface: &Interface) -> Result<()> {
+        let program = self.ingress_mut()?;
+        // Native (driver) mode where the driver supports XDP, generic (skb) mode elsewhere.
+        let link = program
+            .attach_to_if_index(iface.ifindex, XdpMode::Default)
+            .map_err(|source| DataplaneError::Attach {
+                interface: iface.name.clone(),
+                source,
+            })?;
+        self.attached
+            .insert(iface.ifindex, (iface.name.clone(), link));
+        tracing::info!(event = "xdpAttached", interface = %iface.name, ifindex = iface.ifindex);
+        Ok(())
+    }
+
+    /// Detaches the ingress program from one interface (no-op if it is not attached).
+    pub fn detach(&mut self, ifindex: u32) {
+        if let Some((name, link)) = self.attached.remove(&ifindex) {
+            if let Ok(program) = self.ingress_mut() {
+                if let Err(error) = program.detach(link) {
+                    tracing::warn!(event = "xdpDetachFailed", interface = %name, %error);
+                    return;
+                }
+            }
+            tracing::info!(event = "xdpDetached", interface = %name, ifindex);
+        }
+    }
+
+    /// The interfaces the ingress program is attached to, by ifindex.
+    pub fn attached(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.attached
+            .iter()
+            .map(|(ifindex, (name, _))| (*ifindex, name.as_str()))
+    }
+
+    fn l2_vips_map(&mut self) -> Result<HashMap<&mut MapData, L2VipKey, L2VipValue>> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_L2_VIPS)
+            .ok_or(DataplaneError::MissingMap(MAP_L2_VIPS))?;
+        HashMap::try_from(map).map_err(|source| DataplaneError::Map {
+            map: MAP_L2_VIPS,
+            source,
+        })
+    }
+
+    /// Makes `L2_VIPS` hold exactly `desired`: adds and updates first, then removes what is no
+    /// longer wanted, so an IP that stays never has a moment without an answer.
+    pub fn set_l2_vips(&mut self, desired: &[L2Vip]) -> Result<()> {
+        for vip in desired {
+            if let Err(error) = crate::config::validate_service_ip("L2 VIP", vip.ip) {
+                return Err(DataplaneError::InvalidVip {
+                    ip: vip.ip,
+                    reason: error.to_string(),
+                });
+            }
+        }
+        let current: BTreeSet<L2Vip> = self.l2_vips()?.into_iter().collect();
+        let wanted: BTreeSet<L2Vip> = desired.iter().copied().collect();
+        let wanted_keys: BTreeSet<[u8; 24]> =
+            wanted.iter().map(|v| bytemuck::cast(v.key())).collect();
+        let mut map = self.l2_vips_map()?;
+        for vip in wanted.difference(&current) {
+            let value = L2VipValue {
+                mac: vip.mac,
+                _pad: [0; 2],
+            };
+            map.insert(vip.key(), value, 0)
+                .map_err(|source| DataplaneError::Map {
+                    map: MAP_L2_VIPS,
+                    source,
+                })?;
+            tracing::info!(event = "l2VipAdded", ip = %vip.ip, ifindex = vip.ifindex, mac = %format_mac(&vip.mac));
+        }
+        for vip in current.iter() {
+            let key_bytes: [u8; 24] = bytemuck::cast(vip.key());
+            if !wanted_keys.contains(&key_bytes) {
+                map.remove(&vip.key())
+                    .map_err(|source| DataplaneError::Map {
+                        map: MAP_L2_VIPS,
+                        source,
+                    })?;
+                tracing::info!(event = "l2VipRemoved", ip = %vip.ip, ifindex = vip.ifindex);
+            }
+        }
+        Ok(())
+    }
+
+    /// The IPs the program answers for, per interface, as the map holds them now.
+    pub fn l2_vips(&mut self) -> Result<Vec<L2Vip>> {
+        let map = self.l2_vips_map()?;
+        read_l2_vips(&map)
+    }
+
+    /// The outcome counters, summed over CPUs.
+    pub fn stats(&self) -> Result<GlobalStats> {
+        let map = self
+            .ebpf
+            .map(MAP_GLOBAL_STATS)
+            .ok_or(DataplaneError::MissingMap(MAP_GLOBAL_STATS))?;
+        let array = PerCpuArray::try_from(map).map_err(|source| DataplaneError::Map {
+            map: MAP_GLOBAL_STATS,
+            source,
+        })?;
+        read_stats(&array)
+    }
+
+    /// Runs the ingress program once on `frame` as if it had arrived on `ifindex`
+    /// (BPF_PROG_TEST_RUN). The ifindex must name a device of the caller's network namespace.
+    pub fn run_ingress(&self, ifindex: u32, frame: &[u8]) -> Result<RunOutcome> {
+        let program = self.ingress()?;
+        run_xdp(program, PROG_XDP_INGRESS, ifindex, frame)
+    }
+}
+
+/// The context BPF_PROG_TEST_RUN takes for XDP (`struct xdp_md`): data offsets and ifindexes.
+fn xdp_md(ifindex: u32, len: usize) -> [u8; 24] {
+    let fields: [u32; 6] = [0, len as u32, 0, ifindex, 0, 0];
+    bytemuck::cast(fields)
+}
+
+fn run_xdp(program: &Xdp, name: &'static str, ifindex: u32, frame: &[u8]) -> Result<RunOutcome> {
+    let ctx = xdp_md(ifindex, frame.len());
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat: 1,
+            ..TestRunOptions::default()
+        })
+        .map_err(|source| DataplaneError::Program {
+            program: name,
+            source,
+        })?;
+    out.truncate(result.data_size_out as usize);
+    Ok(RunOutcome {
+        action: result.return_value.into(),
+        frame: out,
+    })
+}
+
+fn read_l2_vips<T: std::borrow::Borrow<MapData>>(
+    map: &HashMap<T, L2VipKey, L2VipValue>,
+) -> Result<Vec<L2Vip>> {
+    let mut vips = Vec::new();
+    for entry in map.iter() {
+        let (key, value) = entry.map_err(|source| DataplaneError::Map {
+            map: MAP_L2_VIPS,
+            source,
+        })?;
+        vips.push(L2Vip::from_entry(&key, &value));
+    }
+    vips.sort();
+    Ok(vips)
+}
+
+fn read_stats<T: std::borrow::Borrow<MapData>>(
+    array: &PerCpuArray<T, GlobalStats>,
+) -> Result<GlobalStats> {
+    let per_cpu = array.get(&0, 0).map_err(|source| DataplaneError::Map {
+        map: MAP_GLOBAL_STATS,
+        source,
+    })?;
+    Ok(per_cpu
+        .iter()
+        .fold(GlobalStats::default(), |sum, cpu| sum.add(*cpu)))
+}
+
+/// Read-only view of a data plane's pinned maps, whether or not a daemon is running.
+pub struct PinnedView {
+    l2_vips: HashMap<MapData, L2VipKey, L2VipValue>,
+    stats: PerCpuArray<MapData, GlobalStats>,
+}
+
+impl PinnedView {
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        require_root()?;
+        let open = |name: &'static str| {
+            let path = pin_dir.join(name);
+            MapData::from_pin(&path).map_err(|source| DataplaneError::Pinned { path, source })
+        };
+        let l2_vips = HashMap::try_from(Map::HashMap(open(MAP_L2_VIPS)?)).map_err(|source| {
+            DataplaneError::Map {
+                map: MAP_L2_VIPS,
+                source,
+            }
+        })?;
+        let stats =
+            PerCpuArray::try_from(Map::PerCpuArray(open(MAP_GLOBAL_STATS)?)).map_err(|source| {
+                DataplaneError::Map {
+                    map: MAP_GLOBAL_STATS,
+                    source,
+                }
+            })?;
+        Ok(Self { l2_vips, stats })
+    }
+
+    pub fn l2_vips(&self) -> Result<Vec<L2Vip>> {
+        read_l2_vips(&self.l2_vips)
+    }
+
+    pub fn stats(&self) -> Result<GlobalStats> {
+        read_stats(&self.stats)
+    }
+}
+
+fn load_error(object: &'static str, error: EbpfError) -> DataplaneError {
+    match error {
+        EbpfError::ProgramError(ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        }) => DataplaneError::VerifierRejected {
+            program: object.to_string(),
+            io_error,
+            log: verifier_log.to_string(),
+        },
+        other => DataplaneError::Load {
+            object,
+            source: Box::new(other),
+        },
+    }
+}
+
+fn program_load_error(program: &'static str, error: ProgramError) -> DataplaneError {
+    match error {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => DataplaneError::VerifierRejected {
+            program: program.to_string(),
+            io_error,
+            log: verifier_log.to_string(),
+        },
+        source => DataplaneError::Program { program, source },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_run_context_names_the_ingress_ifindex_and_frame_length() {
+        let ctx = xdp_md(7, 60);
+        let fields: [u32; 6] = bytemuck::cast(ctx);
+        assert_eq!(fields, [0, 60, 0, 7, 0, 0]);
+    }
+
+    #[test]
+    fn l2_vip_round_trips_through_its_map_key() {
+        for ip in ["198.51.100.7", "2001:db8::7"] {
+            let vip = L2Vip {
+                ifindex: 3,
+                ip: ip.parse().unwrap(),
+                mac: [2, 0, 0, 0, 0, 1],
+            };
+            let value = L2VipValue {
+                mac: vip.mac,
+                _pad: [0; 2],
+            };
+            assert_eq!(L2Vip::from_entry(&vip.key(), &value), vip);
+        }
+    }
+
+    #[test]
+    fn xdp_action_codes_map_to_names() {
+        assert_eq!(XdpAction::from(2), XdpAction::Pass);
+        assert_eq!(XdpAction::from(3), XdpAction::Tx);
+        assert_eq!(XdpAction::from(9), XdpAction::Other(9));
+    }
+}

@@ -1,0 +1,182 @@
+//! The host facts the data plane depends on: privileges, bpffs, interfaces.
+
+use std::{
+    ffi::CString,
+    fs,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
+
+use super::error::{DataplaneError, Result};
+
+/// Where the kernel's BPF filesystem is mounted by convention.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// A network interface of this network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+}
+
+pub fn require_root() -> Result<()> {
+    let uid = unsafe { libc::geteuid() };
+    if uid != 0 {
+        return Err(DataplaneError::NotRoot { uid });
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
+    rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Makes sure bpffs is mounted at /sys/fs/bpf (mounting it if not), then creates `pin_dir`,
+/// which must be on a bpffs.
+pub fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
+    let root = Path::new(BPFFS_ROOT);
+    if pin_dir.starts_with(root) && !is_bpffs(root) {
+        let source = CString::new("bpf").unwrap();
+        let target = CString::new(BPFFS_ROOT).unwrap();
+        let rc = unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                source.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(DataplaneError::BpffsNotMounted {
+                path: root.to_path_buf(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        tracing::info!(event = "bpffsMounted", path = BPFFS_ROOT);
+    }
+    fs::create_dir_all(pin_dir).map_err(|source| DataplaneError::PinDir {
+        path: pin_dir.to_path_buf(),
+        source,
+    })?;
+    if !is_bpffs(pin_dir) {
+        return Err(DataplaneError::PinDirNotOnBpffs {
+            path: pin_dir.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// Looks an interface up by name in the current network namespace.
+pub fn interface(name: &str) -> Result<Interface> {
+    let no_such = || DataplaneError::NoSuchInterface {
+        name: name.to_string(),
+    };
+    let c_name = CString::new(name).map_err(|_| no_such())?;
+    let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(no_such());
+    }
+    let mac = interface_mac(name)?;
+    Ok(Interface {
+        name: name.to_string(),
+        ifindex,
+        mac,
+    })
+}
+
+/// The name of an interface index in the current network namespace, if it exists.
+pub fn interface_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    let ptr = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if ptr.is_null() {
+        return None;
+    }
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// The interface's MAC address, read with the SIOCGIFHWADDR ioctl (works in any network
+/// namespace, whatever /sys shows).
+fn interface_mac(name: &str) -> Result<[u8; 6]> {
+    let no_mac = |detail: String| DataplaneError::NoMacAddress {
+        name: name.to_string(),
+        detail,
+    };
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(no_mac(std::io::Error::last_os_error().to_string()));
+    }
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *dst = *src as libc::c_char;
+    }
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    let err = std::io::Error::last_os_error();
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return Err(no_mac(err.to_string()));
+    }
+    let addr = unsafe { req.ifr_ifru.ifru_hwaddr };
+    if addr.sa_family != libc::ARPHRD_ETHER {
+        return Err(no_mac(format!(
+            "link type {} is not Ethernet",
+            addr.sa_family
+        )));
+    }
+    let mut mac = [0u8; 6];
+    for (dst, src) in mac.iter_mut().zip(addr.sa_data.iter()) {
+        *dst = *src as u8;
+    }
+    if mac == [0; 6] || mac[0] & 1 == 1 {
+        return Err(no_mac(format!("{} is not a unicast MAC", format_mac(&mac))));
+    }
+    Ok(mac)
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The default pin directory.
+pub fn default_pin_dir() -> PathBuf {
+    Path::new(BPFFS_ROOT).join("sluice")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_interface_is_reported_by_name() {
+        let err = interface("no-such-if0").unwrap_err();
+        assert_eq!(err.to_string(), "no such interface: \"no-such-if0\"");
+    }
+
+    #[test]
+    fn loopback_is_refused_for_lack_of_an_ethernet_mac() {
+        let err = interface("lo").unwrap_err();
+        assert!(
+            matches!(err, DataplaneError::NoMacAddress { ref name, .. } if name == "lo"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn macs_print_as_colon_separated_hex() {
+        assert_eq!(
+            format_mac(&[2, 0, 0, 0xab, 0xcd, 0xef]),
+            "02:00:00:ab:cd:ef"
+        );
+    }
+}

@@ -1,0 +1,7 @@
+//! Sluice: a load balancer for bare-metal Kubernetes clusters and plain Linux hosts.
+//!
+//! One module per concern (see DESIGN.md): `config` is the model and its validation (pure),
+//! `dataplane` is the only code that touches the kernel's BPF subsystem.
+
+pub mod config;
+pub mod dataplane;

@@ -1,0 +1,371 @@
+//! Frame builders for tests and benchmarks, written from the RFCs independently of lb-ebpf, so
+//! that the expected output of a test is never computed by the code under test.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+pub type Mac = [u8; 6];
+
+pub const BROADCAST: Mac = [0xff; 6];
+pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+
+fn ethernet(dst: Mac, src: Mac, proto: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&proto.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Pads a frame with zeros to the Ethernet minimum of 60 bytes (without FCS).
+pub fn pad_to_60(mut frame: Vec<u8>) -> Vec<u8> {
+    if frame.len() < 60 {
+        frame.resize(60, 0);
+    }
+    frame
+}
+
+/// Inserts an 802.1Q tag with VLAN `vid` after the MAC addresses.
+pub fn with_vlan(frame: &[u8], vid: u16) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&0x8100u16.to_be_bytes());
+    f.extend_from_slice(&(vid & 0x0fff).to_be_bytes());
+    f.extend_from_slice(&frame[12..]);
+    f
+}
+
+/// An ARP packet (RFC 826) for Ethernet/IPv4 in an Ethernet frame: 42 bytes.
+#[allow(clippy::too_many_arguments)]
+pub fn arp(
+    eth_dst: Mac,
+    eth_src: Mac,
+    op: u16,
+    sha: Mac,
+    spa: Ipv4Addr,
+    tha: Mac,
+    tpa: Ipv4Addr,
+) -> Vec<u8> {
+    let mut p = Vec::with_capacity(28);
+    p.extend_from_slice(&1u16.to_be_bytes());
+    p.extend_from_slice(&ETH_P_IPV4.to_be_bytes());
+    p.push(6);
+    p.push(4);
+    p.extend_from_slice(&op.to_be_bytes());
+    p.extend_from_slice(&sha);
+    p.extend_from_slice(&spa.octets());
+    p.extend_from_slice(&tha);
+    p.extend_from_slice(&tpa.octets());
+    ethernet(eth_dst, eth_src, ETH_P_ARP, &p)
+}
+
+/// "Who has `target`? Tell `sender_ip`", broadcast.
+pub fn arp_request(sender_mac: Mac, sender_ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    arp(
+        BROADCAST, sender_mac, 1, sender_mac, sender_ip, [0; 6], target,
+    )
+}
+
+/// "`ip` is at `mac`", to `to_mac`/`to_ip`.
+pub fn arp_reply(mac: Mac, ip: Ipv4Addr, to_mac: Mac, to_ip: Ipv4Addr) -> Vec<u8> {
+    arp(to_mac, mac, 2, mac, ip, to_mac, to_ip)
+}
+
+/// RFC 1071 one's-complement checksum over `data` (odd length padded with a zero byte),
+/// starting from `initial` (a pseudo-header sum).
+pub fn internet_checksum(initial: u32, data: &[u8]) -> u16 {
+    let mut sum = initial as u64;
+    for chunk in data.chunks(2) {
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from_be_bytes([chunk[0], 0])
+        };
+        sum += word as u64;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn ipv6_pseudo_sum(src: &Ipv6Addr, dst: &Ipv6Addr, len: u32, next: u8) -> u32 {
+    let mut sum = 0u32;
+    for chunk in src.octets().chunks(2).chain(dst.octets().chunks(2)) {
+        sum += u16::from_be_bytes([chunk[0], chunk[1]]) as u32;
+    }
+    sum += len >> 16;
+    sum += len & 0xffff;
+    sum + next as u32
+}
+
+fn ipv4_pseudo_sum(src: &Ipv4Addr, dst: &Ipv4Addr, len: u16, proto: u8) -> u32 {
+    let mut sum = 0u32;
+    for chunk in src.octets().chunks(2).chain(dst.octets().chunks(2)) {
+        sum += u16::from_be_bytes([chunk[0], chunk[1]]) as u32;
+    }
+    sum + len as u32 + proto as u32
+}
+
+/// An IPv6 packet in an Ethernet frame; the upper-layer checksum (at `csum_offset` within the
+/// payload, if any) is computed here.
+#[allow(clippy::too_many_arguments)]
+fn ipv6_frame(
+    eth_dst: Mac,
+    eth_src: Mac,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    next: u8,
+    hop_limit: u8,
+    mut payload: Vec<u8>,
+    csum_offset: Option<usize>,
+) -> Vec<u8> {
+    if let Some(at) = csum_offset {
+        payload[at] = 0;
+        payload[at + 1] = 0;
+        let sum = internet_checksum(
+            ipv6_pseudo_sum(&src, &dst, payload.len() as u32, next),
+            &payload,
+        );
+        payload[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    }
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    ip.push(next);
+    ip.push(hop_limit);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    ip.extend_from_slice(&payload);
+    ethernet(eth_dst, eth_src, ETH_P_IPV6, &ip)
+}
+
+/// The solicited-node multicast address of `target` (RFC 4291 §2.7.1) and its MAC.
+pub fn solicited_node(target: &Ipv6Addr) -> (Ipv6Addr, Mac) {
+    let t = target.octets();
+    let ip = Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | t[13] as u16,
+        u16::from_be_bytes([t[14], t[15]]),
+    );
+    (ip, [0x33, 0x33, 0xff, t[13], t[14], t[15]])
+}
+
+/// A Neighbor Solicitation (RFC 4861 §4.3) for `target` from `src` (`::` for DAD, which carries
+/// no source link-layer option), to the target's solicited-node multicast address.
+pub fn neighbor_solicitation(src_mac: Mac, src: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
+    let (dst, dst_mac) = solicited_node(&target);
+    let mut icmp = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&target.octets());
+    if !src.is_unspecified() {
+        icmp.extend_from_slice(&[1, 1]);
+        icmp.extend_from_slice(&src_mac);
+    }
+    ipv6_frame(dst_mac, src_mac, src, dst, 58, 255, icmp, Some(2))
+}
+
+/// A Neighbor Advertisement with a Target Link-Layer Address option (RFC 4861 §4.4).
+pub fn neighbor_advertisement(
+    eth_dst: Mac,
+    mac: Mac,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    flags: u8,
+    target: Ipv6Addr,
+) -> Vec<u8> {
+    let mut icmp = vec![136, 0, 0, 0, flags, 0, 0, 0];
+    icmp.extend_from_slice(&target.octets());
+    icmp.extend_from_slice(&[2, 1]);
+    icmp.extend_from_slice(&mac);
+    ipv6_frame(eth_dst, mac, src, dst, 58, 255, icmp, Some(2))
+}
+
+pub const NA_SOLICITED: u8 = 0x40;
+pub const NA_OVERRIDE: u8 = 0x20;
+
+/// True when the ICMPv6 checksum of the IPv6 packet at `l3` in `frame` verifies.
+pub fn icmpv6_checksum_ok(frame: &[u8], l3: usize) -> bool {
+    let ip = &frame[l3..];
+    let len = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
+    let payload = &ip[40..40 + len];
+    internet_checksum(ipv6_pseudo_sum(&src, &dst, len as u32, ip[6]), payload) == 0
+}
+
+fn ipv4_frame(
+    eth_dst: Mac,
+    eth_src: Mac,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    mut l4: Vec<u8>,
+    csum_offset: usize,
+) -> Vec<u8> {
+    let total = 20 + l4.len();
+    l4[csum_offset] = 0;
+    l4[csum_offset + 1] = 0;
+    let sum = internet_checksum(ipv4_pseudo_sum(&src, &dst, l4.len() as u16, proto), &l4);
+    l4[csum_offset..csum_offset + 2].copy_from_slice(&sum.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&(total as u16).to_be_bytes());
+    ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, proto, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let hsum = internet_checksum(0, &ip);
+    ip[10..12].copy_from_slice(&hsum.to_be_bytes());
+    ip.extend_from_slice(&l4);
+    ethernet(eth_dst, eth_src, ETH_P_IPV4, &ip)
+}
+
+fn tcp_syn(sport: u16, dport: u16) -> Vec<u8> {
+    let mut t = Vec::new();
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&1u32.to_be_bytes());
+    t.extend_from_slice(&0u32.to_be_bytes());
+    t.extend_from_slice(&[0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    t
+}
+
+fn udp(sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+    let mut u = Vec::new();
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(data);
+    u
+}
+
+pub fn ipv4_tcp_syn(
+    eth_dst: Mac,
+    eth_src: Mac,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+) -> Vec<u8> {
+    ipv4_frame(eth_dst, eth_src, src, dst, 6, tcp_syn(sport, dport), 16)
+}
+
+pub fn ipv4_udp(
+    eth_dst: Mac,
+    eth_src: Mac,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    data: &[u8],
+) -> Vec<u8> {
+    ipv4_frame(eth_dst, eth_src, src, dst, 17, udp(sport, dport, data), 6)
+}
+
+pub fn ipv6_tcp_syn(
+    eth_dst: Mac,
+    eth_src: Mac,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+) -> Vec<u8> {
+    ipv6_frame(
+        eth_dst,
+        eth_src,
+        src,
+        dst,
+        6,
+        64,
+        tcp_syn(sport, dport),
+        Some(16),
+    )
+}
+
+pub fn ipv6_udp(
+    eth_dst: Mac,
+    eth_src: Mac,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+    data: &[u8],
+) -> Vec<u8> {
+    ipv6_frame(
+        eth_dst,
+        eth_src,
+        src,
+        dst,
+        17,
+        64,
+        udp(sport, dport, data),
+        Some(6),
+    )
+}
+
+/// An ICMPv6 echo request (not ND: must pass untouched).
+pub fn icmpv6_echo(eth_dst: Mac, eth_src: Mac, src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    ipv6_frame(
+        eth_dst,
+        eth_src,
+        src,
+        dst,
+        58,
+        64,
+        vec![128, 0, 0, 0, 0, 1, 0, 1, 0xde, 0xad],
+        Some(2),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_matches_the_rfc_1071_example() {
+        // RFC 1071 §3: words 0001 f203 f4f5 f6f7 sum to ddf2 (one's complement 220d).
+        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(internet_checksum(0, &data), !0xddf2);
+    }
+
+    #[test]
+    fn built_neighbor_messages_carry_valid_checksums() {
+        let ns = neighbor_solicitation(
+            [2, 0, 0, 0, 0, 2],
+            "fd53:1::2".parse().unwrap(),
+            "fd53:1::100".parse().unwrap(),
+        );
+        assert!(icmpv6_checksum_ok(&ns, 14));
+        assert_eq!(ns.len(), 14 + 40 + 32);
+        let dad = neighbor_solicitation(
+            [2, 0, 0, 0, 0, 2],
+            Ipv6Addr::UNSPECIFIED,
+            "fd53:1::100".parse().unwrap(),
+        );
+        assert_eq!(dad.len(), 14 + 40 + 24);
+        assert!(icmpv6_checksum_ok(&dad, 14));
+    }
+
+    #[test]
+    fn solicited_node_address_uses_the_low_24_bits() {
+        let (ip, mac) = solicited_node(&"fd53:1::1:2345".parse().unwrap());
+        assert_eq!(ip, "ff02::1:ff01:2345".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(mac, [0x33, 0x33, 0xff, 0x01, 0x23, 0x45]);
+    }
+
+    #[test]
+    fn arp_request_is_42_bytes_and_broadcast() {
+        let f = arp_request(
+            [2, 0, 0, 0, 0, 2],
+            Ipv4Addr::new(198, 18, 1, 2),
+            Ipv4Addr::new(198, 18, 1, 100),
+        );
+        assert_eq!(f.len(), 42);
+        assert_eq!(&f[..6], &BROADCAST);
+        assert_eq!(&f[12..14], &[0x08, 0x06]);
+    }
+}

@@ -1,0 +1,115 @@
+//! A raw AF_PACKET socket on one interface: send a frame we built, collect the frames that come
+//! back within a timeout. Used to ask real ARP/NDP questions across a veth, in the caller's
+//! network namespace.
+
+use std::{
+    ffi::CString,
+    time::{Duration, Instant},
+};
+
+pub struct RawSocket {
+    fd: i32,
+    ifindex: i32,
+}
+
+impl RawSocket {
+    /// Opens a raw socket bound to `ifname` that sees every frame on it.
+    pub fn open(ifname: &str) -> std::io::Result<Self> {
+        let c = CString::new(ifname).unwrap();
+        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) } as i32;
+        if ifindex == 0 {
+            return Err(std::io::Error::other(format!("no interface {ifname}")));
+        }
+        let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+        let fd =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let sock = Self { fd, ifindex };
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = proto as u16;
+        addr.sll_ifindex = ifindex;
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                &addr as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(sock)
+    }
+
+    pub fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = self.ifindex;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        let rc = unsafe {
+            libc::sendto(
+                self.fd,
+                frame.as_ptr() as *const libc::c_void,
+                frame.len(),
+                0,
+                &addr as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Every incoming frame (not our own transmissions) that satisfies `keep`, until `timeout`.
+    pub fn collect(&self, timeout: Duration, keep: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut kept = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return kept;
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let rc = unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) };
+            if rc <= 0 {
+                continue;
+            }
+            let mut buf = [0u8; 2048];
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            let n = unsafe {
+                libc::recvfrom(
+                    self.fd,
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    0,
+                    &mut from as *mut _ as *mut libc::sockaddr,
+                    &mut len,
+                )
+            };
+            if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
+                continue;
+            }
+            let frame = &buf[..n as usize];
+            if keep(frame) {
+                kept.push(frame.to_vec());
+            }
+        }
+    }
+}
+
+impl Drop for RawSocket {
+    fn drop(&mut self) {
+        unsafe { libc::close(self.fd) };
+    }
+}

@@ -1,0 +1,234 @@
+//! `cargo xtask`: every Sluice workflow, one entry point.
+//!
+//! - `setup`      the toolchain pieces and Debian packages, idempotently (fast when present)
+//! - `build-ebpf` builds lb-ebpf (nightly, -Z build-std=core, bpfel-unknown-none, bpf-linker)
+//! - `test`       setup, build-ebpf, fmt and clippy checks, then every test (needs root)
+//! - `bench`      setup, build-ebpf, then the XDP benchmark report (needs root)
+//! - `demo`       arrives with `sluice run` (the standalone issue)
+
+use std::{
+    env,
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the tests and the data plane need: (command that proves it is there, package).
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("bpftool", "bpftool"),
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+];
+
+fn main() -> Result<()> {
+    let mut args = env::args().skip(1);
+    let command = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    match command.as_str() {
+        "setup" => setup(),
+        "build-ebpf" => build_ebpf(),
+        "test" => {
+            setup()?;
+            build_ebpf()?;
+            test(&rest)
+        }
+        "bench" => {
+            setup()?;
+            build_ebpf()?;
+            bench()
+        }
+        "demo" => {
+            eprintln!(
+                "cargo xtask demo arrives with `sluice run` (the standalone issue). Until then, \
+                 see the README's \"Try it\" section: `sluice announce` answers ARP/NDP for an IP \
+                 on one interface."
+            );
+            std::process::exit(2);
+        }
+        _ => {
+            eprintln!("usage: cargo xtask <setup | build-ebpf | test [-- cargo test args] | bench | demo>");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// A command with the variables of the cargo that runs xtask removed, so nested cargo and rustup
+/// invocations pick their own toolchain.
+fn clean_command(program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn have(command: &str) -> bool {
+    [
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+        "/usr/local/sbin",
+        "/usr/local/bin",
+    ]
+    .iter()
+    .any(|dir| Path::new(dir).join(command).exists())
+}
+
+fn setup() -> Result<()> {
+    // 1. nightly with rust-src, for -Z build-std=core.
+    let toolchains =
+        output(clean_command("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        bail!("the nightly toolchain is missing (`rustup toolchain install nightly`); lb-ebpf needs it");
+    }
+    let components = output(clean_command("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        run(clean_command("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    // 2. bpf-linker, linked against nightly's own libLLVM (see docs: TOOLCHAIN).
+    let linker = output(clean_command("bpf-linker").arg("--version")).unwrap_or_default();
+    if !linker.contains(BPF_LINKER_VERSION) {
+        install_bpf_linker()?;
+    }
+
+    // 3. Debian packages.
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(command, _)| !have(command))
+        .map(|(_, package)| *package)
+        .collect();
+    if !missing.is_empty() {
+        run(Command::new("apt-get").arg("update").arg("-q"))
+            .context("apt-get update (the Debian packages need root)")?;
+        run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing))?;
+    }
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+fn install_bpf_linker() -> Result<()> {
+    let sysroot = output(clean_command("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("rustc +nightly --print sysroot")?;
+    let lib_dir = PathBuf::from(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib_dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("libLLVM-") && name.ends_with(".so"))
+        .with_context(|| format!("no libLLVM-*.so in {}", lib_dir.display()))?;
+    let lib = llvm
+        .trim_start_matches("lib")
+        .trim_end_matches(".so")
+        .to_string();
+    // "LLVM-22-rust-1.97.0-nightly" → 22
+    let major = lib
+        .split('-')
+        .nth(1)
+        .with_context(|| format!("cannot read the LLVM major version from {llvm}"))?;
+    let rustflags = format!(
+        "-L {dir} -l dylib={lib} -C link-arg=-Wl,-rpath,{dir}",
+        dir = lib_dir.display()
+    );
+    run(clean_command("cargo").env("RUSTFLAGS", rustflags).args([
+        "install",
+        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+        "--locked",
+        "--no-default-features",
+        "--features",
+        &format!("llvm-{major},no-llvm-linking"),
+    ]))
+}
+
+fn build_ebpf() -> Result<()> {
+    if output(clean_command("bpf-linker").arg("--version")).is_none() {
+        bail!("bpf-linker is not installed: run `cargo xtask setup`");
+    }
+    run(clean_command("rustup")
+        .args(["run", "nightly", "cargo", "build", "--release"])
+        .current_dir(root().join("lb-ebpf")))
+}
+
+fn cargo() -> Command {
+    let mut cmd = clean_command(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // Build everything (the e2e tests run the `sluice` binary) before running anything.
+    run(cargo().args(["build", "--workspace", "--all-targets"]))?;
+    run(cargo().args(["test", "--workspace"]).args(extra))
+}
+
+fn bench() -> Result<()> {
+    run(cargo().args([
+        "run",
+        "--release",
+        "--package",
+        "sluice-tests",
+        "--bin",
+        "xdp-bench",
+    ]))
+}
