@@ -28,7 +28,9 @@ pub struct NetNs {
 
 impl NetNs {
     pub fn new(tag: &str) -> Self {
-        let name = format!("sl{}-{}", std::process::id(), tag);
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("sl{}-{n}-{tag}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         sh(&["ip", "netns", "add", &name]);
         sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);

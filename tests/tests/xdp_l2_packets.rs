@@ -128,6 +128,12 @@ fn run_table(dp: &Dataplane, ifindexes: [u32; 2], cases: &[Case]) -> GlobalStats
     stats
 }
 
+/// Turns an 802.1Q tag into an 802.1ad (service) tag.
+fn qinq_outer(mut frame: Vec<u8>) -> Vec<u8> {
+    frame[12..14].copy_from_slice(&0x88a8u16.to_be_bytes());
+    frame
+}
+
 fn arp_request_for_vip() -> Vec<u8> {
     arp_request(CLIENT_MAC, CLIENT4, VIP4)
 }
@@ -216,6 +222,12 @@ fn responder_answers_arp_and_ns_for_vips_on_their_interface_only_and_passes_ever
             "802.1Q-tagged ARP request for the VIP → tagged reply",
             with_vlan(&arp_request_for_vip(), 100),
             with_vlan(&arp_reply_to_client(), 100),
+            Counted::ArpReply,
+        ),
+        tx(
+            "802.1ad-tagged ARP request for the VIP → tagged reply",
+            qinq_outer(with_vlan(&arp_request_for_vip(), 100)),
+            qinq_outer(with_vlan(&arp_reply_to_client(), 100)),
             Counted::ArpReply,
         ),
         pass(
@@ -349,7 +361,7 @@ fn responder_answers_arp_and_ns_for_vips_on_their_interface_only_and_passes_ever
     ];
     with_dataplane(move |dp, ifindexes| {
         let stats = run_table(dp, ifindexes, &cases);
-        assert_eq!(stats.arp_replies, 4);
+        assert_eq!(stats.arp_replies, 5);
         assert_eq!(stats.na_replies, 3);
     });
 }

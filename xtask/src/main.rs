@@ -196,9 +196,7 @@ fn build_ebpf() -> Result<()> {
     if output(clean_command("bpf-linker").arg("--version")).is_none() {
         bail!("bpf-linker is not installed: run `cargo xtask setup`");
     }
-    run(clean_command("rustup")
-        .args(["run", "nightly", "cargo", "build", "--release"])
-        .current_dir(root().join("lb-ebpf")))
+    run(nightly_in_ebpf().args(["build", "--release"]))
 }
 
 fn cargo() -> Command {
@@ -207,8 +205,16 @@ fn cargo() -> Command {
     cmd
 }
 
+fn nightly_in_ebpf() -> Command {
+    let mut cmd = clean_command("rustup");
+    cmd.args(["run", "nightly", "cargo"])
+        .current_dir(root().join("lb-ebpf"));
+    cmd
+}
+
 fn test(extra: &[String]) -> Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(nightly_in_ebpf().args(["fmt", "--check"]))?;
     run(cargo().args([
         "clippy",
         "--workspace",
@@ -217,9 +223,46 @@ fn test(extra: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    run(nightly_in_ebpf().args(["clippy", "--release", "--", "-D", "warnings"]))?;
     // Build everything (the e2e tests run the `sluice` binary) before running anything.
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
-    run(cargo().args(["test", "--workspace"]).args(extra))
+    run_tests(cargo().args(["test", "--workspace"]).args(extra))
+}
+
+/// Runs cargo test, passing its output through, and ends with one plain summary line
+/// ("N passed, N failed") added up over every test binary.
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("xtask: {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let n: u64 = n.parse().unwrap_or(0);
+                match what {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
 }
 
 fn bench() -> Result<()> {
