@@ -32,6 +32,166 @@ pub mod bench {
 /// Default capacity of [`MAP_L2_VIPS`]: (interface, IP) pairs.
 pub const L2_VIPS_DEFAULT_CAPACITY: u32 = 65_536;
 
+/// Hash map [`ServiceKey`] → [`ServiceValue`]: the (VIP, port, protocol) the balancer owns.
+pub const MAP_SERVICES: &str = "SERVICES";
+/// Array indexed by backend id → [`BackendValue`].
+pub const MAP_BACKENDS: &str = "BACKENDS";
+/// Array of maps indexed by service id; each inner map is an array of M backend ids (the
+/// service's Maglev lookup table, built in user space).
+pub const MAP_MAGLEV: &str = "MAGLEV";
+/// LRU hash [`FlowKey`] (client → VIP) → [`FlowValue`]: the connection table.
+pub const MAP_CONNTRACK: &str = "CONNTRACK";
+/// LRU hash [`FlowKey`] (backend → client) → [`ReverseNatValue`]: what the TC egress program
+/// rewrites replies back to.
+pub const MAP_REVERSE_NAT: &str = "REVERSE_NAT";
+/// Per-CPU array indexed by service id → [`TrafficStats`].
+pub const MAP_SERVICE_STATS: &str = "SERVICE_STATS";
+/// Per-CPU array indexed by backend id → [`TrafficStats`].
+pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
+/// Name of the TC egress program (reverse NAT).
+pub const PROG_TC_EGRESS: &str = "sluice_egress";
+
+/// Default capacities: services, backends, tracked flows (each direction).
+pub const SERVICES_DEFAULT_CAPACITY: u32 = 10_000;
+pub const BACKENDS_DEFAULT_CAPACITY: u32 = 100_000;
+pub const FLOWS_DEFAULT_CAPACITY: u32 = 1_000_000;
+/// Compile-time size of the Maglev inner-map template. Inner maps carry `BPF_F_INNER_MAP`, so
+/// the table size M is chosen at run time (stored per service in [`ServiceValue::table_size`]).
+pub const MAGLEV_TEMPLATE_SIZE: u32 = 16_381;
+/// `BPF_F_INNER_MAP`: inner array maps of different sizes may sit in one outer map.
+pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Key of [`MAP_SERVICES`]. IPv4 addresses occupy the first four bytes of `addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ServiceKey {
+    pub addr: [u8; 16],
+    /// Port, network byte order.
+    pub port: [u8; 2],
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+}
+
+/// Value of [`MAP_SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceValue {
+    /// Index into [`MAP_MAGLEV`] and [`MAP_SERVICE_STATS`].
+    pub id: u32,
+    /// M, the size of this service's Maglev table; 0 when it has no backend (new flows are
+    /// dropped and counted as `no_backend`).
+    pub table_size: u32,
+}
+
+/// Backend flag: the backend is in use (flows may go to it).
+pub const BACKEND_ACTIVE: u8 = 1;
+
+/// Value of [`MAP_BACKENDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct BackendValue {
+    pub addr: [u8; 16],
+    /// Port, network byte order.
+    pub port: [u8; 2],
+    pub family: u8,
+    /// [`BACKEND_ACTIVE`] or 0.
+    pub flags: u8,
+    /// The service this backend belongs to.
+    pub service_id: u32,
+    /// Changes whenever the id is given to another backend, so stale flows notice.
+    pub generation: u32,
+    /// The Maglev weight (kept so that user space can rebuild its state from pinned maps).
+    pub weight: u32,
+}
+
+/// A flow's 5-tuple as seen on the wire (client → VIP for [`MAP_CONNTRACK`],
+/// backend → client for [`MAP_REVERSE_NAT`]). IPv4 addresses occupy the first four bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of [`MAP_CONNTRACK`]: the backend a flow was given and the next hop toward it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowValue {
+    pub backend_id: u32,
+    /// The backend's generation when the flow was given to it.
+    pub generation: u32,
+    /// Egress interface toward the backend; 0 while the next hop is not resolved (the packet is
+    /// then passed to the kernel, which resolves it).
+    pub ifindex: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+
+/// Value of [`MAP_REVERSE_NAT`]: the VIP and port a reply must appear to come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ReverseNatValue {
+    pub addr: [u8; 16],
+    pub port: [u8; 2],
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// Traffic counters of one service or backend, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TrafficStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+impl TrafficStats {
+    pub const fn add(self, other: Self) -> Self {
+        Self {
+            packets: self.packets + other.packets,
+            bytes: self.bytes + other.bytes,
+            new_flows: self.new_flows + other.new_flows,
+        }
+    }
+}
+
+/// The hash of a flow that picks its Maglev slot (`flow_hash(key) % M`). One implementation,
+/// used by the XDP program and by user space (tests predict backends with it): murmur3's
+/// 32-bit mixing over the key's ten words.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey) -> u32 {
+    let words: [u32; 10] = bytemuck::cast(*key);
+    let mut h: u32 = 0x736c_7563; // "sluc"
+    let mut i = 0;
+    while i < 10 {
+        let mut k = words[i];
+        k = k.wrapping_mul(0xcc9e_2d51);
+        k = k.rotate_left(15);
+        k = k.wrapping_mul(0x1b87_3593);
+        h ^= k;
+        h = h.rotate_left(13);
+        h = h.wrapping_mul(5).wrapping_add(0xe654_6b64);
+        i += 1;
+    }
+    h ^= 40;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
 /// Address family tag in keys: IPv4.
 pub const FAMILY_IPV4: u8 = 4;
 /// Address family tag in keys: IPv6.
@@ -102,6 +262,14 @@ pub struct GlobalStats {
     /// Truncated or malformed frames (bad lengths, bad checksum, bad hop limit): never answered,
     /// left to the kernel untouched (`XDP_PASS`).
     pub malformed: u64,
+    /// Service packets rewritten (DNAT) and sent to the backend's next hop (`XDP_TX`/`XDP_REDIRECT`).
+    pub lb_forwarded: u64,
+    /// Service packets rewritten (DNAT) and passed to the kernel, which resolves the next hop.
+    pub lb_to_kernel: u64,
+    /// New flows to a service with no backend: dropped (`XDP_DROP`).
+    pub lb_no_backend: u64,
+    /// Replies rewritten back to VIP:port by the TC egress program.
+    pub reverse_nat: u64,
 }
 
 impl GlobalStats {
@@ -112,6 +280,10 @@ impl GlobalStats {
             na_replies: self.na_replies + other.na_replies,
             passed: self.passed + other.passed,
             malformed: self.malformed + other.malformed,
+            lb_forwarded: self.lb_forwarded + other.lb_forwarded,
+            lb_to_kernel: self.lb_to_kernel + other.lb_to_kernel,
+            lb_no_backend: self.lb_no_backend + other.lb_no_backend,
+            reverse_nat: self.reverse_nat + other.reverse_nat,
         }
     }
 }
@@ -136,11 +308,39 @@ mod user {
     unsafe impl aya::Pod for super::L2VipValue {}
     unsafe impl aya::Pod for super::GlobalStats {}
     unsafe impl aya::Pod for super::BenchFrame {}
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::BackendValue {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::ReverseNatValue {}
+    unsafe impl aya::Pod for super::TrafficStats {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flow_hash_depends_on_every_field_and_is_stable() {
+        let key = FlowKey {
+            src: [198, 18, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst: [198, 18, 1, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            sport: 40000u16.to_be_bytes(),
+            dport: 80u16.to_be_bytes(),
+            proto: PROTO_TCP,
+            family: FAMILY_IPV4,
+            _pad: [0; 2],
+        };
+        let h = flow_hash(&key);
+        assert_eq!(h, flow_hash(&key));
+        let mut other = key;
+        other.sport = 40001u16.to_be_bytes();
+        assert_ne!(h, flow_hash(&other));
+        let mut other = key;
+        other.proto = PROTO_UDP;
+        assert_ne!(h, flow_hash(&other));
+    }
 
     #[test]
     fn v4_key_puts_the_address_in_the_first_four_bytes_and_zeroes_the_rest() {
@@ -155,7 +355,11 @@ mod tests {
     fn key_and_value_layouts_match_what_the_bpf_program_expects() {
         assert_eq!(core::mem::size_of::<L2VipKey>(), 24);
         assert_eq!(core::mem::size_of::<L2VipValue>(), 8);
-        assert_eq!(core::mem::size_of::<GlobalStats>(), 32);
+        assert_eq!(core::mem::size_of::<GlobalStats>(), 64);
+        assert_eq!(core::mem::size_of::<ServiceKey>(), 20);
+        assert_eq!(core::mem::size_of::<FlowKey>(), 40);
+        assert_eq!(core::mem::size_of::<FlowValue>(), 24);
+        assert_eq!(core::mem::size_of::<BackendValue>(), 32);
         assert_eq!(core::mem::size_of::<BenchFrame>(), 8 + BENCH_FRAME_MAX);
     }
 
@@ -166,15 +370,15 @@ mod tests {
             na_replies: 2,
             passed: 3,
             malformed: 4,
+            lb_forwarded: 5,
+            lb_to_kernel: 6,
+            lb_no_backend: 7,
+            reverse_nat: 8,
         };
-        assert_eq!(
-            a.add(a),
-            GlobalStats {
-                arp_replies: 2,
-                na_replies: 4,
-                passed: 6,
-                malformed: 8
-            }
-        );
+        let b = a.add(a);
+        assert_eq!(b.arp_replies, 2);
+        assert_eq!(b.malformed, 8);
+        assert_eq!(b.reverse_nat, 16);
+        assert_eq!(b.lb_no_backend, 14);
     }
 }

@@ -29,3 +29,39 @@ pub fn icmpv6_pseudo_header(src: &[u8; 16], dst: &[u8; 16], len: u32) -> u32 {
     sum += len & 0xffff;
     sum + crate::headers::IPPROTO_ICMPV6 as u32
 }
+
+/// An incremental checksum update (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')), accumulated over
+/// every 16-bit word that changes, then applied to one or more checksum fields.
+#[derive(Clone, Copy)]
+pub struct Delta(u32);
+
+impl Delta {
+    #[inline(always)]
+    pub const fn new() -> Self {
+        Self(0)
+    }
+
+    /// Records that the words of `old` become the words of `new` (even length).
+    #[inline(always)]
+    pub fn replace<const N: usize>(&mut self, old: &[u8; N], new: &[u8; N]) {
+        let mut i = 0;
+        while i + 1 < N {
+            self.0 += (!u16::from_be_bytes([old[i], old[i + 1]])) as u32;
+            self.0 += u16::from_be_bytes([new[i], new[i + 1]]) as u32;
+            i += 2;
+        }
+    }
+
+    /// Adds a 32-bit partial sum from the `bpf_csum_diff` helper.
+    #[inline(always)]
+    pub fn add_partial(&mut self, partial: u32) {
+        self.0 += fold(partial) as u32;
+    }
+
+    /// The checksum field after the recorded changes.
+    #[inline(always)]
+    pub fn apply(&self, checksum: [u8; 2]) -> [u8; 2] {
+        let sum = (!u16::from_be_bytes(checksum)) as u32 + fold(self.0) as u32;
+        (!fold(sum)).to_be_bytes()
+    }
+}

@@ -31,7 +31,7 @@ fn is_multicast(mac: &[u8; 6]) -> bool {
 }
 
 /// ARP request for a VIP on this interface → ARP reply in place (`Outcome::ArpReply`).
-#[inline(always)]
+#[inline(never)]
 pub fn arp(ctx: &XdpContext, l2: &L2) -> Outcome {
     let Some(arp) = ptr_at::<ArpEthIpv4>(ctx, l2.l3_offset) else {
         return Outcome::Malformed;
@@ -88,7 +88,7 @@ struct Solicitation {
 
 /// ICMPv6 Neighbor Solicitation for a VIP on this interface → solicited Neighbor Advertisement
 /// in place (`Outcome::NaReply`). Other IPv6 traffic → `Outcome::Passed`.
-#[inline(always)]
+#[inline(never)]
 pub fn ndp(ctx: &XdpContext, l2: &L2) -> Outcome {
     let Some(ip6) = ptr_at::<Ipv6Hdr>(ctx, l2.l3_offset) else {
         return Outcome::Malformed;

@@ -1,19 +1,27 @@
-//! Sluice's XDP ingress program. Reads top to bottom like Katran's `process_packet`:
-//! parse → (ARP | NDP responder) → count → action. Everything it does not own leaves with
-//! `XDP_PASS`, byte for byte untouched.
+//! Sluice's kernel programs. The XDP ingress program reads top to bottom like Katran's
+//! `process_packet`: parse → (ARP | NDP responder | balancer) → count → action. Everything it
+//! does not own leaves with `XDP_PASS`, byte for byte untouched. The TC egress program rewrites
+//! replies from backends back to the service's VIP and port.
 #![no_std]
 #![no_main]
 
+mod balancer;
 mod checksum;
+mod egress;
 mod headers;
 mod l2_responder;
 mod maps;
 mod parse;
 mod stats;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
-use headers::{Ipv4Hdr, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6};
+use headers::{Ipv6Hdr, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_ICMPV6};
+use lb_common::{PROTO_TCP, PROTO_UDP};
 use stats::Outcome;
 
 #[xdp]
@@ -22,8 +30,16 @@ pub fn sluice_ingress(ctx: XdpContext) -> u32 {
     stats::count(outcome);
     match outcome {
         Outcome::ArpReply | Outcome::NaReply => xdp_action::XDP_TX,
-        Outcome::Passed | Outcome::Malformed => xdp_action::XDP_PASS,
+        Outcome::Passed | Outcome::Malformed | Outcome::ToKernel => xdp_action::XDP_PASS,
+        Outcome::Forwarded(action) => action,
+        Outcome::NoBackend => xdp_action::XDP_DROP,
     }
+}
+
+#[classifier]
+pub fn sluice_egress(ctx: TcContext) -> i32 {
+    egress::reverse_nat(&ctx);
+    TC_ACT_OK as i32
 }
 
 #[inline(always)]
@@ -33,11 +49,14 @@ fn process_packet(ctx: &XdpContext) -> Outcome {
     };
     match l2.proto {
         ETH_P_ARP => l2_responder::arp(ctx, &l2),
-        ETH_P_IPV6 => l2_responder::ndp(ctx, &l2),
-        ETH_P_IPV4 => match parse::ptr_at::<Ipv4Hdr>(ctx, l2.l3_offset) {
-            // The balancer (a later stage) starts here; for now IPv4 is the kernel's.
-            Some(_) => Outcome::Passed,
+        ETH_P_IPV4 => balancer::ipv4(ctx, &l2),
+        ETH_P_IPV6 => match parse::ptr_at::<Ipv6Hdr>(ctx, l2.l3_offset) {
             None => Outcome::Malformed,
+            Some(ip6) => match unsafe { (*ip6).next_header } {
+                IPPROTO_ICMPV6 => l2_responder::ndp(ctx, &l2),
+                PROTO_TCP | PROTO_UDP => balancer::ipv6(ctx, &l2),
+                _ => Outcome::Passed,
+            },
         },
         _ => Outcome::Passed,
     }

@@ -1,11 +1,17 @@
 //! Every map of the data plane object, in one place. BTF maps, so `bpftool map dump` prints the
-//! field names of lb-common's key and value types. User space pins them under /sys/fs/bpf/sluice/.
+//! field names of lb-common's key and value types. User space pins them under /sys/fs/bpf/sluice/
+//! and sets their capacities at load time (the sizes here are the defaults).
 
 use aya_ebpf::{
-    btf_maps::{HashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
-use lb_common::{GlobalStats, L2VipKey, L2VipValue, L2_VIPS_DEFAULT_CAPACITY};
+use lb_common::{
+    BackendValue, FlowKey, FlowValue, GlobalStats, L2VipKey, L2VipValue, ReverseNatValue,
+    ServiceKey, ServiceValue, TrafficStats, BACKENDS_DEFAULT_CAPACITY, BPF_F_INNER_MAP,
+    FLOWS_DEFAULT_CAPACITY, L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE,
+    SERVICES_DEFAULT_CAPACITY,
+};
 
 /// (ifindex, IP) → MAC to answer ARP/NDP with. No entry for an ifindex: no answer there.
 #[btf_map]
@@ -15,3 +21,40 @@ pub static L2_VIPS: HashMap<L2VipKey, L2VipValue, { L2_VIPS_DEFAULT_CAPACITY as 
 /// Outcome counters, one slot, one copy per CPU.
 #[btf_map]
 pub static GLOBAL_STATS: PerCpuArray<GlobalStats, 1> = PerCpuArray::new();
+
+/// (VIP, port, protocol) → service id and Maglev table size.
+#[btf_map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { SERVICES_DEFAULT_CAPACITY as usize }> =
+    HashMap::new();
+
+/// Backend id → address, port, owner and generation.
+#[btf_map]
+pub static BACKENDS: Array<BackendValue, { BACKENDS_DEFAULT_CAPACITY as usize }> = Array::new();
+
+/// Service id → its Maglev table (M backend ids). Inner maps are created by user space with
+/// `BPF_F_INNER_MAP`, so M may differ from the template's size.
+#[btf_map]
+pub static MAGLEV: ArrayOfMaps<
+    Array<u32, { MAGLEV_TEMPLATE_SIZE as usize }, { BPF_F_INNER_MAP as usize }>,
+    { SERVICES_DEFAULT_CAPACITY as usize },
+> = ArrayOfMaps::new();
+
+/// Client → VIP 5-tuple → backend and next hop.
+#[btf_map]
+pub static CONNTRACK: LruHashMap<FlowKey, FlowValue, { FLOWS_DEFAULT_CAPACITY as usize }> =
+    LruHashMap::new();
+
+/// Backend → client 5-tuple → the VIP and port replies must come from.
+#[btf_map]
+pub static REVERSE_NAT: LruHashMap<FlowKey, ReverseNatValue, { FLOWS_DEFAULT_CAPACITY as usize }> =
+    LruHashMap::new();
+
+/// Per-service traffic counters, indexed by service id.
+#[btf_map]
+pub static SERVICE_STATS: PerCpuArray<TrafficStats, { SERVICES_DEFAULT_CAPACITY as usize }> =
+    PerCpuArray::new();
+
+/// Per-backend traffic counters, indexed by backend id.
+#[btf_map]
+pub static BACKEND_STATS: PerCpuArray<TrafficStats, { BACKENDS_DEFAULT_CAPACITY as usize }> =
+    PerCpuArray::new();

@@ -1,6 +1,6 @@
 //! Stage last: count the outcome of every packet, once, in the per-CPU counters.
 
-use crate::maps::GLOBAL_STATS;
+use crate::maps::{BACKEND_STATS, GLOBAL_STATS, SERVICE_STATS};
 
 /// What happened to a packet; each maps to one counter and one XDP action.
 #[derive(Clone, Copy)]
@@ -9,6 +9,12 @@ pub enum Outcome {
     NaReply,
     Passed,
     Malformed,
+    /// Rewritten and sent on with this action (`XDP_TX` or `XDP_REDIRECT`).
+    Forwarded(u32),
+    /// Rewritten and passed to the kernel to resolve the next hop.
+    ToKernel,
+    /// A new flow to a service with no backend: dropped.
+    NoBackend,
 }
 
 #[inline(always)]
@@ -21,6 +27,37 @@ pub fn count(outcome: Outcome) {
             Outcome::NaReply => stats.na_replies += 1,
             Outcome::Passed => stats.passed += 1,
             Outcome::Malformed => stats.malformed += 1,
+            Outcome::Forwarded(_) => stats.lb_forwarded += 1,
+            Outcome::ToKernel => stats.lb_to_kernel += 1,
+            Outcome::NoBackend => stats.lb_no_backend += 1,
+        }
+    }
+}
+
+/// Counts one reply rewritten by the TC egress program.
+#[inline(always)]
+pub fn count_reverse_nat() {
+    if let Some(stats) = GLOBAL_STATS.get_ptr_mut(0) {
+        unsafe { (*stats).reverse_nat += 1 };
+    }
+}
+
+/// Adds one packet of `bytes` (and a new flow, if it is one) to a service's and a backend's
+/// per-CPU traffic counters.
+#[inline(always)]
+pub fn count_traffic(service_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
+    for counter in [
+        SERVICE_STATS.get_ptr_mut(service_id),
+        BACKEND_STATS.get_ptr_mut(backend_id),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let counter = unsafe { &mut *counter };
+        counter.packets += 1;
+        counter.bytes += bytes;
+        if new_flow {
+            counter.new_flows += 1;
         }
     }
 }

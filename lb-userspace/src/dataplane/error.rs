@@ -65,6 +65,16 @@ pub enum DataplaneError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("service {service}: {reason}")]
+    InvalidService { service: String, reason: String },
+    #[error(
+        "no room for more {what}: the data plane holds {capacity} (raise the capacity at load)"
+    )]
+    Full { what: &'static str, capacity: u32 },
+    #[error("Maglev table size: {0}")]
+    InvalidTableSize(String),
+    #[error("cannot count the CPUs: {0}")]
+    Cpus(std::io::Error),
     #[error("benchmark: {0}")]
     InvalidBenchmark(String),
     #[error("program {program}: {source}")]

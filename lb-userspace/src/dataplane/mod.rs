@@ -7,6 +7,7 @@
 
 pub mod bench;
 mod error;
+mod services;
 mod system;
 
 use std::{
@@ -17,15 +18,23 @@ use std::{
 
 use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray},
-    programs::{xdp::XdpLinkId, ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
+    programs::{
+        tc::{self, SchedClassifierLinkId, TcAttachType},
+        xdp::XdpLinkId,
+        ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp, XdpMode,
+    },
+    util::KernelVersion,
     Ebpf, EbpfError, EbpfLoader,
 };
 use lb_common::{
-    GlobalStats, L2VipKey, L2VipValue, FAMILY_IPV4, L2_VIPS_DEFAULT_CAPACITY, MAP_GLOBAL_STATS,
-    MAP_L2_VIPS, PROG_XDP_INGRESS,
+    FlowKey, FlowValue, GlobalStats, L2VipKey, L2VipValue, BACKENDS_DEFAULT_CAPACITY, FAMILY_IPV4,
+    FLOWS_DEFAULT_CAPACITY, L2_VIPS_DEFAULT_CAPACITY, MAP_BACKENDS, MAP_BACKEND_STATS,
+    MAP_CONNTRACK, MAP_GLOBAL_STATS, MAP_L2_VIPS, MAP_MAGLEV, MAP_REVERSE_NAT, MAP_SERVICES,
+    MAP_SERVICE_STATS, PROG_TC_EGRESS, PROG_XDP_INGRESS, SERVICES_DEFAULT_CAPACITY,
 };
 
 pub use error::{DataplaneError, Result};
+pub use services::{validate as validate_service, Backend, Protocol, Service, ServiceStats};
 pub use system::{
     default_pin_dir, format_mac, interface, interface_name, require_root, Interface, BPFFS_ROOT,
 };
@@ -43,6 +52,30 @@ pub struct DataplaneOptions {
     pub pin_dir: Option<PathBuf>,
     /// Capacity of the L2 VIP map: (interface, IP) pairs.
     pub l2_vips_capacity: u32,
+    /// How many services, backends and tracked flows the maps hold.
+    pub capacities: Capacities,
+    /// M, the size of every service's Maglev table: a prime, at least 100 × the largest backend
+    /// count for shares within 1 %.
+    pub maglev_table_size: u32,
+}
+
+/// Map capacities, fixed at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacities {
+    pub services: u32,
+    pub backends: u32,
+    /// Tracked flows (the connection table; the reverse-NAT table has the same size).
+    pub flows: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            services: SERVICES_DEFAULT_CAPACITY,
+            backends: BACKENDS_DEFAULT_CAPACITY,
+            flows: FLOWS_DEFAULT_CAPACITY,
+        }
+    }
 }
 
 impl Default for DataplaneOptions {
@@ -50,9 +83,24 @@ impl Default for DataplaneOptions {
         Self {
             pin_dir: Some(default_pin_dir()),
             l2_vips_capacity: L2_VIPS_DEFAULT_CAPACITY,
+            capacities: Capacities::default(),
+            maglev_table_size: crate::maglev::DEFAULT_TABLE_SIZE,
         }
     }
 }
+
+/// Every map the data plane pins, by name.
+const PINNED_MAPS: [&str; 9] = [
+    MAP_L2_VIPS,
+    MAP_GLOBAL_STATS,
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    MAP_MAGLEV,
+    MAP_CONNTRACK,
+    MAP_REVERSE_NAT,
+    MAP_SERVICE_STATS,
+    MAP_BACKEND_STATS,
+];
 
 /// An IP the XDP program answers ARP/NDP for on one interface, with the MAC it answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -119,7 +167,17 @@ pub struct RunOutcome {
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
-    attached: BTreeMap<u32, (String, XdpLinkId)>,
+    attached: BTreeMap<u32, Attachment>,
+    capacities: Capacities,
+    table_size: u32,
+    registry: services::Registry,
+}
+
+/// The XDP ingress and TC egress programs on one interface.
+struct Attachment {
+    name: String,
+    xdp: XdpLinkId,
+    tc: SchedClassifierLinkId,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -134,13 +192,24 @@ impl std::fmt::Debug for Dataplane {
 impl Dataplane {
     /// Loads the programs and creates (or reuses pinned) maps. Attaches nothing yet.
     pub fn load(options: &DataplaneOptions) -> Result<Self> {
+        crate::maglev::validate_table_size(options.maglev_table_size, 1)
+            .map_err(|e| DataplaneError::InvalidTableSize(e.to_string()))?;
         require_root()?;
+        let caps = options.capacities;
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(MAP_L2_VIPS, options.l2_vips_capacity);
+        loader
+            .map_max_entries(MAP_L2_VIPS, options.l2_vips_capacity)
+            .map_max_entries(MAP_SERVICES, caps.services)
+            .map_max_entries(MAP_MAGLEV, caps.services)
+            .map_max_entries(MAP_SERVICE_STATS, caps.services)
+            .map_max_entries(MAP_BACKENDS, caps.backends)
+            .map_max_entries(MAP_BACKEND_STATS, caps.backends)
+            .map_max_entries(MAP_CONNTRACK, caps.flows)
+            .map_max_entries(MAP_REVERSE_NAT, caps.flows);
         let pin_paths: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
                 system::prepare_pin_dir(dir)?;
-                [MAP_L2_VIPS, MAP_GLOBAL_STATS]
+                PINNED_MAPS
                     .into_iter()
                     .map(|name| (name, dir.join(name)))
                     .collect()
@@ -164,16 +233,93 @@ impl Dataplane {
         program
             .load()
             .map_err(|e| program_load_error(PROG_XDP_INGRESS, e))?;
+        let egress: &mut SchedClassifier = ebpf
+            .program_mut(PROG_TC_EGRESS)
+            .ok_or(DataplaneError::MissingProgram(PROG_TC_EGRESS))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                program: PROG_TC_EGRESS,
+                source,
+            })?;
+        egress
+            .load()
+            .map_err(|e| program_load_error(PROG_TC_EGRESS, e))?;
         tracing::info!(
             event = "dataplaneLoaded",
             pin_dir = ?options.pin_dir,
-            l2_vips_capacity = options.l2_vips_capacity
+            l2_vips_capacity = options.l2_vips_capacity,
+            services = caps.services,
+            backends = caps.backends,
+            flows = caps.flows,
+            maglev_table_size = options.maglev_table_size
         );
-        Ok(Self {
+        let mut dataplane = Self {
             ebpf,
             pin_dir: options.pin_dir.clone(),
             attached: BTreeMap::new(),
-        })
+            capacities: caps,
+            table_size: options.maglev_table_size,
+            registry: services::Registry::default(),
+        };
+        if options.pin_dir.is_some() {
+            dataplane.recover_registry()?;
+        }
+        Ok(dataplane)
+    }
+
+    fn egress_mut(&mut self) -> Result<&mut SchedClassifier> {
+        self.ebpf
+            .program_mut(PROG_TC_EGRESS)
+            .ok_or(DataplaneError::MissingProgram(PROG_TC_EGRESS))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                program: PROG_TC_EGRESS,
+                source,
+            })
+    }
+
+    fn egress(&self) -> Result<&SchedClassifier> {
+        self.ebpf
+            .program(PROG_TC_EGRESS)
+            .ok_or(DataplaneError::MissingProgram(PROG_TC_EGRESS))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                program: PROG_TC_EGRESS,
+                source,
+            })
+    }
+
+    /// Number of flows in the connection table (walks the map: for inspection, not hot paths).
+    pub fn flow_count(&self) -> Result<usize> {
+        let map = self
+            .ebpf
+            .map(MAP_CONNTRACK)
+            .ok_or(DataplaneError::MissingMap(MAP_CONNTRACK))?;
+        let table: HashMap<&MapData, FlowKey, FlowValue> =
+            HashMap::try_from(map).map_err(|source| DataplaneError::Map {
+                map: MAP_CONNTRACK,
+                source,
+            })?;
+        Ok(table.keys().filter(|k| k.is_ok()).count())
+    }
+
+    /// Runs the TC egress program once on `frame` (BPF_PROG_TEST_RUN); returns the frame after.
+    pub fn run_egress(&self, frame: &[u8]) -> Result<Vec<u8>> {
+        let program = self.egress()?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| DataplaneError::Program {
+                program: PROG_TC_EGRESS,
+                source,
+            })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(out)
     }
 
     fn ingress(&self) -> Result<&Xdp> {
@@ -220,25 +366,53 @@ impl Dataplane {
     }
 
     fn attach_one(&mut self, iface: &Interface) -> Result<()> {
+        let attach_error = |source| DataplaneError::Attach {
+            interface: iface.name.clone(),
+            source,
+        };
         let program = self.ingress_mut()?;
         // Native (driver) mode where the driver supports XDP, generic (skb) mode elsewhere.
-        let link = program
+        let xdp = program
             .attach_to_if_index(iface.ifindex, XdpMode::Default)
-            .map_err(|source| DataplaneError::Attach {
-                interface: iface.name.clone(),
-                source,
-            })?;
-        self.attached
-            .insert(iface.ifindex, (iface.name.clone(), link));
+            .map_err(attach_error)?;
+        // TCX (no qdisc) from Linux 6.6; a clsact qdisc before that.
+        if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
+            if let Err(error) = tc::qdisc_add_clsact(&iface.name) {
+                tracing::debug!(event = "clsactPresent", interface = %iface.name, %error);
+            }
+        }
+        let tc = match self.egress_mut().and_then(|p| {
+            p.attach(&iface.name, TcAttachType::Egress)
+                .map_err(attach_error)
+        }) {
+            Ok(link) => link,
+            Err(error) => {
+                let _ = self.ingress_mut().map(|p| p.detach(xdp));
+                return Err(error);
+            }
+        };
+        self.attached.insert(
+            iface.ifindex,
+            Attachment {
+                name: iface.name.clone(),
+                xdp,
+                tc,
+            },
+        );
         tracing::info!(event = "xdpAttached", interface = %iface.name, ifindex = iface.ifindex);
         Ok(())
     }
 
     /// Detaches the ingress program from one interface (no-op if it is not attached).
     pub fn detach(&mut self, ifindex: u32) {
-        if let Some((name, link)) = self.attached.remove(&ifindex) {
+        if let Some(Attachment { name, xdp, tc }) = self.attached.remove(&ifindex) {
+            if let Ok(program) = self.egress_mut() {
+                if let Err(error) = program.detach(tc) {
+                    tracing::warn!(event = "tcDetachFailed", interface = %name, %error);
+                }
+            }
             if let Ok(program) = self.ingress_mut() {
-                if let Err(error) = program.detach(link) {
+                if let Err(error) = program.detach(xdp) {
                     tracing::warn!(event = "xdpDetachFailed", interface = %name, %error);
                     return;
                 }
@@ -251,7 +425,7 @@ impl Dataplane {
     pub fn attached(&self) -> impl Iterator<Item = (u32, &str)> {
         self.attached
             .iter()
-            .map(|(ifindex, (name, _))| (*ifindex, name.as_str()))
+            .map(|(ifindex, a)| (*ifindex, a.name.as_str()))
     }
 
     fn l2_vips_map(&mut self) -> Result<HashMap<&mut MapData, L2VipKey, L2VipValue>> {

@@ -1,0 +1,420 @@
+//! Stage 3: TCP/UDP to a service → connection table hit, or Maglev for a new flow → DNAT → the
+//! backend's next hop (resolved once per flow with `bpf_fib_lookup`, kept in the flow's entry).
+//!
+//! Everything that is not a service's TCP/UDP traffic, or that the balancer cannot handle safely
+//! (IPv4 options, fragments, IPv6 extension headers, TTL about to expire), is passed untouched.
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
+    helpers::{bpf_csum_diff, bpf_fib_lookup, bpf_redirect},
+    programs::XdpContext,
+};
+use lb_common::{
+    flow_hash, BackendValue, FlowKey, FlowValue, ReverseNatValue, ServiceKey, ServiceValue,
+    BACKEND_ACTIVE, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP,
+};
+
+use crate::{
+    checksum::Delta,
+    headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, IPV6_HLEN},
+    maps::{BACKENDS, CONNTRACK, MAGLEV, REVERSE_NAT, SERVICES},
+    parse::{ptr_at, L2},
+    stats::{self, Outcome},
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const IPV4_HLEN: usize = 20;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+const TCP_CSUM_OFFSET: usize = 16;
+const UDP_CSUM_OFFSET: usize = 6;
+
+/// A TCP or UDP packet, parsed.
+struct Packet {
+    family: u8,
+    proto: u8,
+    l3_offset: usize,
+    l4_offset: usize,
+    /// IPv4: total length; IPv6: payload length + 40 (for the FIB lookup's MTU check).
+    ip_len: u16,
+    flow: FlowKey,
+}
+
+/// IPv4: only plain TCP/UDP (no options, no fragments) can be balanced.
+#[inline(never)]
+pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_offset) else {
+        return Outcome::Malformed;
+    };
+    let ip = unsafe { &*ip };
+    let ihl = (ip.version_ihl & 0x0f) as usize;
+    let total = u16::from_be_bytes(ip.total_len) as usize;
+    if ip.version_ihl >> 4 != 4
+        || ihl < 5
+        || total < ihl * 4
+        || ctx.data() + l2.l3_offset + total > ctx.data_end()
+    {
+        return Outcome::Malformed;
+    }
+    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
+        return Outcome::Passed;
+    }
+    // Options, or a fragment (MF set or an offset): not ours to rewrite.
+    if ihl != 5 || u16::from_be_bytes(ip.frag) & 0x3fff != 0 {
+        return Outcome::Passed;
+    }
+    let l4_offset = l2.l3_offset + IPV4_HLEN;
+    let l4_len = if ip.proto == PROTO_TCP {
+        TCP_HLEN
+    } else {
+        UDP_HLEN
+    };
+    if total < IPV4_HLEN + l4_len {
+        return Outcome::Malformed;
+    }
+    let Some(ports) = ptr_at::<[u8; 4]>(ctx, l4_offset) else {
+        return Outcome::Malformed;
+    };
+    let ports = unsafe { *ports };
+    let mut flow = FlowKey {
+        src: [0; 16],
+        dst: [0; 16],
+        sport: [ports[0], ports[1]],
+        dport: [ports[2], ports[3]],
+        proto: ip.proto,
+        family: FAMILY_IPV4,
+        _pad: [0; 2],
+    };
+    flow.src[..4].copy_from_slice(&ip.src);
+    flow.dst[..4].copy_from_slice(&ip.dst);
+    let packet = Packet {
+        family: FAMILY_IPV4,
+        proto: ip.proto,
+        l3_offset: l2.l3_offset,
+        l4_offset,
+        ip_len: total as u16,
+        flow,
+    };
+    balance(ctx, &packet)
+}
+
+/// IPv6 with TCP or UDP directly after the fixed header (no extension headers).
+#[inline(never)]
+pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
+    let Some(ip6) = ptr_at::<Ipv6Hdr>(ctx, l2.l3_offset) else {
+        return Outcome::Malformed;
+    };
+    let ip6 = unsafe { &*ip6 };
+    let payload = u16::from_be_bytes(ip6.payload_len) as usize;
+    let l4_len = if ip6.next_header == PROTO_TCP {
+        TCP_HLEN
+    } else {
+        UDP_HLEN
+    };
+    if payload < l4_len || ctx.data() + l2.l3_offset + IPV6_HLEN + payload > ctx.data_end() {
+        return Outcome::Malformed;
+    }
+    let l4_offset = l2.l3_offset + IPV6_HLEN;
+    let Some(ports) = ptr_at::<[u8; 4]>(ctx, l4_offset) else {
+        return Outcome::Malformed;
+    };
+    let ports = unsafe { *ports };
+    let packet = Packet {
+        family: FAMILY_IPV6,
+        proto: ip6.next_header,
+        l3_offset: l2.l3_offset,
+        l4_offset,
+        ip_len: (payload + IPV6_HLEN) as u16,
+        flow: FlowKey {
+            src: ip6.src,
+            dst: ip6.dst,
+            sport: [ports[0], ports[1]],
+            dport: [ports[2], ports[3]],
+            proto: ip6.next_header,
+            family: FAMILY_IPV6,
+            _pad: [0; 2],
+        },
+    };
+    balance(ctx, &packet)
+}
+
+/// Writes the flow's connection-table entry and the reverse mapping its replies need.
+// Keys and values by reference: copies would cost BPF stack.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(never)]
+fn record_flow(packet: &Packet, backend: &BackendValue, entry: &FlowValue) {
+    let _ = CONNTRACK.insert(&packet.flow, entry, 0);
+    let reverse_key = FlowKey {
+        src: backend.addr,
+        dst: packet.flow.src,
+        sport: backend.port,
+        dport: packet.flow.sport,
+        proto: packet.proto,
+        family: packet.family,
+        _pad: [0; 2],
+    };
+    let reverse = ReverseNatValue {
+        addr: packet.flow.dst,
+        port: packet.flow.dport,
+        family: packet.family,
+        _pad: 0,
+    };
+    let _ = REVERSE_NAT.insert(&reverse_key, &reverse, 0);
+}
+
+#[inline(never)]
+fn balance(ctx: &XdpContext, packet: &Packet) -> Outcome {
+    let service_key = ServiceKey {
+        addr: packet.flow.dst,
+        port: packet.flow.dport,
+        proto: packet.proto,
+        family: packet.family,
+    };
+    // SAFETY: map values stay valid for the program's run; they are only read.
+    let Some(service) = (unsafe { SERVICES.get(&service_key) }) else {
+        return Outcome::Passed;
+    };
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+
+    // 1. An established flow keeps its backend while that backend exists.
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&packet.flow) {
+        let entry = unsafe { &mut *entry };
+        if let Some(backend) = live_backend(service, entry.backend_id, entry.generation) {
+            if entry.ifindex == 0 {
+                resolve_next_hop(ctx, packet, backend, entry);
+            }
+            stats::count_traffic(service.id, entry.backend_id, bytes, false);
+            return forward(ctx, packet, backend, entry);
+        }
+    }
+
+    // 2. A new flow (or one whose backend is gone): Maglev picks.
+    if service.table_size == 0 {
+        return Outcome::NoBackend;
+    }
+    let slot = flow_hash(&packet.flow) % service.table_size;
+    let Some(backend_id) = MAGLEV.get_value(service.id, &slot).copied() else {
+        return Outcome::NoBackend;
+    };
+    let Some(backend) = BACKENDS.get(backend_id) else {
+        return Outcome::NoBackend;
+    };
+    if backend.flags & BACKEND_ACTIVE == 0 || backend.service_id != service.id {
+        return Outcome::NoBackend;
+    }
+    let mut entry = FlowValue {
+        backend_id,
+        generation: backend.generation,
+        ifindex: 0,
+        src_mac: [0; 6],
+        dst_mac: [0; 6],
+    };
+    resolve_next_hop(ctx, packet, backend, &mut entry);
+    record_flow(packet, backend, &entry);
+    stats::count_traffic(service.id, backend_id, bytes, true);
+    forward(ctx, packet, backend, &entry)
+}
+
+#[inline(always)]
+fn live_backend(service: &ServiceValue, id: u32, generation: u32) -> Option<&'static BackendValue> {
+    let backend = BACKENDS.get(id)?;
+    (backend.flags & BACKEND_ACTIVE != 0
+        && backend.generation == generation
+        && backend.service_id == service.id)
+        .then_some(backend)
+}
+
+/// Asks the kernel's FIB for the next hop toward the backend; on success stores the egress
+/// interface and MACs in `entry`. Leaves `entry.ifindex` at 0 when the neighbour is not known
+/// yet (or there is no route): the packet then goes through the kernel, which resolves it.
+#[inline(never)]
+fn resolve_next_hop(
+    ctx: &XdpContext,
+    packet: &Packet,
+    backend: &BackendValue,
+    entry: &mut FlowValue,
+) {
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.l4_protocol = packet.proto;
+    params.sport = u16::from_ne_bytes(packet.flow.sport);
+    params.dport = u16::from_ne_bytes(backend.port);
+    params.__bindgen_anon_1.tot_len = packet.ip_len;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    if packet.family == FAMILY_IPV4 {
+        params.family = AF_INET;
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([
+            packet.flow.src[0],
+            packet.flow.src[1],
+            packet.flow.src[2],
+            packet.flow.src[3],
+        ]);
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([
+            backend.addr[0],
+            backend.addr[1],
+            backend.addr[2],
+            backend.addr[3],
+        ]);
+    } else {
+        params.family = AF_INET6;
+        params.__bindgen_anon_3.ipv6_src = bytemuck_words(&packet.flow.src);
+        params.__bindgen_anon_4.ipv6_dst = bytemuck_words(&backend.addr);
+    }
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut params,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        entry.ifindex = params.ifindex;
+        entry.src_mac = params.smac;
+        entry.dst_mac = params.dmac;
+    }
+}
+
+#[inline(always)]
+fn bytemuck_words(addr: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]),
+        u32::from_ne_bytes([addr[4], addr[5], addr[6], addr[7]]),
+        u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]),
+        u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]),
+    ]
+}
+
+/// DNAT to the backend, TTL/hop limit down by one, MACs for the next hop, and out.
+#[inline(always)]
+fn forward(
+    ctx: &XdpContext,
+    packet: &Packet,
+    backend: &BackendValue,
+    entry: &FlowValue,
+) -> Outcome {
+    let rewritten = if packet.family == FAMILY_IPV4 {
+        dnat_v4(ctx, packet, backend)
+    } else {
+        dnat_v6(ctx, packet, backend)
+    };
+    if !rewritten {
+        // TTL would expire here: the kernel sends the ICMP error.
+        return Outcome::Passed;
+    }
+    if entry.ifindex == 0 {
+        return Outcome::ToKernel;
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Outcome::Malformed;
+    };
+    let eth = unsafe { &mut *eth };
+    eth.src = entry.src_mac;
+    eth.dst = entry.dst_mac;
+    if entry.ifindex == ctx.ingress_ifindex() as u32 {
+        return Outcome::Forwarded(xdp_action::XDP_TX);
+    }
+    let action = unsafe { bpf_redirect(entry.ifindex, 0) } as u32;
+    Outcome::Forwarded(action)
+}
+
+/// Rewrites the destination address and port, decrements the TTL, and updates the IPv4 header
+/// and TCP/UDP checksums incrementally. False (nothing written) when the TTL is ≤ 1.
+#[inline(never)]
+fn dnat_v4(ctx: &XdpContext, packet: &Packet, backend: &BackendValue) -> bool {
+    let (Some(ip), Some(l4)) = (
+        ptr_at::<Ipv4Hdr>(ctx, packet.l3_offset),
+        ptr_at::<[u8; 8]>(ctx, packet.l4_offset),
+    ) else {
+        return false;
+    };
+    let (ip, l4) = unsafe { (&mut *ip, &mut *l4) };
+    if ip.ttl <= 1 {
+        return false;
+    }
+    let new_dst = [
+        backend.addr[0],
+        backend.addr[1],
+        backend.addr[2],
+        backend.addr[3],
+    ];
+    let old_dst = ip.dst;
+    let old_port = [l4[2], l4[3]];
+
+    let mut ip_delta = Delta::new();
+    ip_delta.replace(&old_dst, &new_dst);
+    ip_delta.replace(&[ip.ttl, ip.proto], &[ip.ttl - 1, ip.proto]);
+    ip.check = ip_delta.apply(ip.check);
+    ip.dst = new_dst;
+    ip.ttl -= 1;
+
+    let mut l4_delta = Delta::new();
+    l4_delta.replace(&old_dst, &new_dst);
+    l4_delta.replace(&old_port, &backend.port);
+    l4[2] = backend.port[0];
+    l4[3] = backend.port[1];
+    update_l4_checksum(ctx, packet, &l4_delta, true);
+    true
+}
+
+#[inline(never)]
+fn dnat_v6(ctx: &XdpContext, packet: &Packet, backend: &BackendValue) -> bool {
+    let (Some(ip6), Some(l4)) = (
+        ptr_at::<Ipv6Hdr>(ctx, packet.l3_offset),
+        ptr_at::<[u8; 8]>(ctx, packet.l4_offset),
+    ) else {
+        return false;
+    };
+    let (ip6, l4) = unsafe { (&mut *ip6, &mut *l4) };
+    if ip6.hop_limit <= 1 {
+        return false;
+    }
+    let old_port = [l4[2], l4[3]];
+    let mut l4_delta = Delta::new();
+    // 16-byte addresses: the helper sums them from packet and map memory, without stack spills.
+    let diff = unsafe {
+        bpf_csum_diff(
+            ip6.dst.as_ptr() as *mut u32,
+            16,
+            backend.addr.as_ptr() as *mut u32,
+            16,
+            0,
+        )
+    };
+    if diff < 0 {
+        return false;
+    }
+    l4_delta.add_partial(diff as u32);
+    l4_delta.replace(&old_port, &backend.port);
+    ip6.dst = backend.addr;
+    ip6.hop_limit -= 1;
+    l4[2] = backend.port[0];
+    l4[3] = backend.port[1];
+    update_l4_checksum(ctx, packet, &l4_delta, false);
+    true
+}
+
+/// Applies `delta` to the TCP or UDP checksum. An IPv4 UDP checksum of 0 means "none" and stays
+/// 0; a computed UDP checksum of 0 is sent as 0xffff (RFC 768).
+#[inline(always)]
+fn update_l4_checksum(ctx: &XdpContext, packet: &Packet, delta: &Delta, ipv4: bool) {
+    let offset = packet.l4_offset
+        + if packet.proto == PROTO_TCP {
+            TCP_CSUM_OFFSET
+        } else {
+            UDP_CSUM_OFFSET
+        };
+    let Some(csum) = ptr_at::<[u8; 2]>(ctx, offset) else {
+        return;
+    };
+    let csum = unsafe { &mut *csum };
+    if packet.proto == PROTO_UDP {
+        if ipv4 && *csum == [0, 0] {
+            return;
+        }
+        let new = delta.apply(*csum);
+        *csum = if new == [0, 0] { [0xff, 0xff] } else { new };
+    } else {
+        *csum = delta.apply(*csum);
+    }
+}

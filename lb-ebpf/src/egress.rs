@@ -1,0 +1,159 @@
+//! TC egress: replies from a backend, for a flow the balancer created, get their source rewritten
+//! back to (VIP, port). Checksums through the kernel's helpers, which also handle
+//! CHECKSUM_PARTIAL skbs (locally generated or forwarded with offload). Never drops anything.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_csum_diff,
+    programs::TcContext,
+};
+use lb_common::{FlowKey, ReverseNatValue, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP};
+
+use crate::{
+    headers::{
+        Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, IPV6_HLEN, VLAN_HLEN,
+    },
+    maps::REVERSE_NAT,
+    stats,
+};
+
+#[inline(always)]
+pub fn reverse_nat(ctx: &TcContext) {
+    let Ok(proto) = ctx.load::<[u8; 2]>(12) else {
+        return;
+    };
+    let (l3, proto) = match u16::from_be_bytes(proto) {
+        ETH_P_8021Q => match ctx.load::<[u8; 2]>(ETH_HLEN + 2) {
+            Ok(inner) => (ETH_HLEN + VLAN_HLEN, u16::from_be_bytes(inner)),
+            Err(_) => return,
+        },
+        other => (ETH_HLEN, other),
+    };
+    match proto {
+        ETH_P_IPV4 => ipv4(ctx, l3),
+        ETH_P_IPV6 => ipv6(ctx, l3),
+        _ => {}
+    }
+}
+
+#[inline(always)]
+fn csum_offset(l4: usize, proto: u8) -> usize {
+    if proto == PROTO_TCP {
+        l4 + 16
+    } else {
+        l4 + 6
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &TcContext, l3: usize) {
+    let Ok(ip) = ctx.load::<Ipv4Hdr>(l3) else {
+        return;
+    };
+    if ip.version_ihl != 0x45
+        || (ip.proto != PROTO_TCP && ip.proto != PROTO_UDP)
+        || u16::from_be_bytes(ip.frag) & 0x3fff != 0
+    {
+        return;
+    }
+    let l4 = l3 + 20;
+    let Ok(ports) = ctx.load::<[u8; 4]>(l4) else {
+        return;
+    };
+    let mut key = FlowKey {
+        src: [0; 16],
+        dst: [0; 16],
+        sport: [ports[0], ports[1]],
+        dport: [ports[2], ports[3]],
+        proto: ip.proto,
+        family: FAMILY_IPV4,
+        _pad: [0; 2],
+    };
+    key.src[..4].copy_from_slice(&ip.src);
+    key.dst[..4].copy_from_slice(&ip.dst);
+    let Some(rv) = (unsafe { REVERSE_NAT.get(&key) }).copied() else {
+        return;
+    };
+    if rv.family != FAMILY_IPV4 {
+        return;
+    }
+    let new_src = [rv.addr[0], rv.addr[1], rv.addr[2], rv.addr[3]];
+    let (old_addr, new_addr) = (u32::from_ne_bytes(ip.src), u32::from_ne_bytes(new_src));
+    let (old_port, new_port) = (u16::from_ne_bytes(key.sport), u16::from_ne_bytes(rv.port));
+    let mangled0 = if ip.proto == PROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
+    let l4_csum = csum_offset(l4, ip.proto);
+    let ok = ctx
+        .l4_csum_replace(
+            l4_csum,
+            old_addr as u64,
+            new_addr as u64,
+            BPF_F_PSEUDO_HDR as u64 | mangled0 | 4,
+        )
+        .and_then(|_| ctx.l4_csum_replace(l4_csum, old_port as u64, new_port as u64, mangled0 | 2))
+        .and_then(|_| ctx.l3_csum_replace(l3 + 10, old_addr as u64, new_addr as u64, 4))
+        .and_then(|_| ctx.store(l3 + 12, &new_src, 0))
+        .and_then(|_| ctx.store(l4, &rv.port, 0));
+    if ok.is_ok() {
+        stats::count_reverse_nat();
+    }
+}
+
+#[inline(always)]
+fn ipv6(ctx: &TcContext, l3: usize) {
+    let Ok(ip6) = ctx.load::<Ipv6Hdr>(l3) else {
+        return;
+    };
+    if ip6.next_header != PROTO_TCP && ip6.next_header != PROTO_UDP {
+        return;
+    }
+    let l4 = l3 + IPV6_HLEN;
+    let Ok(ports) = ctx.load::<[u8; 4]>(l4) else {
+        return;
+    };
+    let key = FlowKey {
+        src: ip6.src,
+        dst: ip6.dst,
+        sport: [ports[0], ports[1]],
+        dport: [ports[2], ports[3]],
+        proto: ip6.next_header,
+        family: FAMILY_IPV6,
+        _pad: [0; 2],
+    };
+    let Some(rv) = (unsafe { REVERSE_NAT.get(&key) }).copied() else {
+        return;
+    };
+    if rv.family != FAMILY_IPV6 {
+        return;
+    }
+    let rv: ReverseNatValue = rv;
+    let mut old_words: [u32; 4] = words(&ip6.src);
+    let mut new_words: [u32; 4] = words(&rv.addr);
+    let diff = unsafe { bpf_csum_diff(old_words.as_mut_ptr(), 16, new_words.as_mut_ptr(), 16, 0) };
+    if diff < 0 {
+        return;
+    }
+    let (old_port, new_port) = (u16::from_ne_bytes(key.sport), u16::from_ne_bytes(rv.port));
+    let l4_csum = csum_offset(l4, ip6.next_header);
+    let ok = ctx
+        .l4_csum_replace(l4_csum, 0, diff as u64, BPF_F_PSEUDO_HDR as u64)
+        .and_then(|_| ctx.l4_csum_replace(l4_csum, old_port as u64, new_port as u64, 2))
+        .and_then(|_| ctx.store(l3 + 8, &rv.addr, 0))
+        .and_then(|_| ctx.store(l4, &rv.port, 0));
+    if ok.is_ok() {
+        stats::count_reverse_nat();
+    }
+}
+
+#[inline(always)]
+fn words(addr: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]),
+        u32::from_ne_bytes([addr[4], addr[5], addr[6], addr[7]]),
+        u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]),
+        u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]),
+    ]
+}

@@ -1,0 +1,622 @@
+//! Services and backends in the balancer's maps: the typed API behind `upsert_service`,
+//! `set_backends`, `remove_service` and `service_stats`.
+//!
+//! Every change is validated in full (and its Maglev table built) before any map is written, so a
+//! rejected change leaves the running tables untouched. Tables are switched, never edited: a new
+//! inner map is filled, then put in the service's `MAGLEV` slot in one update, so no flow ever
+//! meets a half-written table. Backends that leave are deactivated only after the switch.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
+
+use aya::maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray, PerCpuValues};
+use lb_common::{
+    BackendValue, ServiceKey, ServiceValue, TrafficStats, BACKEND_ACTIVE, BPF_F_INNER_MAP,
+    FAMILY_IPV4, FAMILY_IPV6, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_MAGLEV, MAP_SERVICES,
+    MAP_SERVICE_STATS, PROTO_TCP, PROTO_UDP,
+};
+
+use super::{Dataplane, DataplaneError, Result};
+use crate::maglev;
+
+/// TCP or UDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    fn number(self) -> u8 {
+        match self {
+            Self::Tcp => PROTO_TCP,
+            Self::Udp => PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// A service: traffic to (VIP, port, protocol) is balanced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Service {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.vip {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}/{}", self.port, self.protocol),
+        }
+    }
+}
+
+/// One backend of a service. Weight 0 drains it: established flows stay, new ones go elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub weight: u32,
+}
+
+impl Backend {
+    /// The backend's identity for Maglev ("ip:port"): weight changes do not move it.
+    pub fn maglev_key(&self) -> String {
+        match self.ip {
+            IpAddr::V4(ip) => format!("{ip}:{}", self.port),
+            IpAddr::V6(ip) => format!("[{ip}]:{}", self.port),
+        }
+    }
+}
+
+/// Counters of one service and of each of its backends, summed over CPUs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceStats {
+    pub service: Service,
+    pub traffic: TrafficStats,
+    pub backends: Vec<(Backend, TrafficStats)>,
+}
+
+/// What user space remembers of a service it has written.
+#[derive(Debug, Clone)]
+pub(super) struct ServiceState {
+    pub id: u32,
+    /// (backend, backend id), in the order given.
+    pub backends: Vec<(Backend, u32)>,
+}
+
+/// Id allocation and per-service state, rebuilt from the maps when they were pinned.
+#[derive(Debug, Default)]
+pub(super) struct Registry {
+    pub services: BTreeMap<Service, ServiceState>,
+    pub used_service_ids: BTreeSet<u32>,
+    pub used_backend_ids: BTreeSet<u32>,
+    pub next_generation: u32,
+}
+
+fn family(ip: &IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        FAMILY_IPV4
+    } else {
+        FAMILY_IPV6
+    }
+}
+
+fn addr16(ip: &IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&v4.octets());
+            a
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn ip_from(family_tag: u8, addr: &[u8; 16]) -> IpAddr {
+    if family_tag == FAMILY_IPV4 {
+        IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
+    } else {
+        IpAddr::from(*addr)
+    }
+}
+
+pub(super) fn service_key(service: &Service) -> ServiceKey {
+    ServiceKey {
+        addr: addr16(&service.vip),
+        port: service.port.to_be_bytes(),
+        proto: service.protocol.number(),
+        family: family(&service.vip),
+    }
+}
+
+fn lowest_free(used: &BTreeSet<u32>, capacity: u32) -> Option<u32> {
+    let mut expected = 0u32;
+    for id in used {
+        if *id != expected {
+            break;
+        }
+        expected += 1;
+    }
+    (expected < capacity).then_some(expected)
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
+/// Checks a service and its backends; every error names the offending value.
+pub fn validate(service: &Service, backends: &[Backend], table_size: u32) -> Result<()> {
+    let invalid = |reason: String| DataplaneError::InvalidService {
+        service: service.to_string(),
+        reason,
+    };
+    if let Err(e) = crate::config::validate_service_ip("vip", service.vip) {
+        return Err(invalid(e.to_string()));
+    }
+    if service.port == 0 {
+        return Err(invalid("port 0 is not a service port".into()));
+    }
+    for b in backends {
+        if b.ip.is_ipv4() != service.vip.is_ipv4() {
+            return Err(invalid(format!(
+                "backend {} is not of the VIP's address family (no NAT46/64)",
+                b.maglev_key()
+            )));
+        }
+        if let Err(e) = crate::config::validate_service_ip("backend", b.ip) {
+            return Err(invalid(e.to_string()));
+        }
+        if b.port == 0 {
+            return Err(invalid(format!("backend {} has port 0", b.ip)));
+        }
+    }
+    let maglev_backends: Vec<maglev::Backend> = backends
+        .iter()
+        .map(|b| maglev::Backend {
+            key: b.maglev_key(),
+            weight: b.weight,
+        })
+        .collect();
+    maglev::build(&maglev_backends, table_size)
+        .map(|_| ())
+        .map_err(|e| invalid(e.to_string()))
+}
+
+impl Dataplane {
+    /// Creates the service or replaces its backends.
+    pub fn upsert_service(&mut self, service: Service, backends: &[Backend]) -> Result<()> {
+        validate(&service, backends, self.table_size)?;
+        if !self.registry.services.contains_key(&service) {
+            let id = lowest_free(&self.registry.used_service_ids, self.capacities.services)
+                .ok_or_else(|| DataplaneError::Full {
+                    what: "services",
+                    capacity: self.capacities.services,
+                })?;
+            self.registry.used_service_ids.insert(id);
+            self.registry.services.insert(
+                service,
+                ServiceState {
+                    id,
+                    backends: Vec::new(),
+                },
+            );
+            self.reset_stats(MAP_SERVICE_STATS, id)?;
+            tracing::info!(event = "serviceAdded", service = %service, id);
+        }
+        self.set_backends(&service, backends)
+    }
+
+    /// Replaces a service's backends: established flows keep a backend that stays; flows of a
+    /// removed backend move; a new backend takes only new flows.
+    pub fn set_backends(&mut self, service: &Service, backends: &[Backend]) -> Result<()> {
+        validate(service, backends, self.table_size)?;
+        let state = self
+            .registry
+            .services
+            .get(service)
+            .cloned()
+            .ok_or_else(|| DataplaneError::InvalidService {
+                service: service.to_string(),
+                reason: "no such service".into(),
+            })?;
+        let old: BTreeMap<String, u32> = state
+            .backends
+            .iter()
+            .map(|(b, id)| (b.maglev_key(), *id))
+            .collect();
+        let new_count = backends
+            .iter()
+            .filter(|b| !old.contains_key(&b.maglev_key()))
+            .count();
+        let free = self.capacities.backends as usize - self.registry.used_backend_ids.len();
+        if new_count > free {
+            return Err(DataplaneError::Full {
+                what: "backends",
+                capacity: self.capacities.backends,
+            });
+        }
+
+        // 1. Backend entries: keep the ids of backends that stay, allocate the new ones.
+        let mut assigned: Vec<(Backend, u32)> = Vec::with_capacity(backends.len());
+        for b in backends {
+            let id = match old.get(&b.maglev_key()) {
+                Some(id) => *id,
+                None => {
+                    let id = lowest_free(&self.registry.used_backend_ids, self.capacities.backends)
+                        .expect("counted above");
+                    self.registry.used_backend_ids.insert(id);
+                    self.reset_stats(MAP_BACKEND_STATS, id)?;
+                    id
+                }
+            };
+            assigned.push((*b, id));
+        }
+        let generation_base = self.registry.next_generation;
+        {
+            let mut array: Array<&mut MapData, BackendValue> = Array::try_from(
+                self.ebpf
+                    .map_mut(MAP_BACKENDS)
+                    .ok_or(DataplaneError::MissingMap(MAP_BACKENDS))?,
+            )
+            .map_err(map_err(MAP_BACKENDS))?;
+            for (i, (b, id)) in assigned.iter().enumerate() {
+                let existing = array.get(id, 0).map_err(map_err(MAP_BACKENDS))?;
+                let keep =
+                    old.contains_key(&b.maglev_key()) && existing.flags & BACKEND_ACTIVE != 0;
+                let value = BackendValue {
+                    addr: addr16(&b.ip),
+                    port: b.port.to_be_bytes(),
+                    family: family(&b.ip),
+                    flags: BACKEND_ACTIVE,
+                    service_id: state.id,
+                    generation: if keep {
+                        existing.generation
+                    } else {
+                        generation_base.wrapping_add(i as u32)
+                    },
+                    weight: b.weight,
+                };
+                array.set(*id, value, 0).map_err(map_err(MAP_BACKENDS))?;
+            }
+        }
+        self.registry.next_generation = generation_base.wrapping_add(assigned.len() as u32);
+
+        // 2. The new table, then the switch.
+        let maglev_backends: Vec<maglev::Backend> = assigned
+            .iter()
+            .map(|(b, _)| maglev::Backend {
+                key: b.maglev_key(),
+                weight: b.weight,
+            })
+            .collect();
+        let table = maglev::build(&maglev_backends, self.table_size).map_err(|e| {
+            DataplaneError::InvalidService {
+                service: service.to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        let table_size = if table.slots.is_empty() {
+            0
+        } else {
+            let mut inner: Array<MapData, u32> =
+                Array::create(self.table_size, BPF_F_INNER_MAP).map_err(map_err("MAGLEV inner"))?;
+            for (slot, index) in table.slots.iter().enumerate() {
+                inner
+                    .set(slot as u32, assigned[*index as usize].1, 0)
+                    .map_err(map_err("MAGLEV inner"))?;
+            }
+            let mut outer: ArrayOfMaps<&mut MapData, Array<MapData, u32>> = ArrayOfMaps::try_from(
+                self.ebpf
+                    .map_mut(MAP_MAGLEV)
+                    .ok_or(DataplaneError::MissingMap(MAP_MAGLEV))?,
+            )
+            .map_err(map_err(MAP_MAGLEV))?;
+            outer
+                .set(state.id, &inner, 0)
+                .map_err(map_err(MAP_MAGLEV))?;
+            self.table_size
+        };
+        {
+            let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> = HashMap::try_from(
+                self.ebpf
+                    .map_mut(MAP_SERVICES)
+                    .ok_or(DataplaneError::MissingMap(MAP_SERVICES))?,
+            )
+            .map_err(map_err(MAP_SERVICES))?;
+            services
+                .insert(
+                    service_key(service),
+                    ServiceValue {
+                        id: state.id,
+                        table_size,
+                    },
+                    0,
+                )
+                .map_err(map_err(MAP_SERVICES))?;
+        }
+
+        // 3. Backends that left: deactivated after the switch, ids freed.
+        let kept: BTreeSet<u32> = assigned.iter().map(|(_, id)| *id).collect();
+        let gone: Vec<u32> = state
+            .backends
+            .iter()
+            .map(|(_, id)| *id)
+            .filter(|id| !kept.contains(id))
+            .collect();
+        self.deactivate_backends(&gone)?;
+        tracing::info!(
+            event = "backendsSet",
+            service = %service,
+            backends = assigned.len(),
+            removed = gone.len(),
+            table_size
+        );
+        if let Some(s) = self.registry.services.get_mut(service) {
+            s.backends = assigned;
+        }
+        Ok(())
+    }
+
+    /// Stops balancing a service: new packets to it pass to the kernel untouched.
+    pub fn remove_service(&mut self, service: &Service) -> Result<()> {
+        let Some(state) = self.registry.services.get(service).cloned() else {
+            return Err(DataplaneError::InvalidService {
+                service: service.to_string(),
+                reason: "no such service".into(),
+            });
+        };
+        {
+            let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> = HashMap::try_from(
+                self.ebpf
+                    .map_mut(MAP_SERVICES)
+                    .ok_or(DataplaneError::MissingMap(MAP_SERVICES))?,
+            )
+            .map_err(map_err(MAP_SERVICES))?;
+            services
+                .remove(&service_key(service))
+                .map_err(map_err(MAP_SERVICES))?;
+        }
+        let ids: Vec<u32> = state.backends.iter().map(|(_, id)| *id).collect();
+        self.deactivate_backends(&ids)?;
+        self.registry.used_service_ids.remove(&state.id);
+        self.registry.services.remove(service);
+        tracing::info!(event = "serviceRemoved", service = %service);
+        Ok(())
+    }
+
+    /// The services this data plane balances, with their backends.
+    pub fn services(&self) -> Vec<(Service, Vec<Backend>)> {
+        self.registry
+            .services
+            .iter()
+            .map(|(s, state)| (*s, state.backends.iter().map(|(b, _)| *b).collect()))
+            .collect()
+    }
+
+    /// Per-service and per-backend counters, summed over CPUs.
+    pub fn service_stats(&self) -> Result<Vec<ServiceStats>> {
+        let read = |name: &'static str, id: u32| -> Result<TrafficStats> {
+            let array: PerCpuArray<&MapData, TrafficStats> = PerCpuArray::try_from(
+                self.ebpf
+                    .map(name)
+                    .ok_or(DataplaneError::MissingMap(name))?,
+            )
+            .map_err(map_err(name))?;
+            let values = array.get(&id, 0).map_err(map_err(name))?;
+            Ok(values
+                .iter()
+                .fold(TrafficStats::default(), |sum, v| sum.add(*v)))
+        };
+        let mut out = Vec::new();
+        for (service, state) in &self.registry.services {
+            let mut backends = Vec::new();
+            for (b, id) in &state.backends {
+                backends.push((*b, read(MAP_BACKEND_STATS, *id)?));
+            }
+            out.push(ServiceStats {
+                service: *service,
+                traffic: read(MAP_SERVICE_STATS, state.id)?,
+                backends,
+            });
+        }
+        Ok(out)
+    }
+
+    fn deactivate_backends(&mut self, ids: &[u32]) -> Result<()> {
+        let mut array: Array<&mut MapData, BackendValue> = Array::try_from(
+            self.ebpf
+                .map_mut(MAP_BACKENDS)
+                .ok_or(DataplaneError::MissingMap(MAP_BACKENDS))?,
+        )
+        .map_err(map_err(MAP_BACKENDS))?;
+        for id in ids {
+            let mut value = array.get(id, 0).map_err(map_err(MAP_BACKENDS))?;
+            value.flags = 0;
+            array.set(*id, value, 0).map_err(map_err(MAP_BACKENDS))?;
+            self.registry.used_backend_ids.remove(id);
+        }
+        Ok(())
+    }
+
+    fn reset_stats(&mut self, name: &'static str, id: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+        let mut array: PerCpuArray<&mut MapData, TrafficStats> = PerCpuArray::try_from(
+            self.ebpf
+                .map_mut(name)
+                .ok_or(DataplaneError::MissingMap(name))?,
+        )
+        .map_err(map_err(name))?;
+        let zeros = PerCpuValues::try_from(vec![TrafficStats::default(); cpus])
+            .map_err(|e| DataplaneError::Cpus(std::io::Error::other(e.to_string())))?;
+        array.set(id, zeros, 0).map_err(map_err(name))
+    }
+
+    /// Rebuilds the registry from maps that were pinned by an earlier run.
+    pub(super) fn recover_registry(&mut self) -> Result<()> {
+        let services: HashMap<&MapData, ServiceKey, ServiceValue> = HashMap::try_from(
+            self.ebpf
+                .map(MAP_SERVICES)
+                .ok_or(DataplaneError::MissingMap(MAP_SERVICES))?,
+        )
+        .map_err(map_err(MAP_SERVICES))?;
+        let mut by_id: BTreeMap<u32, Service> = BTreeMap::new();
+        for entry in services.iter() {
+            let (key, value) = entry.map_err(map_err(MAP_SERVICES))?;
+            let protocol = if key.proto == PROTO_TCP {
+                Protocol::Tcp
+            } else {
+                Protocol::Udp
+            };
+            let service = Service {
+                vip: ip_from(key.family, &key.addr),
+                port: u16::from_be_bytes(key.port),
+                protocol,
+            };
+            by_id.insert(value.id, service);
+        }
+        if by_id.is_empty() {
+            return Ok(());
+        }
+        let backends: Array<&MapData, BackendValue> = Array::try_from(
+            self.ebpf
+                .map(MAP_BACKENDS)
+                .ok_or(DataplaneError::MissingMap(MAP_BACKENDS))?,
+        )
+        .map_err(map_err(MAP_BACKENDS))?;
+        let mut registry = Registry::default();
+        for (id, service) in &by_id {
+            registry.used_service_ids.insert(*id);
+            registry.services.insert(
+                *service,
+                ServiceState {
+                    id: *id,
+                    backends: Vec::new(),
+                },
+            );
+        }
+        for (index, value) in backends.iter().enumerate() {
+            let value = value.map_err(map_err(MAP_BACKENDS))?;
+            registry.next_generation = registry
+                .next_generation
+                .max(value.generation.wrapping_add(1));
+            if value.flags & BACKEND_ACTIVE == 0 {
+                continue;
+            }
+            let Some(service) = by_id.get(&value.service_id) else {
+                continue;
+            };
+            registry.used_backend_ids.insert(index as u32);
+            let backend = Backend {
+                ip: ip_from(value.family, &value.addr),
+                port: u16::from_be_bytes(value.port),
+                weight: value.weight,
+            };
+            if let Some(state) = registry.services.get_mut(service) {
+                state.backends.push((backend, index as u32));
+            }
+        }
+        tracing::info!(
+            event = "servicesRecovered",
+            services = registry.services.len()
+        );
+        self.registry = registry;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc() -> Service {
+        Service {
+            vip: "198.51.100.10".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn backend(ip: &str, port: u16) -> Backend {
+        Backend {
+            ip: ip.parse().unwrap(),
+            port,
+            weight: 1,
+        }
+    }
+
+    #[test]
+    fn lowest_free_id_fills_holes_first() {
+        let used: BTreeSet<u32> = [0, 1, 3].into_iter().collect();
+        assert_eq!(lowest_free(&used, 10), Some(2));
+        let full: BTreeSet<u32> = [0, 1].into_iter().collect();
+        assert_eq!(lowest_free(&full, 2), None);
+    }
+
+    #[test]
+    fn validation_names_the_offending_value() {
+        let cases: Vec<(Service, Vec<Backend>, u32, &str)> = vec![
+            (
+                svc(),
+                vec![backend("2001:db8::1", 80)],
+                1009,
+                "not of the VIP's address family",
+            ),
+            (svc(), vec![backend("198.51.100.20", 0)], 1009, "has port 0"),
+            (svc(), vec![backend("224.0.0.1", 80)], 1009, "multicast"),
+            (
+                svc(),
+                vec![backend("198.51.100.20", 80), backend("198.51.100.20", 80)],
+                1009,
+                "listed twice",
+            ),
+            (svc(), vec![backend("198.51.100.20", 80)], 1000, "not prime"),
+            (
+                svc(),
+                (1..=10)
+                    .map(|i| backend(&format!("198.51.100.{i}"), 80))
+                    .collect(),
+                7,
+                "too small for 10 backends",
+            ),
+            (Service { port: 0, ..svc() }, vec![], 1009, "port 0"),
+        ];
+        for (service, backends, m, expected) in cases {
+            let err = validate(&service, &backends, m).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+            assert!(err.contains(&service.to_string()), "{err}");
+        }
+        assert!(
+            validate(&svc(), &[], 1009).is_ok(),
+            "zero backends is a valid state"
+        );
+    }
+
+    #[test]
+    fn services_and_backends_print_in_url_form() {
+        assert_eq!(svc().to_string(), "198.51.100.10:80/tcp");
+        let v6 = Service {
+            vip: "2001:db8::10".parse().unwrap(),
+            port: 53,
+            protocol: Protocol::Udp,
+        };
+        assert_eq!(v6.to_string(), "[2001:db8::10]:53/udp");
+        assert_eq!(
+            backend("2001:db8::2", 8080).maglev_key(),
+            "[2001:db8::2]:8080"
+        );
+    }
+}
