@@ -140,8 +140,6 @@ pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
 }
 
 /// Writes the flow's connection-table entry and the reverse mapping its replies need.
-// Keys and values by reference: copies would cost BPF stack.
-#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(never)]
 fn record_flow(packet: &Packet, backend: &BackendValue, entry: &FlowValue) {
     let _ = CONNTRACK.insert(&packet.flow, entry, 0);
