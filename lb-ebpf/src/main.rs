@@ -41,7 +41,7 @@ pub fn sluice_ingress(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn sluice_egress(ctx: TcContext) -> i32 {
     egress::reverse_nat(&ctx);
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 #[inline(always)]
