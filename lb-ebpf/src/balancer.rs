@@ -60,8 +60,9 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
     if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
         return Outcome::Passed;
     }
-    // Options, or a fragment (MF set or an offset): not ours to rewrite.
-    if ihl != 5 || u16::from_be_bytes(ip.frag) & 0x3fff != 0 {
+    // Options, or a fragment (MF set or an offset): not ours to rewrite. TTL about to expire:
+    // the kernel sends the ICMP error, for the packet as it came.
+    if ihl != 5 || u16::from_be_bytes(ip.frag) & 0x3fff != 0 || ip.ttl <= 1 {
         return Outcome::Passed;
     }
     let l4_offset = l2.l3_offset + IPV4_HLEN;
@@ -114,6 +115,9 @@ pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
     };
     if payload < l4_len || ctx.data() + l2.l3_offset + IPV6_HLEN + payload > ctx.data_end() {
         return Outcome::Malformed;
+    }
+    if ip6.hop_limit <= 1 {
+        return Outcome::Passed;
     }
     let l4_offset = l2.l3_offset + IPV6_HLEN;
     let Some(ports) = ptr_at::<[u8; 4]>(ctx, l4_offset) else {

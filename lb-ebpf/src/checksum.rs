@@ -52,10 +52,12 @@ impl Delta {
         }
     }
 
-    /// Adds a 32-bit partial sum from the `bpf_csum_diff` helper.
+    /// Adds a 32-bit partial sum from the `bpf_csum_diff` helper. The helper sums words in the
+    /// CPU's byte order (little-endian here), this accumulator in network order: a one's
+    /// complement sum of byte-swapped words is the byte-swapped sum (RFC 1071 §2(B)).
     #[inline(always)]
     pub fn add_partial(&mut self, partial: u32) {
-        self.0 += fold(partial) as u32;
+        self.0 += u16::from_be(fold(partial)) as u32;
     }
 
     /// The checksum field after the recorded changes.

@@ -321,6 +321,77 @@ pub fn icmpv6_echo(eth_dst: Mac, eth_src: Mac, src: Ipv6Addr, dst: Ipv6Addr) -> 
     )
 }
 
+/// True when the IPv4 header checksum at `l3` verifies.
+pub fn ipv4_header_checksum_ok(frame: &[u8], l3: usize) -> bool {
+    let ihl = (frame[l3] & 0x0f) as usize * 4;
+    internet_checksum(0, &frame[l3..l3 + ihl]) == 0
+}
+
+/// Recomputes the IPv4 header checksum at `l3` (after a test edits the header).
+pub fn fix_ipv4_header_checksum(frame: &mut [u8], l3: usize) {
+    let ihl = (frame[l3] & 0x0f) as usize * 4;
+    frame[l3 + 10] = 0;
+    frame[l3 + 11] = 0;
+    let sum = internet_checksum(0, &frame[l3..l3 + ihl]);
+    frame[l3 + 10..l3 + 12].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// True when the TCP or UDP checksum of the IPv4 or IPv6 packet at `l3` verifies (an IPv4 UDP
+/// checksum of 0, "none", counts as valid).
+pub fn l4_checksum_ok(frame: &[u8], l3: usize) -> bool {
+    let ip = &frame[l3..];
+    if ip[0] >> 4 == 4 {
+        let ihl = (ip[0] & 0x0f) as usize * 4;
+        let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        let proto = ip[9];
+        let l4 = &ip[ihl..total];
+        if proto == 17 && l4[6] == 0 && l4[7] == 0 {
+            return true;
+        }
+        let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+        let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+        internet_checksum(ipv4_pseudo_sum(&src, &dst, l4.len() as u16, proto), l4) == 0
+    } else {
+        let len = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+        let src = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
+        let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
+        internet_checksum(
+            ipv6_pseudo_sum(&src, &dst, len as u32, ip[6]),
+            &ip[40..40 + len],
+        ) == 0
+    }
+}
+
+/// An IPv4 UDP datagram with checksum 0 ("no checksum", allowed on IPv4).
+pub fn ipv4_udp_no_checksum(
+    eth_dst: Mac,
+    eth_src: Mac,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    data: &[u8],
+) -> Vec<u8> {
+    let mut f = ipv4_udp(eth_dst, eth_src, src, dst, sport, dport, data);
+    f[14 + 20 + 6] = 0;
+    f[14 + 20 + 7] = 0;
+    f
+}
+
+/// An IPv6 packet whose first header is a hop-by-hop options header (8 bytes, PadN), then TCP.
+pub fn ipv6_tcp_behind_hop_by_hop(
+    eth_dst: Mac,
+    eth_src: Mac,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+) -> Vec<u8> {
+    let mut payload = vec![6, 0, 1, 4, 0, 0, 0, 0];
+    payload.extend_from_slice(&tcp_syn(sport, dport));
+    ipv6_frame(eth_dst, eth_src, src, dst, 0, 64, payload, None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

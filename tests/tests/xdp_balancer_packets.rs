@@ -1,0 +1,670 @@
+//! The XDP balancer and the TC reverse NAT, frame by frame, through BPF_PROG_TEST_RUN.
+//!
+//! A private network namespace holds veth0 (the client side, 198.18.1.1/24, fd53:1::1/64) and
+//! veth1 (the backends' side, 198.18.2.1/24, fd53:2::1/64) with permanent neighbour entries for
+//! the backends, so the program's FIB lookups resolve. Which backend a flow must get is predicted
+//! with `maglev::build` and `lb_common::flow_hash`, outside the program; checksums are recomputed
+//! from scratch by `sluice_tests::frames`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use lb_common::{flow_hash, FlowKey, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP};
+use lb_userspace::{
+    dataplane::{
+        self, Backend, Capacities, Dataplane, DataplaneError, DataplaneOptions, Protocol, Service,
+        XdpAction,
+    },
+    maglev,
+};
+use sluice_tests::{
+    frames::*,
+    netns::{in_private_netns_with_veth, sh},
+    require_root,
+};
+
+const M: u32 = 1009;
+const CLIENT_MAC: Mac = [0x02, 0xc1, 0, 0, 0, 2];
+const NODE_MAC: Mac = [0x02, 0x5e, 0, 0, 0, 1];
+const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 100);
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+
+fn vip6() -> Ipv6Addr {
+    "fd53:1::100".parse().unwrap()
+}
+fn client6() -> Ipv6Addr {
+    "fd53:1::2".parse().unwrap()
+}
+fn backend_mac(last: u8) -> Mac {
+    [0x02, 0xbe, 0, 0, 0, last]
+}
+fn b4(last: u8) -> Backend {
+    Backend {
+        ip: IpAddr::V4(Ipv4Addr::new(198, 18, 2, last)),
+        port: 8080,
+        weight: 1,
+    }
+}
+fn b6(last: u16) -> Backend {
+    Backend {
+        ip: IpAddr::V6(Ipv6Addr::new(0xfd53, 2, 0, 0, 0, 0, 0, last)),
+        port: 8080,
+        weight: 1,
+    }
+}
+fn tcp80() -> Service {
+    Service {
+        vip: IpAddr::V4(VIP4),
+        port: 80,
+        protocol: Protocol::Tcp,
+    }
+}
+
+/// Backends 198.18.2.10..=19 and fd53:2::10..=19 have neighbour entries; .99 does not.
+fn lab<T: Send + 'static>(f: impl FnOnce(&mut Dataplane, u32, [u8; 6]) -> T + Send + 'static) -> T {
+    require_root();
+    in_private_netns_with_veth(|veth0, _veth1| {
+        for args in [
+            vec!["ip", "link", "set", "veth0", "up"],
+            vec!["ip", "link", "set", "veth1", "up"],
+            vec!["ip", "addr", "add", "198.18.1.1/24", "dev", "veth0"],
+            vec!["ip", "addr", "add", "198.18.2.1/24", "dev", "veth1"],
+            vec!["ip", "addr", "add", "fd53:1::1/64", "dev", "veth0", "nodad"],
+            vec!["ip", "addr", "add", "fd53:2::1/64", "dev", "veth1", "nodad"],
+            vec!["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"],
+            vec!["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
+        ] {
+            sh(&args);
+        }
+        for last in 10..20u8 {
+            let mac = format_mac(&backend_mac(last));
+            sh(&[
+                "ip",
+                "neigh",
+                "replace",
+                &format!("198.18.2.{last}"),
+                "lladdr",
+                &mac,
+                "dev",
+                "veth1",
+                "nud",
+                "permanent",
+            ]);
+            sh(&[
+                "ip",
+                "-6",
+                "neigh",
+                "replace",
+                &format!("fd53:2::{last:x}"),
+                "lladdr",
+                &mac,
+                "dev",
+                "veth1",
+                "nud",
+                "permanent",
+            ]);
+        }
+        let veth1_mac = dataplane::interface("veth1").unwrap().mac;
+        let mut dp = Dataplane::load(&DataplaneOptions {
+            pin_dir: None,
+            capacities: Capacities {
+                services: 64,
+                backends: 256,
+                flows: 4096,
+            },
+            maglev_table_size: M,
+            ..DataplaneOptions::default()
+        })
+        .expect("load the data plane");
+        f(&mut dp, veth0, veth1_mac)
+    })
+}
+
+fn format_mac(mac: &Mac) -> String {
+    dataplane::format_mac(mac)
+}
+
+fn addr16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut a = [0; 16];
+            a[..4].copy_from_slice(&v4.octets());
+            a
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The backend Maglev gives a new flow, computed outside the program.
+fn predict(
+    backends: &[Backend],
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+) -> Backend {
+    let table = maglev::build(
+        &backends
+            .iter()
+            .map(|b| maglev::Backend {
+                key: b.maglev_key(),
+                weight: b.weight,
+            })
+            .collect::<Vec<_>>(),
+        M,
+    )
+    .unwrap();
+    let key = FlowKey {
+        src: addr16(src),
+        dst: addr16(dst),
+        sport: sport.to_be_bytes(),
+        dport: dport.to_be_bytes(),
+        proto,
+        family: if src.is_ipv4() {
+            FAMILY_IPV4
+        } else {
+            FAMILY_IPV6
+        },
+        _pad: [0; 2],
+    };
+    backends[table.slots[(flow_hash(&key) % M) as usize] as usize]
+}
+
+fn syn4(sport: u16, dport: u16) -> Vec<u8> {
+    ipv4_tcp_syn(NODE_MAC, CLIENT_MAC, CLIENT4, VIP4, sport, dport)
+}
+
+/// Which backend (by IPv4 address and port) an IPv4 frame out of the program goes to.
+fn dest4(frame: &[u8]) -> (IpAddr, u16) {
+    (
+        IpAddr::V4(Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33])),
+        u16::from_be_bytes([frame[36], frame[37]]),
+    )
+}
+
+/// Asserts a DNAT'd IPv4 frame: only MACs, TTL, destination, port and checksums changed, and
+/// both checksums verify from scratch.
+fn assert_dnat4(input: &[u8], out: &[u8], to: &Backend, dst_mac: Mac, src_mac: Mac) {
+    assert_eq!(out.len(), input.len());
+    assert_eq!(
+        &out[0..6],
+        &dst_mac,
+        "destination MAC: the backend's neighbour entry"
+    );
+    assert_eq!(&out[6..12], &src_mac, "source MAC: the egress interface");
+    assert_eq!(dest4(out), (to.ip, to.port));
+    assert_eq!(out[22], input[22] - 1, "TTL decremented");
+    assert!(ipv4_header_checksum_ok(out, 14), "IPv4 header checksum");
+    assert!(l4_checksum_ok(out, 14), "TCP/UDP checksum");
+    let l4_csum = if input[23] == 6 { 50 } else { 40 };
+    let allowed: Vec<usize> = (0..12)
+        .chain([22, 24, 25])
+        .chain(30..34)
+        .chain([36, 37, l4_csum, l4_csum + 1])
+        .collect();
+    for (i, (a, b)) in input.iter().zip(out).enumerate() {
+        assert!(
+            a == b || allowed.contains(&i),
+            "byte {i} changed: {a:#04x} → {b:#04x}"
+        );
+    }
+}
+
+#[test]
+fn new_tcp_flow_goes_to_the_backend_maglev_predicts_with_valid_checksums() {
+    lab(|dp, veth0, veth1_mac| {
+        let backends = [b4(10), b4(11), b4(12)];
+        dp.upsert_service(tcp80(), &backends).unwrap();
+        for sport in [40000u16, 40001, 40002, 51515, 60000] {
+            let frame = syn4(sport, 80);
+            let out = dp.run_ingress(veth0, &frame).unwrap();
+            let want = predict(
+                &backends,
+                IpAddr::V4(CLIENT4),
+                IpAddr::V4(VIP4),
+                sport,
+                80,
+                PROTO_TCP,
+            );
+            let last = match want.ip {
+                IpAddr::V4(v4) => v4.octets()[3],
+                _ => unreachable!(),
+            };
+            assert_eq!(
+                out.action,
+                XdpAction::Redirect,
+                "to veth1, not the ingress interface"
+            );
+            assert_dnat4(&frame, &out.frame, &want, backend_mac(last), veth1_mac);
+        }
+        assert_eq!(dp.flow_count().unwrap(), 5);
+    });
+}
+
+#[test]
+fn established_flows_keep_their_backend_when_the_set_changes_while_it_exists() {
+    lab(|dp, veth0, _| {
+        let first = [b4(10), b4(11), b4(12)];
+        dp.upsert_service(tcp80(), &first).unwrap();
+        let sports: Vec<u16> = (41000..41060).collect();
+        let before: Vec<(IpAddr, u16)> = sports
+            .iter()
+            .map(|p| dest4(&dp.run_ingress(veth0, &syn4(*p, 80)).unwrap().frame))
+            .collect();
+        // Adding a backend moves no established flow.
+        let grown = [b4(10), b4(11), b4(12), b4(13)];
+        dp.set_backends(&tcp80(), &grown).unwrap();
+        for (p, was) in sports.iter().zip(&before) {
+            assert_eq!(
+                dest4(&dp.run_ingress(veth0, &syn4(*p, 80)).unwrap().frame),
+                *was,
+                "sport {p}"
+            );
+        }
+        // Removing backend .11 moves exactly its flows, to where Maglev now sends them.
+        let shrunk = [b4(10), b4(12), b4(13)];
+        dp.set_backends(&tcp80(), &shrunk).unwrap();
+        let removed = b4(11);
+        let mut moved = 0;
+        for (p, was) in sports.iter().zip(&before) {
+            let now = dest4(&dp.run_ingress(veth0, &syn4(*p, 80)).unwrap().frame);
+            if *was == (removed.ip, removed.port) {
+                let want = predict(
+                    &shrunk,
+                    IpAddr::V4(CLIENT4),
+                    IpAddr::V4(VIP4),
+                    *p,
+                    80,
+                    PROTO_TCP,
+                );
+                assert_eq!(now, (want.ip, want.port), "sport {p} re-balanced by Maglev");
+                moved += 1;
+            } else {
+                assert_eq!(now, *was, "sport {p} kept its backend");
+            }
+        }
+        assert!(moved > 0, "some of the 60 flows were on .11");
+    });
+}
+
+#[test]
+fn udp_ipv6_and_reverse_nat_rewrite_with_valid_checksums() {
+    lab(|dp, veth0, veth1_mac| {
+        let udp53 = Service {
+            vip: IpAddr::V4(VIP4),
+            port: 53,
+            protocol: Protocol::Udp,
+        };
+        dp.upsert_service(udp53, &[b4(14)]).unwrap();
+        let query = ipv4_udp(NODE_MAC, CLIENT_MAC, CLIENT4, VIP4, 33333, 53, b"query");
+        let out = dp.run_ingress(veth0, &query).unwrap();
+        assert_eq!(out.action, XdpAction::Redirect);
+        assert_dnat4(
+            &query,
+            &out.frame,
+            &Backend {
+                port: 8080,
+                ..b4(14)
+            },
+            backend_mac(14),
+            veth1_mac,
+        );
+
+        // UDP checksum 0 ("none") stays 0.
+        let bare = ipv4_udp_no_checksum(NODE_MAC, CLIENT_MAC, CLIENT4, VIP4, 33334, 53, b"query");
+        let out = dp.run_ingress(veth0, &bare).unwrap();
+        assert_eq!(&out.frame[40..42], &[0, 0], "no checksum stays no checksum");
+
+        // The backend's reply, through the TC egress program: source back to VIP:53.
+        let reply = ipv4_udp(
+            CLIENT_MAC,
+            backend_mac(14),
+            Ipv4Addr::new(198, 18, 2, 14),
+            CLIENT4,
+            8080,
+            33333,
+            b"answer",
+        );
+        let rewritten = dp.run_egress(&reply).unwrap();
+        assert_eq!(&rewritten[26..30], &VIP4.octets(), "source is the VIP");
+        assert_eq!(
+            u16::from_be_bytes([rewritten[34], rewritten[35]]),
+            53,
+            "source port is the service's"
+        );
+        assert!(ipv4_header_checksum_ok(&rewritten, 14));
+        assert!(l4_checksum_ok(&rewritten, 14));
+        // A reply with no checksum keeps none.
+        let mut bare_reply = reply.clone();
+        bare_reply[40] = 0;
+        bare_reply[41] = 0;
+        let mut bare_reply_flow = bare_reply.clone();
+        bare_reply_flow[36..38].copy_from_slice(&33334u16.to_be_bytes());
+        let rewritten = dp.run_egress(&bare_reply_flow).unwrap();
+        assert_eq!(&rewritten[26..30], &VIP4.octets());
+        assert_eq!(&rewritten[40..42], &[0, 0]);
+
+        // TCP reply of the IPv4 TCP service.
+        dp.upsert_service(tcp80(), &[b4(15)]).unwrap();
+        let out = dp.run_ingress(veth0, &syn4(42000, 80)).unwrap();
+        assert_eq!(dest4(&out.frame), (b4(15).ip, 8080));
+        let synack = ipv4_tcp_syn(
+            CLIENT_MAC,
+            backend_mac(15),
+            Ipv4Addr::new(198, 18, 2, 15),
+            CLIENT4,
+            8080,
+            42000,
+        );
+        let rewritten = dp.run_egress(&synack).unwrap();
+        assert_eq!(&rewritten[26..30], &VIP4.octets());
+        assert_eq!(u16::from_be_bytes([rewritten[34], rewritten[35]]), 80);
+        assert!(ipv4_header_checksum_ok(&rewritten, 14) && l4_checksum_ok(&rewritten, 14));
+
+        // IPv6: TCP in, DNAT to the predicted backend; reply out, back to [VIP]:443.
+        let svc6 = Service {
+            vip: IpAddr::V6(vip6()),
+            port: 443,
+            protocol: Protocol::Tcp,
+        };
+        let backends6 = [b6(0x10), b6(0x11), b6(0x12)];
+        dp.upsert_service(svc6, &backends6).unwrap();
+        let syn6 = ipv6_tcp_syn(NODE_MAC, CLIENT_MAC, client6(), vip6(), 45000, 443);
+        let out = dp.run_ingress(veth0, &syn6).unwrap();
+        let want = predict(
+            &backends6,
+            IpAddr::V6(client6()),
+            IpAddr::V6(vip6()),
+            45000,
+            443,
+            PROTO_TCP,
+        );
+        assert_eq!(out.action, XdpAction::Redirect);
+        assert_eq!(
+            &out.frame[38..54],
+            &addr16(want.ip),
+            "IPv6 destination is the backend"
+        );
+        assert_eq!(u16::from_be_bytes([out.frame[56], out.frame[57]]), 8080);
+        assert_eq!(out.frame[21], 63, "hop limit decremented");
+        assert!(l4_checksum_ok(&out.frame, 14));
+        let IpAddr::V6(want6) = want.ip else {
+            unreachable!()
+        };
+        let reply6 = ipv6_tcp_syn(CLIENT_MAC, backend_mac(0x10), want6, client6(), 8080, 45000);
+        let rewritten = dp.run_egress(&reply6).unwrap();
+        assert_eq!(
+            &rewritten[22..38],
+            &vip6().octets(),
+            "IPv6 source is the VIP"
+        );
+        assert_eq!(u16::from_be_bytes([rewritten[54], rewritten[55]]), 443);
+        assert!(l4_checksum_ok(&rewritten, 14));
+        // UDP over IPv6 (checksum mandatory).
+        let udp6 = Service {
+            vip: IpAddr::V6(vip6()),
+            port: 53,
+            protocol: Protocol::Udp,
+        };
+        dp.upsert_service(udp6, &[b6(0x13)]).unwrap();
+        let q6 = ipv6_udp(NODE_MAC, CLIENT_MAC, client6(), vip6(), 45001, 53, b"q");
+        let out = dp.run_ingress(veth0, &q6).unwrap();
+        assert_eq!(out.action, XdpAction::Redirect);
+        assert!(l4_checksum_ok(&out.frame, 14));
+
+        // Traffic the balancer did not create is left alone on the way out.
+        let stranger = ipv4_tcp_syn(
+            CLIENT_MAC,
+            backend_mac(16),
+            Ipv4Addr::new(198, 18, 2, 16),
+            CLIENT4,
+            8080,
+            42000,
+        );
+        assert_eq!(dp.run_egress(&stranger).unwrap(), stranger);
+
+        let stats = dp.stats().unwrap();
+        assert_eq!(stats.reverse_nat, 4);
+    });
+}
+
+#[test]
+fn traffic_that_is_not_a_service_flow_passes_untouched() {
+    lab(|dp, veth0, _| {
+        dp.upsert_service(tcp80(), &[b4(10), b4(11)]).unwrap();
+        let mut cases: Vec<(&str, Vec<u8>)> = vec![
+            ("TCP to the VIP on another port", syn4(40000, 81)),
+            (
+                "UDP to the VIP's TCP port",
+                ipv4_udp(NODE_MAC, CLIENT_MAC, CLIENT4, VIP4, 40000, 80, b"x"),
+            ),
+            (
+                "TCP to another address",
+                ipv4_tcp_syn(
+                    NODE_MAC,
+                    CLIENT_MAC,
+                    CLIENT4,
+                    Ipv4Addr::new(198, 18, 1, 1),
+                    40000,
+                    80,
+                ),
+            ),
+            (
+                "IPv6 TCP to a VIP with no v6 service",
+                ipv6_tcp_syn(NODE_MAC, CLIENT_MAC, client6(), vip6(), 40000, 80),
+            ),
+            (
+                "IPv6 TCP behind a hop-by-hop header",
+                ipv6_tcp_behind_hop_by_hop(NODE_MAC, CLIENT_MAC, client6(), vip6(), 40000, 80),
+            ),
+            (
+                "ICMPv6 echo to a VIP",
+                icmpv6_echo(NODE_MAC, CLIENT_MAC, client6(), vip6()),
+            ),
+        ];
+        // ICMP echo to the VIP.
+        let mut echo = syn4(0, 0);
+        echo[23] = 1;
+        fix_ipv4_header_checksum(&mut echo, 14);
+        cases.push(("ICMP echo to the VIP", echo));
+        // A fragment of a service flow (MF set), and a non-first fragment.
+        for (name, flags) in [
+            ("first fragment (MF)", [0x20u8, 0x00]),
+            ("later fragment", [0x00, 0x10]),
+        ] {
+            let mut f = syn4(40000, 80);
+            f[20] = flags[0];
+            f[21] = flags[1];
+            fix_ipv4_header_checksum(&mut f, 14);
+            cases.push((name, f));
+        }
+        // IPv4 with options (IHL 6: a 4-byte NOP/EOL option).
+        let mut opts = syn4(40000, 80);
+        opts.splice(34..34, [1u8, 1, 1, 0]);
+        opts[14] = 0x46;
+        let total = u16::from_be_bytes([opts[16], opts[17]]) + 4;
+        opts[16..18].copy_from_slice(&total.to_be_bytes());
+        fix_ipv4_header_checksum(&mut opts, 14);
+        cases.push(("IPv4 with options", opts));
+        // Lying and short headers.
+        let mut lying = syn4(40000, 80);
+        lying[16..18].copy_from_slice(&1500u16.to_be_bytes());
+        cases.push(("total length beyond the frame", lying));
+        let mut tiny = syn4(40000, 80);
+        tiny[16..18].copy_from_slice(&30u16.to_be_bytes());
+        cases.push(("total length too short for TCP", tiny));
+        cases.push(("truncated TCP header", syn4(40000, 80)[..40].to_vec()));
+        let mut ihl4 = syn4(40000, 80);
+        ihl4[14] = 0x44;
+        cases.push(("IHL below 5", ihl4));
+        // TTL 1: the kernel must answer with time exceeded, so it gets the packet as it came.
+        let mut ttl1 = syn4(40000, 80);
+        ttl1[22] = 1;
+        fix_ipv4_header_checksum(&mut ttl1, 14);
+        cases.push(("TTL 1", ttl1));
+
+        for (name, frame) in &cases {
+            let out = dp.run_ingress(veth0, frame).unwrap();
+            assert_eq!(out.action, XdpAction::Pass, "{name}");
+            assert_eq!(&out.frame, frame, "{name}: must be untouched");
+        }
+        assert_eq!(dp.flow_count().unwrap(), 0, "none of them created a flow");
+    });
+}
+
+#[test]
+fn unresolved_next_hop_passes_the_rewritten_packet_to_the_kernel() {
+    lab(|dp, veth0, _| {
+        // .99 has no neighbour entry: the kernel must resolve it.
+        let far = Backend {
+            ip: IpAddr::V4(Ipv4Addr::new(198, 18, 2, 99)),
+            port: 8080,
+            weight: 1,
+        };
+        dp.upsert_service(tcp80(), &[far]).unwrap();
+        let frame = syn4(40000, 80);
+        let out = dp.run_ingress(veth0, &frame).unwrap();
+        assert_eq!(out.action, XdpAction::Pass);
+        assert_eq!(
+            dest4(&out.frame),
+            (far.ip, 8080),
+            "rewritten before the kernel sees it"
+        );
+        assert_eq!(
+            &out.frame[..12],
+            &frame[..12],
+            "MACs left for the kernel to set"
+        );
+        assert!(ipv4_header_checksum_ok(&out.frame, 14) && l4_checksum_ok(&out.frame, 14));
+        assert_eq!(dp.stats().unwrap().lb_to_kernel, 1);
+    });
+}
+
+#[test]
+fn a_service_without_backends_drops_new_flows_and_counts_them() {
+    lab(|dp, veth0, _| {
+        dp.upsert_service(tcp80(), &[]).unwrap();
+        let out = dp.run_ingress(veth0, &syn4(40000, 80)).unwrap();
+        assert_eq!(out.action, XdpAction::Drop);
+        // Established flows whose backend is removed with the last one are dropped too.
+        dp.set_backends(&tcp80(), &[b4(10)]).unwrap();
+        assert_eq!(
+            dp.run_ingress(veth0, &syn4(40001, 80)).unwrap().action,
+            XdpAction::Redirect
+        );
+        dp.set_backends(&tcp80(), &[]).unwrap();
+        assert_eq!(
+            dp.run_ingress(veth0, &syn4(40001, 80)).unwrap().action,
+            XdpAction::Drop
+        );
+        assert_eq!(dp.stats().unwrap().lb_no_backend, 2);
+        // Removing the service: its traffic is the kernel's again.
+        dp.remove_service(&tcp80()).unwrap();
+        let frame = syn4(40000, 80);
+        assert_eq!(dp.run_ingress(veth0, &frame).unwrap().frame, frame);
+    });
+}
+
+#[test]
+fn service_and_backend_counters_count_packets_bytes_and_new_flows() {
+    lab(|dp, veth0, _| {
+        dp.upsert_service(tcp80(), &[b4(10)]).unwrap();
+        for _ in 0..3 {
+            dp.run_ingress(veth0, &syn4(40000, 80)).unwrap();
+        }
+        dp.run_ingress(veth0, &syn4(40001, 80)).unwrap();
+        let stats = dp.service_stats().unwrap();
+        assert_eq!(stats.len(), 1);
+        let len = syn4(40000, 80).len() as u64;
+        assert_eq!(stats[0].traffic.packets, 4);
+        assert_eq!(stats[0].traffic.bytes, 4 * len);
+        assert_eq!(stats[0].traffic.new_flows, 2);
+        assert_eq!(stats[0].backends[0].1.packets, 4);
+        assert_eq!(stats[0].backends[0].1.new_flows, 2);
+    });
+}
+
+#[test]
+fn bad_backend_sets_are_refused_and_the_running_table_keeps_serving() {
+    lab(|dp, veth0, _| {
+        let good = [b4(10), b4(11), b4(12)];
+        dp.upsert_service(tcp80(), &good).unwrap();
+        let before = dest4(&dp.run_ingress(veth0, &syn4(40000, 80)).unwrap().frame);
+        for (bad, expected) in [
+            (vec![b4(10), b4(10)], "listed twice"),
+            (vec![b4(10), b6(0x10)], "address family"),
+            (
+                vec![
+                    b4(10),
+                    Backend {
+                        ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                        port: 8080,
+                        weight: 1,
+                    },
+                ],
+                "loopback",
+            ),
+        ] {
+            let err = dp.set_backends(&tcp80(), &bad).unwrap_err();
+            assert!(
+                matches!(err, DataplaneError::InvalidService { .. }),
+                "{err}"
+            );
+            assert!(err.to_string().contains(expected), "{err}");
+        }
+        assert_eq!(
+            dp.services(),
+            vec![(tcp80(), good.to_vec())],
+            "the registry is unchanged"
+        );
+        // A new flow still uses the old table; the established one keeps its backend.
+        assert_eq!(
+            dest4(&dp.run_ingress(veth0, &syn4(40000, 80)).unwrap().frame),
+            before
+        );
+        let sport = 40123;
+        let want = predict(
+            &good,
+            IpAddr::V4(CLIENT4),
+            IpAddr::V4(VIP4),
+            sport,
+            80,
+            PROTO_TCP,
+        );
+        assert_eq!(
+            dest4(&dp.run_ingress(veth0, &syn4(sport, 80)).unwrap().frame),
+            (want.ip, 8080)
+        );
+    });
+}
+
+#[test]
+fn maglev_table_sizes_that_are_not_prime_or_too_large_are_refused_at_load() {
+    require_root();
+    for (m, expected) in [(1000u32, "not prime"), (262_147, "larger than the maximum")] {
+        let err = Dataplane::load(&DataplaneOptions {
+            pin_dir: None,
+            maglev_table_size: m,
+            ..DataplaneOptions::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains(expected), "{m}: {err}");
+    }
+    let err = Dataplane::load(&DataplaneOptions {
+        pin_dir: None,
+        maglev_table_size: 7,
+        capacities: Capacities {
+            services: 4,
+            backends: 16,
+            flows: 64,
+        },
+        ..DataplaneOptions::default()
+    })
+    .map(|mut dp| dp.upsert_service(tcp80(), &(10..20).map(b4).collect::<Vec<_>>()))
+    .unwrap()
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("too small for 10 backends"),
+        "{err}"
+    );
+}
