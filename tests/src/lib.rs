@@ -5,6 +5,7 @@
 pub mod frames;
 pub mod netns;
 pub mod rawsock;
+pub mod servers;
 
 /// Fails loudly (CI runs as root) when the test cannot do what it must.
 pub fn require_root() {

@@ -1,0 +1,346 @@
+//! End to end, with real kernels and real TCP/UDP: a client namespace, a node namespace running
+//! Sluice's programs, and four backend namespaces each running servers that answer with their
+//! own name. The client reaches the VIP through the node's ARP/NDP answers, the XDP balancer
+//! forwards to a backend, and the TC program turns the backend's replies back into the VIP's.
+//!
+//!   client [c0 198.18.1.2] ── [n0 198.18.1.1] node [n1..n4 198.18.1x.1] ── [bx 198.18.1x.2] b1..b4
+//!
+//! VIP 198.18.1.100 (and fd53:1::100): TCP 80 and UDP 53 → backends' port 8080.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    process::Command,
+    time::Duration,
+};
+
+use lb_userspace::dataplane::{
+    self, Backend, Capacities, Dataplane, DataplaneOptions, L2Vip, Protocol, Service,
+};
+use sluice_tests::{
+    netns::{veth, NetNs},
+    require_root,
+    servers::spawn_name_servers,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn small() -> DataplaneOptions {
+    DataplaneOptions {
+        pin_dir: None,
+        capacities: Capacities {
+            services: 16,
+            backends: 64,
+            flows: 16_384,
+        },
+        ..DataplaneOptions::default()
+    }
+}
+
+/// A pass-through XDP program on `ifname`: the veth end then runs NAPI, which XDP_TX and
+/// XDP_REDIRECT into its peer need (on this kernel turning GRO on is not enough).
+fn napi_keeper(ns: &NetNs, ifname: &'static str) -> Dataplane {
+    ns.run(move || {
+        let mut dp = Dataplane::load(&DataplaneOptions {
+            capacities: Capacities {
+                services: 1,
+                backends: 1,
+                flows: 1,
+            },
+            ..small()
+        })
+        .unwrap();
+        dp.attach_all(&[dataplane::interface(ifname).unwrap()])
+            .unwrap();
+        dp
+    })
+}
+
+/// Drop order: programs first, then namespaces.
+struct Lab {
+    node_dp: Dataplane,
+    _keepers: Vec<Dataplane>,
+    client: NetNs,
+    node: NetNs,
+    _backends: Vec<NetNs>,
+}
+
+fn backend(i: usize, v6: bool, port: u16) -> Backend {
+    let ip: IpAddr = if v6 {
+        format!("fd53:1{i}::2").parse().unwrap()
+    } else {
+        format!("198.18.1{i}.2").parse().unwrap()
+    };
+    Backend {
+        ip,
+        port,
+        weight: 1,
+    }
+}
+
+fn service(v6: bool, port: u16, protocol: Protocol) -> Service {
+    let vip: IpAddr = if v6 {
+        "fd53:1::100".parse().unwrap()
+    } else {
+        "198.18.1.100".parse().unwrap()
+    };
+    Service {
+        vip,
+        port,
+        protocol,
+    }
+}
+
+fn lab() -> Lab {
+    require_root();
+    let client = NetNs::new("client");
+    let node = NetNs::new("node");
+    veth(&node, "n0", &client, "c0");
+    client.ip(&["addr", "add", "198.18.1.2/24", "dev", "c0"]);
+    client.ip(&["addr", "add", "fd53:1::2/64", "dev", "c0", "nodad"]);
+    node.ip(&["addr", "add", "198.18.1.1/24", "dev", "n0"]);
+    node.ip(&["addr", "add", "fd53:1::1/64", "dev", "n0", "nodad"]);
+    // The client's frames carry complete checksums, as they would from a physical wire (a veth
+    // otherwise leaves them to "hardware" that XDP never sees).
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &client.name,
+            "ethtool",
+            "-K",
+            "c0",
+            "tx",
+            "off",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for key in [
+        "net.ipv4.conf.all.forwarding=1",
+        "net.ipv6.conf.all.forwarding=1",
+    ] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &node.name, "sysctl", "-qw", key])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    let mut backends = Vec::new();
+    let mut keepers = vec![napi_keeper(&client, "c0")];
+    for i in 1..=4usize {
+        let b = NetNs::new(&format!("b{i}"));
+        let (n, bx): (&'static str, &'static str) = match i {
+            1 => ("n1", "bx1"),
+            2 => ("n2", "bx2"),
+            3 => ("n3", "bx3"),
+            _ => ("n4", "bx4"),
+        };
+        veth(&node, n, &b, bx);
+        node.ip(&["addr", "add", &format!("198.18.1{i}.1/24"), "dev", n]);
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("fd53:1{i}::1/64"),
+            "dev",
+            n,
+            "nodad",
+        ]);
+        b.ip(&["addr", "add", &format!("198.18.1{i}.2/24"), "dev", bx]);
+        b.ip(&[
+            "addr",
+            "add",
+            &format!("fd53:1{i}::2/64"),
+            "dev",
+            bx,
+            "nodad",
+        ]);
+        b.ip(&["route", "add", "default", "via", &format!("198.18.1{i}.1")]);
+        b.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd53:1{i}::1"),
+        ]);
+        spawn_name_servers(&b, &format!("b{i}"), 8080);
+        keepers.push(napi_keeper(&b, bx));
+        backends.push(b);
+    }
+    let node_dp = node.run(|| {
+        let n0 = dataplane::interface("n0").unwrap();
+        let mut dp = Dataplane::load(&small()).unwrap();
+        dp.attach_all(std::slice::from_ref(&n0)).unwrap();
+        dp.set_l2_vips(&[
+            L2Vip {
+                ifindex: n0.ifindex,
+                ip: "198.18.1.100".parse().unwrap(),
+                mac: n0.mac,
+            },
+            L2Vip {
+                ifindex: n0.ifindex,
+                ip: "fd53:1::100".parse().unwrap(),
+                mac: n0.mac,
+            },
+        ])
+        .unwrap();
+        for v6 in [false, true] {
+            let first3: Vec<Backend> = (1..=3).map(|i| backend(i, v6, 8080)).collect();
+            dp.upsert_service(service(v6, 80, Protocol::Tcp), &first3)
+                .unwrap();
+            dp.upsert_service(service(v6, 53, Protocol::Udp), &first3)
+                .unwrap();
+        }
+        dp
+    });
+    Lab {
+        node_dp,
+        _keepers: keepers,
+        client,
+        node,
+        _backends: backends,
+    }
+}
+
+/// One TCP connection from the client to the VIP: a line out, the backend's name back.
+struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Conn {
+    fn open(client: &NetNs, to: SocketAddr) -> std::io::Result<Conn> {
+        let stream = client.run(move || TcpStream::connect_timeout(&to, TIMEOUT))?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        Ok(Conn {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+        })
+    }
+
+    fn ask(&mut self) -> std::io::Result<String> {
+        writeln!(self.writer, "who?")?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        Ok(line.trim().to_string())
+    }
+}
+
+fn vip_addr(v6: bool, port: u16) -> SocketAddr {
+    SocketAddr::new(service(v6, port, Protocol::Tcp).vip, port)
+}
+
+/// `n` short connections; returns answers per backend name.
+fn spread(lab: &Lab, v6: bool, n: usize) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for i in 0..n {
+        let mut conn = Conn::open(&lab.client, vip_addr(v6, 80))
+            .unwrap_or_else(|e| panic!("connection {i} to the VIP failed: {e}"));
+        let name = conn
+            .ask()
+            .unwrap_or_else(|e| panic!("connection {i}: no answer: {e}"));
+        *counts.entry(name).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn udp_ask(lab: &Lab, v6: bool) -> String {
+    let to = SocketAddr::new(service(v6, 53, Protocol::Udp).vip, 53);
+    lab.client.run(move || {
+        let bind: SocketAddr = if v6 {
+            "[::]:0".parse().unwrap()
+        } else {
+            "0.0.0.0:0".parse().unwrap()
+        };
+        let sock = UdpSocket::bind(bind).unwrap();
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        sock.send_to(b"who?", to).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = sock.recv_from(&mut buf).expect("a UDP answer from the VIP");
+        assert_eq!(from, to, "the answer comes from the VIP and service port");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    })
+}
+
+fn balances_and_keeps_long_lived_connections(v6: bool) {
+    let mut lab = lab();
+    // Many connections: all succeed, all three backends answer, in roughly equal shares.
+    let n = 90;
+    let counts = spread(&lab, v6, n);
+    assert_eq!(counts.values().sum::<usize>(), n);
+    assert_eq!(
+        counts.keys().cloned().collect::<Vec<_>>(),
+        ["b1", "b2", "b3"],
+        "{counts:?}"
+    );
+    for (name, c) in &counts {
+        assert!((15..=45).contains(c), "{name} got {c} of {n}: {counts:?}");
+    }
+
+    // A long-lived connection keeps its backend while another is removed and a new one added.
+    let mut long = Conn::open(&lab.client, vip_addr(v6, 80)).unwrap();
+    let home = long.ask().unwrap();
+    let home_index: usize = home[1..].parse().unwrap();
+    let removed = (1..=3).find(|i| *i != home_index).unwrap();
+    let next: Vec<Backend> = (1..=4)
+        .filter(|i| *i != removed)
+        .map(|i| backend(i, v6, 8080))
+        .collect();
+    lab.node_dp
+        .set_backends(&service(v6, 80, Protocol::Tcp), &next)
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            long.ask().unwrap(),
+            home,
+            "the long-lived connection kept its backend"
+        );
+    }
+    let counts = spread(&lab, v6, 60);
+    assert!(
+        !counts.contains_key(&format!("b{removed}")),
+        "removed backend still gets flows: {counts:?}"
+    );
+    assert!(
+        counts.contains_key("b4"),
+        "the new backend gets new flows: {counts:?}"
+    );
+    assert_eq!(long.ask().unwrap(), home);
+
+    // UDP request/response through the same VIP.
+    let name = udp_ask(&lab, v6);
+    assert!(["b1", "b2", "b3"].contains(&name.as_str()), "{name}");
+
+    // Counters saw it all.
+    let stats = lab.node_dp.service_stats().unwrap();
+    let tcp = stats
+        .iter()
+        .find(|s| s.service == service(v6, 80, Protocol::Tcp))
+        .unwrap();
+    assert!(tcp.traffic.new_flows >= 151, "{:?}", tcp.traffic);
+    let global = lab.node_dp.stats().unwrap();
+    eprintln!("node counters: {global:?}");
+    assert!(global.reverse_nat > 0, "{global:?}");
+    assert!(
+        global.lb_forwarded > global.lb_to_kernel,
+        "most packets forwarded in XDP, not through the kernel: {global:?}"
+    );
+    drop(long);
+    let _ = &lab.node;
+}
+
+#[test]
+fn ipv4_tcp_and_udp_are_balanced_across_backends_and_long_connections_survive_changes() {
+    balances_and_keeps_long_lived_connections(false);
+}
+
+#[test]
+fn ipv6_tcp_and_udp_are_balanced_across_backends_and_long_connections_survive_changes() {
+    balances_and_keeps_long_lived_connections(true);
+}
