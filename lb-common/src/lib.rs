@@ -23,6 +23,11 @@ pub mod bench {
     /// A program that copies [`super::BenchFrame`] over the packet, then tail-calls slot 0 of
     /// [`MAP_TARGET`]: lets a rewriting program be timed on the same input each iteration.
     pub const PROG_RESTORE_THEN_CALL: &str = "bench_restore_then_call";
+    /// The same two for TC programs (skb).
+    pub const PROG_TC_FLOOR: &str = "bench_tc_floor";
+    pub const PROG_TC_RESTORE_THEN_CALL: &str = "bench_tc_restore_then_call";
+    /// Program array whose slot 0 is the TC program under test.
+    pub const MAP_TC_TARGET: &str = "BENCH_TC_TARGET";
     /// Array (one slot) holding the frame that `bench_restore_then_call` restores.
     pub const MAP_FRAME: &str = "BENCH_FRAME";
     /// Program array whose slot 0 is the program under test.
@@ -297,7 +302,9 @@ pub const BENCH_FRAME_MAX: usize = 128;
 pub struct BenchFrame {
     /// Number of meaningful bytes in `data`; the packet must be exactly this long.
     pub len: u32,
-    pub _pad: u32,
+    /// When not 0: after restoring, write a per-run counter (2 bytes) at this offset, so every
+    /// run is a new flow (e.g. the TCP source port).
+    pub vary_offset: u32,
     pub data: [u8; BENCH_FRAME_MAX],
 }
 

@@ -17,7 +17,7 @@ use lb_common::{
 use crate::{
     checksum::Delta,
     headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, IPV6_HLEN},
-    maps::{BACKENDS, CONNTRACK, MAGLEV, REVERSE_NAT, SERVICES},
+    maps::{BACKENDS, CONNTRACK, MAGLEV, REVERSE_NAT, SCRATCH, SERVICES},
     parse::{ptr_at, L2},
     stats::{self, Outcome},
 };
@@ -30,8 +30,9 @@ const UDP_HLEN: usize = 8;
 const TCP_CSUM_OFFSET: usize = 16;
 const UDP_CSUM_OFFSET: usize = 6;
 
-/// A TCP or UDP packet, parsed.
-struct Packet {
+/// A TCP or UDP packet, parsed. Lives in the per-CPU `SCRATCH` slot, not on the 512-byte stack.
+#[repr(C)]
+pub struct Packet {
     family: u8,
     proto: u8,
     l3_offset: usize,
@@ -41,8 +42,22 @@ struct Packet {
     flow: FlowKey,
 }
 
+impl Packet {
+    /// Offsets read back from map memory are unbounded to the verifier: mask them (the largest
+    /// real one is 18 + 40 = 58).
+    #[inline(always)]
+    fn l3(&self) -> usize {
+        self.l3_offset & 0x7f
+    }
+
+    #[inline(always)]
+    fn l4(&self) -> usize {
+        self.l4_offset & 0x7f
+    }
+}
+
 /// IPv4: only plain TCP/UDP (no options, no fragments) can be balanced.
-#[inline(never)]
+#[inline(always)]
 pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_offset) else {
         return Outcome::Malformed;
@@ -77,31 +92,30 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
     let Some(ports) = ptr_at::<[u8; 4]>(ctx, l4_offset) else {
         return Outcome::Malformed;
     };
-    let ports = unsafe { *ports };
-    let mut flow = FlowKey {
-        src: [0; 16],
-        dst: [0; 16],
-        sport: [ports[0], ports[1]],
-        dport: [ports[2], ports[3]],
-        proto: ip.proto,
-        family: FAMILY_IPV4,
-        _pad: [0; 2],
+    let ports = unsafe { &*ports };
+    let Some(packet) = SCRATCH.get_ptr_mut(0) else {
+        return Outcome::Passed;
     };
-    flow.src[..4].copy_from_slice(&ip.src);
-    flow.dst[..4].copy_from_slice(&ip.dst);
-    let packet = Packet {
-        family: FAMILY_IPV4,
-        proto: ip.proto,
-        l3_offset: l2.l3_offset,
-        l4_offset,
-        ip_len: total as u16,
-        flow,
-    };
-    balance(ctx, &packet)
+    let packet = unsafe { &mut *packet };
+    packet.family = FAMILY_IPV4;
+    packet.proto = ip.proto;
+    packet.l3_offset = l2.l3_offset;
+    packet.l4_offset = l4_offset;
+    packet.ip_len = total as u16;
+    packet.flow.src = [0; 16];
+    packet.flow.dst = [0; 16];
+    packet.flow.src[..4].copy_from_slice(&ip.src);
+    packet.flow.dst[..4].copy_from_slice(&ip.dst);
+    packet.flow.sport = [ports[0], ports[1]];
+    packet.flow.dport = [ports[2], ports[3]];
+    packet.flow.proto = ip.proto;
+    packet.flow.family = FAMILY_IPV4;
+    packet.flow._pad = [0; 2];
+    balance(ctx, packet)
 }
 
 /// IPv6 with TCP or UDP directly after the fixed header (no extension headers).
-#[inline(never)]
+#[inline(always)]
 pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
     let Some(ip6) = ptr_at::<Ipv6Hdr>(ctx, l2.l3_offset) else {
         return Outcome::Malformed;
@@ -123,24 +137,24 @@ pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
     let Some(ports) = ptr_at::<[u8; 4]>(ctx, l4_offset) else {
         return Outcome::Malformed;
     };
-    let ports = unsafe { *ports };
-    let packet = Packet {
-        family: FAMILY_IPV6,
-        proto: ip6.next_header,
-        l3_offset: l2.l3_offset,
-        l4_offset,
-        ip_len: (payload + IPV6_HLEN) as u16,
-        flow: FlowKey {
-            src: ip6.src,
-            dst: ip6.dst,
-            sport: [ports[0], ports[1]],
-            dport: [ports[2], ports[3]],
-            proto: ip6.next_header,
-            family: FAMILY_IPV6,
-            _pad: [0; 2],
-        },
+    let ports = unsafe { &*ports };
+    let Some(packet) = SCRATCH.get_ptr_mut(0) else {
+        return Outcome::Passed;
     };
-    balance(ctx, &packet)
+    let packet = unsafe { &mut *packet };
+    packet.family = FAMILY_IPV6;
+    packet.proto = ip6.next_header;
+    packet.l3_offset = l2.l3_offset;
+    packet.l4_offset = l4_offset;
+    packet.ip_len = (payload + IPV6_HLEN) as u16;
+    packet.flow.src = ip6.src;
+    packet.flow.dst = ip6.dst;
+    packet.flow.sport = [ports[0], ports[1]];
+    packet.flow.dport = [ports[2], ports[3]];
+    packet.flow.proto = ip6.next_header;
+    packet.flow.family = FAMILY_IPV6;
+    packet.flow._pad = [0; 2];
+    balance(ctx, packet)
 }
 
 /// Writes the flow's connection-table entry and the reverse mapping its replies need.
@@ -322,11 +336,11 @@ fn forward(
 
 /// Rewrites the destination address and port, decrements the TTL, and updates the IPv4 header
 /// and TCP/UDP checksums incrementally. False (nothing written) when the TTL is ≤ 1.
-#[inline(never)]
+#[inline(always)]
 fn dnat_v4(ctx: &XdpContext, packet: &Packet, backend: &BackendValue) -> bool {
     let (Some(ip), Some(l4)) = (
-        ptr_at::<Ipv4Hdr>(ctx, packet.l3_offset),
-        ptr_at::<[u8; 8]>(ctx, packet.l4_offset),
+        ptr_at::<Ipv4Hdr>(ctx, packet.l3()),
+        ptr_at::<[u8; 8]>(ctx, packet.l4()),
     ) else {
         return false;
     };
@@ -359,11 +373,11 @@ fn dnat_v4(ctx: &XdpContext, packet: &Packet, backend: &BackendValue) -> bool {
     true
 }
 
-#[inline(never)]
+#[inline(always)]
 fn dnat_v6(ctx: &XdpContext, packet: &Packet, backend: &BackendValue) -> bool {
     let (Some(ip6), Some(l4)) = (
-        ptr_at::<Ipv6Hdr>(ctx, packet.l3_offset),
-        ptr_at::<[u8; 8]>(ctx, packet.l4_offset),
+        ptr_at::<Ipv6Hdr>(ctx, packet.l3()),
+        ptr_at::<[u8; 8]>(ctx, packet.l4()),
     ) else {
         return false;
     };
@@ -400,7 +414,7 @@ fn dnat_v6(ctx: &XdpContext, packet: &Packet, backend: &BackendValue) -> bool {
 /// 0; a computed UDP checksum of 0 is sent as 0xffff (RFC 768).
 #[inline(always)]
 fn update_l4_checksum(ctx: &XdpContext, packet: &Packet, delta: &Delta, ipv4: bool) {
-    let offset = packet.l4_offset
+    let offset = packet.l4()
         + if packet.proto == PROTO_TCP {
             TCP_CSUM_OFFSET
         } else {

@@ -9,10 +9,12 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    btf_maps::{Array, ProgramArray},
-    macros::{btf_map, xdp},
-    programs::XdpContext,
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    btf_maps::{Array, PerCpuArray, ProgramArray},
+    helpers::bpf_skb_store_bytes,
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
+    EbpfContext,
 };
 use lb_common::{BenchFrame, BENCH_FRAME_MAX};
 
@@ -21,6 +23,24 @@ static BENCH_FRAME: Array<BenchFrame, 1> = Array::new();
 
 #[btf_map]
 static BENCH_TARGET: ProgramArray<1> = ProgramArray::new();
+
+#[btf_map]
+static BENCH_TC_TARGET: ProgramArray<1> = ProgramArray::new();
+
+/// Per-run counter for `vary_offset`.
+#[btf_map]
+static BENCH_COUNTER: PerCpuArray<u32, 1> = PerCpuArray::new();
+
+#[inline(always)]
+fn next_count() -> [u8; 2] {
+    match BENCH_COUNTER.get_ptr_mut(0) {
+        Some(c) => unsafe {
+            *c = (*c).wrapping_add(1);
+            ((*c & 0xffff) as u16).to_be_bytes()
+        },
+        None => [0, 0],
+    }
+}
 
 /// The floor: the cost of the XDP hook itself.
 #[xdp]
@@ -48,8 +68,51 @@ pub fn bench_restore_then_call(ctx: XdpContext) -> u32 {
         unsafe { *dst = [frame.data[i], frame.data[i + 1]] };
         i += 2;
     }
+    // Masked so the verifier knows the offset's bounds.
+    let at = (frame.vary_offset as usize) & (BENCH_FRAME_MAX - 1);
+    if at != 0 {
+        let ptr = start + at;
+        if ptr + 2 <= end {
+            let count = next_count();
+            unsafe {
+                *(ptr as *mut u8) = count[0];
+                *((ptr + 1) as *mut u8) = count[1];
+            }
+        }
+    }
     unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
     xdp_action::XDP_ABORTED
+}
+
+/// The floor of the TC hook.
+#[classifier]
+pub fn bench_tc_floor(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+#[classifier]
+pub fn bench_tc_restore_then_call(ctx: TcContext) -> i32 {
+    let Some(frame) = BENCH_FRAME.get(0) else {
+        return TC_ACT_SHOT;
+    };
+    let len = frame.len & (BENCH_FRAME_MAX as u32 - 1);
+    if len == 0 || ctx.len() != frame.len {
+        return TC_ACT_SHOT;
+    }
+    let rc = unsafe {
+        bpf_skb_store_bytes(
+            ctx.as_ptr() as *mut _,
+            0,
+            frame.data.as_ptr() as *const _,
+            len,
+            0,
+        )
+    };
+    if rc != 0 {
+        return TC_ACT_SHOT;
+    }
+    unsafe { BENCH_TC_TARGET.tail_call(&ctx, 0) };
+    TC_ACT_SHOT
 }
 
 #[cfg(not(test))]

@@ -58,3 +58,7 @@ pub static SERVICE_STATS: PerCpuArray<TrafficStats, { SERVICES_DEFAULT_CAPACITY 
 #[btf_map]
 pub static BACKEND_STATS: PerCpuArray<TrafficStats, { BACKENDS_DEFAULT_CAPACITY as usize }> =
     PerCpuArray::new();
+
+/// Per-CPU scratch space for the packet being balanced (keeps it off the BPF stack).
+#[btf_map]
+pub static SCRATCH: PerCpuArray<crate::balancer::Packet, 1> = PerCpuArray::new();

@@ -9,7 +9,7 @@
 
 use aya::{
     maps::{Array, ProgramArray},
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::{ProgramFd, SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
 use lb_common::{bench as names, BenchFrame, BENCH_FRAME_MAX, PROG_XDP_INGRESS};
@@ -39,6 +39,17 @@ impl BenchHarness {
         let mut bench = EbpfLoader::new()
             .load(BENCH_OBJECT)
             .map_err(|e| load_error("sluice-bench", e))?;
+        for name in [names::PROG_TC_FLOOR, names::PROG_TC_RESTORE_THEN_CALL] {
+            let program: &mut SchedClassifier = bench
+                .program_mut(name)
+                .ok_or(DataplaneError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| DataplaneError::Program {
+                    program: name,
+                    source,
+                })?;
+            program.load().map_err(|e| program_load_error(name, e))?;
+        }
         for name in [names::PROG_FLOOR, names::PROG_RESTORE_THEN_CALL] {
             let program: &mut Xdp = bench
                 .program_mut(name)
@@ -131,8 +142,21 @@ impl BenchHarness {
         frame: &[u8],
         repeat: u32,
     ) -> Result<(Timing, f64)> {
+        self.ingress_restored_varying(ifindex, frame, repeat, 0)
+    }
+
+    /// Like [`Self::ingress_restored`], but each run first writes a fresh counter at
+    /// `vary_offset` (0: off), so every run is a new flow. Then only the action of a wrapped
+    /// run is checked against a direct run.
+    pub fn ingress_restored_varying(
+        &mut self,
+        ifindex: u32,
+        frame: &[u8],
+        repeat: u32,
+        vary_offset: u32,
+    ) -> Result<(Timing, f64)> {
         let direct = self.dataplane.run_ingress(ifindex, frame)?;
-        self.set_restore_frame(frame)?;
+        self.set_restore_frame(frame, vary_offset)?;
         let ingress_fd = self
             .dataplane
             .ingress()?
@@ -156,7 +180,7 @@ impl BenchHarness {
         self.set_target(&ingress_fd)?;
         let wrapper = self.program(names::PROG_RESTORE_THEN_CALL)?;
         let wrapped = run_xdp(wrapper, names::PROG_RESTORE_THEN_CALL, ifindex, frame)?;
-        if wrapped != direct {
+        if (vary_offset == 0 && wrapped != direct) || wrapped.action != direct.action {
             return Err(DataplaneError::InvalidBenchmark(format!(
                 "the wrapped run differs from the direct run: {:?} vs {:?}",
                 wrapped.action, direct.action
@@ -197,7 +221,80 @@ impl BenchHarness {
         ))
     }
 
-    fn set_restore_frame(&mut self, frame: &[u8]) -> Result<()> {
+    /// The TC egress program behind the TC restore wrapper, minus the wrapper's own cost
+    /// (measured in front of the TC floor). Checks the wrapped run rewrites as a direct run does.
+    pub fn egress_restored(&mut self, frame: &[u8], repeat: u32) -> Result<(f64, Vec<u8>, f64)> {
+        let direct = self.dataplane.run_egress(frame)?;
+        self.set_restore_frame(frame, 0)?;
+        let egress_fd = clone_fd(self.dataplane.egress()?.fd(), lb_common::PROG_TC_EGRESS)?;
+        let floor_fd = clone_fd(
+            self.tc_program(names::PROG_TC_FLOOR)?.fd(),
+            names::PROG_TC_FLOOR,
+        )?;
+        self.set_tc_target(&egress_fd)?;
+        let wrapped = self.run_tc(names::PROG_TC_RESTORE_THEN_CALL, frame, 1)?;
+        if wrapped.1 != direct {
+            return Err(DataplaneError::InvalidBenchmark(
+                "the wrapped TC run rewrote the frame differently from a direct run".into(),
+            ));
+        }
+        let with_egress = self
+            .run_tc(names::PROG_TC_RESTORE_THEN_CALL, frame, repeat)?
+            .0;
+        self.set_tc_target(&floor_fd)?;
+        let overhead = self
+            .run_tc(names::PROG_TC_RESTORE_THEN_CALL, frame, repeat)?
+            .0;
+        let floor = self.run_tc(names::PROG_TC_FLOOR, frame, repeat)?.0;
+        Ok((with_egress - overhead + floor, direct, floor))
+    }
+
+    fn tc_program(&self, name: &'static str) -> Result<&SchedClassifier> {
+        self.bench
+            .program(name)
+            .ok_or(DataplaneError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                program: name,
+                source,
+            })
+    }
+
+    /// Runs a TC program `repeat` times; returns ns per run and the frame after one run.
+    fn run_tc(&self, name: &'static str, frame: &[u8], repeat: u32) -> Result<(f64, Vec<u8>)> {
+        let program = self.tc_program(name)?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| DataplaneError::Program {
+                program: name,
+                source,
+            })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.duration.as_nanos() as f64, out))
+    }
+
+    fn set_tc_target(&mut self, fd: &ProgramFd) -> Result<()> {
+        let map = self
+            .bench
+            .map_mut(names::MAP_TC_TARGET)
+            .ok_or(DataplaneError::MissingMap(names::MAP_TC_TARGET))?;
+        let mut array = ProgramArray::try_from(map).map_err(|source| DataplaneError::Map {
+            map: names::MAP_TC_TARGET,
+            source,
+        })?;
+        array.set(0, fd, 0).map_err(|source| DataplaneError::Map {
+            map: names::MAP_TC_TARGET,
+            source,
+        })
+    }
+
+    fn set_restore_frame(&mut self, frame: &[u8], vary_offset: u32) -> Result<()> {
         if frame.len() > BENCH_FRAME_MAX || !frame.len().is_multiple_of(2) {
             return Err(DataplaneError::InvalidBenchmark(format!(
                 "frames to restore must have an even length of at most {BENCH_FRAME_MAX} bytes, not {}",
@@ -206,7 +303,7 @@ impl BenchHarness {
         }
         let mut value = BenchFrame {
             len: frame.len() as u32,
-            _pad: 0,
+            vary_offset,
             data: [0; BENCH_FRAME_MAX],
         };
         value.data[..frame.len()].copy_from_slice(frame);
@@ -241,4 +338,13 @@ impl BenchHarness {
             source,
         })
     }
+}
+
+fn clone_fd(
+    fd: std::result::Result<&ProgramFd, aya::programs::ProgramError>,
+    program: &'static str,
+) -> Result<ProgramFd> {
+    fd.map_err(|source| DataplaneError::Program { program, source })?
+        .try_clone()
+        .map_err(|e| DataplaneError::InvalidBenchmark(e.to_string()))
 }
