@@ -5,6 +5,59 @@
 
 use std::{fmt, net::IpAddr, str::FromStr};
 
+// ---- Services ----
+
+/// TCP or UDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// A service: traffic to (VIP, port, protocol) is balanced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Service {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.vip {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}/{}", self.port, self.protocol),
+        }
+    }
+}
+
+/// One backend of a service. Weight 0 drains it: established flows stay, new ones go elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub weight: u32,
+}
+
+impl Backend {
+    /// The backend's identity for Maglev ("ip:port"): weight changes do not move it.
+    pub fn maglev_key(&self) -> String {
+        match self.ip {
+            IpAddr::V4(ip) => format!("{ip}:{}", self.port),
+            IpAddr::V6(ip) => format!("[{ip}]:{}", self.port),
+        }
+    }
+}
+
 /// Why a piece of configuration was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -17,6 +70,12 @@ pub enum ConfigError {
         field: String,
         value: IpAddr,
         reason: &'static str,
+    },
+    #[error("{field}: {value:?} is not a service (VIP:PORT/tcp|udp=BACKEND:PORT[*WEIGHT],...): {reason}")]
+    BadService {
+        field: String,
+        value: String,
+        reason: String,
     },
     #[error("{field}: {value:?} is not a valid interface name: {reason}")]
     BadInterfaceName {
@@ -59,6 +118,81 @@ impl L2Announcement {
             interface: interface.to_string(),
         })
     }
+}
+
+/// Parses `IP:PORT` or `[IPv6]:PORT`.
+fn parse_socket(text: &str) -> Result<(IpAddr, u16), String> {
+    let (ip, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (ip, port) = rest
+            .split_once("]:")
+            .ok_or_else(|| format!("{text:?}: expected [IPv6]:PORT"))?;
+        (ip, port)
+    } else {
+        text.rsplit_once(':')
+            .ok_or_else(|| format!("{text:?}: expected IP:PORT"))?
+    };
+    let ip = IpAddr::from_str(ip).map_err(|_| format!("{ip:?} is not an IP address"))?;
+    if ip.is_ipv6() && !text.starts_with('[') {
+        return Err(format!("{text:?}: write IPv6 addresses as [IPv6]:PORT"));
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{port:?} is not a port number"))?;
+    if port == 0 {
+        return Err(format!("{text:?}: port 0"));
+    }
+    Ok((ip, port))
+}
+
+/// Parses a service and its backends from `VIP:PORT/PROTO=BACKEND:PORT[*WEIGHT],...`, e.g.
+/// `198.51.100.10:80/tcp=10.0.0.11:8080,10.0.0.12:8080*2` or `[2001:db8::10]:53/udp=[2001:db8::53]:53`.
+/// An empty list after `=` is a service with no backend (its new flows are dropped).
+pub fn parse_service(field: &str, text: &str) -> Result<(Service, Vec<Backend>), ConfigError> {
+    let bad = |reason: String| ConfigError::BadService {
+        field: field.to_string(),
+        value: text.to_string(),
+        reason,
+    };
+    let (front, backends_text) = text
+        .split_once('=')
+        .ok_or_else(|| bad("missing '=' before the backends".into()))?;
+    let (socket, protocol) = front
+        .rsplit_once('/')
+        .ok_or_else(|| bad("missing /tcp or /udp after the port".into()))?;
+    let protocol = match protocol {
+        "tcp" | "TCP" => Protocol::Tcp,
+        "udp" | "UDP" => Protocol::Udp,
+        other => return Err(bad(format!("protocol {other:?} is neither tcp nor udp"))),
+    };
+    let (vip, port) = parse_socket(socket).map_err(bad)?;
+    validate_service_ip(field, vip)?;
+    let mut backends = Vec::new();
+    for item in backends_text.split(',').filter(|s| !s.is_empty()) {
+        let (socket, weight) = match item.split_once('*') {
+            Some((s, w)) => (
+                s,
+                w.parse::<u32>()
+                    .map_err(|_| bad(format!("weight {w:?} is not a whole number")))?,
+            ),
+            None => (item, 1),
+        };
+        let (ip, port) = parse_socket(socket).map_err(bad)?;
+        if ip.is_ipv4() != vip.is_ipv4() {
+            return Err(bad(format!(
+                "backend {socket} is not of the VIP's address family"
+            )));
+        }
+        validate_service_ip(field, ip)?;
+        backends.push(Backend { ip, port, weight });
+    }
+    Ok((
+        Service {
+            vip,
+            port,
+            protocol,
+        },
+        backends,
+    ))
 }
 
 /// A service IP must be one a host can own and answer for: unicast, not loopback, not
@@ -162,6 +296,50 @@ mod tests {
                 "{bad} was accepted or misreported: {err}"
             );
             assert!(err.to_string().contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn parses_services_with_weights_ipv6_and_empty_backend_lists() {
+        let (s, b) = parse_service(
+            "--service",
+            "198.51.100.10:80/tcp=10.0.0.11:8080,10.0.0.12:8080*3",
+        )
+        .unwrap();
+        assert_eq!(s.to_string(), "198.51.100.10:80/tcp");
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[1].weight, 3);
+        assert_eq!(b[0].port, 8080);
+        let (s, b) =
+            parse_service("--service", "[2001:db8::10]:53/udp=[2001:db8::53]:5353").unwrap();
+        assert_eq!(s.to_string(), "[2001:db8::10]:53/udp");
+        assert_eq!(b[0].maglev_key(), "[2001:db8::53]:5353");
+        let (_, b) = parse_service("--service", "198.51.100.10:80/tcp=").unwrap();
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn rejects_malformed_services_naming_what_is_wrong() {
+        for (text, expected) in [
+            ("198.51.100.10:80/tcp", "missing '='"),
+            ("198.51.100.10:80=10.0.0.1:80", "missing /tcp or /udp"),
+            (
+                "198.51.100.10:80/sctp=10.0.0.1:80",
+                "\"sctp\" is neither tcp nor udp",
+            ),
+            ("198.51.100.10:0/tcp=10.0.0.1:80", "port 0"),
+            (
+                "198.51.100.10:http/tcp=10.0.0.1:80",
+                "\"http\" is not a port number",
+            ),
+            ("2001:db8::1:80/tcp=[2001:db8::2]:80", "[IPv6]:PORT"),
+            ("198.51.100.10:80/tcp=[2001:db8::2]:80", "address family"),
+            ("198.51.100.10:80/tcp=10.0.0.1:80*x", "weight \"x\""),
+            ("224.0.0.1:80/tcp=10.0.0.1:80", "multicast"),
+        ] {
+            let err = parse_service("--service", text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+            assert!(err.contains("--service"), "{err}");
         }
     }
 

@@ -46,6 +46,29 @@ enum Command {
         #[arg(long, default_value_os_t = dataplane::default_pin_dir())]
         pin_dir: PathBuf,
     },
+    /// Balance services in XDP on the interfaces named, until interrupted (SIGINT/SIGTERM):
+    /// Maglev over the backends, a connection table, DNAT in, reverse NAT out. Optionally
+    /// answer ARP/NDP for the VIPs too (--vip). Stopping detaches everything.
+    Balance {
+        /// VIP:PORT/tcp|udp=BACKEND:PORT[*WEIGHT],... e.g.
+        /// 198.51.100.10:80/tcp=10.0.0.11:8080,10.0.0.12:8080 or
+        /// [2001:db8::10]:53/udp=[2001:db8::53]:53. Repeatable.
+        #[arg(long = "service", value_name = "SPEC", required = true)]
+        services: Vec<String>,
+        /// An interface to balance traffic arriving on (and to rewrite replies leaving by).
+        /// Repeatable.
+        #[arg(long = "attach", value_name = "INTERFACE")]
+        attach: Vec<String>,
+        /// Also answer ARP/NDP for this IP on this interface only: IP@INTERFACE. Repeatable.
+        #[arg(long = "vip", value_name = "IP@INTERFACE")]
+        vips: Vec<String>,
+        /// M, the Maglev table size: a prime, at least 100 × backends for shares within 1 %.
+        #[arg(long, default_value_t = lb_userspace::maglev::DEFAULT_TABLE_SIZE)]
+        maglev_table_size: u32,
+        /// Where the maps are pinned (must be on a bpffs).
+        #[arg(long, default_value_os_t = dataplane::default_pin_dir())]
+        pin_dir: PathBuf,
+    },
     /// Show what the data plane holds, from its pinned maps (daemon running or not).
     Inspect {
         /// Where the maps are pinned.
@@ -65,7 +88,28 @@ fn main() -> ExitCode {
             vips,
             attach,
             pin_dir,
-        } => announce(&vips, &attach, pin_dir),
+        } => serve(
+            &vips,
+            &[],
+            &attach,
+            pin_dir,
+            lb_userspace::maglev::DEFAULT_TABLE_SIZE,
+        ),
+        Command::Balance {
+            services,
+            attach,
+            vips,
+            maglev_table_size,
+            pin_dir,
+        } => {
+            if attach.is_empty() && vips.is_empty() {
+                Err(anyhow::anyhow!(
+                    "--attach: name at least one interface to balance on"
+                ))
+            } else {
+                serve(&vips, &services, &attach, pin_dir, maglev_table_size)
+            }
+        }
         Command::Inspect { pin_dir, json } => inspect(pin_dir, json),
     };
     match result {
@@ -89,12 +133,31 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn announce(vip_args: &[String], attach_args: &[String], pin_dir: PathBuf) -> Result<()> {
+fn serve(
+    vip_args: &[String],
+    service_args: &[String],
+    attach_args: &[String],
+    pin_dir: PathBuf,
+    maglev_table_size: u32,
+) -> Result<()> {
     // Validate everything before touching the kernel.
     let announcements = vip_args
         .iter()
         .map(|text| L2Announcement::parse("--vip", text))
         .collect::<Result<Vec<_>, _>>()?;
+    let services = service_args
+        .iter()
+        .map(|text| lb_userspace::config::parse_service("--service", text))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (service, backends) in &services {
+        dataplane::validate_service(service, backends, maglev_table_size)?;
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (service, _) in &services {
+        if !seen.insert(*service) {
+            anyhow::bail!("--service: {service} is given twice");
+        }
+    }
     for name in attach_args {
         lb_userspace::config::validate_interface_name("--attach", name)?;
     }
@@ -125,14 +188,28 @@ fn announce(vip_args: &[String], attach_args: &[String], pin_dir: PathBuf) -> Re
 
     let mut dp = Dataplane::load(&DataplaneOptions {
         pin_dir: Some(pin_dir),
+        maglev_table_size,
         ..DataplaneOptions::default()
     })?;
+    // Services left pinned by an earlier run that are not asked for now: removed.
+    for (stale, _) in dp.services() {
+        if !services.iter().any(|(s, _)| *s == stale) {
+            dp.remove_service(&stale)?;
+        }
+    }
+    for (service, backends) in &services {
+        dp.upsert_service(*service, backends)?;
+    }
     dp.attach_all(&interfaces)?;
     dp.set_l2_vips(&vips)?;
     for a in &announcements {
         tracing::info!(event = "l2Announcing", ip = %a.ip, interface = %a.interface);
     }
-    eprintln!("sluice: announcing {} address(es); ready", vips.len());
+    eprintln!(
+        "sluice: announcing {} address(es), balancing {} service(s); ready",
+        vips.len(),
+        services.len()
+    );
 
     loop {
         let signal = signals.wait()?;
@@ -149,6 +226,9 @@ fn announce(vip_args: &[String], attach_args: &[String], pin_dir: PathBuf) -> Re
     }
     let stats = dp.stats()?;
     dp.set_l2_vips(&[])?;
+    for (service, _) in dp.services() {
+        dp.remove_service(&service)?;
+    }
     tracing::info!(
         event = "stopped",
         arp_replies = stats.arp_replies,
@@ -164,7 +244,27 @@ fn inspect(pin_dir: PathBuf, json: bool) -> Result<()> {
         .with_context(|| format!("inspecting the data plane pinned at {}", pin_dir.display()))?;
     let vips = view.l2_vips()?;
     let stats = view.stats()?;
+    let services = view.services()?;
+    let flows = view.flow_count();
     if json {
+        let services: Vec<_> = services
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "service": s.service.to_string(),
+                    "packets": s.traffic.packets,
+                    "bytes": s.traffic.bytes,
+                    "newFlows": s.traffic.new_flows,
+                    "backends": s.backends.iter().map(|(b, t)| serde_json::json!({
+                        "backend": b.maglev_key(),
+                        "weight": b.weight,
+                        "packets": t.packets,
+                        "bytes": t.bytes,
+                        "newFlows": t.new_flows,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
         let vips: Vec<_> = vips
             .iter()
             .map(|v| {
@@ -178,11 +278,17 @@ fn inspect(pin_dir: PathBuf, json: bool) -> Result<()> {
             .collect();
         let doc = serde_json::json!({
             "l2Vips": vips,
+            "services": services,
+            "trackedFlows": flows,
             "counters": {
                 "arpReplies": stats.arp_replies,
                 "naReplies": stats.na_replies,
                 "passed": stats.passed,
                 "malformed": stats.malformed,
+                "forwarded": stats.lb_forwarded,
+                "forwardedViaKernel": stats.lb_to_kernel,
+                "droppedNoBackend": stats.lb_no_backend,
+                "reverseNat": stats.reverse_nat,
             }
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -204,11 +310,46 @@ fn inspect(pin_dir: PathBuf, json: bool) -> Result<()> {
         );
     }
     println!();
+    println!("Services ({flows} tracked flows)");
+    if services.is_empty() {
+        println!("  (none)");
+    }
+    for s in &services {
+        println!(
+            "  {:<44} packets {:<10} bytes {:<12} new flows {}",
+            s.service.to_string(),
+            s.traffic.packets,
+            s.traffic.bytes,
+            s.traffic.new_flows
+        );
+        if s.backends.is_empty() {
+            println!("    (no backend: new flows are dropped)");
+        }
+        for (b, t) in &s.backends {
+            println!(
+                "    → {:<40} packets {:<10} bytes {:<12} new flows {}{}",
+                b.maglev_key(),
+                t.packets,
+                t.bytes,
+                t.new_flows,
+                if b.weight == 1 {
+                    String::new()
+                } else {
+                    format!("  (weight {})", b.weight)
+                }
+            );
+        }
+    }
+    println!();
     println!("Counters (all CPUs)");
     println!("  arp replies  {}", stats.arp_replies);
     println!("  na replies   {}", stats.na_replies);
     println!("  passed       {}", stats.passed);
     println!("  malformed    {}", stats.malformed);
+    println!("  forwarded    {}", stats.lb_forwarded);
+    println!("  via kernel   {}", stats.lb_to_kernel);
+    println!("  no backend   {}", stats.lb_no_backend);
+    println!("  reverse NAT  {}", stats.reverse_nat);
     Ok(())
 }
 

@@ -15,3 +15,19 @@ pub fn require_root() {
         "this test loads XDP programs and builds network namespaces: run it as root (CI does)"
     );
 }
+
+/// The `sluice` binary of this build (target/<profile>/sluice next to the test executable's
+/// deps/ directory), or $SLUICE_BIN.
+pub fn sluice_bin() -> String {
+    if let Ok(bin) = std::env::var("SLUICE_BIN") {
+        return bin;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("sluice");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo xtask test` does)",
+        bin.display()
+    );
+    bin.display().to_string()
+}

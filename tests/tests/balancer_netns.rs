@@ -22,6 +22,7 @@ use sluice_tests::{
     netns::{veth, NetNs},
     require_root,
     servers::spawn_name_servers,
+    sluice_bin,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -57,13 +58,19 @@ fn napi_keeper(ns: &NetNs, ifname: &'static str) -> Dataplane {
     })
 }
 
+/// Client, node and four backends, wired and serving; no balancer yet.
 /// Drop order: programs first, then namespaces.
-struct Lab {
-    node_dp: Dataplane,
+struct Topology {
     _keepers: Vec<Dataplane>,
     client: NetNs,
     node: NetNs,
     _backends: Vec<NetNs>,
+}
+
+/// The topology with Sluice's data plane running in-process in the node namespace.
+struct Lab {
+    node_dp: Dataplane,
+    topo: Topology,
 }
 
 fn backend(i: usize, v6: bool, port: u16) -> Backend {
@@ -92,7 +99,7 @@ fn service(v6: bool, port: u16, protocol: Protocol) -> Service {
     }
 }
 
-fn lab() -> Lab {
+fn topology() -> Topology {
     require_root();
     let client = NetNs::new("client");
     let node = NetNs::new("node");
@@ -173,7 +180,17 @@ fn lab() -> Lab {
         keepers.push(napi_keeper(&b, bx));
         backends.push(b);
     }
-    let node_dp = node.run(|| {
+    Topology {
+        _keepers: keepers,
+        client,
+        node,
+        _backends: backends,
+    }
+}
+
+fn lab() -> Lab {
+    let topo = topology();
+    let node_dp = topo.node.run(|| {
         let n0 = dataplane::interface("n0").unwrap();
         let mut dp = Dataplane::load(&small()).unwrap();
         dp.attach_all(std::slice::from_ref(&n0)).unwrap();
@@ -199,13 +216,7 @@ fn lab() -> Lab {
         }
         dp
     });
-    Lab {
-        node_dp,
-        _keepers: keepers,
-        client,
-        node,
-        _backends: backends,
-    }
+    Lab { node_dp, topo }
 }
 
 /// One TCP connection from the client to the VIP: a line out, the backend's name back.
@@ -237,10 +248,10 @@ fn vip_addr(v6: bool, port: u16) -> SocketAddr {
 }
 
 /// `n` short connections; returns answers per backend name.
-fn spread(lab: &Lab, v6: bool, n: usize) -> BTreeMap<String, usize> {
+fn spread(client: &NetNs, v6: bool, n: usize) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for i in 0..n {
-        let mut conn = Conn::open(&lab.client, vip_addr(v6, 80))
+        let mut conn = Conn::open(client, vip_addr(v6, 80))
             .unwrap_or_else(|e| panic!("connection {i} to the VIP failed: {e}"));
         let name = conn
             .ask()
@@ -252,7 +263,7 @@ fn spread(lab: &Lab, v6: bool, n: usize) -> BTreeMap<String, usize> {
 
 fn udp_ask(lab: &Lab, v6: bool) -> String {
     let to = SocketAddr::new(service(v6, 53, Protocol::Udp).vip, 53);
-    lab.client.run(move || {
+    lab.topo.client.run(move || {
         let bind: SocketAddr = if v6 {
             "[::]:0".parse().unwrap()
         } else {
@@ -272,7 +283,7 @@ fn balances_and_keeps_long_lived_connections(v6: bool) {
     let mut lab = lab();
     // Many connections: all succeed, all three backends answer, in roughly equal shares.
     let n = 90;
-    let counts = spread(&lab, v6, n);
+    let counts = spread(&lab.topo.client, v6, n);
     assert_eq!(counts.values().sum::<usize>(), n);
     assert_eq!(
         counts.keys().cloned().collect::<Vec<_>>(),
@@ -284,7 +295,7 @@ fn balances_and_keeps_long_lived_connections(v6: bool) {
     }
 
     // A long-lived connection keeps its backend while another is removed and a new one added.
-    let mut long = Conn::open(&lab.client, vip_addr(v6, 80)).unwrap();
+    let mut long = Conn::open(&lab.topo.client, vip_addr(v6, 80)).unwrap();
     let home = long.ask().unwrap();
     let home_index: usize = home[1..].parse().unwrap();
     let removed = (1..=3).find(|i| *i != home_index).unwrap();
@@ -302,7 +313,7 @@ fn balances_and_keeps_long_lived_connections(v6: bool) {
             "the long-lived connection kept its backend"
         );
     }
-    let counts = spread(&lab, v6, 60);
+    let counts = spread(&lab.topo.client, v6, 60);
     assert!(
         !counts.contains_key(&format!("b{removed}")),
         "removed backend still gets flows: {counts:?}"
@@ -332,7 +343,6 @@ fn balances_and_keeps_long_lived_connections(v6: bool) {
         "most packets forwarded in XDP, not through the kernel: {global:?}"
     );
     drop(long);
-    let _ = &lab.node;
 }
 
 #[test]
@@ -343,4 +353,132 @@ fn ipv4_tcp_and_udp_are_balanced_across_backends_and_long_connections_survive_ch
 #[test]
 fn ipv6_tcp_and_udp_are_balanced_across_backends_and_long_connections_survive_changes() {
     balances_and_keeps_long_lived_connections(true);
+}
+
+#[test]
+fn sluice_balance_serves_from_the_command_line_and_inspect_shows_its_services() {
+    let topo = topology();
+    let bin = sluice_bin();
+    let mut sluice = topo.node.spawn(&[
+        &bin,
+        "balance",
+        "--attach",
+        "n0",
+        "--vip",
+        "198.18.1.100@n0",
+        "--vip",
+        "fd53:1::100@n0",
+        "--service",
+        "198.18.1.100:80/tcp=198.18.11.2:8080,198.18.12.2:8080",
+        "--service",
+        "[fd53:1::100]:80/tcp=[fd53:13::2]:8080",
+        "--maglev-table-size",
+        "1009",
+    ]);
+    sluice.wait_for_stderr("ready");
+    let counts = spread(&topo.client, false, 30);
+    assert_eq!(
+        counts.keys().cloned().collect::<Vec<_>>(),
+        ["b1", "b2"],
+        "{counts:?}"
+    );
+    let counts = spread(&topo.client, true, 5);
+    assert_eq!(
+        counts.keys().cloned().collect::<Vec<_>>(),
+        ["b3"],
+        "{counts:?}"
+    );
+
+    let out = Command::new("nsenter")
+        .args([
+            "--target",
+            &sluice.pid().to_string(),
+            "--mount",
+            "--net",
+            &bin,
+            "inspect",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let services = doc["services"].as_array().unwrap();
+    assert_eq!(services.len(), 2, "{doc}");
+    assert_eq!(services[0]["service"], "198.18.1.100:80/tcp", "{doc}");
+    assert_eq!(services[0]["newFlows"], 30, "{doc}");
+    assert_eq!(
+        services[0]["backends"].as_array().unwrap().len(),
+        2,
+        "{doc}"
+    );
+    assert_eq!(doc["trackedFlows"], 35, "{doc}");
+
+    let status = sluice.stop(libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    // Stopped: the VIP no longer answers.
+    let refused = Conn::open(&topo.client, vip_addr(false, 80));
+    assert!(
+        refused.is_err(),
+        "a connection to the VIP succeeded after sluice stopped"
+    );
+}
+
+#[test]
+fn sluice_balance_refuses_bad_services_by_name() {
+    let topo = topology();
+    let bin = sluice_bin();
+    for (args, expected) in [
+        (
+            vec!["--attach", "n0", "--service", "198.18.1.100:80/tcp"],
+            "missing '='",
+        ),
+        (
+            vec![
+                "--attach",
+                "n0",
+                "--service",
+                "198.18.1.100:80/tcp=198.18.11.2:8080,198.18.11.2:8080",
+            ],
+            "listed twice",
+        ),
+        (
+            vec![
+                "--attach",
+                "n0",
+                "--service",
+                "198.18.1.100:80/tcp=198.18.11.2:8080",
+                "--maglev-table-size",
+                "1000",
+            ],
+            "not prime",
+        ),
+        (
+            vec!["--service", "198.18.1.100:80/tcp=198.18.11.2:8080"],
+            "--attach",
+        ),
+        (
+            vec![
+                "--attach",
+                "nosuch0",
+                "--service",
+                "198.18.1.100:80/tcp=198.18.11.2:8080",
+            ],
+            "no such interface",
+        ),
+    ] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &topo.node.name, &bin, "balance"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!topo.node.has_xdp("n0"), "{args:?} left a program attached");
+    }
 }

@@ -8,7 +8,6 @@
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
     process::Command,
     time::Duration,
 };
@@ -18,7 +17,7 @@ use sluice_tests::{
     frames::{self, Mac},
     netns::{veth, NetNs},
     rawsock::RawSocket,
-    require_root,
+    require_root, sluice_bin,
 };
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 100);
@@ -28,22 +27,6 @@ fn vip6() -> Ipv6Addr {
     "fd53:1::100".parse().unwrap()
 }
 
-/// The `sluice` binary of this build (target/<profile>/sluice), or $SLUICE_BIN.
-fn sluice_bin() -> String {
-    if let Ok(bin) = std::env::var("SLUICE_BIN") {
-        return bin;
-    }
-    let exe = std::env::current_exe().unwrap();
-    let bin: PathBuf = exe.parent().unwrap().parent().unwrap().join("sluice");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (`cargo xtask test` does)",
-        bin.display()
-    );
-    bin.display().to_string()
-}
-
-/// Fields drop in order: the client-side programs are detached before the namespaces go.
 struct Lab {
     /// XDP programs on the clients' interfaces, held for the lab's lifetime (see `lab`).
     _client_xdp: Vec<Dataplane>,

@@ -567,6 +567,11 @@ fn read_stats<T: std::borrow::Borrow<MapData>>(
 pub struct PinnedView {
     l2_vips: HashMap<MapData, L2VipKey, L2VipValue>,
     stats: PerCpuArray<MapData, GlobalStats>,
+    services: HashMap<MapData, lb_common::ServiceKey, lb_common::ServiceValue>,
+    backends: aya::maps::Array<MapData, lb_common::BackendValue>,
+    service_stats: PerCpuArray<MapData, lb_common::TrafficStats>,
+    backend_stats: PerCpuArray<MapData, lb_common::TrafficStats>,
+    conntrack: HashMap<MapData, FlowKey, FlowValue>,
 }
 
 impl PinnedView {
@@ -589,7 +594,36 @@ impl PinnedView {
                     source,
                 }
             })?;
-        Ok(Self { l2_vips, stats })
+        let err = |map: &'static str| move |source| DataplaneError::Map { map, source };
+        Ok(Self {
+            l2_vips,
+            stats,
+            services: HashMap::try_from(Map::HashMap(open(MAP_SERVICES)?))
+                .map_err(err(MAP_SERVICES))?,
+            backends: aya::maps::Array::try_from(Map::Array(open(MAP_BACKENDS)?))
+                .map_err(err(MAP_BACKENDS))?,
+            service_stats: PerCpuArray::try_from(Map::PerCpuArray(open(MAP_SERVICE_STATS)?))
+                .map_err(err(MAP_SERVICE_STATS))?,
+            backend_stats: PerCpuArray::try_from(Map::PerCpuArray(open(MAP_BACKEND_STATS)?))
+                .map_err(err(MAP_BACKEND_STATS))?,
+            conntrack: HashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK)?))
+                .map_err(err(MAP_CONNTRACK))?,
+        })
+    }
+
+    /// Services with their active backends and counters.
+    pub fn services(&self) -> Result<Vec<ServiceStats>> {
+        services::read_services(
+            &self.services,
+            &self.backends,
+            &self.service_stats,
+            &self.backend_stats,
+        )
+    }
+
+    /// Number of tracked flows.
+    pub fn flow_count(&self) -> usize {
+        self.conntrack.keys().filter(|k| k.is_ok()).count()
     }
 
     pub fn l2_vips(&self) -> Result<Vec<L2Vip>> {

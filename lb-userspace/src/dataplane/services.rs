@@ -8,7 +8,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt,
     net::IpAddr,
 };
 
@@ -20,67 +19,8 @@ use lb_common::{
 };
 
 use super::{Dataplane, DataplaneError, Result};
+pub use crate::config::{Backend, Protocol, Service};
 use crate::maglev;
-
-/// TCP or UDP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    fn number(self) -> u8 {
-        match self {
-            Self::Tcp => PROTO_TCP,
-            Self::Udp => PROTO_UDP,
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Tcp => "tcp",
-            Self::Udp => "udp",
-        })
-    }
-}
-
-/// A service: traffic to (VIP, port, protocol) is balanced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Service {
-    pub vip: IpAddr,
-    pub port: u16,
-    pub protocol: Protocol,
-}
-
-impl fmt::Display for Service {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.vip {
-            IpAddr::V4(ip) => write!(f, "{ip}:{}/{}", self.port, self.protocol),
-            IpAddr::V6(ip) => write!(f, "[{ip}]:{}/{}", self.port, self.protocol),
-        }
-    }
-}
-
-/// One backend of a service. Weight 0 drains it: established flows stay, new ones go elsewhere.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Backend {
-    pub ip: IpAddr,
-    pub port: u16,
-    pub weight: u32,
-}
-
-impl Backend {
-    /// The backend's identity for Maglev ("ip:port"): weight changes do not move it.
-    pub fn maglev_key(&self) -> String {
-        match self.ip {
-            IpAddr::V4(ip) => format!("{ip}:{}", self.port),
-            IpAddr::V6(ip) => format!("[{ip}]:{}", self.port),
-        }
-    }
-}
 
 /// Counters of one service and of each of its backends, summed over CPUs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +45,13 @@ pub(super) struct Registry {
     pub used_service_ids: BTreeSet<u32>,
     pub used_backend_ids: BTreeSet<u32>,
     pub next_generation: u32,
+}
+
+fn protocol_number(protocol: Protocol) -> u8 {
+    match protocol {
+        Protocol::Tcp => PROTO_TCP,
+        Protocol::Udp => PROTO_UDP,
+    }
 }
 
 fn family(ip: &IpAddr) -> u8 {
@@ -138,7 +85,7 @@ pub(super) fn service_key(service: &Service) -> ServiceKey {
     ServiceKey {
         addr: addr16(&service.vip),
         port: service.port.to_be_bytes(),
-        proto: service.protocol.number(),
+        proto: protocol_number(service.protocol),
         family: family(&service.vip),
     }
 }
@@ -536,6 +483,66 @@ impl Dataplane {
         self.registry = registry;
         Ok(())
     }
+}
+
+fn sum_stats<T: std::borrow::Borrow<MapData>>(
+    array: &PerCpuArray<T, TrafficStats>,
+    id: u32,
+    name: &'static str,
+) -> Result<TrafficStats> {
+    let values = array.get(&id, 0).map_err(map_err(name))?;
+    Ok(values
+        .iter()
+        .fold(TrafficStats::default(), |sum, v| sum.add(*v)))
+}
+
+/// Reads services, their active backends and counters straight from the maps (for inspection
+/// of pinned maps; the daemon's own view is its registry).
+pub(super) fn read_services<T: std::borrow::Borrow<MapData>>(
+    services: &HashMap<T, ServiceKey, ServiceValue>,
+    backends: &Array<T, BackendValue>,
+    service_stats: &PerCpuArray<T, TrafficStats>,
+    backend_stats: &PerCpuArray<T, TrafficStats>,
+) -> Result<Vec<ServiceStats>> {
+    let mut by_id: BTreeMap<u32, ServiceStats> = BTreeMap::new();
+    for entry in services.iter() {
+        let (key, value) = entry.map_err(map_err(MAP_SERVICES))?;
+        let service = Service {
+            vip: ip_from(key.family, &key.addr),
+            port: u16::from_be_bytes(key.port),
+            protocol: if key.proto == PROTO_TCP {
+                Protocol::Tcp
+            } else {
+                Protocol::Udp
+            },
+        };
+        by_id.insert(
+            value.id,
+            ServiceStats {
+                service,
+                traffic: sum_stats(service_stats, value.id, MAP_SERVICE_STATS)?,
+                backends: Vec::new(),
+            },
+        );
+    }
+    for (index, value) in backends.iter().enumerate() {
+        let value = value.map_err(map_err(MAP_BACKENDS))?;
+        if value.flags & BACKEND_ACTIVE == 0 {
+            continue;
+        }
+        if let Some(stats) = by_id.get_mut(&value.service_id) {
+            let backend = Backend {
+                ip: ip_from(value.family, &value.addr),
+                port: u16::from_be_bytes(value.port),
+                weight: value.weight,
+            };
+            let traffic = sum_stats(backend_stats, index as u32, MAP_BACKEND_STATS)?;
+            stats.backends.push((backend, traffic));
+        }
+    }
+    let mut out: Vec<ServiceStats> = by_id.into_values().collect();
+    out.sort_by_key(|s| s.service);
+    Ok(out)
 }
 
 #[cfg(test)]
