@@ -53,6 +53,14 @@ pub const MAP_REVERSE_NAT: &str = "REVERSE_NAT";
 pub const MAP_SERVICE_STATS: &str = "SERVICE_STATS";
 /// Per-CPU array indexed by backend id → [`TrafficStats`].
 pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
+/// Hash map ifindex → 1: interfaces the XDP program may redirect to. Frames redirected into a
+/// veth whose peer runs no XDP program are lost, so veths are only listed when the operator says
+/// so; for any other egress, the rewritten packet goes through the kernel.
+pub const MAP_REDIRECT_TARGETS: &str = "REDIRECT_TARGETS";
+pub const REDIRECT_TARGETS_CAPACITY: u32 = 4096;
+/// `FlowValue::ifindex` value meaning "resolved: send through the kernel".
+pub const NEXT_HOP_VIA_KERNEL: u32 = u32::MAX;
+
 /// Name of the TC egress program (reverse NAT).
 pub const PROG_TC_EGRESS: &str = "sluice_egress";
 
@@ -136,7 +144,8 @@ pub struct FlowValue {
     /// The backend's generation when the flow was given to it.
     pub generation: u32,
     /// Egress interface toward the backend; 0 while the next hop is not resolved (the packet is
-    /// then passed to the kernel, which resolves it).
+    /// then passed to the kernel, which resolves it); [`NEXT_HOP_VIA_KERNEL`] when the egress
+    /// interface is not a redirect target.
     pub ifindex: u32,
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],

@@ -11,13 +11,13 @@ use aya_ebpf::{
 };
 use lb_common::{
     flow_hash, BackendValue, FlowKey, FlowValue, ReverseNatValue, ServiceKey, ServiceValue,
-    BACKEND_ACTIVE, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP,
+    BACKEND_ACTIVE, FAMILY_IPV4, FAMILY_IPV6, NEXT_HOP_VIA_KERNEL, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
     checksum::Delta,
     headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, IPV6_HLEN},
-    maps::{BACKENDS, CONNTRACK, MAGLEV, REVERSE_NAT, SCRATCH, SERVICES},
+    maps::{BACKENDS, CONNTRACK, MAGLEV, REDIRECT_TARGETS, REVERSE_NAT, SCRATCH, SERVICES},
     parse::{ptr_at, L2},
     stats::{self, Outcome},
 };
@@ -285,6 +285,12 @@ fn resolve_next_hop(
         )
     };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        let ingress = ctx.ingress_ifindex() as u32;
+        if params.ifindex != ingress && unsafe { REDIRECT_TARGETS.get(&params.ifindex) }.is_none() {
+            // Not a redirect target (e.g. a veth whose peer runs no XDP): the kernel forwards.
+            entry.ifindex = NEXT_HOP_VIA_KERNEL;
+            return;
+        }
         entry.ifindex = params.ifindex;
         entry.src_mac = params.smac;
         entry.dst_mac = params.dmac;
@@ -318,7 +324,7 @@ fn forward(
         // TTL would expire here: the kernel sends the ICMP error.
         return Outcome::Passed;
     }
-    if entry.ifindex == 0 {
+    if entry.ifindex == 0 || entry.ifindex == NEXT_HOP_VIA_KERNEL {
         return Outcome::ToKernel;
     }
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {

@@ -10,7 +10,7 @@ use lb_common::{
     BackendValue, FlowKey, FlowValue, GlobalStats, L2VipKey, L2VipValue, ReverseNatValue,
     ServiceKey, ServiceValue, TrafficStats, BACKENDS_DEFAULT_CAPACITY, BPF_F_INNER_MAP,
     FLOWS_DEFAULT_CAPACITY, L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE,
-    SERVICES_DEFAULT_CAPACITY,
+    REDIRECT_TARGETS_CAPACITY, SERVICES_DEFAULT_CAPACITY,
 };
 
 /// (ifindex, IP) → MAC to answer ARP/NDP with. No entry for an ifindex: no answer there.
@@ -58,6 +58,11 @@ pub static SERVICE_STATS: PerCpuArray<TrafficStats, { SERVICES_DEFAULT_CAPACITY 
 #[btf_map]
 pub static BACKEND_STATS: PerCpuArray<TrafficStats, { BACKENDS_DEFAULT_CAPACITY as usize }> =
     PerCpuArray::new();
+
+/// Interfaces the program may redirect to (see lb-common).
+#[btf_map]
+pub static REDIRECT_TARGETS: HashMap<u32, u32, { REDIRECT_TARGETS_CAPACITY as usize }> =
+    HashMap::new();
 
 /// Per-CPU scratch space for the packet being balanced (keeps it off the BPF stack).
 #[btf_map]

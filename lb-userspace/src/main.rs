@@ -62,6 +62,11 @@ enum Command {
         /// Also answer ARP/NDP for this IP on this interface only: IP@INTERFACE. Repeatable.
         #[arg(long = "vip", value_name = "IP@INTERFACE")]
         vips: Vec<String>,
+        /// Also redirect flows into this veth in XDP: only when its peer runs an XDP program (a
+        /// veth drops redirected frames otherwise). Interfaces that are not veths are always
+        /// redirect targets; for the others the kernel forwards the rewritten packets. Repeatable.
+        #[arg(long = "redirect-veth", value_name = "INTERFACE")]
+        redirect_veths: Vec<String>,
         /// M, the Maglev table size: a prime, at least 100 × backends for shares within 1 %.
         #[arg(long, default_value_t = lb_userspace::maglev::DEFAULT_TABLE_SIZE)]
         maglev_table_size: u32,
@@ -92,6 +97,7 @@ fn main() -> ExitCode {
             &vips,
             &[],
             &attach,
+            &[],
             pin_dir,
             lb_userspace::maglev::DEFAULT_TABLE_SIZE,
         ),
@@ -99,6 +105,7 @@ fn main() -> ExitCode {
             services,
             attach,
             vips,
+            redirect_veths,
             maglev_table_size,
             pin_dir,
         } => {
@@ -107,7 +114,14 @@ fn main() -> ExitCode {
                     "--attach: name at least one interface to balance on"
                 ))
             } else {
-                serve(&vips, &services, &attach, pin_dir, maglev_table_size)
+                serve(
+                    &vips,
+                    &services,
+                    &attach,
+                    &redirect_veths,
+                    pin_dir,
+                    maglev_table_size,
+                )
             }
         }
         Command::Inspect { pin_dir, json } => inspect(pin_dir, json),
@@ -137,6 +151,7 @@ fn serve(
     vip_args: &[String],
     service_args: &[String],
     attach_args: &[String],
+    redirect_veths: &[String],
     pin_dir: PathBuf,
     maglev_table_size: u32,
 ) -> Result<()> {
@@ -200,7 +215,17 @@ fn serve(
     for (service, backends) in &services {
         dp.upsert_service(*service, backends)?;
     }
+    let redirect = redirect_veths
+        .iter()
+        .map(|name| {
+            lb_userspace::config::validate_interface_name("--redirect-veth", name)?;
+            Ok(dataplane::interface(name)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
     dp.attach_all(&interfaces)?;
+    for iface in &redirect {
+        dp.allow_redirect(iface.ifindex)?;
+    }
     dp.set_l2_vips(&vips)?;
     for a in &announcements {
         tracing::info!(event = "l2Announcing", ip = %a.ip, interface = %a.interface);

@@ -61,8 +61,17 @@ fn tcp80() -> Service {
 
 /// Backends 198.18.2.10..=19 and fd53:2::10..=19 have neighbour entries; .99 does not.
 fn lab<T: Send + 'static>(f: impl FnOnce(&mut Dataplane, u32, [u8; 6]) -> T + Send + 'static) -> T {
+    lab_with(true, f)
+}
+
+/// `allow_veth1`: whether veth1 is a redirect target (a veth is one only when the operator says
+/// its peer runs XDP; BPF_PROG_TEST_RUN never transmits, so the peer does not matter here).
+fn lab_with<T: Send + 'static>(
+    allow_veth1: bool,
+    f: impl FnOnce(&mut Dataplane, u32, [u8; 6]) -> T + Send + 'static,
+) -> T {
     require_root();
-    in_private_netns_with_veth(|veth0, _veth1| {
+    in_private_netns_with_veth(move |veth0, veth1| {
         for args in [
             vec!["ip", "link", "set", "veth0", "up"],
             vec!["ip", "link", "set", "veth1", "up"],
@@ -115,6 +124,9 @@ fn lab<T: Send + 'static>(f: impl FnOnce(&mut Dataplane, u32, [u8; 6]) -> T + Se
             ..DataplaneOptions::default()
         })
         .expect("load the data plane");
+        if allow_veth1 {
+            dp.allow_redirect(veth1).unwrap();
+        }
         f(&mut dp, veth0, veth1_mac)
     })
 }
@@ -537,6 +549,27 @@ fn unresolved_next_hop_passes_the_rewritten_packet_to_the_kernel() {
         );
         assert!(ipv4_header_checksum_ok(&out.frame, 14) && l4_checksum_ok(&out.frame, 14));
         assert_eq!(dp.stats().unwrap().lb_to_kernel, 1);
+    });
+}
+
+#[test]
+fn a_veth_that_is_not_a_redirect_target_gets_the_flow_through_the_kernel() {
+    lab_with(false, |dp, veth0, _| {
+        dp.upsert_service(tcp80(), &[b4(10)]).unwrap();
+        let frame = syn4(40000, 80);
+        for _ in 0..2 {
+            let out = dp.run_ingress(veth0, &frame).unwrap();
+            assert_eq!(out.action, XdpAction::Pass, "never redirected into veth1");
+            assert_eq!(
+                dest4(&out.frame),
+                (b4(10).ip, 8080),
+                "DNAT done; the kernel routes it"
+            );
+            assert_eq!(&out.frame[..12], &frame[..12]);
+            assert!(ipv4_header_checksum_ok(&out.frame, 14) && l4_checksum_ok(&out.frame, 14));
+        }
+        assert_eq!(dp.stats().unwrap().lb_to_kernel, 2);
+        assert_eq!(dp.flow_count().unwrap(), 1);
     });
 }
 

@@ -29,14 +29,16 @@ use aya::{
 use lb_common::{
     FlowKey, FlowValue, GlobalStats, L2VipKey, L2VipValue, BACKENDS_DEFAULT_CAPACITY, FAMILY_IPV4,
     FLOWS_DEFAULT_CAPACITY, L2_VIPS_DEFAULT_CAPACITY, MAP_BACKENDS, MAP_BACKEND_STATS,
-    MAP_CONNTRACK, MAP_GLOBAL_STATS, MAP_L2_VIPS, MAP_MAGLEV, MAP_REVERSE_NAT, MAP_SERVICES,
-    MAP_SERVICE_STATS, PROG_TC_EGRESS, PROG_XDP_INGRESS, SERVICES_DEFAULT_CAPACITY,
+    MAP_CONNTRACK, MAP_GLOBAL_STATS, MAP_L2_VIPS, MAP_MAGLEV, MAP_REDIRECT_TARGETS,
+    MAP_REVERSE_NAT, MAP_SERVICES, MAP_SERVICE_STATS, PROG_TC_EGRESS, PROG_XDP_INGRESS,
+    SERVICES_DEFAULT_CAPACITY,
 };
 
 pub use error::{DataplaneError, Result};
 pub use services::{validate as validate_service, Backend, Protocol, Service, ServiceStats};
 pub use system::{
-    default_pin_dir, format_mac, interface, interface_name, require_root, Interface, BPFFS_ROOT,
+    default_pin_dir, driver, format_mac, interface, interface_name, interfaces, require_root,
+    Interface, BPFFS_ROOT,
 };
 
 /// The data plane object, built by `cargo xtask build-ebpf` and embedded at compile time.
@@ -90,7 +92,8 @@ impl Default for DataplaneOptions {
 }
 
 /// Every map the data plane pins, by name.
-const PINNED_MAPS: [&str; 9] = [
+const PINNED_MAPS: [&str; 10] = [
+    MAP_REDIRECT_TARGETS,
     MAP_L2_VIPS,
     MAP_GLOBAL_STATS,
     MAP_SERVICES,
@@ -344,9 +347,48 @@ impl Dataplane {
             })
     }
 
+    /// Lets the balancer redirect flows out of `ifindex` in XDP. Done automatically for every
+    /// interface that is not a veth; a veth only qualifies when its peer runs an XDP program
+    /// (otherwise the kernel silently drops redirected frames), which only the operator knows.
+    pub fn allow_redirect(&mut self, ifindex: u32) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_REDIRECT_TARGETS)
+            .ok_or(DataplaneError::MissingMap(MAP_REDIRECT_TARGETS))?;
+        let mut targets: HashMap<&mut MapData, u32, u32> =
+            HashMap::try_from(map).map_err(|source| DataplaneError::Map {
+                map: MAP_REDIRECT_TARGETS,
+                source,
+            })?;
+        targets
+            .insert(ifindex, 1, 0)
+            .map_err(|source| DataplaneError::Map {
+                map: MAP_REDIRECT_TARGETS,
+                source,
+            })?;
+        tracing::debug!(event = "redirectTargetAllowed", ifindex);
+        Ok(())
+    }
+
+    /// Allows redirects to every interface of this network namespace that is not a veth or
+    /// loopback. Returns the interfaces allowed.
+    pub fn allow_redirect_to_physical(&mut self) -> Result<Vec<String>> {
+        let mut allowed = Vec::new();
+        for (name, ifindex) in interfaces() {
+            if name == "lo" || driver(&name).as_deref() == Some("veth") {
+                continue;
+            }
+            self.allow_redirect(ifindex)?;
+            allowed.push(name);
+        }
+        Ok(allowed)
+    }
+
     /// Attaches the ingress program to every interface, or to none: if one attach fails, the
     /// ones done by this call are detached again and the error names the interface.
     pub fn attach_all(&mut self, interfaces: &[Interface]) -> Result<()> {
+        let allowed = self.allow_redirect_to_physical()?;
+        tracing::info!(event = "redirectTargets", interfaces = ?allowed);
         let mut done = Vec::new();
         for iface in interfaces {
             if self.attached.contains_key(&iface.ifindex) {

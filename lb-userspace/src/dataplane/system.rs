@@ -141,6 +141,60 @@ fn interface_mac(name: &str) -> Result<[u8; 6]> {
     Ok(mac)
 }
 
+/// Every interface of the current network namespace: (name, ifindex).
+pub fn interfaces() -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return out;
+    }
+    let mut entry = list;
+    loop {
+        let item = unsafe { &*entry };
+        if item.if_index == 0 || item.if_name.is_null() {
+            break;
+        }
+        let name = unsafe { std::ffi::CStr::from_ptr(item.if_name) };
+        out.push((name.to_string_lossy().into_owned(), item.if_index));
+        entry = unsafe { entry.add(1) };
+    }
+    unsafe { libc::if_freenameindex(list) };
+    out
+}
+
+/// The kernel driver behind an interface (ETHTOOL_GDRVINFO), e.g. "veth", "virtio_net".
+pub fn driver(name: &str) -> Option<String> {
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 160],
+    };
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes().iter().take(15)) {
+        *dst = *src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = &mut info as *mut DrvInfo as *mut libc::c_char;
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut req) };
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return None;
+    }
+    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
 pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
@@ -170,6 +224,14 @@ mod tests {
             matches!(err, DataplaneError::NoMacAddress { ref name, .. } if name == "lo"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn loopback_is_listed_and_has_no_veth_driver() {
+        assert!(interfaces()
+            .iter()
+            .any(|(name, index)| name == "lo" && *index >= 1));
+        assert_ne!(driver("lo").as_deref(), Some("veth"));
     }
 
     #[test]

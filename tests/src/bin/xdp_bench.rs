@@ -119,6 +119,8 @@ fn main() -> Result<()> {
             weight: 1,
         }],
     )?;
+    // Time the XDP redirect path (a real NIC's case); test runs never transmit into veth1.
+    dp.allow_redirect(lb_userspace::dataplane::interface("veth1")?.ifindex)?;
     let mut h = BenchHarness::new(dp)?;
 
     let arp = pad_to_60(arp_request(CLIENT_MAC, client4, vip4));
