@@ -56,6 +56,30 @@ impl Packet {
     }
 }
 
+/// Fills the per-CPU scratch packet with everything but the addresses.
+#[inline(always)]
+fn start_packet(
+    family: u8,
+    proto: u8,
+    l3_offset: usize,
+    l4_offset: usize,
+    ip_len: usize,
+    ports: &[u8; 4],
+) -> Option<&'static mut Packet> {
+    let packet = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };
+    packet.family = family;
+    packet.proto = proto;
+    packet.l3_offset = l3_offset;
+    packet.l4_offset = l4_offset;
+    packet.ip_len = ip_len as u16;
+    packet.flow.sport = [ports[0], ports[1]];
+    packet.flow.dport = [ports[2], ports[3]];
+    packet.flow.proto = proto;
+    packet.flow.family = family;
+    packet.flow._pad = [0; 2];
+    Some(packet)
+}
+
 /// IPv4: only plain TCP/UDP (no options, no fragments) can be balanced.
 #[inline(always)]
 pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
@@ -93,24 +117,14 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
         return Outcome::Malformed;
     };
     let ports = unsafe { &*ports };
-    let Some(packet) = SCRATCH.get_ptr_mut(0) else {
+    let Some(packet) = start_packet(FAMILY_IPV4, ip.proto, l2.l3_offset, l4_offset, total, ports)
+    else {
         return Outcome::Passed;
     };
-    let packet = unsafe { &mut *packet };
-    packet.family = FAMILY_IPV4;
-    packet.proto = ip.proto;
-    packet.l3_offset = l2.l3_offset;
-    packet.l4_offset = l4_offset;
-    packet.ip_len = total as u16;
     packet.flow.src = [0; 16];
     packet.flow.dst = [0; 16];
     packet.flow.src[..4].copy_from_slice(&ip.src);
     packet.flow.dst[..4].copy_from_slice(&ip.dst);
-    packet.flow.sport = [ports[0], ports[1]];
-    packet.flow.dport = [ports[2], ports[3]];
-    packet.flow.proto = ip.proto;
-    packet.flow.family = FAMILY_IPV4;
-    packet.flow._pad = [0; 2];
     balance(ctx, packet)
 }
 
@@ -138,22 +152,19 @@ pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
         return Outcome::Malformed;
     };
     let ports = unsafe { &*ports };
-    let Some(packet) = SCRATCH.get_ptr_mut(0) else {
+    let ip_len = payload + IPV6_HLEN;
+    let Some(packet) = start_packet(
+        FAMILY_IPV6,
+        ip6.next_header,
+        l2.l3_offset,
+        l4_offset,
+        ip_len,
+        ports,
+    ) else {
         return Outcome::Passed;
     };
-    let packet = unsafe { &mut *packet };
-    packet.family = FAMILY_IPV6;
-    packet.proto = ip6.next_header;
-    packet.l3_offset = l2.l3_offset;
-    packet.l4_offset = l4_offset;
-    packet.ip_len = (payload + IPV6_HLEN) as u16;
     packet.flow.src = ip6.src;
     packet.flow.dst = ip6.dst;
-    packet.flow.sport = [ports[0], ports[1]];
-    packet.flow.dport = [ports[2], ports[3]];
-    packet.flow.proto = ip6.next_header;
-    packet.flow.family = FAMILY_IPV6;
-    packet.flow._pad = [0; 2];
     balance(ctx, packet)
 }
 

@@ -18,6 +18,8 @@ use aya_ebpf::{
 };
 use lb_common::{BenchFrame, BENCH_FRAME_MAX};
 
+mod runtime;
+
 #[btf_map]
 static BENCH_FRAME: Array<BenchFrame, 1> = Array::new();
 
@@ -114,13 +116,3 @@ pub fn bench_tc_restore_then_call(ctx: TcContext) -> i32 {
     unsafe { BENCH_TC_TARGET.tail_call(&ctx, 0) };
     TC_ACT_SHOT
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -14,6 +14,7 @@ mod headers;
 mod l2_responder;
 mod maps;
 mod parse;
+mod runtime;
 mod stats;
 
 use aya_ebpf::{
@@ -63,13 +64,3 @@ fn process_packet(ctx: &XdpContext) -> Outcome {
         _ => Outcome::Passed,
     }
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -31,3 +31,64 @@ pub fn sluice_bin() -> String {
     );
     bin.display().to_string()
 }
+
+/// Runs `sluice SUBCOMMAND ARGS...` in `ns` and asserts it is refused: exit code 1, `expected`
+/// in its stderr, and no XDP program left on `interface`.
+pub fn assert_refused(
+    ns: &netns::NetNs,
+    subcommand: &str,
+    args: &[&str],
+    expected: &str,
+    interface: &str,
+) {
+    let bin = sluice_bin();
+    let mut full = vec![bin.as_str(), subcommand];
+    full.extend_from_slice(args);
+    let out = ns.exec_output(&full);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    assert!(
+        !ns.has_xdp(interface),
+        "{args:?} left a program attached on {interface}"
+    );
+}
+
+/// Addresses, forwarding and permanent neighbours for balancer tests and benchmarks, in the
+/// caller's (private) network namespace, which holds the veth pair veth0/veth1: veth0 faces the
+/// clients (198.18.1.1/24, fd53:1::1/64), veth1 the backends (198.18.2.1/24, fd53:2::1/64), and
+/// backends 198.18.2.10..=19 and fd53:2::10..=19 have neighbour entries with MAC 02:be:00:00:00:NN.
+pub fn balancer_namespace_setup() {
+    for args in [
+        vec!["ip", "link", "set", "veth0", "up"],
+        vec!["ip", "link", "set", "veth1", "up"],
+        vec!["ip", "addr", "add", "198.18.1.1/24", "dev", "veth0"],
+        vec!["ip", "addr", "add", "198.18.2.1/24", "dev", "veth1"],
+        vec!["ip", "addr", "add", "fd53:1::1/64", "dev", "veth0", "nodad"],
+        vec!["ip", "addr", "add", "fd53:2::1/64", "dev", "veth1", "nodad"],
+        vec!["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"],
+        vec!["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
+    ] {
+        netns::sh(&args);
+    }
+    for last in 10..20u8 {
+        let mac = format!("02:be:00:00:00:{last:02x}");
+        let v4 = format!("198.18.2.{last}");
+        let v6 = format!("fd53:2::{last:x}");
+        for (family, ip) in [("-4", v4.as_str()), ("-6", v6.as_str())] {
+            netns::sh(&[
+                "ip",
+                family,
+                "neigh",
+                "replace",
+                ip,
+                "lladdr",
+                &mac,
+                "dev",
+                "veth1",
+                "nud",
+                "permanent",
+            ]);
+        }
+    }
+}

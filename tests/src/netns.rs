@@ -44,6 +44,28 @@ impl NetNs {
         sh(&full)
     }
 
+    /// Runs a command inside this namespace (`ip netns exec`), panicking with its stderr if it
+    /// fails; returns its stdout.
+    pub fn exec(&self, args: &[&str]) -> String {
+        let out = self.exec_output(args);
+        assert!(
+            out.status.success(),
+            "{args:?} in {} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs a command inside this namespace and returns what it did, whatever that was.
+    pub fn exec_output(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"))
+    }
+
     /// Runs `f` on a thread that has entered this namespace, and returns its result.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = format!("/var/run/netns/{}", self.name);
@@ -144,6 +166,22 @@ impl Process {
                 panic!("process exited ({status}) before printing {marker:?}:\n{seen}");
             }
         }
+    }
+
+    /// Runs `sluice inspect --json` in this process's mount and network namespaces (where its
+    /// bpffs and pinned maps are) and returns the document.
+    pub fn inspect_json(&self, sluice_bin: &str) -> serde_json::Value {
+        let out = Command::new("nsenter")
+            .args(["--target", &self.pid().to_string(), "--mount", "--net"])
+            .args([sluice_bin, "inspect", "--json"])
+            .output()
+            .expect("nsenter (util-linux)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("inspect --json prints JSON")
     }
 
     /// Sends `signal` and waits for the exit; returns the exit status.

@@ -19,6 +19,7 @@ use lb_userspace::dataplane::{
     self, Backend, Capacities, Dataplane, DataplaneOptions, L2Vip, Protocol, Service,
 };
 use sluice_tests::{
+    assert_refused,
     netns::{veth, NetNs},
     require_root,
     servers::spawn_name_servers,
@@ -110,24 +111,7 @@ fn topology() -> Topology {
     node.ip(&["addr", "add", "fd53:1::1/64", "dev", "n0", "nodad"]);
     // The client's frames carry complete checksums, as they would from a physical wire (a veth
     // otherwise leaves them to "hardware" that XDP never sees).
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &client.name,
-            "ethtool",
-            "-K",
-            "c0",
-            "tx",
-            "off",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    client.exec(&["ethtool", "-K", "c0", "tx", "off"]);
     for key in [
         "net.ipv4.conf.all.forwarding=1",
         "net.ipv6.conf.all.forwarding=1",
@@ -394,24 +378,7 @@ fn sluice_balance_serves_from_the_command_line_and_inspect_shows_its_services() 
         "{counts:?}"
     );
 
-    let out = Command::new("nsenter")
-        .args([
-            "--target",
-            &sluice.pid().to_string(),
-            "--mount",
-            "--net",
-            &bin,
-            "inspect",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let doc = sluice.inspect_json(&bin);
     let services = doc["services"].as_array().unwrap();
     assert_eq!(services.len(), 2, "{doc}");
     assert_eq!(services[0]["service"], "198.18.1.100:80/tcp", "{doc}");
@@ -442,7 +409,6 @@ fn sluice_balance_serves_from_the_command_line_and_inspect_shows_its_services() 
 #[test]
 fn sluice_balance_refuses_bad_services_by_name() {
     let topo = topology();
-    let bin = sluice_bin();
     for (args, expected) in [
         (
             vec!["--attach", "n0", "--service", "198.18.1.100:80/tcp"],
@@ -482,14 +448,6 @@ fn sluice_balance_refuses_bad_services_by_name() {
             "no such interface",
         ),
     ] {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &topo.node.name, &bin, "balance"])
-            .args(&args)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        assert!(stderr.contains(expected), "{args:?}: {stderr}");
-        assert!(!topo.node.has_xdp("n0"), "{args:?} left a program attached");
+        assert_refused(&topo.node, "balance", &args, expected, "n0");
     }
 }

@@ -14,6 +14,7 @@ use std::{
 
 use lb_userspace::dataplane::{self, Dataplane, DataplaneOptions};
 use sluice_tests::{
+    assert_refused,
     frames::{self, Mac},
     netns::{veth, NetNs},
     rawsock::RawSocket,
@@ -191,24 +192,7 @@ fn announce_answers_arp_and_ndp_on_the_chosen_interface_only_and_stops_when_stop
     );
 
     // `sluice inspect` reads the pinned maps (from the daemon's mount namespace, where its bpffs is).
-    let out = Command::new("nsenter")
-        .args([
-            "--target",
-            &sluice.pid().to_string(),
-            "--mount",
-            "--net",
-            &bin,
-            "inspect",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let doc = sluice.inspect_json(&bin);
     let vips = doc["l2Vips"].as_array().unwrap();
     assert_eq!(vips.len(), 2, "{doc}");
     for vip in vips {
@@ -286,7 +270,6 @@ fn a_failed_attach_leaves_nothing_attached_and_names_the_interface() {
 #[test]
 fn bad_input_is_refused_by_name_with_a_non_zero_exit_and_nothing_attached() {
     let lab = lab();
-    let bin = sluice_bin();
     for (args, expected) in [
         (
             vec!["--vip", "224.0.0.5@na"],
@@ -309,14 +292,6 @@ fn bad_input_is_refused_by_name_with_a_non_zero_exit_and_nothing_attached() {
             "no such interface: \"nosuch1\"",
         ),
     ] {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &lab.node.name, &bin, "announce"])
-            .args(&args)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        assert!(stderr.contains(expected), "{args:?}: {stderr}");
-        assert!(!lab.node.has_xdp("na"), "{args:?} left a program attached");
+        assert_refused(&lab.node, "announce", &args, expected, "na");
     }
 }

@@ -16,11 +16,7 @@ use lb_userspace::{
     },
     maglev,
 };
-use sluice_tests::{
-    frames::*,
-    netns::{in_private_netns_with_veth, sh},
-    require_root,
-};
+use sluice_tests::{frames::*, netns::in_private_netns_with_veth, require_root};
 
 const M: u32 = 1009;
 const CLIENT_MAC: Mac = [0x02, 0xc1, 0, 0, 0, 2];
@@ -72,46 +68,7 @@ fn lab_with<T: Send + 'static>(
 ) -> T {
     require_root();
     in_private_netns_with_veth(move |veth0, veth1| {
-        for args in [
-            vec!["ip", "link", "set", "veth0", "up"],
-            vec!["ip", "link", "set", "veth1", "up"],
-            vec!["ip", "addr", "add", "198.18.1.1/24", "dev", "veth0"],
-            vec!["ip", "addr", "add", "198.18.2.1/24", "dev", "veth1"],
-            vec!["ip", "addr", "add", "fd53:1::1/64", "dev", "veth0", "nodad"],
-            vec!["ip", "addr", "add", "fd53:2::1/64", "dev", "veth1", "nodad"],
-            vec!["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"],
-            vec!["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
-        ] {
-            sh(&args);
-        }
-        for last in 10..20u8 {
-            let mac = format_mac(&backend_mac(last));
-            sh(&[
-                "ip",
-                "neigh",
-                "replace",
-                &format!("198.18.2.{last}"),
-                "lladdr",
-                &mac,
-                "dev",
-                "veth1",
-                "nud",
-                "permanent",
-            ]);
-            sh(&[
-                "ip",
-                "-6",
-                "neigh",
-                "replace",
-                &format!("fd53:2::{last:x}"),
-                "lladdr",
-                &mac,
-                "dev",
-                "veth1",
-                "nud",
-                "permanent",
-            ]);
-        }
+        sluice_tests::balancer_namespace_setup();
         let veth1_mac = dataplane::interface("veth1").unwrap().mac;
         let mut dp = Dataplane::load(&DataplaneOptions {
             pin_dir: None,
@@ -129,10 +86,6 @@ fn lab_with<T: Send + 'static>(
         }
         f(&mut dp, veth0, veth1_mac)
     })
-}
-
-fn format_mac(mac: &Mac) -> String {
-    dataplane::format_mac(mac)
 }
 
 fn addr16(ip: IpAddr) -> [u8; 16] {

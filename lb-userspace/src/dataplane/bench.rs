@@ -9,12 +9,15 @@
 
 use aya::{
     maps::{Array, ProgramArray},
-    programs::{ProgramFd, SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{ProgramFd, SchedClassifier, Xdp},
     Ebpf, EbpfLoader,
 };
 use lb_common::{bench as names, BenchFrame, BENCH_FRAME_MAX, PROG_XDP_INGRESS};
 
-use super::{load_error, program_load_error, run_xdp, xdp_md, Dataplane, DataplaneError, Result};
+use super::{
+    load_error, map_error, program, program_load_error, program_mut, run_xdp, test_run_tc,
+    test_run_xdp, Dataplane, DataplaneError, Result,
+};
 use super::{RunOutcome, XdpAction};
 
 static BENCH_OBJECT: &[u8] =
@@ -40,25 +43,11 @@ impl BenchHarness {
             .load(BENCH_OBJECT)
             .map_err(|e| load_error("sluice-bench", e))?;
         for name in [names::PROG_TC_FLOOR, names::PROG_TC_RESTORE_THEN_CALL] {
-            let program: &mut SchedClassifier = bench
-                .program_mut(name)
-                .ok_or(DataplaneError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DataplaneError::Program {
-                    program: name,
-                    source,
-                })?;
+            let program: &mut SchedClassifier = program_mut(&mut bench, name)?;
             program.load().map_err(|e| program_load_error(name, e))?;
         }
         for name in [names::PROG_FLOOR, names::PROG_RESTORE_THEN_CALL] {
-            let program: &mut Xdp = bench
-                .program_mut(name)
-                .ok_or(DataplaneError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DataplaneError::Program {
-                    program: name,
-                    source,
-                })?;
+            let program: &mut Xdp = program_mut(&mut bench, name)?;
             program.load().map_err(|e| program_load_error(name, e))?;
         }
         Ok(Self { dataplane, bench })
@@ -70,14 +59,7 @@ impl BenchHarness {
     }
 
     fn program(&self, name: &'static str) -> Result<&Xdp> {
-        self.bench
-            .program(name)
-            .ok_or(DataplaneError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program {
-                program: name,
-                source,
-            })
+        program(&self.bench, name)
     }
 
     fn time(
@@ -88,22 +70,7 @@ impl BenchHarness {
         frame: &[u8],
         repeat: u32,
     ) -> Result<f64> {
-        let ctx = xdp_md(ifindex, frame.len());
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                repeat,
-                ..TestRunOptions::default()
-            })
-            .map_err(|source| DataplaneError::Program {
-                program: name,
-                source,
-            })?;
-        // The kernel reports the mean duration per run.
-        Ok(result.duration.as_nanos() as f64)
+        Ok(test_run_xdp(program, name, ifindex, frame, repeat)?.1)
     }
 
     /// The floor: a program that only returns XDP_PASS.
@@ -250,33 +217,13 @@ impl BenchHarness {
     }
 
     fn tc_program(&self, name: &'static str) -> Result<&SchedClassifier> {
-        self.bench
-            .program(name)
-            .ok_or(DataplaneError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program {
-                program: name,
-                source,
-            })
+        program(&self.bench, name)
     }
 
     /// Runs a TC program `repeat` times; returns ns per run and the frame after one run.
     fn run_tc(&self, name: &'static str, frame: &[u8], repeat: u32) -> Result<(f64, Vec<u8>)> {
-        let program = self.tc_program(name)?;
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                repeat,
-                ..TestRunOptions::default()
-            })
-            .map_err(|source| DataplaneError::Program {
-                program: name,
-                source,
-            })?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.duration.as_nanos() as f64, out))
+        let (out, ns) = test_run_tc(self.tc_program(name)?, name, frame, repeat)?;
+        Ok((ns, out))
     }
 
     fn set_tc_target(&mut self, fd: &ProgramFd) -> Result<()> {
@@ -284,14 +231,8 @@ impl BenchHarness {
             .bench
             .map_mut(names::MAP_TC_TARGET)
             .ok_or(DataplaneError::MissingMap(names::MAP_TC_TARGET))?;
-        let mut array = ProgramArray::try_from(map).map_err(|source| DataplaneError::Map {
-            map: names::MAP_TC_TARGET,
-            source,
-        })?;
-        array.set(0, fd, 0).map_err(|source| DataplaneError::Map {
-            map: names::MAP_TC_TARGET,
-            source,
-        })
+        let mut array = ProgramArray::try_from(map).map_err(map_error(names::MAP_TC_TARGET))?;
+        array.set(0, fd, 0).map_err(map_error(names::MAP_TC_TARGET))
     }
 
     fn set_restore_frame(&mut self, frame: &[u8], vary_offset: u32) -> Result<()> {
@@ -312,16 +253,8 @@ impl BenchHarness {
             .map_mut(names::MAP_FRAME)
             .ok_or(DataplaneError::MissingMap(names::MAP_FRAME))?;
         let mut array: Array<_, BenchFrame> =
-            Array::try_from(map).map_err(|source| DataplaneError::Map {
-                map: names::MAP_FRAME,
-                source,
-            })?;
-        array
-            .set(0, value, 0)
-            .map_err(|source| DataplaneError::Map {
-                map: names::MAP_FRAME,
-                source,
-            })
+            Array::try_from(map).map_err(map_error(names::MAP_FRAME))?;
+        array.set(0, value, 0).map_err(map_error(names::MAP_FRAME))
     }
 
     fn set_target(&mut self, fd: &aya::programs::ProgramFd) -> Result<()> {
@@ -329,14 +262,8 @@ impl BenchHarness {
             .bench
             .map_mut(names::MAP_TARGET)
             .ok_or(DataplaneError::MissingMap(names::MAP_TARGET))?;
-        let mut array = ProgramArray::try_from(map).map_err(|source| DataplaneError::Map {
-            map: names::MAP_TARGET,
-            source,
-        })?;
-        array.set(0, fd, 0).map_err(|source| DataplaneError::Map {
-            map: names::MAP_TARGET,
-            source,
-        })
+        let mut array = ProgramArray::try_from(map).map_err(map_error(names::MAP_TARGET))?;
+        array.set(0, fd, 0).map_err(map_error(names::MAP_TARGET))
     }
 }
 

@@ -225,25 +225,11 @@ impl Dataplane {
         let mut ebpf = loader
             .load(DATAPLANE_OBJECT)
             .map_err(|e| load_error(DATAPLANE_OBJECT_NAME, e))?;
-        let program: &mut Xdp = ebpf
-            .program_mut(PROG_XDP_INGRESS)
-            .ok_or(DataplaneError::MissingProgram(PROG_XDP_INGRESS))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program {
-                program: PROG_XDP_INGRESS,
-                source,
-            })?;
+        let program: &mut Xdp = program_mut(&mut ebpf, PROG_XDP_INGRESS)?;
         program
             .load()
             .map_err(|e| program_load_error(PROG_XDP_INGRESS, e))?;
-        let egress: &mut SchedClassifier = ebpf
-            .program_mut(PROG_TC_EGRESS)
-            .ok_or(DataplaneError::MissingProgram(PROG_TC_EGRESS))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program {
-                program: PROG_TC_EGRESS,
-                source,
-            })?;
+        let egress: &mut SchedClassifier = program_mut(&mut ebpf, PROG_TC_EGRESS)?;
         egress
             .load()
             .map_err(|e| program_load_error(PROG_TC_EGRESS, e))?;
@@ -271,25 +257,11 @@ impl Dataplane {
     }
 
     fn egress_mut(&mut self) -> Result<&mut SchedClassifier> {
-        self.ebpf
-            .program_mut(PROG_TC_EGRESS)
-            .ok_or(DataplaneError::MissingProgram(PROG_TC_EGRESS))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program {
-                program: PROG_TC_EGRESS,
-                source,
-            })
+        program_mut(&mut self.ebpf, PROG_TC_EGRESS)
     }
 
     fn egress(&self) -> Result<&SchedClassifier> {
-        self.ebpf
-            .program(PROG_TC_EGRESS)
-            .ok_or(DataplaneError::MissingProgram(PROG_TC_EGRESS))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program {
-                program: PROG_TC_EGRESS,
-                source,
-            })
+        program(&self.ebpf, PROG_TC_EGRESS)
     }
 
     /// Number of flows in the connection table (walks the map: for inspection, not hot paths).
@@ -299,52 +271,21 @@ impl Dataplane {
             .map(MAP_CONNTRACK)
             .ok_or(DataplaneError::MissingMap(MAP_CONNTRACK))?;
         let table: HashMap<&MapData, FlowKey, FlowValue> =
-            HashMap::try_from(map).map_err(|source| DataplaneError::Map {
-                map: MAP_CONNTRACK,
-                source,
-            })?;
+            HashMap::try_from(map).map_err(map_error(MAP_CONNTRACK))?;
         Ok(table.keys().filter(|k| k.is_ok()).count())
     }
 
     /// Runs the TC egress program once on `frame` (BPF_PROG_TEST_RUN); returns the frame after.
     pub fn run_egress(&self, frame: &[u8]) -> Result<Vec<u8>> {
-        let program = self.egress()?;
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                repeat: 1,
-                ..TestRunOptions::default()
-            })
-            .map_err(|source| DataplaneError::Program {
-                program: PROG_TC_EGRESS,
-                source,
-            })?;
-        out.truncate(result.data_size_out as usize);
-        Ok(out)
+        Ok(test_run_tc(self.egress()?, PROG_TC_EGRESS, frame, 1)?.0)
     }
 
     fn ingress(&self) -> Result<&Xdp> {
-        self.ebpf
-            .program(PROG_XDP_INGRESS)
-            .ok_or(DataplaneError::MissingProgram(PROG_XDP_INGRESS))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program {
-                program: PROG_XDP_INGRESS,
-                source,
-            })
+        program(&self.ebpf, PROG_XDP_INGRESS)
     }
 
     fn ingress_mut(&mut self) -> Result<&mut Xdp> {
-        self.ebpf
-            .program_mut(PROG_XDP_INGRESS)
-            .ok_or(DataplaneError::MissingProgram(PROG_XDP_INGRESS))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program {
-                program: PROG_XDP_INGRESS,
-                source,
-            })
+        program_mut(&mut self.ebpf, PROG_XDP_INGRESS)
     }
 
     /// Lets the balancer redirect flows out of `ifindex` in XDP. Done automatically for every
@@ -356,16 +297,10 @@ impl Dataplane {
             .map_mut(MAP_REDIRECT_TARGETS)
             .ok_or(DataplaneError::MissingMap(MAP_REDIRECT_TARGETS))?;
         let mut targets: HashMap<&mut MapData, u32, u32> =
-            HashMap::try_from(map).map_err(|source| DataplaneError::Map {
-                map: MAP_REDIRECT_TARGETS,
-                source,
-            })?;
+            HashMap::try_from(map).map_err(map_error(MAP_REDIRECT_TARGETS))?;
         targets
             .insert(ifindex, 1, 0)
-            .map_err(|source| DataplaneError::Map {
-                map: MAP_REDIRECT_TARGETS,
-                source,
-            })?;
+            .map_err(map_error(MAP_REDIRECT_TARGETS))?;
         tracing::debug!(event = "redirectTargetAllowed", ifindex);
         Ok(())
     }
@@ -475,10 +410,7 @@ impl Dataplane {
             .ebpf
             .map_mut(MAP_L2_VIPS)
             .ok_or(DataplaneError::MissingMap(MAP_L2_VIPS))?;
-        HashMap::try_from(map).map_err(|source| DataplaneError::Map {
-            map: MAP_L2_VIPS,
-            source,
-        })
+        HashMap::try_from(map).map_err(map_error(MAP_L2_VIPS))
     }
 
     /// Makes `L2_VIPS` hold exactly `desired`: adds and updates first, then removes what is no
@@ -503,20 +435,13 @@ impl Dataplane {
                 _pad: [0; 2],
             };
             map.insert(vip.key(), value, 0)
-                .map_err(|source| DataplaneError::Map {
-                    map: MAP_L2_VIPS,
-                    source,
-                })?;
+                .map_err(map_error(MAP_L2_VIPS))?;
             tracing::info!(event = "l2VipAdded", ip = %vip.ip, ifindex = vip.ifindex, mac = %format_mac(&vip.mac));
         }
         for vip in current.iter() {
             let key_bytes: [u8; 24] = bytemuck::cast(vip.key());
             if !wanted_keys.contains(&key_bytes) {
-                map.remove(&vip.key())
-                    .map_err(|source| DataplaneError::Map {
-                        map: MAP_L2_VIPS,
-                        source,
-                    })?;
+                map.remove(&vip.key()).map_err(map_error(MAP_L2_VIPS))?;
                 tracing::info!(event = "l2VipRemoved", ip = %vip.ip, ifindex = vip.ifindex);
             }
         }
@@ -535,10 +460,7 @@ impl Dataplane {
             .ebpf
             .map(MAP_GLOBAL_STATS)
             .ok_or(DataplaneError::MissingMap(MAP_GLOBAL_STATS))?;
-        let array = PerCpuArray::try_from(map).map_err(|source| DataplaneError::Map {
-            map: MAP_GLOBAL_STATS,
-            source,
-        })?;
+        let array = PerCpuArray::try_from(map).map_err(map_error(MAP_GLOBAL_STATS))?;
         read_stats(&array)
     }
 
@@ -550,13 +472,54 @@ impl Dataplane {
     }
 }
 
+/// Borrows a program of the object as its concrete type; errors name the program.
+fn program<'a, P>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a P>
+where
+    &'a P: TryFrom<&'a aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program(name)
+        .ok_or(DataplaneError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            program: name,
+            source,
+        })
+}
+
+/// Mutable version of [`program`].
+fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DataplaneError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            program: name,
+            source,
+        })
+}
+
+/// Turns a map error into one that names the map.
+fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
 /// The context BPF_PROG_TEST_RUN takes for XDP (`struct xdp_md`): data offsets and ifindexes.
 fn xdp_md(ifindex: u32, len: usize) -> [u8; 24] {
     let fields: [u32; 6] = [0, len as u32, 0, ifindex, 0, 0];
     bytemuck::cast(fields)
 }
 
-fn run_xdp(program: &Xdp, name: &'static str, ifindex: u32, frame: &[u8]) -> Result<RunOutcome> {
+/// One BPF_PROG_TEST_RUN of an XDP program, `repeat` times on the same buffer: what one run
+/// did, and the kernel's mean nanoseconds per run.
+fn test_run_xdp(
+    program: &Xdp,
+    name: &'static str,
+    ifindex: u32,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(RunOutcome, f64)> {
     let ctx = xdp_md(ifindex, frame.len());
     let mut out = vec![0u8; frame.len() + 256];
     let result = program
@@ -564,7 +527,7 @@ fn run_xdp(program: &Xdp, name: &'static str, ifindex: u32, frame: &[u8]) -> Res
             data_in: Some(frame),
             data_out: Some(&mut out),
             ctx_in: Some(&ctx),
-            repeat: 1,
+            repeat,
             ..TestRunOptions::default()
         })
         .map_err(|source| DataplaneError::Program {
@@ -572,10 +535,39 @@ fn run_xdp(program: &Xdp, name: &'static str, ifindex: u32, frame: &[u8]) -> Res
             source,
         })?;
     out.truncate(result.data_size_out as usize);
-    Ok(RunOutcome {
+    let outcome = RunOutcome {
         action: result.return_value.into(),
         frame: out,
-    })
+    };
+    Ok((outcome, result.duration.as_nanos() as f64))
+}
+
+fn run_xdp(program: &Xdp, name: &'static str, ifindex: u32, frame: &[u8]) -> Result<RunOutcome> {
+    Ok(test_run_xdp(program, name, ifindex, frame, 1)?.0)
+}
+
+/// One BPF_PROG_TEST_RUN of a TC program, `repeat` times: the frame after one run, and the
+/// kernel's mean nanoseconds per run.
+fn test_run_tc(
+    program: &SchedClassifier,
+    name: &'static str,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(Vec<u8>, f64)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .map_err(|source| DataplaneError::Program {
+            program: name,
+            source,
+        })?;
+    out.truncate(result.data_size_out as usize);
+    Ok((out, result.duration.as_nanos() as f64))
 }
 
 fn read_l2_vips<T: std::borrow::Borrow<MapData>>(
@@ -583,10 +575,7 @@ fn read_l2_vips<T: std::borrow::Borrow<MapData>>(
 ) -> Result<Vec<L2Vip>> {
     let mut vips = Vec::new();
     for entry in map.iter() {
-        let (key, value) = entry.map_err(|source| DataplaneError::Map {
-            map: MAP_L2_VIPS,
-            source,
-        })?;
+        let (key, value) = entry.map_err(map_error(MAP_L2_VIPS))?;
         vips.push(L2Vip::from_entry(&key, &value));
     }
     vips.sort();
@@ -596,10 +585,7 @@ fn read_l2_vips<T: std::borrow::Borrow<MapData>>(
 fn read_stats<T: std::borrow::Borrow<MapData>>(
     array: &PerCpuArray<T, GlobalStats>,
 ) -> Result<GlobalStats> {
-    let per_cpu = array.get(&0, 0).map_err(|source| DataplaneError::Map {
-        map: MAP_GLOBAL_STATS,
-        source,
-    })?;
+    let per_cpu = array.get(&0, 0).map_err(map_error(MAP_GLOBAL_STATS))?;
     Ok(per_cpu
         .iter()
         .fold(GlobalStats::default(), |sum, cpu| sum.add(*cpu)))
@@ -623,33 +609,23 @@ impl PinnedView {
             let path = pin_dir.join(name);
             MapData::from_pin(&path).map_err(|source| DataplaneError::Pinned { path, source })
         };
-        let l2_vips = HashMap::try_from(Map::HashMap(open(MAP_L2_VIPS)?)).map_err(|source| {
-            DataplaneError::Map {
-                map: MAP_L2_VIPS,
-                source,
-            }
-        })?;
-        let stats =
-            PerCpuArray::try_from(Map::PerCpuArray(open(MAP_GLOBAL_STATS)?)).map_err(|source| {
-                DataplaneError::Map {
-                    map: MAP_GLOBAL_STATS,
-                    source,
-                }
-            })?;
-        let err = |map: &'static str| move |source| DataplaneError::Map { map, source };
+        let l2_vips =
+            HashMap::try_from(Map::HashMap(open(MAP_L2_VIPS)?)).map_err(map_error(MAP_L2_VIPS))?;
+        let stats = PerCpuArray::try_from(Map::PerCpuArray(open(MAP_GLOBAL_STATS)?))
+            .map_err(map_error(MAP_GLOBAL_STATS))?;
         Ok(Self {
             l2_vips,
             stats,
             services: HashMap::try_from(Map::HashMap(open(MAP_SERVICES)?))
-                .map_err(err(MAP_SERVICES))?,
+                .map_err(map_error(MAP_SERVICES))?,
             backends: aya::maps::Array::try_from(Map::Array(open(MAP_BACKENDS)?))
-                .map_err(err(MAP_BACKENDS))?,
+                .map_err(map_error(MAP_BACKENDS))?,
             service_stats: PerCpuArray::try_from(Map::PerCpuArray(open(MAP_SERVICE_STATS)?))
-                .map_err(err(MAP_SERVICE_STATS))?,
+                .map_err(map_error(MAP_SERVICE_STATS))?,
             backend_stats: PerCpuArray::try_from(Map::PerCpuArray(open(MAP_BACKEND_STATS)?))
-                .map_err(err(MAP_BACKEND_STATS))?,
+                .map_err(map_error(MAP_BACKEND_STATS))?,
             conntrack: HashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK)?))
-                .map_err(err(MAP_CONNTRACK))?,
+                .map_err(map_error(MAP_CONNTRACK))?,
         })
     }
 

@@ -18,7 +18,7 @@ use lb_common::{
     MAP_SERVICE_STATS, PROTO_TCP, PROTO_UDP,
 };
 
-use super::{Dataplane, DataplaneError, Result};
+use super::{map_error, Dataplane, DataplaneError, Result};
 pub use crate::config::{Backend, Protocol, Service};
 use crate::maglev;
 
@@ -99,10 +99,6 @@ fn lowest_free(used: &BTreeSet<u32>, capacity: u32) -> Option<u32> {
         expected += 1;
     }
     (expected < capacity).then_some(expected)
-}
-
-fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { map, source }
 }
 
 /// Checks a service and its backends; every error names the offending value.
@@ -219,9 +215,9 @@ impl Dataplane {
                     .map_mut(MAP_BACKENDS)
                     .ok_or(DataplaneError::MissingMap(MAP_BACKENDS))?,
             )
-            .map_err(map_err(MAP_BACKENDS))?;
+            .map_err(map_error(MAP_BACKENDS))?;
             for (i, (b, id)) in assigned.iter().enumerate() {
-                let existing = array.get(id, 0).map_err(map_err(MAP_BACKENDS))?;
+                let existing = array.get(id, 0).map_err(map_error(MAP_BACKENDS))?;
                 let keep =
                     old.contains_key(&b.maglev_key()) && existing.flags & BACKEND_ACTIVE != 0;
                 let value = BackendValue {
@@ -237,7 +233,7 @@ impl Dataplane {
                     },
                     weight: b.weight,
                 };
-                array.set(*id, value, 0).map_err(map_err(MAP_BACKENDS))?;
+                array.set(*id, value, 0).map_err(map_error(MAP_BACKENDS))?;
             }
         }
         self.registry.next_generation = generation_base.wrapping_add(assigned.len() as u32);
@@ -259,22 +255,22 @@ impl Dataplane {
         let table_size = if table.slots.is_empty() {
             0
         } else {
-            let mut inner: Array<MapData, u32> =
-                Array::create(self.table_size, BPF_F_INNER_MAP).map_err(map_err("MAGLEV inner"))?;
+            let mut inner: Array<MapData, u32> = Array::create(self.table_size, BPF_F_INNER_MAP)
+                .map_err(map_error("MAGLEV inner"))?;
             for (slot, index) in table.slots.iter().enumerate() {
                 inner
                     .set(slot as u32, assigned[*index as usize].1, 0)
-                    .map_err(map_err("MAGLEV inner"))?;
+                    .map_err(map_error("MAGLEV inner"))?;
             }
             let mut outer: ArrayOfMaps<&mut MapData, Array<MapData, u32>> = ArrayOfMaps::try_from(
                 self.ebpf
                     .map_mut(MAP_MAGLEV)
                     .ok_or(DataplaneError::MissingMap(MAP_MAGLEV))?,
             )
-            .map_err(map_err(MAP_MAGLEV))?;
+            .map_err(map_error(MAP_MAGLEV))?;
             outer
                 .set(state.id, &inner, 0)
-                .map_err(map_err(MAP_MAGLEV))?;
+                .map_err(map_error(MAP_MAGLEV))?;
             self.table_size
         };
         {
@@ -283,7 +279,7 @@ impl Dataplane {
                     .map_mut(MAP_SERVICES)
                     .ok_or(DataplaneError::MissingMap(MAP_SERVICES))?,
             )
-            .map_err(map_err(MAP_SERVICES))?;
+            .map_err(map_error(MAP_SERVICES))?;
             services
                 .insert(
                     service_key(service),
@@ -293,7 +289,7 @@ impl Dataplane {
                     },
                     0,
                 )
-                .map_err(map_err(MAP_SERVICES))?;
+                .map_err(map_error(MAP_SERVICES))?;
         }
 
         // 3. Backends that left: deactivated after the switch, ids freed.
@@ -332,10 +328,10 @@ impl Dataplane {
                     .map_mut(MAP_SERVICES)
                     .ok_or(DataplaneError::MissingMap(MAP_SERVICES))?,
             )
-            .map_err(map_err(MAP_SERVICES))?;
+            .map_err(map_error(MAP_SERVICES))?;
             services
                 .remove(&service_key(service))
-                .map_err(map_err(MAP_SERVICES))?;
+                .map_err(map_error(MAP_SERVICES))?;
         }
         let ids: Vec<u32> = state.backends.iter().map(|(_, id)| *id).collect();
         self.deactivate_backends(&ids)?;
@@ -362,8 +358,8 @@ impl Dataplane {
                     .map(name)
                     .ok_or(DataplaneError::MissingMap(name))?,
             )
-            .map_err(map_err(name))?;
-            let values = array.get(&id, 0).map_err(map_err(name))?;
+            .map_err(map_error(name))?;
+            let values = array.get(&id, 0).map_err(map_error(name))?;
             Ok(values
                 .iter()
                 .fold(TrafficStats::default(), |sum, v| sum.add(*v)))
@@ -389,11 +385,11 @@ impl Dataplane {
                 .map_mut(MAP_BACKENDS)
                 .ok_or(DataplaneError::MissingMap(MAP_BACKENDS))?,
         )
-        .map_err(map_err(MAP_BACKENDS))?;
+        .map_err(map_error(MAP_BACKENDS))?;
         for id in ids {
-            let mut value = array.get(id, 0).map_err(map_err(MAP_BACKENDS))?;
+            let mut value = array.get(id, 0).map_err(map_error(MAP_BACKENDS))?;
             value.flags = 0;
-            array.set(*id, value, 0).map_err(map_err(MAP_BACKENDS))?;
+            array.set(*id, value, 0).map_err(map_error(MAP_BACKENDS))?;
             self.registry.used_backend_ids.remove(id);
         }
         Ok(())
@@ -406,10 +402,10 @@ impl Dataplane {
                 .map_mut(name)
                 .ok_or(DataplaneError::MissingMap(name))?,
         )
-        .map_err(map_err(name))?;
+        .map_err(map_error(name))?;
         let zeros = PerCpuValues::try_from(vec![TrafficStats::default(); cpus])
             .map_err(|e| DataplaneError::Cpus(std::io::Error::other(e.to_string())))?;
-        array.set(id, zeros, 0).map_err(map_err(name))
+        array.set(id, zeros, 0).map_err(map_error(name))
     }
 
     /// Rebuilds the registry from maps that were pinned by an earlier run.
@@ -419,10 +415,10 @@ impl Dataplane {
                 .map(MAP_SERVICES)
                 .ok_or(DataplaneError::MissingMap(MAP_SERVICES))?,
         )
-        .map_err(map_err(MAP_SERVICES))?;
+        .map_err(map_error(MAP_SERVICES))?;
         let mut by_id: BTreeMap<u32, Service> = BTreeMap::new();
         for entry in services.iter() {
-            let (key, value) = entry.map_err(map_err(MAP_SERVICES))?;
+            let (key, value) = entry.map_err(map_error(MAP_SERVICES))?;
             let protocol = if key.proto == PROTO_TCP {
                 Protocol::Tcp
             } else {
@@ -443,7 +439,7 @@ impl Dataplane {
                 .map(MAP_BACKENDS)
                 .ok_or(DataplaneError::MissingMap(MAP_BACKENDS))?,
         )
-        .map_err(map_err(MAP_BACKENDS))?;
+        .map_err(map_error(MAP_BACKENDS))?;
         let mut registry = Registry::default();
         for (id, service) in &by_id {
             registry.used_service_ids.insert(*id);
@@ -456,7 +452,7 @@ impl Dataplane {
             );
         }
         for (index, value) in backends.iter().enumerate() {
-            let value = value.map_err(map_err(MAP_BACKENDS))?;
+            let value = value.map_err(map_error(MAP_BACKENDS))?;
             registry.next_generation = registry
                 .next_generation
                 .max(value.generation.wrapping_add(1));
@@ -490,7 +486,7 @@ fn sum_stats<T: std::borrow::Borrow<MapData>>(
     id: u32,
     name: &'static str,
 ) -> Result<TrafficStats> {
-    let values = array.get(&id, 0).map_err(map_err(name))?;
+    let values = array.get(&id, 0).map_err(map_error(name))?;
     Ok(values
         .iter()
         .fold(TrafficStats::default(), |sum, v| sum.add(*v)))
@@ -506,7 +502,7 @@ pub(super) fn read_services<T: std::borrow::Borrow<MapData>>(
 ) -> Result<Vec<ServiceStats>> {
     let mut by_id: BTreeMap<u32, ServiceStats> = BTreeMap::new();
     for entry in services.iter() {
-        let (key, value) = entry.map_err(map_err(MAP_SERVICES))?;
+        let (key, value) = entry.map_err(map_error(MAP_SERVICES))?;
         let service = Service {
             vip: ip_from(key.family, &key.addr),
             port: u16::from_be_bytes(key.port),
@@ -526,7 +522,7 @@ pub(super) fn read_services<T: std::borrow::Borrow<MapData>>(
         );
     }
     for (index, value) in backends.iter().enumerate() {
-        let value = value.map_err(map_err(MAP_BACKENDS))?;
+        let value = value.map_err(map_error(MAP_BACKENDS))?;
         if value.flags & BACKEND_ACTIVE == 0 {
             continue;
         }

@@ -32,46 +32,10 @@ fn main() -> Result<()> {
     }
     // veth0 faces the clients, veth1 the backends (with permanent neighbour entries), so the
     // balancer's FIB lookups resolve as on a real node.
-    for args in [
-        vec![
-            "ip", "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
-        ],
-        vec!["ip", "link", "set", "veth0", "up"],
-        vec!["ip", "link", "set", "veth1", "up"],
-        vec!["ip", "addr", "add", "198.18.1.1/24", "dev", "veth0"],
-        vec!["ip", "addr", "add", "198.18.2.1/24", "dev", "veth1"],
-        vec!["ip", "addr", "add", "fd53:1::1/64", "dev", "veth0", "nodad"],
-        vec!["ip", "addr", "add", "fd53:2::1/64", "dev", "veth1", "nodad"],
-        vec!["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"],
-        vec!["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
-        vec![
-            "ip",
-            "neigh",
-            "replace",
-            "198.18.2.10",
-            "lladdr",
-            "02:be:00:00:00:0a",
-            "dev",
-            "veth1",
-            "nud",
-            "permanent",
-        ],
-        vec![
-            "ip",
-            "-6",
-            "neigh",
-            "replace",
-            "fd53:2::10",
-            "lladdr",
-            "02:be:00:00:00:0a",
-            "dev",
-            "veth1",
-            "nud",
-            "permanent",
-        ],
-    ] {
-        sh(&args);
-    }
+    sh(&[
+        "ip", "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
+    ]);
+    sluice_tests::balancer_namespace_setup();
     let ifindex = lb_userspace::dataplane::interface("veth0")?.ifindex;
     let vip4 = Ipv4Addr::new(198, 18, 1, 100);
     let vip6: Ipv6Addr = "fd53:1::100".parse()?;
