@@ -40,6 +40,8 @@ pub struct Packet {
     /// IPv4: total length; IPv6: payload length + 40 (for the FIB lookup's MTU check).
     ip_len: u16,
     flow: FlowKey,
+    /// The (VIP, port, protocol) key, built here rather than on the stack.
+    service_key: ServiceKey,
 }
 
 impl Packet {
@@ -54,6 +56,22 @@ impl Packet {
     fn l4(&self) -> usize {
         self.l4_offset & 0x7f
     }
+}
+
+/// The service for (VIP, port, protocol), if there is one. Looked up before anything else is
+/// done, so traffic that is not a service's costs one lookup and nothing more.
+#[inline(always)]
+fn service(
+    key: &mut ServiceKey,
+    ports: &[u8; 4],
+    proto: u8,
+    family: u8,
+) -> Option<&'static ServiceValue> {
+    key.port = [ports[2], ports[3]];
+    key.proto = proto;
+    key.family = family;
+    // SAFETY: map values stay valid for the program's run; they are only read.
+    unsafe { SERVICES.get(key) }
 }
 
 /// Fills the per-CPU scratch packet with everything but the addresses.
@@ -117,6 +135,15 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
         return Outcome::Malformed;
     };
     let ports = unsafe { &*ports };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Outcome::Passed;
+    };
+    let key = unsafe { &mut (*scratch).service_key };
+    key.addr = [0; 16];
+    key.addr[..4].copy_from_slice(&ip.dst);
+    let Some(service) = service(key, ports, ip.proto, FAMILY_IPV4) else {
+        return Outcome::Passed;
+    };
     let Some(packet) = start_packet(FAMILY_IPV4, ip.proto, l2.l3_offset, l4_offset, total, ports)
     else {
         return Outcome::Passed;
@@ -125,7 +152,7 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
     packet.flow.dst = [0; 16];
     packet.flow.src[..4].copy_from_slice(&ip.src);
     packet.flow.dst[..4].copy_from_slice(&ip.dst);
-    balance(ctx, packet)
+    balance(ctx, packet, service)
 }
 
 /// IPv6 with TCP or UDP directly after the fixed header (no extension headers).
@@ -152,6 +179,14 @@ pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
         return Outcome::Malformed;
     };
     let ports = unsafe { &*ports };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Outcome::Passed;
+    };
+    let key = unsafe { &mut (*scratch).service_key };
+    key.addr = ip6.dst;
+    let Some(service) = service(key, ports, ip6.next_header, FAMILY_IPV6) else {
+        return Outcome::Passed;
+    };
     let ip_len = payload + IPV6_HLEN;
     let Some(packet) = start_packet(
         FAMILY_IPV6,
@@ -165,7 +200,7 @@ pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
     };
     packet.flow.src = ip6.src;
     packet.flow.dst = ip6.dst;
-    balance(ctx, packet)
+    balance(ctx, packet, service)
 }
 
 /// Writes the flow's connection-table entry and the reverse mapping its replies need.
@@ -191,17 +226,7 @@ fn record_flow(packet: &Packet, backend: &BackendValue, entry: &FlowValue) {
 }
 
 #[inline(never)]
-fn balance(ctx: &XdpContext, packet: &Packet) -> Outcome {
-    let service_key = ServiceKey {
-        addr: packet.flow.dst,
-        port: packet.flow.dport,
-        proto: packet.proto,
-        family: packet.family,
-    };
-    // SAFETY: map values stay valid for the program's run; they are only read.
-    let Some(service) = (unsafe { SERVICES.get(&service_key) }) else {
-        return Outcome::Passed;
-    };
+fn balance(ctx: &XdpContext, packet: &Packet, service: &ServiceValue) -> Outcome {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
 
     // 1. An established flow keeps its backend while that backend exists.
