@@ -1,9 +1,89 @@
 //! The model of what the operator asked for, and its validation. Pure: never touches the kernel.
 //!
-//! For now it holds the L2 announcements (`IP@interface`); pools, services and peers join it with
-//! the standalone issue. Every error names the field and the value it rejects.
+//! `file` parses the config file (Sluice's YAML or MetalLB's legacy ConfigMap), `model` validates
+//! it into a [`Config`], `address` holds CIDRs and ranges. The command line's own specs
+//! (`IP@INTERFACE`, `VIP:PORT/proto=...`) are parsed here too. Every error names the field and
+//! the value it rejects.
 
-use std::{fmt, net::IpAddr, str::FromStr};
+pub mod address;
+pub mod file;
+pub mod model;
+
+pub use model::*;
+
+use std::{
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+/// One problem in a config file: where (a field path like `services[0].ports[1].port`) and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Why a set of config files was rejected: every problem, one per line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct LoadError {
+    pub problems: Vec<String>,
+}
+
+/// Parses one file's text (`name` is used in messages).
+pub fn parse_text(name: &str, text: &str) -> Result<file::SluiceFile, LoadError> {
+    file::parse(text).map_err(|e| LoadError {
+        problems: vec![format!("{name}: {e}")],
+    })
+}
+
+/// Reads, parses and validates the files: the whole configuration, or every problem found.
+pub fn load(paths: &[PathBuf]) -> Result<Config, LoadError> {
+    let mut files = Vec::new();
+    let mut problems = Vec::new();
+    for path in paths {
+        let name = path.display().to_string();
+        match std::fs::read_to_string(path) {
+            Ok(text) => match parse_text(&name, &text) {
+                Ok(f) => files.push((name, f)),
+                Err(e) => problems.extend(e.problems),
+            },
+            Err(e) => problems.push(format!("{name}: cannot read: {e}")),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(LoadError { problems });
+    }
+    build_from(files)
+}
+
+/// Validates parsed files into the model.
+pub fn build_from(files: Vec<(String, file::SluiceFile)>) -> Result<Config, LoadError> {
+    model::build(files).map_err(|errors| LoadError {
+        problems: errors.iter().map(|e| e.to_string()).collect(),
+    })
+}
+
+/// The file names, for log lines.
+pub fn describe(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| Path::new(p).display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 // ---- Services ----
 
