@@ -5,4 +5,6 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod health;
+pub mod ipam;
 pub mod maglev;
