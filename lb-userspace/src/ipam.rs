@@ -51,7 +51,7 @@ fn lowest_free(pool: &Pool, ipv4: bool, used: &BTreeSet<IpAddr>) -> Option<IpAdd
         let (mut n, end) = (to_u128(range.start), to_u128(range.end));
         loop {
             let ip = from_u128(n, ipv4);
-            if !used.contains(&ip) && !(pool.avoid_buggy_ips && buggy(ip)) {
+            if !used.contains(&ip) && usable(pool, ip) {
                 return Some(ip);
             }
             if n == end {

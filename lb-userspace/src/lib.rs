@@ -8,3 +8,6 @@ pub mod dataplane;
 pub mod health;
 pub mod ipam;
 pub mod maglev;
+pub mod metrics;
+pub mod signals;
+pub mod standalone;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     config::L2Announcement,
     dataplane::{self, Dataplane, DataplaneOptions, L2Vip, PinnedView},
+    signals::SignalSet,
 };
 
 #[derive(Parser)]
@@ -32,6 +33,22 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the standalone load balancer from config files (Sluice's YAML or MetalLB's legacy
+    /// ConfigMap): allocate service IPs, answer ARP/NDP for them, balance their traffic, check
+    /// backends' health, serve metrics. Reloads on SIGHUP and when a file changes.
+    Run {
+        /// A config file; repeat to combine (e.g. MetalLB's ConfigMap and a file of services).
+        #[arg(long = "config", value_name = "FILE", required = true)]
+        configs: Vec<PathBuf>,
+        /// This node's name (used in logs; BGP and elections use it later).
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Check config files without touching the kernel: parse, validate, allocate.
+    Validate {
+        #[arg(long = "config", value_name = "FILE", required = true)]
+        configs: Vec<PathBuf>,
+    },
     /// Answer ARP (IPv4) and NDP (IPv6) for service IPs, each on the interface named with it only,
     /// until interrupted (SIGINT/SIGTERM). Stopping detaches the program: the answers stop.
     Announce {
@@ -76,9 +93,12 @@ enum Command {
     },
     /// Show what the data plane holds, from its pinned maps (daemon running or not).
     Inspect {
-        /// Where the maps are pinned.
-        #[arg(long, default_value_os_t = dataplane::default_pin_dir())]
-        pin_dir: PathBuf,
+        /// Where the maps are pinned (default: the config's, else /sys/fs/bpf/sluice).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+        /// The config `sluice run` uses: adds service names and backend health.
+        #[arg(long = "config", value_name = "FILE")]
+        configs: Vec<PathBuf>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -124,7 +144,20 @@ fn main() -> ExitCode {
                 )
             }
         }
-        Command::Inspect { pin_dir, json } => inspect(pin_dir, json),
+        Command::Inspect {
+            pin_dir,
+            configs,
+            json,
+        } => inspect(pin_dir, &configs, json),
+        Command::Run { configs, node } => {
+            if let Some(node) = &node {
+                tracing::info!(event = "starting", node = %node);
+            }
+            lb_userspace::standalone::run(configs)
+        }
+        Command::Validate { configs } => {
+            lb_userspace::standalone::validate(&configs).map(|summary| println!("{summary}"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -264,7 +297,38 @@ fn serve(
     Ok(())
 }
 
-fn inspect(pin_dir: PathBuf, json: bool) -> Result<()> {
+fn inspect(pin_dir: Option<PathBuf>, configs: &[PathBuf], json: bool) -> Result<()> {
+    let config = if configs.is_empty() {
+        None
+    } else {
+        Some(lb_userspace::config::load(configs)?)
+    };
+    let pin_dir = pin_dir
+        .or_else(|| config.as_ref().map(|c| c.dataplane.pin_dir.clone()))
+        .unwrap_or_else(dataplane::default_pin_dir);
+    let state_file = config.as_ref().map_or_else(
+        || PathBuf::from(lb_userspace::config::DEFAULT_STATE_FILE),
+        |c| c.dataplane.state_file.clone(),
+    );
+    let status = lb_userspace::standalone::read_status(&state_file).unwrap_or_default();
+    let name_of = |key: &str| {
+        status
+            .services
+            .iter()
+            .find(|(_, _, keys)| keys.iter().any(|k| k == key))
+            .map(|(n, _, _)| n.clone())
+    };
+    let health_of = |name: &Option<String>, backend: &str| {
+        status
+            .health
+            .iter()
+            .find(|h| {
+                let ip = |k: &str| k.rsplit_once(':').map(|(ip, _)| ip.to_string());
+                Some(&h.service) == name.as_ref() && ip(&h.backend) == ip(backend)
+            })
+            .map(|h| if h.healthy { "healthy" } else { "unhealthy" })
+            .unwrap_or("unchecked")
+    };
     let view = PinnedView::open(&pin_dir)
         .with_context(|| format!("inspecting the data plane pinned at {}", pin_dir.display()))?;
     let vips = view.l2_vips()?;
@@ -275,13 +339,16 @@ fn inspect(pin_dir: PathBuf, json: bool) -> Result<()> {
         let services: Vec<_> = services
             .iter()
             .map(|s| {
+                let name = name_of(&s.service.to_string());
                 serde_json::json!({
+                    "name": name,
                     "service": s.service.to_string(),
                     "packets": s.traffic.packets,
                     "bytes": s.traffic.bytes,
                     "newFlows": s.traffic.new_flows,
                     "backends": s.backends.iter().map(|(b, t)| serde_json::json!({
                         "backend": b.maglev_key(),
+                        "health": health_of(&name, &b.maglev_key()),
                         "weight": b.weight,
                         "packets": t.packets,
                         "bytes": t.bytes,
@@ -301,8 +368,16 @@ fn inspect(pin_dir: PathBuf, json: bool) -> Result<()> {
                 })
             })
             .collect();
+        let unhealthy: Vec<_> = status
+            .health
+            .iter()
+            .filter(|h| !h.healthy)
+            .map(|h| serde_json::json!({"name": h.service, "backend": h.backend}))
+            .collect();
         let doc = serde_json::json!({
             "l2Vips": vips,
+            "unhealthyBackends": unhealthy,
+            "pools": status.pools.iter().map(|(p, used, total)| serde_json::json!({"pool": p, "inUse": used, "total": total})).collect::<Vec<_>>(),
             "services": services,
             "trackedFlows": flows,
             "counters": {
@@ -340,9 +415,13 @@ fn inspect(pin_dir: PathBuf, json: bool) -> Result<()> {
         println!("  (none)");
     }
     for s in &services {
+        let name = name_of(&s.service.to_string());
         println!(
             "  {:<44} packets {:<10} bytes {:<12} new flows {}",
-            s.service.to_string(),
+            match &name {
+                Some(n) => format!("{n} {}", s.service),
+                None => s.service.to_string(),
+            },
             s.traffic.packets,
             s.traffic.bytes,
             s.traffic.new_flows
@@ -353,7 +432,7 @@ fn inspect(pin_dir: PathBuf, json: bool) -> Result<()> {
         for (b, t) in &s.backends {
             println!(
                 "    → {:<40} packets {:<10} bytes {:<12} new flows {}{}",
-                b.maglev_key(),
+                format!("{} ({})", b.maglev_key(), health_of(&name, &b.maglev_key())),
                 t.packets,
                 t.bytes,
                 t.new_flows,
@@ -363,6 +442,19 @@ fn inspect(pin_dir: PathBuf, json: bool) -> Result<()> {
                     format!("  (weight {})", b.weight)
                 }
             );
+        }
+    }
+    for h in status.health.iter().filter(|h| !h.healthy) {
+        println!(
+            "  {} → {} is unhealthy: out of the Maglev table",
+            h.service, h.backend
+        );
+    }
+    if !status.pools.is_empty() {
+        println!();
+        println!("Pools");
+        for (pool, used, total) in &status.pools {
+            println!("  {pool:<20} {used} of {total} in use");
         }
     }
     println!();
@@ -376,34 +468,4 @@ fn inspect(pin_dir: PathBuf, json: bool) -> Result<()> {
     println!("  no backend   {}", stats.lb_no_backend);
     println!("  reverse NAT  {}", stats.reverse_nat);
     Ok(())
-}
-
-/// Signals blocked for this process and waited for synchronously (no handler runs).
-struct SignalSet(libc::sigset_t);
-
-impl SignalSet {
-    fn block(signals: &[libc::c_int]) -> Result<Self> {
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        unsafe { libc::sigemptyset(&mut set) };
-        for signal in signals {
-            unsafe { libc::sigaddset(&mut set, *signal) };
-        }
-        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-        if rc != 0 {
-            anyhow::bail!(
-                "cannot block signals: {}",
-                std::io::Error::from_raw_os_error(rc)
-            );
-        }
-        Ok(Self(set))
-    }
-
-    fn wait(&self) -> Result<libc::c_int> {
-        let mut signal: libc::c_int = 0;
-        let rc = unsafe { libc::sigwait(&self.0, &mut signal) };
-        if rc != 0 {
-            anyhow::bail!("sigwait failed: {}", std::io::Error::from_raw_os_error(rc));
-        }
-        Ok(signal)
-    }
 }

@@ -3,6 +3,7 @@
 //! ARP/NDP client.
 
 pub mod frames;
+pub mod lab;
 pub mod netns;
 pub mod rawsock;
 pub mod servers;

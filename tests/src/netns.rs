@@ -168,12 +168,25 @@ impl Process {
         }
     }
 
+    /// Moves the child out (this one is left empty), e.g. to stop it and start another.
+    pub fn take(&mut self) -> Process {
+        Process {
+            child: self.child.take(),
+        }
+    }
+
     /// Runs `sluice inspect --json` in this process's mount and network namespaces (where its
     /// bpffs and pinned maps are) and returns the document.
     pub fn inspect_json(&self, sluice_bin: &str) -> serde_json::Value {
+        self.inspect_json_with(sluice_bin, &[])
+    }
+
+    /// [`Self::inspect_json`] with more arguments (e.g. `--config FILE`).
+    pub fn inspect_json_with(&self, sluice_bin: &str, args: &[&str]) -> serde_json::Value {
         let out = Command::new("nsenter")
             .args(["--target", &self.pid().to_string(), "--mount", "--net"])
             .args([sluice_bin, "inspect", "--json"])
+            .args(args)
             .output()
             .expect("nsenter (util-linux)");
         assert!(

@@ -1,0 +1,339 @@
+//! The daemon's status and its HTTP endpoint: /metrics (Prometheus text format), /healthz and
+//! /readyz. Traffic counters are read from the pinned maps at scrape time; everything else comes
+//! from the shared [`Status`] the daemon keeps up to date. Rendering is pure.
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    dataplane::{PinnedView, ServiceStats},
+    ipam::PoolUsage,
+};
+
+/// One backend's health, as the daemon last decided it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendHealth {
+    pub service: String,
+    /// "ip:port" (the probe target).
+    pub backend: String,
+    pub healthy: bool,
+}
+
+/// What the daemon knows that the maps do not.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    /// The data plane is loaded and serving the configuration.
+    pub ready: bool,
+    /// The error of the last reload, when it failed.
+    pub last_reload_error: Option<String>,
+    pub reloads_succeeded: u64,
+    pub reloads_failed: u64,
+    /// service name → "ip" and the service's VIP:port/proto keys.
+    pub services: Vec<(String, String, Vec<String>)>,
+    pub pools: Vec<(String, u64, f64)>,
+    pub health: Vec<BackendHealth>,
+}
+
+impl Status {
+    pub fn set_pools(&mut self, usage: &[PoolUsage]) {
+        self.pools = usage
+            .iter()
+            .map(|u| (u.pool.clone(), u.in_use, u.total))
+            .collect();
+    }
+}
+
+pub type SharedStatus = Arc<Mutex<Status>>;
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Renders every metric: traffic from the maps (when readable), state from `status`.
+pub fn render(
+    status: &Status,
+    services: &[ServiceStats],
+    global: Option<&lb_common::GlobalStats>,
+    flows: Option<usize>,
+) -> String {
+    let mut out = String::new();
+    let name_of = |key: &str| {
+        status
+            .services
+            .iter()
+            .find(|(_, _, keys)| keys.iter().any(|k| k == key))
+            .map(|(n, _, _)| n.clone())
+            .unwrap_or_default()
+    };
+    for (metric, help, pick) in [
+        (
+            "sluice_service_packets_total",
+            "Packets balanced, per service.",
+            0,
+        ),
+        (
+            "sluice_service_bytes_total",
+            "Bytes balanced, per service.",
+            1,
+        ),
+        ("sluice_service_flows_total", "New flows, per service.", 2),
+    ] {
+        family(&mut out, metric, "counter", help);
+        for s in services {
+            let key = s.service.to_string();
+            let v = [s.traffic.packets, s.traffic.bytes, s.traffic.new_flows][pick];
+            let _ = writeln!(
+                out,
+                "{metric}{{name=\"{}\",service=\"{}\"}} {v}",
+                escape(&name_of(&key)),
+                escape(&key)
+            );
+        }
+    }
+    for (metric, help, pick) in [
+        (
+            "sluice_backend_packets_total",
+            "Packets sent to a backend.",
+            0,
+        ),
+        ("sluice_backend_bytes_total", "Bytes sent to a backend.", 1),
+        (
+            "sluice_backend_flows_total",
+            "New flows given to a backend.",
+            2,
+        ),
+    ] {
+        family(&mut out, metric, "counter", help);
+        for s in services {
+            let key = s.service.to_string();
+            for (b, t) in &s.backends {
+                let v = [t.packets, t.bytes, t.new_flows][pick];
+                let _ = writeln!(
+                    out,
+                    "{metric}{{name=\"{}\",service=\"{}\",backend=\"{}\"}} {v}",
+                    escape(&name_of(&key)),
+                    escape(&key),
+                    escape(&b.maglev_key())
+                );
+            }
+        }
+    }
+    family(
+        &mut out,
+        "sluice_backend_healthy",
+        "gauge",
+        "1 when the backend passes its health check (it is in the Maglev table).",
+    );
+    for h in &status.health {
+        let _ = writeln!(
+            out,
+            "sluice_backend_healthy{{name=\"{}\",backend=\"{}\"}} {}",
+            escape(&h.service),
+            escape(&h.backend),
+            u8::from(h.healthy)
+        );
+    }
+    family(
+        &mut out,
+        "sluice_allocator_addresses_in_use_total",
+        "gauge",
+        "Addresses of a pool allocated to services.",
+    );
+    for (pool, in_use, _) in &status.pools {
+        let _ = writeln!(
+            out,
+            "sluice_allocator_addresses_in_use_total{{pool=\"{}\"}} {in_use}",
+            escape(pool)
+        );
+    }
+    family(
+        &mut out,
+        "sluice_allocator_addresses_total",
+        "gauge",
+        "Usable addresses of a pool.",
+    );
+    for (pool, _, total) in &status.pools {
+        let _ = writeln!(
+            out,
+            "sluice_allocator_addresses_total{{pool=\"{}\"}} {total}",
+            escape(pool)
+        );
+    }
+    family(
+        &mut out,
+        "sluice_config_reloads_total",
+        "counter",
+        "Configuration reloads, by result.",
+    );
+    let _ = writeln!(
+        out,
+        "sluice_config_reloads_total{{result=\"success\"}} {}",
+        status.reloads_succeeded
+    );
+    let _ = writeln!(
+        out,
+        "sluice_config_reloads_total{{result=\"failure\"}} {}",
+        status.reloads_failed
+    );
+    family(
+        &mut out,
+        "sluice_config_last_reload_successful",
+        "gauge",
+        "1 when the last reload was applied, 0 when it was rejected.",
+    );
+    let _ = writeln!(
+        out,
+        "sluice_config_last_reload_successful {}",
+        u8::from(status.last_reload_error.is_none())
+    );
+    if let Some(g) = global {
+        family(
+            &mut out,
+            "sluice_packets_total",
+            "counter",
+            "Packets seen by the XDP program, by outcome.",
+        );
+        for (outcome, v) in [
+            ("arp_reply", g.arp_replies),
+            ("na_reply", g.na_replies),
+            ("passed", g.passed),
+            ("malformed", g.malformed),
+            ("forwarded", g.lb_forwarded),
+            ("forwarded_via_kernel", g.lb_to_kernel),
+            ("dropped_no_backend", g.lb_no_backend),
+            ("reverse_nat", g.reverse_nat),
+        ] {
+            let _ = writeln!(out, "sluice_packets_total{{outcome=\"{outcome}\"}} {v}");
+        }
+    }
+    if let Some(n) = flows {
+        family(
+            &mut out,
+            "sluice_tracked_flows",
+            "gauge",
+            "Flows in the connection table.",
+        );
+        let _ = writeln!(out, "sluice_tracked_flows {n}");
+    }
+    out
+}
+
+/// Serves /metrics, /healthz and /readyz on `address` from a thread of its own.
+pub fn serve(address: SocketAddr, status: SharedStatus, pin_dir: PathBuf) -> std::io::Result<()> {
+    let server = tiny_http::Server::http(address).map_err(std::io::Error::other)?;
+    std::thread::spawn(move || {
+        for request in server.incoming_requests() {
+            let (code, body) = match request.url() {
+                "/healthz" => (200, "ok\n".to_string()),
+                "/readyz" => {
+                    let s = status.lock().unwrap().clone();
+                    match (s.ready, &s.last_reload_error) {
+                        (true, None) => (200, "ready\n".to_string()),
+                        (false, _) => (503, "not ready: the data plane is not serving yet\n".into()),
+                        (true, Some(e)) => (
+                            503,
+                            format!("the last reload failed (the previous configuration keeps serving):\n{e}\n"),
+                        ),
+                    }
+                }
+                "/metrics" => {
+                    let s = status.lock().unwrap().clone();
+                    let view = PinnedView::open(&pin_dir).ok();
+                    let services = view
+                        .as_ref()
+                        .and_then(|v| v.services().ok())
+                        .unwrap_or_default();
+                    let global = view.as_ref().and_then(|v| v.stats().ok());
+                    let flows = view.as_ref().map(|v| v.flow_count());
+                    (200, render(&s, &services, global.as_ref(), flows))
+                }
+                _ => (404, "not found: try /metrics, /healthz or /readyz\n".into()),
+            };
+            let response = tiny_http::Response::from_string(body).with_status_code(code);
+            let _ = request.respond(response);
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::{Backend, Protocol, Service};
+    use lb_common::TrafficStats;
+
+    #[test]
+    fn renders_traffic_health_pools_and_reloads_in_prometheus_text() {
+        let status = Status {
+            ready: true,
+            last_reload_error: Some("bad".into()),
+            reloads_succeeded: 2,
+            reloads_failed: 1,
+            services: vec![(
+                "web".into(),
+                "198.51.100.1".into(),
+                vec!["198.51.100.1:80/tcp".into()],
+            )],
+            pools: vec![("default".into(), 1, 254.0)],
+            health: vec![BackendHealth {
+                service: "web".into(),
+                backend: "10.0.0.1:8080".into(),
+                healthy: false,
+            }],
+        };
+        let services = vec![ServiceStats {
+            service: Service {
+                vip: "198.51.100.1".parse().unwrap(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            traffic: TrafficStats {
+                packets: 10,
+                bytes: 1000,
+                new_flows: 2,
+            },
+            backends: vec![(
+                Backend {
+                    ip: "10.0.0.2".parse().unwrap(),
+                    port: 8080,
+                    weight: 1,
+                },
+                TrafficStats {
+                    packets: 10,
+                    bytes: 1000,
+                    new_flows: 2,
+                },
+            )],
+        }];
+        let text = render(&status, &services, None, Some(3));
+        for line in [
+            "sluice_service_packets_total{name=\"web\",service=\"198.51.100.1:80/tcp\"} 10",
+            "sluice_backend_flows_total{name=\"web\",service=\"198.51.100.1:80/tcp\",backend=\"10.0.0.2:8080\"} 2",
+            "sluice_backend_healthy{name=\"web\",backend=\"10.0.0.1:8080\"} 0",
+            "sluice_allocator_addresses_in_use_total{pool=\"default\"} 1",
+            "sluice_allocator_addresses_total{pool=\"default\"} 254",
+            "sluice_config_reloads_total{result=\"failure\"} 1",
+            "sluice_config_last_reload_successful 0",
+            "sluice_tracked_flows 3",
+            "# TYPE sluice_backend_healthy gauge",
+            "# TYPE sluice_service_packets_total counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        assert_eq!(escape("a\"b\\c"), "a\\\"b\\\\c");
+    }
+}

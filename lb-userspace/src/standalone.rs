@@ -1,0 +1,661 @@
+//! `sluice run`: the standalone load balancer. Reads the config, allocates service IPs, checks
+//! backends' health, and keeps the data plane equal to what all of that asks for; reloads on
+//! SIGHUP and when a config file changes.
+//!
+//! [`desired`] is the decision (pure): config + allocations + health → interfaces, L2 VIPs,
+//! services with their healthy backends. [`Daemon`] is the edge: it applies the differences to
+//! the data plane, and on a rejected reload keeps serving the configuration it had.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    hash::{Hash, Hasher},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{mpsc, Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{self, Config, HealthCheck},
+    dataplane::{self, Backend, Dataplane, DataplaneOptions, L2Vip, Service},
+    health::{self, Checker, Health, ProbeResult},
+    ipam::{self, Allocation},
+    metrics::{self, BackendHealth, SharedStatus, Status},
+    signals::SignalSet,
+};
+
+/// A health-checked backend of a named service: (service name, backend IP, probed port).
+pub type HealthKey = (String, IpAddr, u16);
+
+/// What the data plane should hold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub interfaces: Vec<String>,
+    /// (VIP, interface to answer ARP/NDP on).
+    pub l2: Vec<(IpAddr, String)>,
+    pub services: BTreeMap<Service, Vec<Backend>>,
+    /// Backends to probe, with their check.
+    pub checks: Vec<(HealthKey, HealthCheck)>,
+}
+
+/// The decision: pure.
+pub fn desired(
+    config: &Config,
+    allocations: &BTreeMap<String, Allocation>,
+    health: &BTreeMap<HealthKey, Health>,
+) -> Desired {
+    let mut services = BTreeMap::new();
+    let mut checks = Vec::new();
+    for s in &config.services {
+        let Some(allocation) = allocations.get(&s.name) else {
+            continue;
+        };
+        let probe_port = |b: &config::BackendDef| {
+            b.port
+                .unwrap_or(s.ports.first().map_or(0, |p| p.target_port))
+        };
+        let healthy = |b: &config::BackendDef| {
+            let key = (s.name.clone(), b.ip, probe_port(b));
+            health.get(&key).is_none_or(|h| h.healthy)
+        };
+        if let Some(check) = &s.health_check {
+            for b in &s.backends {
+                let port = check.port.unwrap_or(probe_port(b));
+                checks.push((
+                    (s.name.clone(), b.ip, probe_port(b)),
+                    HealthCheck {
+                        port: Some(port),
+                        ..check.clone()
+                    },
+                ));
+            }
+        }
+        for port in &s.ports {
+            let backends = s
+                .backends
+                .iter()
+                .filter(|b| healthy(b))
+                .map(|b| Backend {
+                    ip: b.ip,
+                    port: b.port.unwrap_or(port.target_port),
+                    weight: b.weight,
+                })
+                .collect();
+            services.insert(
+                Service {
+                    vip: allocation.ip,
+                    port: port.port,
+                    protocol: port.protocol,
+                },
+                backends,
+            );
+        }
+    }
+    let mut l2 = Vec::new();
+    for adv in &config.l2_advertisements {
+        for allocation in allocations.values() {
+            if adv.pools.contains(&allocation.pool) {
+                for interface in &adv.interfaces {
+                    l2.push((allocation.ip, interface.clone()));
+                }
+            }
+        }
+    }
+    l2.sort();
+    l2.dedup();
+    Desired {
+        interfaces: config.dataplane.interfaces.clone(),
+        l2,
+        services,
+        checks,
+    }
+}
+
+/// Allocations remembered across restarts.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    allocations: BTreeMap<String, IpAddr>,
+}
+
+fn read_state(path: &Path) -> BTreeMap<String, IpAddr> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => match serde_json::from_str::<StateFile>(&text) {
+            Ok(state) => state.allocations,
+            Err(error) => {
+                tracing::warn!(event = "stateUnreadable", path = %path.display(), %error, "allocating afresh");
+                BTreeMap::new()
+            }
+        },
+        Err(_) => BTreeMap::new(),
+    }
+}
+
+fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;
+    Ok(())
+}
+
+/// Where the daemon writes its status (health, names) for `sluice inspect`.
+pub fn status_path(state_file: &Path) -> PathBuf {
+    state_file.with_file_name("status.json")
+}
+
+/// Reads the status a daemon wrote, if any.
+pub fn read_status(state_file: &Path) -> Option<Status> {
+    let text = std::fs::read_to_string(status_path(state_file)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+enum Event {
+    Reload(&'static str),
+    Probe(ProbeResult),
+    Stop,
+}
+
+/// Checks a configuration end to end without touching the kernel: parse, validate, allocate
+/// (from the previous allocations when the state file is readable), and validate every service's
+/// backends against the Maglev table size. Returns a summary.
+pub fn validate(paths: &[PathBuf]) -> Result<String> {
+    let config = config::load(paths)?;
+    let previous = read_state(&config.dataplane.state_file);
+    let allocations =
+        ipam::allocate(&config.pools, &config.services, &previous).map_err(|errors| {
+            anyhow!(errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n"))
+        })?;
+    let plan = desired(&config, &allocations, &BTreeMap::new());
+    for (service, backends) in &plan.services {
+        dataplane::validate_service(service, backends, config.dataplane.maglev_table_size)?;
+    }
+    let mut summary = format!(
+        "{}: valid: {} pool(s), {} service(s), {} peer(s)",
+        config::describe(paths),
+        config.pools.len(),
+        config.services.len(),
+        config.peers.len()
+    );
+    for s in &config.services {
+        if let Some(a) = allocations.get(&s.name) {
+            summary.push_str(&format!("\n  {} → {} (pool {})", s.name, a.ip, a.pool));
+        }
+    }
+    Ok(summary)
+}
+
+struct Daemon {
+    paths: Vec<PathBuf>,
+    config: Config,
+    allocations: BTreeMap<String, Allocation>,
+    health: BTreeMap<HealthKey, Health>,
+    checkers: BTreeMap<HealthKey, (HealthCheck, Checker)>,
+    dp: Dataplane,
+    status: SharedStatus,
+    events: mpsc::Sender<Event>,
+}
+
+impl Daemon {
+    /// Makes the data plane match `config` + `allocations` + health. Everything that can be
+    /// checked is checked before the first change.
+    fn apply(&mut self, config: &Config, allocations: &BTreeMap<String, Allocation>) -> Result<()> {
+        let plan = desired(config, allocations, &self.health);
+        let interfaces = plan
+            .interfaces
+            .iter()
+            .map(|name| {
+                dataplane::interface(name)
+                    .with_context(|| "dataplane.interfaces / l2Advertisements[].interfaces")
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let redirect = config
+            .dataplane
+            .redirect_veths
+            .iter()
+            .map(|name| dataplane::interface(name).context("dataplane.redirectVeths"))
+            .collect::<Result<Vec<_>>>()?;
+        for (service, backends) in &plan.services {
+            dataplane::validate_service(service, backends, config.dataplane.maglev_table_size)?;
+        }
+        let by_name: BTreeMap<&str, &dataplane::Interface> =
+            interfaces.iter().map(|i| (i.name.as_str(), i)).collect();
+
+        let wanted: BTreeSet<u32> = interfaces.iter().map(|i| i.ifindex).collect();
+        let gone: Vec<u32> = self
+            .dp
+            .attached()
+            .map(|(ifindex, _)| ifindex)
+            .filter(|i| !wanted.contains(i))
+            .collect();
+        for ifindex in gone {
+            self.dp.detach(ifindex);
+        }
+        self.dp.attach_all(&interfaces)?;
+        for iface in &redirect {
+            self.dp.allow_redirect(iface.ifindex)?;
+        }
+        let current: BTreeMap<Service, Vec<Backend>> = self.dp.services().into_iter().collect();
+        for service in current.keys() {
+            if !plan.services.contains_key(service) {
+                self.dp.remove_service(service)?;
+            }
+        }
+        for (service, backends) in &plan.services {
+            if current.get(service) != Some(backends) {
+                self.dp.upsert_service(*service, backends)?;
+            }
+        }
+        let vips: Vec<L2Vip> = plan
+            .l2
+            .iter()
+            .filter_map(|(ip, name)| {
+                by_name.get(name.as_str()).map(|i| L2Vip {
+                    ifindex: i.ifindex,
+                    ip: *ip,
+                    mac: i.mac,
+                })
+            })
+            .collect();
+        self.dp.set_l2_vips(&vips)?;
+        self.sync_checkers(&plan);
+        Ok(())
+    }
+
+    fn sync_checkers(&mut self, plan: &Desired) {
+        let wanted: BTreeMap<&HealthKey, &HealthCheck> =
+            plan.checks.iter().map(|(k, c)| (k, c)).collect();
+        self.checkers
+            .retain(|key, (check, _)| wanted.get(key).is_some_and(|c| *c == check));
+        self.health.retain(|key, _| wanted.contains_key(key));
+        for (key, check) in &plan.checks {
+            if self.checkers.contains_key(key) {
+                continue;
+            }
+            let events = self.events.clone();
+            let (tx, rx) = mpsc::channel::<ProbeResult>();
+            std::thread::spawn(move || {
+                while let Ok(result) = rx.recv() {
+                    if events.send(Event::Probe(result)).is_err() {
+                        return;
+                    }
+                }
+            });
+            // Probes `check.port` (set by `desired`), reports under the key's port.
+            let checker = health::spawn(key.0.clone(), key.1, key.2, check.clone(), tx);
+            self.checkers.insert(key.clone(), (check.clone(), checker));
+        }
+    }
+
+    fn publish(&self) {
+        let mut status = self.status.lock().unwrap();
+        status.services = self
+            .config
+            .services
+            .iter()
+            .filter_map(|s| {
+                let a = self.allocations.get(&s.name)?;
+                let keys = s
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        Service {
+                            vip: a.ip,
+                            port: p.port,
+                            protocol: p.protocol,
+                        }
+                        .to_string()
+                    })
+                    .collect();
+                Some((s.name.clone(), a.ip.to_string(), keys))
+            })
+            .collect();
+        status.set_pools(&ipam::usage(&self.config.pools, &self.allocations));
+        status.health = self
+            .checkers
+            .keys()
+            .map(|key| BackendHealth {
+                service: key.0.clone(),
+                backend: Backend {
+                    ip: key.1,
+                    port: key.2,
+                    weight: 1,
+                }
+                .maglev_key(),
+                healthy: self.health.get(key).is_none_or(|h| h.healthy),
+            })
+            .collect();
+        let snapshot = status.clone();
+        drop(status);
+        let state = StateFile {
+            allocations: self
+                .allocations
+                .iter()
+                .map(|(k, v)| (k.clone(), v.ip))
+                .collect(),
+        };
+        let state_file = &self.config.dataplane.state_file;
+        if let Err(error) =
+            write_atomically(state_file, &serde_json::to_string_pretty(&state).unwrap()).and_then(
+                |_| {
+                    write_atomically(
+                        &status_path(state_file),
+                        &serde_json::to_string_pretty(&snapshot).unwrap(),
+                    )
+                },
+            )
+        {
+            tracing::warn!(event = "stateNotWritten", error = %format!("{error:#}"));
+        }
+    }
+
+    fn reload(&mut self, trigger: &str) {
+        match self.try_reload() {
+            Ok(changed) => {
+                let mut status = self.status.lock().unwrap();
+                status.reloads_succeeded += 1;
+                status.last_reload_error = None;
+                drop(status);
+                tracing::info!(
+                    event = "configReloaded",
+                    trigger,
+                    services = self.config.services.len(),
+                    changed
+                );
+                self.publish();
+            }
+            Err(error) => {
+                let message = format!("{error:#}");
+                tracing::error!(event = "configRejected", trigger, error = %message, "the previous configuration keeps serving");
+                let mut status = self.status.lock().unwrap();
+                status.reloads_failed += 1;
+                status.last_reload_error = Some(message);
+            }
+        }
+    }
+
+    fn try_reload(&mut self) -> Result<bool> {
+        let new = config::load(&self.paths)?;
+        let old = &self.config.dataplane;
+        for (field, same) in [
+            (
+                "dataplane.maglevTableSize",
+                new.dataplane.maglev_table_size == old.maglev_table_size,
+            ),
+            ("dataplane.pinDir", new.dataplane.pin_dir == old.pin_dir),
+            (
+                "dataplane.metricsAddress",
+                new.dataplane.metrics_address == old.metrics_address,
+            ),
+            (
+                "dataplane.stateFile",
+                new.dataplane.state_file == old.state_file,
+            ),
+        ] {
+            if !same {
+                bail!("{field}: changing it needs a restart of sluice run");
+            }
+        }
+        let previous: BTreeMap<String, IpAddr> = self
+            .allocations
+            .iter()
+            .map(|(k, v)| (k.clone(), v.ip))
+            .collect();
+        let allocations =
+            ipam::allocate(&new.pools, &new.services, &previous).map_err(|errors| {
+                anyhow!(errors
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n"))
+            })?;
+        if new == self.config && allocations == self.allocations {
+            return Ok(false);
+        }
+        if let Err(error) = self.apply(&new, &allocations) {
+            // Put back what was serving; the error is the reload's.
+            let (config, allocations) = (self.config.clone(), self.allocations.clone());
+            if let Err(restore) = self.apply(&config, &allocations) {
+                tracing::error!(event = "restoreFailed", error = %format!("{restore:#}"));
+            }
+            return Err(error);
+        }
+        self.config = new;
+        self.allocations = allocations;
+        Ok(true)
+    }
+
+    fn on_probe(&mut self, result: ProbeResult) {
+        let key: HealthKey = (result.service.clone(), result.backend, result.port);
+        let Some((check, _)) = self.checkers.get(&key) else {
+            return;
+        };
+        let (rise, fall) = (check.rise, check.fall);
+        let health = self.health.entry(key.clone()).or_default();
+        if !health.observe(result.result.is_ok(), rise, fall) {
+            return;
+        }
+        let healthy = health.healthy;
+        tracing::info!(
+            event = if healthy { "backendHealthy" } else { "backendUnhealthy" },
+            service = %key.0,
+            backend = %key.1,
+            reason = %result.result.err().unwrap_or_default()
+        );
+        let (config, allocations) = (self.config.clone(), self.allocations.clone());
+        if let Err(error) = self.apply(&config, &allocations) {
+            tracing::error!(event = "applyFailed", error = %format!("{error:#}"));
+        }
+        self.publish();
+    }
+}
+
+fn fingerprint(paths: &[PathBuf]) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for p in paths {
+        std::fs::read(p).ok().hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+/// Runs until SIGINT/SIGTERM. Errors at startup (bad config, missing interface, no root) end it
+/// with every problem listed; after startup, a bad reload only logs and keeps serving.
+pub fn run(paths: Vec<PathBuf>) -> Result<()> {
+    let signals = SignalSet::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
+    let config = config::load(&paths)?;
+    let previous = read_state(&config.dataplane.state_file);
+    let allocations =
+        ipam::allocate(&config.pools, &config.services, &previous).map_err(|errors| {
+            anyhow!(errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n"))
+        })?;
+    let dp = Dataplane::load(&DataplaneOptions {
+        pin_dir: Some(config.dataplane.pin_dir.clone()),
+        maglev_table_size: config.dataplane.maglev_table_size,
+        ..DataplaneOptions::default()
+    })?;
+    let status: SharedStatus = Arc::new(Mutex::new(Status::default()));
+    metrics::serve(
+        config.dataplane.metrics_address,
+        status.clone(),
+        config.dataplane.pin_dir.clone(),
+    )
+    .with_context(|| {
+        format!(
+            "dataplane.metricsAddress: cannot listen on {}",
+            config.dataplane.metrics_address
+        )
+    })?;
+
+    let (tx, rx) = mpsc::channel();
+    let mut daemon = Daemon {
+        paths: paths.clone(),
+        config: config.clone(),
+        allocations: allocations.clone(),
+        health: BTreeMap::new(),
+        checkers: BTreeMap::new(),
+        dp,
+        status: status.clone(),
+        events: tx.clone(),
+    };
+    daemon.apply(&config, &allocations)?;
+    status.lock().unwrap().ready = true;
+    daemon.publish();
+    for (name, a) in &daemon.allocations {
+        tracing::info!(event = "ipAllocated", service = %name, ip = %a.ip, pool = %a.pool);
+    }
+
+    let signal_tx = tx.clone();
+    std::thread::spawn(move || loop {
+        match signals.wait() {
+            Ok(libc::SIGHUP) => {
+                if signal_tx.send(Event::Reload("SIGHUP")).is_err() {
+                    return;
+                }
+            }
+            _ => {
+                let _ = signal_tx.send(Event::Stop);
+                return;
+            }
+        }
+    });
+    let watch_tx = tx;
+    let watched = paths.clone();
+    std::thread::spawn(move || {
+        let mut last = fingerprint(&watched);
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = fingerprint(&watched);
+            if now != last {
+                last = now;
+                if watch_tx.send(Event::Reload("file changed")).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    eprintln!(
+        "sluice: serving {} service(s) from {}; metrics on http://{}/metrics; ready",
+        daemon.config.services.len(),
+        config::describe(&paths),
+        daemon.config.dataplane.metrics_address
+    );
+    while let Ok(event) = rx.recv() {
+        match event {
+            Event::Reload(trigger) => daemon.reload(trigger),
+            Event::Probe(result) => daemon.on_probe(result),
+            Event::Stop => break,
+        }
+    }
+    tracing::info!(event = "stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{build_from, parse_text};
+
+    fn config(text: &str) -> Config {
+        build_from(vec![("t.yaml".into(), parse_text("t.yaml", text).unwrap())]).unwrap()
+    }
+
+    const TEXT: &str = r#"
+dataplane: {interfaces: [eth0]}
+pools:
+- {name: a, addresses: [198.51.100.0/30]}
+- {name: b, addresses: [203.0.113.0/30], autoAssign: false}
+l2Advertisements: [{ipAddressPools: [a], interfaces: [eth1]}]
+services:
+- name: web
+  ports: [{port: 80, targetPort: 8080}, {port: 443, targetPort: 8443}]
+  backends: [{ip: 10.0.0.1}, {ip: 10.0.0.2, weight: 3}]
+  healthCheck: {type: tcp, intervalSeconds: 1, timeoutSeconds: 0.5}
+- name: dns
+  pool: b
+  ports: [{port: 53, protocol: UDP}]
+  backends: [{ip: 10.0.0.53, port: 5353}]
+"#;
+
+    fn plan(c: &Config, health: &BTreeMap<HealthKey, Health>) -> Desired {
+        let allocations = ipam::allocate(&c.pools, &c.services, &BTreeMap::new()).unwrap();
+        desired(c, &allocations, health)
+    }
+
+    #[test]
+    fn every_port_of_every_service_is_balanced_over_its_backends() {
+        let c = config(TEXT);
+        let d = plan(&c, &BTreeMap::new());
+        assert_eq!(d.interfaces, ["eth0", "eth1"]);
+        let keys: Vec<String> = d.services.keys().map(|s| s.to_string()).collect();
+        assert_eq!(
+            keys,
+            [
+                "198.51.100.0:80/tcp",
+                "198.51.100.0:443/tcp",
+                "203.0.113.0:53/udp"
+            ]
+        );
+        let https = &d.services.values().nth(1).unwrap();
+        assert_eq!(
+            https.iter().map(|b| (b.port, b.weight)).collect::<Vec<_>>(),
+            [(8443, 1), (8443, 3)]
+        );
+        assert_eq!(d.services.values().nth(2).unwrap()[0].port, 5353);
+        // Only pool a is advertised in L2, on eth1.
+        assert_eq!(
+            d.l2,
+            [("198.51.100.0".parse().unwrap(), "eth1".to_string())]
+        );
+        assert_eq!(d.checks.len(), 2, "web's two backends are checked");
+    }
+
+    #[test]
+    fn an_unhealthy_backend_leaves_every_port_of_its_service() {
+        let c = config(TEXT);
+        let mut health = BTreeMap::new();
+        let mut down = Health::default();
+        for _ in 0..3 {
+            down.observe(false, 2, 3);
+        }
+        health.insert(("web".to_string(), "10.0.0.1".parse().unwrap(), 8080), down);
+        let d = plan(&c, &health);
+        for (s, backends) in &d.services {
+            if s.port != 53 {
+                assert_eq!(backends.len(), 1, "{s}");
+                assert_eq!(backends[0].ip.to_string(), "10.0.0.2");
+            }
+        }
+    }
+
+    #[test]
+    fn an_unchanged_service_gets_an_identical_plan_after_an_unrelated_change() {
+        let before = plan(&config(TEXT), &BTreeMap::new());
+        let changed = TEXT.replace(
+            "ports: [{port: 53, protocol: UDP}]",
+            "ports: [{port: 53, protocol: UDP}, {port: 53}]",
+        );
+        let c = config(&changed);
+        let previous = BTreeMap::new();
+        let after = desired(
+            &c,
+            &ipam::allocate(&c.pools, &c.services, &previous).unwrap(),
+            &BTreeMap::new(),
+        );
+        for (s, b) in &before.services {
+            assert_eq!(after.services.get(s), Some(b), "{s} must not be touched");
+        }
+        assert_eq!(after.services.len(), before.services.len() + 1);
+    }
+}

@@ -1,0 +1,437 @@
+//! `sluice run` end to end: the real binary in the lab's node namespace, driven by a config file,
+//! with real clients and backends (see `sluice_tests::lab`).
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use sluice_tests::{
+    frames,
+    lab::{udp_ask, Lab},
+    netns::{NetNs, Process},
+    rawsock::RawSocket,
+    sluice_bin,
+};
+
+const METRICS: &str = "127.0.0.1:9120";
+
+struct Run {
+    process: Process,
+    config: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluice-test-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The config, with this test's state file.
+fn config_text(dir: &std::path::Path, body: &str) -> String {
+    format!(
+        "dataplane:\n  interfaces: [n0, nx]\n  maglevTableSize: 1009\n  stateFile: {}\n{body}",
+        dir.join("allocations.json").display()
+    )
+}
+
+fn start(lab: &Lab, tag: &str, body: &str) -> Run {
+    let dir = temp_dir(tag);
+    let config = dir.join("sluice.yaml");
+    std::fs::write(&config, config_text(&dir, body)).unwrap();
+    let bin = sluice_bin();
+    let mut process = lab.node.spawn(&[
+        &bin,
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--node",
+        "node-1",
+    ]);
+    process.wait_for_stderr("ready");
+    Run {
+        process,
+        config,
+        dir,
+    }
+}
+
+fn rewrite(run: &Run, body: &str) {
+    let tmp = run.dir.join("next.yaml");
+    std::fs::write(&tmp, config_text(&run.dir, body)).unwrap();
+    std::fs::rename(&tmp, &run.config).unwrap();
+}
+
+fn metrics(lab: &Lab) -> String {
+    http_get_raw(&lab.node, "/metrics").1
+}
+
+/// GET on the daemon's metrics address inside the node namespace: (status code, body).
+fn http_get_raw(ns: &NetNs, path: &'static str) -> (u16, String) {
+    ns.run(move || {
+        let mut conn = TcpStream::connect(METRICS).expect("metrics endpoint");
+        write!(conn, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut conn, &mut text).unwrap();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(0);
+        (
+            code,
+            text.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+        )
+    })
+}
+
+/// Waits (up to 10 s) until a metrics line equals `line`.
+fn wait_for_metric(lab: &Lab, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = metrics(lab);
+        if text.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{line:?} never appeared in\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A TCP connection from the client that asks its backend's name, line by line.
+struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Conn {
+    fn open(ns: &NetNs, to: SocketAddr) -> std::io::Result<Conn> {
+        let stream = ns.run(move || TcpStream::connect_timeout(&to, Duration::from_secs(3)))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        Ok(Conn {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+        })
+    }
+
+    fn ask(&mut self) -> std::io::Result<String> {
+        writeln!(self.writer, "who?")?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        Ok(line.trim().to_string())
+    }
+}
+
+fn names(ns: &NetNs, to: SocketAddr, n: usize) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for i in 0..n {
+        let name = Conn::open(ns, to)
+            .and_then(|mut c| c.ask())
+            .unwrap_or_else(|e| panic!("connection {i} to {to}: {e}"));
+        *counts.entry(name).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+const BASE: &str = r#"pools:
+- name: default
+  addresses: [198.18.1.100-198.18.1.110, "fd53:1::100-fd53:1::110"]
+l2Advertisements:
+- ipAddressPools: [default]
+  interfaces: [n0]
+"#;
+
+#[test]
+fn run_allocates_ips_answers_arp_only_where_configured_and_balances_tcp_udp_ipv6() {
+    let lab = Lab::new(2);
+    lab.serve(1);
+    lab.serve(2);
+    let body = format!(
+        "{BASE}services:
+- name: web
+  ports: [{{port: 80, targetPort: 8080}}]
+  backends: [{{ip: 198.18.11.2}}, {{ip: 198.18.12.2}}]
+- name: dns
+  ports: [{{port: 53, protocol: UDP, targetPort: 8080}}]
+  backends: [{{ip: 198.18.11.2}}]
+- name: web6
+  ports: [{{port: 80, targetPort: 8080}}]
+  backends: [{{ip: \"fd53:11::2\"}}, {{ip: \"fd53:12::2\"}}]
+"
+    );
+    let mut run = start(&lab, "basic", &body);
+
+    // Lowest free addresses, in file order, per family.
+    let counts = names(&lab.client, addr("198.18.1.100:80"), 20);
+    assert_eq!(
+        counts.keys().cloned().collect::<Vec<_>>(),
+        ["b1", "b2"],
+        "{counts:?}"
+    );
+    let (answer, from) = udp_ask(&lab.client, addr("198.18.1.101:53")).unwrap();
+    assert_eq!((answer.as_str(), from), ("b1", addr("198.18.1.101:53")));
+    let counts = names(&lab.client, addr("[fd53:1::100]:80"), 10);
+    assert_eq!(counts.values().sum::<usize>(), 10, "{counts:?}");
+
+    // ARP for the VIP: answered on n0 (the client's segment), not on nx, though the program
+    // runs there too.
+    let node_mac = lab.node.mac("n0");
+    let asked = |ns: &NetNs, ifname: &'static str, me: [u8; 4]| {
+        let my_mac = ns.mac(ifname);
+        ns.run(move || {
+            let sock = RawSocket::open(ifname).unwrap();
+            sock.send(&frames::arp_request(
+                my_mac,
+                me.into(),
+                [198, 18, 1, 100].into(),
+            ))
+            .unwrap();
+            sock.collect(Duration::from_millis(1500), |f| {
+                f.len() >= 42 && f[12..14] == [8, 6] && f[20..22] == [0, 2]
+            })
+        })
+    };
+    let replies = asked(&lab.client, "c0", [198, 18, 1, 2]);
+    assert_eq!(replies.len(), 1, "{replies:02x?}");
+    assert_eq!(&replies[0][22..28], &node_mac);
+    assert!(asked(&lab.other, "o0", [198, 18, 2, 2]).is_empty());
+
+    // Metrics, health endpoints and inspect.
+    let text = metrics(&lab);
+    for line in [
+        "sluice_allocator_addresses_in_use_total{pool=\"default\"} 3",
+        "sluice_allocator_addresses_total{pool=\"default\"} 28",
+        "sluice_config_last_reload_successful 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+    }
+    assert!(
+        text.contains(
+            "sluice_service_flows_total{name=\"web\",service=\"198.18.1.100:80/tcp\"} 20"
+        ),
+        "{text}"
+    );
+    assert_eq!(http_get_raw(&lab.node, "/readyz").0, 200);
+    assert_eq!(http_get_raw(&lab.node, "/healthz").0, 200);
+    let doc = run
+        .process
+        .inspect_json_with(&sluice_bin(), &["--config", run.config.to_str().unwrap()]);
+    let services = doc["services"].as_array().unwrap();
+    assert!(
+        services
+            .iter()
+            .any(|s| s["name"] == "web" && s["service"] == "198.18.1.100:80/tcp"),
+        "{doc}"
+    );
+
+    // The allocation is remembered: a restart gives the same IPs.
+    let status = run.process.take().stop(libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    let state = std::fs::read_to_string(run.dir.join("allocations.json")).unwrap();
+    assert!(state.contains("\"web\": \"198.18.1.100\""), "{state}");
+    run.process = lab.node.spawn(&[
+        &sluice_bin(),
+        "run",
+        "--config",
+        run.config.to_str().unwrap(),
+    ]);
+    run.process.wait_for_stderr("ready");
+    assert_eq!(
+        names(&lab.client, addr("198.18.1.100:80"), 4)
+            .values()
+            .sum::<usize>(),
+        4
+    );
+}
+
+#[test]
+fn reload_applies_only_differences_and_a_broken_config_keeps_the_old_one_serving() {
+    let lab = Lab::new(3);
+    for i in 1..=3 {
+        lab.serve(i);
+    }
+    let web = |backends: &str| {
+        format!(
+            "{BASE}services:
+- name: web
+  ports: [{{port: 80, targetPort: 8080}}]
+  backends: [{backends}]
+"
+        )
+    };
+    let dns = "- name: dns\n  ports: [{port: 53, protocol: UDP, targetPort: 8080}]\n  backends: [{ip: 198.18.13.2}]\n";
+    let run = start(
+        &lab,
+        "reload",
+        &format!("{}{dns}", web("{ip: 198.18.11.2}, {ip: 198.18.12.2}")),
+    );
+    assert!(udp_ask(&lab.client, addr("198.18.1.101:53")).is_ok());
+    let mut long = Conn::open(&lab.client, addr("198.18.1.100:80")).unwrap();
+    let home = long.ask().unwrap();
+    let other = if home == "b1" {
+        "198.18.12.2"
+    } else {
+        "198.18.11.2"
+    };
+    let home_ip = if home == "b1" {
+        "198.18.11.2"
+    } else {
+        "198.18.12.2"
+    };
+
+    // A file change: web loses the other backend and gains b3; dns goes; api comes.
+    let api =
+        "- name: api\n  ports: [{port: 81, targetPort: 8080}]\n  backends: [{ip: 198.18.13.2}]\n";
+    rewrite(
+        &run,
+        &format!(
+            "{}{api}",
+            web(&format!("{{ip: {home_ip}}}, {{ip: 198.18.13.2}}"))
+        ),
+    );
+    wait_for_metric(&lab, "sluice_config_reloads_total{result=\"success\"} 1");
+    assert_eq!(
+        long.ask().unwrap(),
+        home,
+        "the open connection kept its backend"
+    );
+    let counts = names(&lab.client, addr("198.18.1.100:80"), 20);
+    assert!(
+        !counts.contains_key(if other.ends_with("11.2") { "b1" } else { "b2" }),
+        "{counts:?}"
+    );
+    assert!(counts.contains_key("b3"), "{counts:?}");
+    // web kept its IP; api got the lowest free one (dns's, now released).
+    assert_eq!(
+        names(&lab.client, addr("198.18.1.101:81"), 2)
+            .keys()
+            .collect::<Vec<_>>(),
+        ["b3"]
+    );
+    assert!(
+        udp_ask(&lab.client, addr("198.18.1.101:53")).is_err(),
+        "dns is gone"
+    );
+
+    // A broken file: rejected, reported, and the running configuration keeps serving.
+    std::fs::write(
+        &run.config,
+        "services:\n- name: web\n  ports: [{port: 99999}]\n",
+    )
+    .unwrap();
+    wait_for_metric(&lab, "sluice_config_reloads_total{result=\"failure\"} 1");
+    let (code, body) = http_get_raw(&lab.node, "/readyz");
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("services[0].ports[0].port: 99999 is out of range"),
+        "{body}"
+    );
+    assert_eq!(long.ask().unwrap(), home);
+    assert_eq!(
+        names(&lab.client, addr("198.18.1.100:80"), 5)
+            .values()
+            .sum::<usize>(),
+        5
+    );
+
+    // Fixed, and reloaded by SIGHUP as well as by the file change: ready again.
+    rewrite(
+        &run,
+        &format!(
+            "{}{api}",
+            web(&format!("{{ip: {home_ip}}}, {{ip: 198.18.13.2}}"))
+        ),
+    );
+    unsafe { libc::kill(run.process.pid() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get_raw(&lab.node, "/readyz").0 != 200 {
+        assert!(Instant::now() < deadline, "never ready again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(long.ask().unwrap(), home);
+}
+
+#[test]
+fn a_failing_backend_leaves_within_its_fall_threshold_and_comes_back_after_rise() {
+    let lab = Lab::new(2);
+    let switch = lab.serve(1);
+    lab.serve(2);
+    let body = format!(
+        "{BASE}services:
+- name: web
+  ports: [{{port: 80, targetPort: 8080}}]
+  backends: [{{ip: 198.18.11.2}}, {{ip: 198.18.12.2}}]
+  healthCheck: {{type: tcp, port: 9000, intervalSeconds: 0.2, timeoutSeconds: 0.1, rise: 2, fall: 2}}
+"
+    );
+    let _run = start(&lab, "health", &body);
+    let vip = addr("198.18.1.100:80");
+    assert_eq!(names(&lab.client, vip, 20).len(), 2);
+
+    switch.set(false);
+    let started = Instant::now();
+    wait_for_metric(
+        &lab,
+        "sluice_backend_healthy{name=\"web\",backend=\"198.18.11.2:8080\"} 0",
+    );
+    let took = started.elapsed();
+    eprintln!("b1 left after {took:?} (fall 2 × interval 0.2 s)");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    let counts = names(&lab.client, vip, 20);
+    assert_eq!(counts.keys().collect::<Vec<_>>(), ["b2"], "{counts:?}");
+
+    switch.set(true);
+    wait_for_metric(
+        &lab,
+        "sluice_backend_healthy{name=\"web\",backend=\"198.18.11.2:8080\"} 1",
+    );
+    let counts = names(&lab.client, vip, 20);
+    assert!(counts.contains_key("b1"), "{counts:?}");
+}
+
+#[test]
+fn a_bad_config_at_startup_exits_non_zero_naming_every_problem() {
+    let lab = Lab::new(0);
+    let dir = temp_dir("bad");
+    let config = dir.join("bad.yaml");
+    std::fs::write(
+        &config,
+        "pools:\n- name: a\n  addresses: [198.18.1.20-198.18.1.10]\nservices:\n- name: s\n  ip: 203.0.113.1\n  ports: [{port: 80}]\n",
+    )
+    .unwrap();
+    for subcommand in ["run", "validate"] {
+        let out = lab.node.exec_output(&[
+            &sluice_bin(),
+            subcommand,
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{subcommand}: {stderr}");
+        assert!(stderr.contains("pools[0].addresses[0]"), "{stderr}");
+        assert!(
+            stderr.contains("services[0].ip: 203.0.113.1 is outside every pool"),
+            "{stderr}"
+        );
+        assert!(!lab.node.has_xdp("n0"));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
