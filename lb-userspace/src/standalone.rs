@@ -154,6 +154,20 @@ pub fn read_status(state_file: &Path) -> Option<Status> {
     serde_json::from_str(&text).ok()
 }
 
+/// IPAM for a configuration; every allocation problem in one error.
+fn allocate(
+    config: &Config,
+    previous: &BTreeMap<String, IpAddr>,
+) -> Result<BTreeMap<String, Allocation>> {
+    ipam::allocate(&config.pools, &config.services, previous).map_err(|errors| {
+        anyhow!(errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n"))
+    })
+}
+
 enum Event {
     Reload(&'static str),
     Probe(ProbeResult),
@@ -166,14 +180,7 @@ enum Event {
 pub fn validate(paths: &[PathBuf]) -> Result<String> {
     let config = config::load(paths)?;
     let previous = read_state(&config.dataplane.state_file);
-    let allocations =
-        ipam::allocate(&config.pools, &config.services, &previous).map_err(|errors| {
-            anyhow!(errors
-                .iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("\n"))
-        })?;
+    let allocations = allocate(&config, &previous)?;
     let plan = desired(&config, &allocations, &BTreeMap::new());
     for (service, backends) in &plan.services {
         dataplane::validate_service(service, backends, config.dataplane.maglev_table_size)?;
@@ -409,14 +416,7 @@ impl Daemon {
             .iter()
             .map(|(k, v)| (k.clone(), v.ip))
             .collect();
-        let allocations =
-            ipam::allocate(&new.pools, &new.services, &previous).map_err(|errors| {
-                anyhow!(errors
-                    .iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join("\n"))
-            })?;
+        let allocations = allocate(&new, &previous)?;
         if new == self.config && allocations == self.allocations {
             return Ok(false);
         }
@@ -472,14 +472,7 @@ pub fn run(paths: Vec<PathBuf>) -> Result<()> {
     let signals = SignalSet::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
     let config = config::load(&paths)?;
     let previous = read_state(&config.dataplane.state_file);
-    let allocations =
-        ipam::allocate(&config.pools, &config.services, &previous).map_err(|errors| {
-            anyhow!(errors
-                .iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("\n"))
-        })?;
+    let allocations = allocate(&config, &previous)?;
     let dp = Dataplane::load(&DataplaneOptions {
         pin_dir: Some(config.dataplane.pin_dir.clone()),
         maglev_table_size: config.dataplane.maglev_table_size,

@@ -255,3 +255,44 @@ pub fn http_get(ns: &NetNs, to: std::net::SocketAddr) -> std::io::Result<String>
             .to_string())
     })
 }
+
+/// One TCP connection from a namespace to a service: a line out, the backend's name back.
+pub struct Conn {
+    reader: BufReader<std::net::TcpStream>,
+    writer: std::net::TcpStream,
+}
+
+impl Conn {
+    pub fn open(ns: &NetNs, to: std::net::SocketAddr) -> std::io::Result<Conn> {
+        let stream =
+            ns.run(move || std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        Ok(Conn {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+        })
+    }
+
+    pub fn ask(&mut self) -> std::io::Result<String> {
+        writeln!(self.writer, "who?")?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        Ok(line.trim().to_string())
+    }
+}
+
+/// `n` short connections to `to`, each asking once: answers per backend name.
+pub fn names(
+    ns: &NetNs,
+    to: std::net::SocketAddr,
+    n: usize,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for i in 0..n {
+        let name = Conn::open(ns, to)
+            .and_then(|mut c| c.ask())
+            .unwrap_or_else(|e| panic!("connection {i} to {to}: {e}"));
+        *counts.entry(name).or_insert(0) += 1;
+    }
+    counts
+}

@@ -9,9 +9,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, Write},
-    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
-    process::Command,
+    net::{IpAddr, SocketAddr, UdpSocket},
     time::Duration,
 };
 
@@ -20,9 +18,8 @@ use lb_userspace::dataplane::{
 };
 use sluice_tests::{
     assert_refused,
-    netns::{veth, NetNs},
-    require_root,
-    servers::spawn_name_servers,
+    lab::{backend_ip, Conn, Lab},
+    netns::NetNs,
     sluice_bin,
 };
 
@@ -40,48 +37,16 @@ fn small() -> DataplaneOptions {
     }
 }
 
-/// A pass-through XDP program on `ifname`: the veth end then runs NAPI, which XDP_TX and
-/// XDP_REDIRECT into its peer need (on this kernel turning GRO on is not enough).
-fn napi_keeper(ns: &NetNs, ifname: &'static str) -> Dataplane {
-    ns.run(move || {
-        let mut dp = Dataplane::load(&DataplaneOptions {
-            capacities: Capacities {
-                services: 1,
-                backends: 1,
-                flows: 1,
-            },
-            ..small()
-        })
-        .unwrap();
-        dp.attach_all(&[dataplane::interface(ifname).unwrap()])
-            .unwrap();
-        dp
-    })
-}
-
-/// Client, node and four backends, wired and serving; no balancer yet.
-/// Drop order: programs first, then namespaces.
-struct Topology {
-    _keepers: Vec<Dataplane>,
-    client: NetNs,
-    node: NetNs,
-    _backends: Vec<NetNs>,
-}
-
-/// The topology with Sluice's data plane running in-process in the node namespace.
-struct Lab {
+/// The lab (four backends, serving) with Sluice's data plane running in-process in the node
+/// namespace. Drop order: the node's programs, then the lab.
+struct Node {
     node_dp: Dataplane,
-    topo: Topology,
+    lab: Lab,
 }
 
 fn backend(i: usize, v6: bool, port: u16) -> Backend {
-    let ip: IpAddr = if v6 {
-        format!("fd53:1{i}::2").parse().unwrap()
-    } else {
-        format!("198.18.1{i}.2").parse().unwrap()
-    };
     Backend {
-        ip,
+        ip: backend_ip(i, v6).parse().unwrap(),
         port,
         weight: 1,
     }
@@ -100,85 +65,21 @@ fn service(v6: bool, port: u16, protocol: Protocol) -> Service {
     }
 }
 
-fn topology() -> Topology {
-    require_root();
-    let client = NetNs::new("client");
-    let node = NetNs::new("node");
-    veth(&node, "n0", &client, "c0");
-    client.ip(&["addr", "add", "198.18.1.2/24", "dev", "c0"]);
-    client.ip(&["addr", "add", "fd53:1::2/64", "dev", "c0", "nodad"]);
-    node.ip(&["addr", "add", "198.18.1.1/24", "dev", "n0"]);
-    node.ip(&["addr", "add", "fd53:1::1/64", "dev", "n0", "nodad"]);
-    // The client's frames carry complete checksums, as they would from a physical wire (a veth
-    // otherwise leaves them to "hardware" that XDP never sees).
-    client.exec(&["ethtool", "-K", "c0", "tx", "off"]);
-    for key in [
-        "net.ipv4.conf.all.forwarding=1",
-        "net.ipv6.conf.all.forwarding=1",
-    ] {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &node.name, "sysctl", "-qw", key])
-            .output()
-            .unwrap();
-        assert!(out.status.success());
+fn topology() -> Lab {
+    let lab = Lab::new(4);
+    for i in 1..=4 {
+        lab.serve(i);
     }
-    let mut backends = Vec::new();
-    let mut keepers = vec![napi_keeper(&client, "c0")];
-    for i in 1..=4usize {
-        let b = NetNs::new(&format!("b{i}"));
-        let (n, bx): (&'static str, &'static str) = match i {
-            1 => ("n1", "bx1"),
-            2 => ("n2", "bx2"),
-            3 => ("n3", "bx3"),
-            _ => ("n4", "bx4"),
-        };
-        veth(&node, n, &b, bx);
-        node.ip(&["addr", "add", &format!("198.18.1{i}.1/24"), "dev", n]);
-        node.ip(&[
-            "addr",
-            "add",
-            &format!("fd53:1{i}::1/64"),
-            "dev",
-            n,
-            "nodad",
-        ]);
-        b.ip(&["addr", "add", &format!("198.18.1{i}.2/24"), "dev", bx]);
-        b.ip(&[
-            "addr",
-            "add",
-            &format!("fd53:1{i}::2/64"),
-            "dev",
-            bx,
-            "nodad",
-        ]);
-        b.ip(&["route", "add", "default", "via", &format!("198.18.1{i}.1")]);
-        b.ip(&[
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("fd53:1{i}::1"),
-        ]);
-        spawn_name_servers(&b, &format!("b{i}"), 8080);
-        keepers.push(napi_keeper(&b, bx));
-        backends.push(b);
-    }
-    Topology {
-        _keepers: keepers,
-        client,
-        node,
-        _backends: backends,
-    }
+    lab
 }
 
-fn lab() -> Lab {
-    let topo = topology();
-    let node_dp = topo.node.run(|| {
+fn node() -> Node {
+    let lab = topology();
+    let node_dp = lab.node.run(|| {
         let n0 = dataplane::interface("n0").unwrap();
         let mut dp = Dataplane::load(&small()).unwrap();
         dp.attach_all(std::slice::from_ref(&n0)).unwrap();
-        // The backends' veth ends run XDP (the keepers), so redirecting into n1..n4 is safe.
+        // The backends' veth ends run XDP (the lab's keepers), so redirecting into n1..n4 is safe.
         for n in ["n1", "n2", "n3", "n4"] {
             dp.allow_redirect(dataplane::interface(n).unwrap().ifindex)
                 .unwrap();
@@ -205,31 +106,7 @@ fn lab() -> Lab {
         }
         dp
     });
-    Lab { node_dp, topo }
-}
-
-/// One TCP connection from the client to the VIP: a line out, the backend's name back.
-struct Conn {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl Conn {
-    fn open(client: &NetNs, to: SocketAddr) -> std::io::Result<Conn> {
-        let stream = client.run(move || TcpStream::connect_timeout(&to, TIMEOUT))?;
-        stream.set_read_timeout(Some(TIMEOUT))?;
-        Ok(Conn {
-            writer: stream.try_clone()?,
-            reader: BufReader::new(stream),
-        })
-    }
-
-    fn ask(&mut self) -> std::io::Result<String> {
-        writeln!(self.writer, "who?")?;
-        let mut line = String::new();
-        self.reader.read_line(&mut line)?;
-        Ok(line.trim().to_string())
-    }
+    Node { node_dp, lab }
 }
 
 fn vip_addr(v6: bool, port: u16) -> SocketAddr {
@@ -250,9 +127,9 @@ fn spread(client: &NetNs, v6: bool, n: usize) -> BTreeMap<String, usize> {
     counts
 }
 
-fn udp_ask(lab: &Lab, v6: bool) -> String {
+fn udp_ask(lab: &Node, v6: bool) -> String {
     let to = SocketAddr::new(service(v6, 53, Protocol::Udp).vip, 53);
-    lab.topo.client.run(move || {
+    lab.lab.client.run(move || {
         let bind: SocketAddr = if v6 {
             "[::]:0".parse().unwrap()
         } else {
@@ -269,10 +146,10 @@ fn udp_ask(lab: &Lab, v6: bool) -> String {
 }
 
 fn balances_and_keeps_long_lived_connections(v6: bool) {
-    let mut lab = lab();
+    let mut lab = node();
     // Many connections: all succeed, all three backends answer, in roughly equal shares.
     let n = 90;
-    let counts = spread(&lab.topo.client, v6, n);
+    let counts = spread(&lab.lab.client, v6, n);
     assert_eq!(counts.values().sum::<usize>(), n);
     assert_eq!(
         counts.keys().cloned().collect::<Vec<_>>(),
@@ -284,7 +161,7 @@ fn balances_and_keeps_long_lived_connections(v6: bool) {
     }
 
     // A long-lived connection keeps its backend while another is removed and a new one added.
-    let mut long = Conn::open(&lab.topo.client, vip_addr(v6, 80)).unwrap();
+    let mut long = Conn::open(&lab.lab.client, vip_addr(v6, 80)).unwrap();
     let home = long.ask().unwrap();
     let home_index: usize = home[1..].parse().unwrap();
     let removed = (1..=3).find(|i| *i != home_index).unwrap();
@@ -302,7 +179,7 @@ fn balances_and_keeps_long_lived_connections(v6: bool) {
             "the long-lived connection kept its backend"
         );
     }
-    let counts = spread(&lab.topo.client, v6, 60);
+    let counts = spread(&lab.lab.client, v6, 60);
     assert!(
         !counts.contains_key(&format!("b{removed}")),
         "removed backend still gets flows: {counts:?}"

@@ -2,7 +2,7 @@
 //! with real clients and backends (see `sluice_tests::lab`).
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::Write,
     net::{SocketAddr, TcpStream},
     path::PathBuf,
     time::{Duration, Instant},
@@ -10,7 +10,7 @@ use std::{
 
 use sluice_tests::{
     frames,
-    lab::{udp_ask, Lab},
+    lab::{names, udp_ask, Conn, Lab},
     netns::{NetNs, Process},
     rawsock::RawSocket,
     sluice_bin,
@@ -110,41 +110,6 @@ fn wait_for_metric(lab: &Lab, line: &str) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// A TCP connection from the client that asks its backend's name, line by line.
-struct Conn {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl Conn {
-    fn open(ns: &NetNs, to: SocketAddr) -> std::io::Result<Conn> {
-        let stream = ns.run(move || TcpStream::connect_timeout(&to, Duration::from_secs(3)))?;
-        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-        Ok(Conn {
-            writer: stream.try_clone()?,
-            reader: BufReader::new(stream),
-        })
-    }
-
-    fn ask(&mut self) -> std::io::Result<String> {
-        writeln!(self.writer, "who?")?;
-        let mut line = String::new();
-        self.reader.read_line(&mut line)?;
-        Ok(line.trim().to_string())
-    }
-}
-
-fn names(ns: &NetNs, to: SocketAddr, n: usize) -> std::collections::BTreeMap<String, usize> {
-    let mut counts = std::collections::BTreeMap::new();
-    for i in 0..n {
-        let name = Conn::open(ns, to)
-            .and_then(|mut c| c.ask())
-            .unwrap_or_else(|e| panic!("connection {i} to {to}: {e}"));
-        *counts.entry(name).or_insert(0) += 1;
-    }
-    counts
 }
 
 fn addr(text: &str) -> SocketAddr {
