@@ -133,14 +133,20 @@ impl Lab {
         }
     }
 
-    /// Starts backend i's servers: TCP "name per line" and UDP "name per datagram" on 8080, an
-    /// HTTP server answering its name on 8081, and a health port 9000 that can be switched off.
+    /// Starts backend i's servers: TCP "name per line" and UDP "name per datagram" on 8080, and
+    /// two that can be switched off: an HTTP server answering its name on 8081 (returned
+    /// second) and a bare health port 9000 (returned first).
     pub fn serve(&self, i: usize) -> Switch {
+        self.serve_with_http(i).0
+    }
+
+    /// [`Self::serve`], returning (health port switch, HTTP server switch).
+    pub fn serve_with_http(&self, i: usize) -> (Switch, Switch) {
         let ns = &self.backends[i - 1];
         let name = format!("b{i}");
         crate::servers::spawn_name_servers(ns, &name, 8080);
-        spawn_http_name_server(ns, &name, 8081);
-        switchable_listener(ns, 9000)
+        let http = spawn_http_name_server(ns, &name, 8081);
+        (switchable_listener(ns, 9000), http)
     }
 }
 
@@ -156,11 +162,18 @@ impl Switch {
     }
 }
 
-/// A TCP listener on `port` in `ns` that accepts (and closes) connections while switched on.
-pub fn switchable_listener(ns: &NetNs, port: u16) -> Switch {
+/// A TCP server on `port` in `ns` that hands each connection to `handle` while switched on;
+/// switched off, its listener is closed and connections are refused.
+pub fn switchable_server(
+    ns: &NetNs,
+    port: u16,
+    handle: fn(std::net::TcpStream, &str),
+    name: &str,
+) -> Switch {
     let on = Arc::new(AtomicBool::new(true));
     let flag = on.clone();
     let path = format!("/var/run/netns/{}", ns.name);
+    let name = name.to_string();
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).unwrap();
         let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
@@ -182,7 +195,9 @@ pub fn switchable_listener(ns: &NetNs, port: u16) -> Switch {
                 }
                 if let Some(l) = &listener {
                     while let Ok((conn, _)) = l.accept() {
-                        drop(conn);
+                        let _ = conn.set_nonblocking(false);
+                        let name = name.clone();
+                        std::thread::spawn(move || handle(conn, &name));
                     }
                 }
             } else {
@@ -194,33 +209,32 @@ pub fn switchable_listener(ns: &NetNs, port: u16) -> Switch {
     Switch { on }
 }
 
+/// A listener that accepts and closes: a health port.
+pub fn switchable_listener(ns: &NetNs, port: u16) -> Switch {
+    switchable_server(ns, port, |conn, _| drop(conn), "")
+}
+
 /// An HTTP/1.0 server on `port` in `ns` answering every request with 200 and its name.
-pub fn spawn_http_name_server(ns: &NetNs, name: &str, port: u16) {
-    let listener = ns.run(move || TcpListener::bind(("::", port)).expect("bind HTTP"));
-    let name = name.to_string();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            let name = name.clone();
-            std::thread::spawn(move || {
-                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut reader = BufReader::new(conn.try_clone().unwrap());
-                let mut line = String::new();
-                while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
-                    if line == "\r\n" || line == "\n" {
-                        break;
-                    }
-                    line.clear();
-                }
-                let body = format!("{name}\n");
-                let _ = write!(
-                    conn,
-                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{body}",
-                    body.len()
-                );
-            });
+pub fn spawn_http_name_server(ns: &NetNs, name: &str, port: u16) -> Switch {
+    switchable_server(ns, port, answer_http, name)
+}
+
+fn answer_http(mut conn: std::net::TcpStream, name: &str) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+        if line == "\r\n" || line == "\n" {
+            break;
         }
-    });
+        line.clear();
+    }
+    let body = format!("{name}\n");
+    let _ = write!(
+        conn,
+        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{body}",
+        body.len()
+    );
 }
 
 /// A UDP request from `ns` to `to`; the answer and where it came from.

@@ -23,8 +23,14 @@ pub fn sluice_bin() -> String {
     if let Ok(bin) = std::env::var("SLUICE_BIN") {
         return bin;
     }
+    // Tests run from target/<profile>/deps/, binaries (the demo) from target/<profile>/.
     let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("sluice");
+    let dir = exe.parent().unwrap();
+    let bin = if dir.join("sluice").exists() {
+        dir.join("sluice")
+    } else {
+        dir.parent().unwrap().join("sluice")
+    };
     assert!(
         bin.exists(),
         "{} is missing: build it first (`cargo xtask test` does)",

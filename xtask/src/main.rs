@@ -4,7 +4,7 @@
 //! - `build-ebpf` builds lb-ebpf (nightly, -Z build-std=core, bpfel-unknown-none, bpf-linker)
 //! - `test`       setup, build-ebpf, fmt and clippy checks, then every test (needs root)
 //! - `bench`      setup, build-ebpf, then the XDP benchmark report (needs root)
-//! - `demo`       arrives with `sluice run` (the standalone issue)
+//! - `demo`       Sluice in network namespaces: a client, a node, three backends (needs root)
 
 use std::{
     env,
@@ -41,12 +41,9 @@ fn main() -> Result<()> {
             bench()
         }
         "demo" => {
-            eprintln!(
-                "cargo xtask demo arrives with `sluice run` (the standalone issue). Until then, \
-                 see the README's \"Try it\" section: `sluice announce` answers ARP/NDP for an IP \
-                 on one interface."
-            );
-            std::process::exit(2);
+            setup()?;
+            build_ebpf()?;
+            demo()
         }
         _ => {
             eprintln!("usage: cargo xtask <setup | build-ebpf | test [-- cargo test args] | bench | demo>");
@@ -263,6 +260,25 @@ fn run_tests(cmd: &mut Command) -> Result<()> {
         bail!("cargo test failed: {status}");
     }
     Ok(())
+}
+
+fn demo() -> Result<()> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "lb-userspace",
+        "--bin",
+        "sluice",
+    ]))?;
+    run(cargo().args([
+        "run",
+        "--release",
+        "--package",
+        "sluice-tests",
+        "--bin",
+        "demo",
+    ]))
 }
 
 fn bench() -> Result<()> {
