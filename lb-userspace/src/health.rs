@@ -66,11 +66,13 @@ pub fn probe(check: &HealthCheck, ip: IpAddr, port: u16) -> Result<(), String> {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("[{v6}]"),
     };
-    write!(
-        stream,
+    // One write: a server may answer after its first read and close, resetting later pieces.
+    let request = format!(
         "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: sluice-health\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("send: {e}"))?;
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
     let mut head = [0u8; 64];
     let mut got = 0;
     while got < 12 {
@@ -232,7 +234,7 @@ mod tests {
         let http = check(HealthProbe::Http {
             path: "/healthz".into(),
         });
-        assert!(probe(&http, ip, port).is_ok());
+        assert_eq!(probe(&http, ip, port), Ok(()));
         assert_eq!(probe(&http, ip, port), Err("HTTP status 500".into()));
         server.join().unwrap();
         // Nobody listens on the port any more.

@@ -635,9 +635,8 @@ services:
     #[test]
     fn an_unchanged_service_gets_an_identical_plan_after_an_unrelated_change() {
         let before = plan(&config(TEXT), &BTreeMap::new());
-        let changed = TEXT.replace(
-            "ports: [{port: 53, protocol: UDP}]",
-            "ports: [{port: 53, protocol: UDP}, {port: 53}]",
+        let changed = format!(
+            "{TEXT}- name: extra\n  pool: b\n  ports: [{{port: 8000}}]\n  backends: [{{ip: 10.0.0.99}}]\n"
         );
         let c = config(&changed);
         let previous = BTreeMap::new();
