@@ -629,14 +629,19 @@ fn peer(p: &mut Problems, i: usize, spec: &file::PeerSpec) -> Option<Peer> {
     let path = format!("peers[{i}]");
     let before = p.0.len();
     let peer_address = ip(p, &format!("{path}.peerAddress"), &spec.peer_address);
-    let peer_asn = ranged(
-        p,
-        &format!("{path}.peerASN"),
-        spec.peer_asn,
-        1,
-        u32::MAX as i64,
-    );
-    let my_asn = ranged(p, &format!("{path}.myASN"), spec.my_asn, 1, u32::MAX as i64);
+    let asn = |p: &mut Problems, field: &str, value: i64| {
+        let v = ranged(p, &format!("{path}.{field}"), value, 1, u32::MAX as i64)?;
+        if v == 23456 {
+            p.add(
+                format!("{path}.{field}"),
+                "23456 is AS_TRANS (RFC 6793), a placeholder, not an ASN",
+            );
+            return None;
+        }
+        Some(v)
+    };
+    let peer_asn = asn(p, "peerASN", spec.peer_asn);
+    let my_asn = asn(p, "myASN", spec.my_asn);
     let peer_port = ranged(
         p,
         &format!("{path}.peerPort"),
@@ -875,6 +880,8 @@ bgpAdvertisements:
             ("l2Advertisements: [{}]", "l2Advertisements[0].interfaces: names no interface"),
             ("peers: [{peerAddress: 192.0.2.1, peerASN: 0, myASN: 64500}]", "peers[0].peerASN: 0 is out of range"),
             ("peers: [{peerAddress: 192.0.2.1, peerASN: 64501, myASN: 64500, holdTime: 2s}]", "peers[0].holdTime: must be 0 or at least 3 s"),
+            ("peers: [{peerAddress: 192.0.2.1, peerASN: 23456, myASN: 64500}]", "peers[0].peerASN: 23456 is AS_TRANS"),
+            ("peers: [{peerAddress: 192.0.2.1, peerASN: 64501, myASN: 64500, holdTime: 9s, keepaliveTime: 10s}]", "peers[0].keepaliveTime: must be shorter than holdTime"),
             ("peers: [{peerAddress: 192.0.2.1, peerASN: 64501, myASN: 64500, routerID: \"2001:db8::1\"}]", "peers[0].routerID: \"2001:db8::1\" is not an IPv4 address"),
             ("bgpAdvertisements: [{communities: [\"70000:1\"]}]", "bgpAdvertisements[0].communities[0]: \"70000:1\" is neither ASN:VALUE"),
             ("bgpAdvertisements: [{aggregationLength: 33}]", "bgpAdvertisements[0].aggregationLength: 33 is out of range (0..=32)"),
