@@ -7,6 +7,7 @@ pub mod config;
 pub mod dataplane;
 pub mod health;
 pub mod ipam;
+pub mod l2;
 pub mod maglev;
 pub mod metrics;
 pub mod signals;

@@ -260,7 +260,11 @@ fn serve(
         dp.allow_redirect(iface.ifindex)?;
     }
     dp.set_l2_vips(&vips)?;
-    for a in &announcements {
+    for (vip, a) in vips.iter().zip(&announcements) {
+        // Tell the link at once (gratuitous ARP / unsolicited NA); answers follow from XDP.
+        if let Err(error) = lb_userspace::l2::announce(vip.ifindex, vip.mac, vip.ip) {
+            tracing::warn!(event = "l2AnnounceFailed", ip = %a.ip, interface = %a.interface, %error);
+        }
         tracing::info!(event = "l2Announcing", ip = %a.ip, interface = %a.interface);
     }
     eprintln!(

@@ -209,6 +209,8 @@ struct Daemon {
     dp: Dataplane,
     status: SharedStatus,
     events: mpsc::Sender<Event>,
+    /// (IP, ifindex) pairs already announced on their link.
+    announced: BTreeSet<(IpAddr, u32)>,
 }
 
 impl Daemon {
@@ -273,6 +275,21 @@ impl Daemon {
             })
             .collect();
         self.dp.set_l2_vips(&vips)?;
+        let now: BTreeSet<(IpAddr, u32)> = vips.iter().map(|v| (v.ip, v.ifindex)).collect();
+        for vip in vips
+            .iter()
+            .filter(|v| !self.announced.contains(&(v.ip, v.ifindex)))
+        {
+            match crate::l2::announce(vip.ifindex, vip.mac, vip.ip) {
+                Ok(()) => {
+                    tracing::info!(event = "l2Announced", ip = %vip.ip, ifindex = vip.ifindex)
+                }
+                Err(error) => {
+                    tracing::warn!(event = "l2AnnounceFailed", ip = %vip.ip, ifindex = vip.ifindex, %error)
+                }
+            }
+        }
+        self.announced = now;
         self.sync_checkers(&plan);
         Ok(())
     }
@@ -501,6 +518,7 @@ pub fn run(paths: Vec<PathBuf>) -> Result<()> {
         dp,
         status: status.clone(),
         events: tx.clone(),
+        announced: BTreeSet::new(),
     };
     daemon.apply(&config, &allocations)?;
     status.lock().unwrap().ready = true;

@@ -223,6 +223,70 @@ fn announce_answers_arp_and_ndp_on_the_chosen_interface_only_and_stops_when_stop
     assert!(ask_arp(&lab.a, "ca", Ipv4Addr::new(198, 18, 1, 2), VIP4).is_empty());
 }
 
+/// Listens on a client's interface for `WAIT`, from a thread, while the caller starts things.
+fn listen(ns: &NetNs, ifname: &'static str) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+    let path = format!("/var/run/netns/{}", ns.name);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0);
+        let sock = RawSocket::open(ifname).unwrap();
+        ready_tx.send(()).unwrap();
+        sock.collect(Duration::from_secs(3), |_| true)
+    });
+    ready_rx.recv().unwrap();
+    handle
+}
+
+#[test]
+fn starting_to_answer_announces_the_vips_on_their_link_only() {
+    let lab = lab();
+    let bin = sluice_bin();
+    let node_mac = lab.node.mac("na");
+    let on_a = listen(&lab.a, "ca");
+    let on_b = listen(&lab.b, "cb");
+    let mut sluice = lab.node.spawn(&[
+        &bin,
+        "announce",
+        "--vip",
+        "198.18.1.100@na",
+        "--vip",
+        "fd53:1::100@na",
+        "--attach",
+        "nb",
+    ]);
+    sluice.wait_for_stderr("ready");
+    let heard_a = on_a.join().unwrap();
+    let heard_b = on_b.join().unwrap();
+    let garp = heard_a.iter().find(|f| {
+        f.len() >= 42
+            && f[12..14] == [8, 6]
+            && f[28..32] == VIP4.octets()
+            && f[38..42] == VIP4.octets()
+    });
+    let garp = garp.unwrap_or_else(|| panic!("no gratuitous ARP on segment A: {heard_a:02x?}"));
+    assert_eq!(&garp[22..28], &node_mac, "announced at the node's MAC");
+    let na = heard_a
+        .iter()
+        .find(|f| {
+            f.len() >= 86
+                && f[12..14] == [0x86, 0xdd]
+                && f[54] == 136
+                && f[62..78] == vip6().octets()
+        })
+        .unwrap_or_else(|| panic!("no unsolicited NA on segment A"));
+    assert_eq!(na[58] & 0x60, 0x20, "override set, solicited clear");
+    assert!(frames::icmpv6_checksum_ok(na, 14));
+    assert!(
+        !heard_b
+            .iter()
+            .any(|f| f.windows(4).any(|w| w == VIP4.octets())),
+        "segment B heard about the VIP"
+    );
+    assert!(sluice.stop(libc::SIGTERM).success());
+}
+
 #[test]
 fn a_failed_attach_leaves_nothing_attached_and_names_the_interface() {
     let lab = lab();
