@@ -91,6 +91,16 @@ enum Command {
         #[arg(long, default_value_os_t = dataplane::default_pin_dir())]
         pin_dir: PathBuf,
     },
+    /// Stop a data plane that `sluice run` left running (its XDP and TC programs stay attached
+    /// across restarts): removes the pinned links, which detaches the programs.
+    Detach {
+        /// Where the maps and links are pinned (default: the config's, else /sys/fs/bpf/sluice).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+        /// The config `sluice run` used (for its pinDir).
+        #[arg(long = "config", value_name = "FILE")]
+        configs: Vec<PathBuf>,
+    },
     /// Show what the data plane holds, from its pinned maps (daemon running or not).
     Inspect {
         /// Where the maps are pinned (default: the config's, else /sys/fs/bpf/sluice).
@@ -155,6 +165,7 @@ fn main() -> ExitCode {
             }
             lb_userspace::standalone::run(configs)
         }
+        Command::Detach { pin_dir, configs } => detach(pin_dir, &configs),
         Command::Validate { configs } => {
             lb_userspace::standalone::validate(&configs).map(|summary| println!("{summary}"))
         }
@@ -298,6 +309,24 @@ fn serve(
         passed = stats.passed,
         malformed = stats.malformed
     );
+    Ok(())
+}
+
+fn detach(pin_dir: Option<PathBuf>, configs: &[PathBuf]) -> Result<()> {
+    let pin_dir = match pin_dir {
+        Some(dir) => dir,
+        None if !configs.is_empty() => lb_userspace::config::load(configs)?.dataplane.pin_dir,
+        None => dataplane::default_pin_dir(),
+    };
+    let removed = dataplane::detach_pinned(&pin_dir)?;
+    if removed.is_empty() {
+        println!(
+            "nothing pinned under {}/links: no data plane left running",
+            pin_dir.display()
+        );
+    } else {
+        println!("detached: {}", removed.join(", "));
+    }
     Ok(())
 }
 

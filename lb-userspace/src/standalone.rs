@@ -490,9 +490,12 @@ pub fn run(paths: Vec<PathBuf>) -> Result<()> {
     let config = config::load(&paths)?;
     let previous = read_state(&config.dataplane.state_file);
     let allocations = allocate(&config, &previous)?;
+    // Links are pinned: forwarding goes on while this process restarts or is upgraded, and the
+    // next `sluice run` adopts them. `sluice detach` ends it.
     let dp = Dataplane::load(&DataplaneOptions {
         pin_dir: Some(config.dataplane.pin_dir.clone()),
         maglev_table_size: config.dataplane.maglev_table_size,
+        pin_links: true,
         ..DataplaneOptions::default()
     })?;
     let status: SharedStatus = Arc::new(Mutex::new(Status::default()));
@@ -569,7 +572,10 @@ pub fn run(paths: Vec<PathBuf>) -> Result<()> {
             Event::Stop => break,
         }
     }
-    tracing::info!(event = "stopped");
+    tracing::info!(
+        event = "stopped",
+        "the data plane keeps forwarding with the last configuration; `sluice detach` stops it"
+    );
     Ok(())
 }
 

@@ -129,6 +129,18 @@ pub fn veth(a: &NetNs, a_name: &str, b: &NetNs, b_name: &str) {
     b.ip(&["link", "set", b_name, "up"]);
 }
 
+/// Starts any command (stderr piped), e.g. `nsenter ... sluice run`.
+pub fn spawn_command(cmd: &[&str]) -> Process {
+    let child = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    Process { child: Some(child) }
+}
+
 /// A process a test started; killed (SIGKILL, by PID) and reaped on drop.
 pub struct Process {
     child: Option<Child>,

@@ -400,3 +400,82 @@ fn a_bad_config_at_startup_exits_non_zero_naming_every_problem() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn forwarding_goes_on_while_sluice_run_restarts_and_detach_stops_it() {
+    let lab = Lab::new(2);
+    lab.serve(1);
+    lab.serve(2);
+    let dir = temp_dir("restart");
+    let config = dir.join("sluice.yaml");
+    let body = format!(
+        "{BASE}services:\n- name: web\n  ports: [{{port: 80, targetPort: 8080}}]\n  backends: [{{ip: 198.18.11.2}}, {{ip: 198.18.12.2}}]\n"
+    );
+    std::fs::write(&config, config_text(&dir, &body)).unwrap();
+    // A process that keeps the node's mount namespace (and the bpffs sluice mounts in it) alive
+    // between two runs of sluice, as a host's /sys/fs/bpf would.
+    let mut holder = lab
+        .node
+        .spawn(&["sh", "-c", "echo holding >&2; exec sleep 600"]);
+    holder.wait_for_stderr("holding");
+    let target = holder.pid().to_string();
+    let bin = sluice_bin();
+    let in_node = |args: &[&str]| {
+        let mut cmd = vec![
+            "nsenter",
+            "--target",
+            target.as_str(),
+            "--mount",
+            "--net",
+            bin.as_str(),
+        ];
+        cmd.extend_from_slice(args);
+        cmd.iter().map(|s| s.to_string()).collect::<Vec<String>>()
+    };
+    let start_run = || {
+        let args = in_node(&["run", "--config", config.to_str().unwrap()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut p = sluice_tests::netns::spawn_command(&args);
+        p.wait_for_stderr("ready");
+        p
+    };
+    let vip = addr("198.18.1.100:80");
+
+    let first = start_run();
+    let mut long = Conn::open(&lab.client, vip).unwrap();
+    let home = long.ask().unwrap();
+    assert!(first.stop(libc::SIGTERM).success());
+
+    // No daemon: the pinned programs and maps keep balancing, established flow included.
+    assert!(lab.node.has_xdp("n0"));
+    assert_eq!(long.ask().unwrap(), home);
+    assert_eq!(names(&lab.client, vip, 10).values().sum::<usize>(), 10);
+
+    // A new daemon adopts the links (no second attach, no gap).
+    let second = start_run();
+    assert_eq!(long.ask().unwrap(), home);
+    assert_eq!(names(&lab.client, vip, 10).values().sum::<usize>(), 10);
+    assert!(second.stop(libc::SIGTERM).success());
+
+    // `sluice detach` ends it: nothing attached, the VIP is gone.
+    let args = in_node(&["detach", "--config", config.to_str().unwrap()]);
+    let out = std::process::Command::new(&args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("xdp-n0"),
+        "{out:?}"
+    );
+    assert!(!lab.node.has_xdp("n0"), "detached");
+    assert!(Conn::open(&lab.client, vip)
+        .and_then(|mut c| c.ask())
+        .is_err());
+    drop(holder);
+    let _ = std::fs::remove_dir_all(dir);
+}

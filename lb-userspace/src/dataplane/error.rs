@@ -43,6 +43,8 @@ pub enum DataplaneError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("cannot pin the links of interface {interface}: {reason}")]
+    PinLink { interface: String, reason: String },
     #[error("cannot load the eBPF object {object}: {source}")]
     Load {
         object: &'static str,

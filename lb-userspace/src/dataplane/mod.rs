@@ -19,8 +19,9 @@ use std::{
 use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray},
     programs::{
-        tc::{self, SchedClassifierLinkId, TcAttachType},
-        xdp::XdpLinkId,
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink, SchedClassifierLinkId, TcAttachType},
+        xdp::{XdpLink, XdpLinkId},
         ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp, XdpMode,
     },
     util::KernelVersion,
@@ -59,6 +60,11 @@ pub struct DataplaneOptions {
     /// M, the size of every service's Maglev table: a prime, at least 100 × the largest backend
     /// count for shares within 1 %.
     pub maglev_table_size: u32,
+    /// Pin the XDP and TC links under `<pin_dir>/links/` (needs `pin_dir`): the programs keep
+    /// forwarding after this process exits, and the next data plane loaded with the same pin
+    /// directory adopts the links, swapping its programs in without a gap. [`detach_pinned`]
+    /// ends it.
+    pub pin_links: bool,
 }
 
 /// Map capacities, fixed at load.
@@ -87,6 +93,7 @@ impl Default for DataplaneOptions {
             l2_vips_capacity: L2_VIPS_DEFAULT_CAPACITY,
             capacities: Capacities::default(),
             maglev_table_size: crate::maglev::DEFAULT_TABLE_SIZE,
+            pin_links: false,
         }
     }
 }
@@ -174,6 +181,8 @@ pub struct Dataplane {
     capacities: Capacities,
     table_size: u32,
     registry: services::Registry,
+    /// Where links are pinned, when they are.
+    link_dir: Option<PathBuf>,
 }
 
 /// The XDP ingress and TC egress programs on one interface.
@@ -249,6 +258,10 @@ impl Dataplane {
             capacities: caps,
             table_size: options.maglev_table_size,
             registry: services::Registry::default(),
+            link_dir: match (&options.pin_dir, options.pin_links) {
+                (Some(dir), true) => Some(dir.join("links")),
+                _ => None,
+            },
         };
         if options.pin_dir.is_some() {
             dataplane.recover_registry()?;
@@ -347,6 +360,19 @@ impl Dataplane {
             interface: iface.name.clone(),
             source,
         };
+        let link_paths = self.link_dir.as_ref().map(|dir| {
+            (
+                dir.join(format!("xdp-{}", iface.name)),
+                dir.join(format!("tc-{}", iface.name)),
+            )
+        });
+        if let Some((xdp_path, tc_path)) = &link_paths {
+            if let Some(attachment) = self.adopt(iface, xdp_path, tc_path) {
+                self.attached.insert(iface.ifindex, attachment);
+                tracing::info!(event = "xdpAdopted", interface = %iface.name, ifindex = iface.ifindex);
+                return Ok(());
+            }
+        }
         let program = self.ingress_mut()?;
         // Native (driver) mode where the driver supports XDP, generic (skb) mode elsewhere.
         let xdp = program
@@ -368,21 +394,123 @@ impl Dataplane {
                 return Err(error);
             }
         };
-        self.attached.insert(
-            iface.ifindex,
-            Attachment {
+        let mut attachment = Attachment {
+            name: iface.name.clone(),
+            xdp,
+            tc,
+        };
+        if let Some((xdp_path, tc_path)) = &link_paths {
+            attachment = self.pin_links(attachment, xdp_path, tc_path)?;
+        }
+        self.attached.insert(iface.ifindex, attachment);
+        tracing::info!(event = "xdpAttached", interface = %iface.name, ifindex = iface.ifindex);
+        Ok(())
+    }
+
+    /// Takes over links pinned by an earlier data plane on this interface, putting this one's
+    /// programs in them (atomic `bpf_link_update`: no moment without a program). `None` when
+    /// there is nothing usable to adopt (stale pins are removed).
+    fn adopt(&mut self, iface: &Interface, xdp_path: &Path, tc_path: &Path) -> Option<Attachment> {
+        if !xdp_path.exists() || !tc_path.exists() {
+            let _ = std::fs::remove_file(xdp_path);
+            let _ = std::fs::remove_file(tc_path);
+            return None;
+        }
+        let result = (|| -> std::result::Result<Attachment, String> {
+            let xdp_fd: FdLink = PinnedLink::from_pin(xdp_path)
+                .map_err(|e| e.to_string())?
+                .into();
+            let tc_fd: FdLink = PinnedLink::from_pin(tc_path)
+                .map_err(|e| e.to_string())?
+                .into();
+            let xdp_link = XdpLink::try_from(xdp_fd).map_err(|e| e.to_string())?;
+            let tc_link = SchedClassifierLink::try_from(tc_fd).map_err(|e| e.to_string())?;
+            let xdp = self
+                .ingress_mut()
+                .map_err(|e| e.to_string())?
+                .attach_to_link(xdp_link)
+                .map_err(|e| e.to_string())?;
+            let tc = self
+                .egress_mut()
+                .map_err(|e| e.to_string())?
+                .attach_to_link(tc_link)
+                .map_err(|e| e.to_string())?;
+            Ok(Attachment {
                 name: iface.name.clone(),
                 xdp,
                 tc,
-            },
-        );
-        tracing::info!(event = "xdpAttached", interface = %iface.name, ifindex = iface.ifindex);
-        Ok(())
+            })
+        })();
+        match result {
+            Ok(attachment) => Some(attachment),
+            Err(error) => {
+                tracing::warn!(event = "staleLinksRemoved", interface = %iface.name, %error);
+                let _ = std::fs::remove_file(xdp_path);
+                let _ = std::fs::remove_file(tc_path);
+                None
+            }
+        }
+    }
+
+    /// Pins both links of an attachment and gives them back to the programs. On failure the
+    /// links taken so far are dropped, which detaches them (nothing pins them).
+    fn pin_links(
+        &mut self,
+        attachment: Attachment,
+        xdp_path: &Path,
+        tc_path: &Path,
+    ) -> Result<Attachment> {
+        let Attachment { name, xdp, tc } = attachment;
+        let result = (|| -> std::result::Result<(XdpLinkId, SchedClassifierLinkId), String> {
+            if let Some(dir) = xdp_path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+            }
+            let xdp_link = self
+                .ingress_mut()
+                .map_err(|e| e.to_string())?
+                .take_link(xdp)
+                .map_err(|e| e.to_string())?;
+            let xdp_fd = FdLink::try_from(xdp_link).map_err(|e| e.to_string())?;
+            let xdp_fd: FdLink = xdp_fd.pin(xdp_path).map_err(|e| e.to_string())?.into();
+            let xdp = self
+                .ingress_mut()
+                .map_err(|e| e.to_string())?
+                .attach_to_link(XdpLink::try_from(xdp_fd).map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+            let tc_link = self
+                .egress_mut()
+                .map_err(|e| e.to_string())?
+                .take_link(tc)
+                .map_err(|e| e.to_string())?;
+            let tc_fd = FdLink::try_from(tc_link).map_err(|e| e.to_string())?;
+            let tc_fd: FdLink = tc_fd.pin(tc_path).map_err(|e| e.to_string())?.into();
+            let tc = self
+                .egress_mut()
+                .map_err(|e| e.to_string())?
+                .attach_to_link(SchedClassifierLink::try_from(tc_fd).map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+            Ok((xdp, tc))
+        })();
+        match result {
+            Ok((xdp, tc)) => Ok(Attachment { name, xdp, tc }),
+            Err(reason) => {
+                let _ = std::fs::remove_file(xdp_path);
+                let _ = std::fs::remove_file(tc_path);
+                Err(DataplaneError::PinLink {
+                    interface: name,
+                    reason,
+                })
+            }
+        }
     }
 
     /// Detaches the ingress program from one interface (no-op if it is not attached).
     pub fn detach(&mut self, ifindex: u32) {
         if let Some(Attachment { name, xdp, tc }) = self.attached.remove(&ifindex) {
+            if let Some(dir) = &self.link_dir {
+                let _ = std::fs::remove_file(dir.join(format!("xdp-{name}")));
+                let _ = std::fs::remove_file(dir.join(format!("tc-{name}")));
+            }
             if let Ok(program) = self.egress_mut() {
                 if let Err(error) = program.detach(tc) {
                     tracing::warn!(event = "tcDetachFailed", interface = %name, %error);
@@ -589,6 +717,28 @@ fn read_stats<T: std::borrow::Borrow<MapData>>(
     Ok(per_cpu
         .iter()
         .fold(GlobalStats::default(), |sum, cpu| sum.add(*cpu)))
+}
+
+/// Stops a data plane left running with pinned links: removes the pins under `<pin_dir>/links/`,
+/// which detaches the programs once no process holds the links. Returns the links removed.
+pub fn detach_pinned(pin_dir: &Path) -> Result<Vec<String>> {
+    require_root()?;
+    let dir = pin_dir.join("links");
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(_) => return Ok(removed),
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        std::fs::remove_file(&path).map_err(|source| DataplaneError::PinDir {
+            path: path.clone(),
+            source,
+        })?;
+        removed.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    removed.sort();
+    Ok(removed)
 }
 
 /// Read-only view of a data plane's pinned maps, whether or not a daemon is running.
