@@ -61,6 +61,28 @@ pub const REDIRECT_TARGETS_CAPACITY: u32 = 4096;
 /// `FlowValue::ifindex` value meaning "resolved: send through the kernel".
 pub const NEXT_HOP_VIA_KERNEL: u32 = u32::MAX;
 
+/// Array indexed by [`vip_slot`] of a destination address → number of services whose VIP falls
+/// in that slot. A cheap (inlined, no helper call) first test: traffic to an address with 0
+/// here is not a service's and leaves at once.
+pub const MAP_VIP_FILTER: &str = "VIP_FILTER";
+pub const VIP_FILTER_SLOTS: u32 = 65_536;
+
+/// The [`MAP_VIP_FILTER`] slot of an address (IPv4 in the first four bytes).
+#[inline(always)]
+pub fn vip_slot(addr: &[u8; 16]) -> u32 {
+    let words: [u32; 4] = bytemuck::cast(*addr);
+    let mut h: u32 = 0x9e37_79b9;
+    let mut i = 0;
+    while i < 4 {
+        h ^= words[i];
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        i += 1;
+    }
+    h = h.wrapping_mul(0xc2b2_ae35);
+    (h ^ (h >> 16)) & (VIP_FILTER_SLOTS - 1)
+}
+
 /// Name of the TC egress program (reverse NAT).
 pub const PROG_TC_EGRESS: &str = "sluice_egress";
 
@@ -336,6 +358,20 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vip_slots_spread_addresses_and_stay_in_range() {
+        let mut seen = [false; 64];
+        for i in 0..=255u8 {
+            let slot = vip_slot(&[198, 51, 100, i, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            assert!(slot < VIP_FILTER_SLOTS);
+            seen[(slot % 64) as usize] = true;
+        }
+        assert!(
+            seen.iter().filter(|s| **s).count() > 50,
+            "a /24 spreads over the slots"
+        );
+    }
 
     #[test]
     fn flow_hash_depends_on_every_field_and_is_stable() {

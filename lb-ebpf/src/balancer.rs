@@ -10,14 +10,16 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    flow_hash, BackendValue, FlowKey, FlowValue, ReverseNatValue, ServiceKey, ServiceValue,
+    flow_hash, vip_slot, BackendValue, FlowKey, FlowValue, ReverseNatValue, ServiceKey,
     BACKEND_ACTIVE, FAMILY_IPV4, FAMILY_IPV6, NEXT_HOP_VIA_KERNEL, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
     checksum::Delta,
     headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, IPV6_HLEN},
-    maps::{BACKENDS, CONNTRACK, MAGLEV, REDIRECT_TARGETS, REVERSE_NAT, SCRATCH, SERVICES},
+    maps::{
+        BACKENDS, CONNTRACK, MAGLEV, REDIRECT_TARGETS, REVERSE_NAT, SCRATCH, SERVICES, VIP_FILTER,
+    },
     parse::{ptr_at, L2},
     stats::{self, Outcome},
 };
@@ -58,20 +60,21 @@ impl Packet {
     }
 }
 
-/// The service for (VIP, port, protocol), if there is one. Looked up before anything else is
-/// done, so traffic that is not a service's costs one lookup and nothing more.
+/// False when no service has this destination address: the inlined first test (an array
+/// lookup, no helper call), so other traffic costs next to nothing. True may be a collision.
 #[inline(always)]
-fn service(
-    key: &mut ServiceKey,
-    ports: &[u8; 4],
-    proto: u8,
-    family: u8,
-) -> Option<&'static ServiceValue> {
+fn may_be_vip(addr: &[u8; 16]) -> bool {
+    VIP_FILTER
+        .get(vip_slot(addr))
+        .is_some_and(|services| *services != 0)
+}
+
+/// Completes the (VIP, port, protocol) key in the scratch slot.
+#[inline(always)]
+fn service_key(key: &mut ServiceKey, ports: &[u8; 4], proto: u8, family: u8) {
     key.port = [ports[2], ports[3]];
     key.proto = proto;
     key.family = family;
-    // SAFETY: map values stay valid for the program's run; they are only read.
-    unsafe { SERVICES.get(key) }
 }
 
 /// Fills the per-CPU scratch packet with everything but the addresses.
@@ -141,9 +144,10 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
     let key = unsafe { &mut (*scratch).service_key };
     key.addr = [0; 16];
     key.addr[..4].copy_from_slice(&ip.dst);
-    let Some(service) = service(key, ports, ip.proto, FAMILY_IPV4) else {
+    if !may_be_vip(&key.addr) {
         return Outcome::Passed;
-    };
+    }
+    service_key(key, ports, ip.proto, FAMILY_IPV4);
     let Some(packet) = start_packet(FAMILY_IPV4, ip.proto, l2.l3_offset, l4_offset, total, ports)
     else {
         return Outcome::Passed;
@@ -152,7 +156,7 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
     packet.flow.dst = [0; 16];
     packet.flow.src[..4].copy_from_slice(&ip.src);
     packet.flow.dst[..4].copy_from_slice(&ip.dst);
-    balance(ctx, packet, service)
+    balance(ctx, packet)
 }
 
 /// IPv6 with TCP or UDP directly after the fixed header (no extension headers).
@@ -184,9 +188,10 @@ pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
     };
     let key = unsafe { &mut (*scratch).service_key };
     key.addr = ip6.dst;
-    let Some(service) = service(key, ports, ip6.next_header, FAMILY_IPV6) else {
+    if !may_be_vip(&key.addr) {
         return Outcome::Passed;
-    };
+    }
+    service_key(key, ports, ip6.next_header, FAMILY_IPV6);
     let ip_len = payload + IPV6_HLEN;
     let Some(packet) = start_packet(
         FAMILY_IPV6,
@@ -200,7 +205,7 @@ pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
     };
     packet.flow.src = ip6.src;
     packet.flow.dst = ip6.dst;
-    balance(ctx, packet, service)
+    balance(ctx, packet)
 }
 
 /// Writes the flow's connection-table entry and the reverse mapping its replies need.
@@ -226,20 +231,26 @@ fn record_flow(packet: &Packet, backend: &BackendValue, entry: &FlowValue) {
 }
 
 #[inline(never)]
-fn balance(ctx: &XdpContext, packet: &Packet, service: &ServiceValue) -> Outcome {
+fn balance(ctx: &XdpContext, packet: &Packet) -> Outcome {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
 
-    // 1. An established flow keeps its backend while that backend exists.
+    // 1. An established flow keeps its backend while that backend exists (a removed service's
+    // backends are deactivated, so its flows end here too). One hash lookup on this path.
     if let Some(entry) = CONNTRACK.get_ptr_mut(&packet.flow) {
         let entry = unsafe { &mut *entry };
-        if let Some(backend) = live_backend(service, entry.backend_id, entry.generation) {
+        if let Some(backend) = live_backend(entry.backend_id, entry.generation) {
             if entry.ifindex == 0 {
                 resolve_next_hop(ctx, packet, backend, entry);
             }
-            stats::count_traffic(service.id, entry.backend_id, bytes, false);
+            stats::count_traffic(backend.service_id, entry.backend_id, bytes, false);
             return forward(ctx, packet, backend, entry);
         }
     }
+
+    // SAFETY: map values stay valid for the program's run; they are only read.
+    let Some(service) = (unsafe { SERVICES.get(&packet.service_key) }) else {
+        return Outcome::Passed;
+    };
 
     // 2. A new flow (or one whose backend is gone): Maglev picks.
     if service.table_size == 0 {
@@ -269,12 +280,9 @@ fn balance(ctx: &XdpContext, packet: &Packet, service: &ServiceValue) -> Outcome
 }
 
 #[inline(always)]
-fn live_backend(service: &ServiceValue, id: u32, generation: u32) -> Option<&'static BackendValue> {
+fn live_backend(id: u32, generation: u32) -> Option<&'static BackendValue> {
     let backend = BACKENDS.get(id)?;
-    (backend.flags & BACKEND_ACTIVE != 0
-        && backend.generation == generation
-        && backend.service_id == service.id)
-        .then_some(backend)
+    (backend.flags & BACKEND_ACTIVE != 0 && backend.generation == generation).then_some(backend)
 }
 
 /// Asks the kernel's FIB for the next hop toward the backend; on success stores the egress

@@ -10,7 +10,7 @@ use lb_common::{
     BackendValue, FlowKey, FlowValue, GlobalStats, L2VipKey, L2VipValue, ReverseNatValue,
     ServiceKey, ServiceValue, TrafficStats, BACKENDS_DEFAULT_CAPACITY, BPF_F_INNER_MAP,
     FLOWS_DEFAULT_CAPACITY, L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE,
-    REDIRECT_TARGETS_CAPACITY, SERVICES_DEFAULT_CAPACITY,
+    REDIRECT_TARGETS_CAPACITY, SERVICES_DEFAULT_CAPACITY, VIP_FILTER_SLOTS,
 };
 
 /// (ifindex, IP) → MAC to answer ARP/NDP with. No entry for an ifindex: no answer there.
@@ -58,6 +58,10 @@ pub static SERVICE_STATS: PerCpuArray<TrafficStats, { SERVICES_DEFAULT_CAPACITY 
 #[btf_map]
 pub static BACKEND_STATS: PerCpuArray<TrafficStats, { BACKENDS_DEFAULT_CAPACITY as usize }> =
     PerCpuArray::new();
+
+/// Services per VIP slot: the inlined first test of every TCP/UDP packet (see lb-common).
+#[btf_map]
+pub static VIP_FILTER: Array<u32, { VIP_FILTER_SLOTS as usize }> = Array::new();
 
 /// Interfaces the program may redirect to (see lb-common).
 #[btf_map]

@@ -654,3 +654,29 @@ fn maglev_table_sizes_that_are_not_prime_or_too_large_are_refused_at_load() {
         "{err}"
     );
 }
+
+#[test]
+fn removing_one_of_two_services_on_a_vip_keeps_the_other_balanced() {
+    lab(|dp, veth0, _| {
+        let udp53 = Service {
+            vip: IpAddr::V4(VIP4),
+            port: 53,
+            protocol: Protocol::Udp,
+        };
+        dp.upsert_service(tcp80(), &[b4(10)]).unwrap();
+        dp.upsert_service(udp53, &[b4(11)]).unwrap();
+        dp.remove_service(&tcp80()).unwrap();
+        let query = ipv4_udp(NODE_MAC, CLIENT_MAC, CLIENT4, VIP4, 33333, 53, b"q");
+        let out = dp.run_ingress(veth0, &query).unwrap();
+        assert_eq!(out.action, XdpAction::Redirect, "udp/53 still balanced");
+        assert_eq!(dest4(&out.frame), (b4(11).ip, 8080));
+        let syn = syn4(40000, 80);
+        assert_eq!(
+            dp.run_ingress(veth0, &syn).unwrap().frame,
+            syn,
+            "tcp/80 is the kernel's again"
+        );
+        dp.remove_service(&udp53).unwrap();
+        assert_eq!(dp.run_ingress(veth0, &query).unwrap().frame, query);
+    });
+}

@@ -99,7 +99,8 @@ impl Default for DataplaneOptions {
 }
 
 /// Every map the data plane pins, by name.
-const PINNED_MAPS: [&str; 10] = [
+const PINNED_MAPS: [&str; 11] = [
+    lb_common::MAP_VIP_FILTER,
     MAP_REDIRECT_TARGETS,
     MAP_L2_VIPS,
     MAP_GLOBAL_STATS,

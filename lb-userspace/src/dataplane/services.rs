@@ -13,9 +13,9 @@ use std::{
 
 use aya::maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
-    BackendValue, ServiceKey, ServiceValue, TrafficStats, BACKEND_ACTIVE, BPF_F_INNER_MAP,
-    FAMILY_IPV4, FAMILY_IPV6, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_MAGLEV, MAP_SERVICES,
-    MAP_SERVICE_STATS, PROTO_TCP, PROTO_UDP,
+    vip_slot, BackendValue, ServiceKey, ServiceValue, TrafficStats, BACKEND_ACTIVE,
+    BPF_F_INNER_MAP, FAMILY_IPV4, FAMILY_IPV6, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_MAGLEV,
+    MAP_SERVICES, MAP_SERVICE_STATS, MAP_VIP_FILTER, PROTO_TCP, PROTO_UDP,
 };
 
 use super::{map_error, Dataplane, DataplaneError, Result};
@@ -45,6 +45,16 @@ pub(super) struct Registry {
     pub used_service_ids: BTreeSet<u32>,
     pub used_backend_ids: BTreeSet<u32>,
     pub next_generation: u32,
+    /// Services per VIP_FILTER slot.
+    pub vip_filter: BTreeMap<u32, u32>,
+    /// Services counted in `vip_filter`.
+    pub counted: Vec<Service>,
+}
+
+impl Registry {
+    pub fn vip_filter_has(&self, service: &Service) -> bool {
+        self.counted.contains(service)
+    }
 }
 
 fn protocol_number(protocol: Protocol) -> u8 {
@@ -160,7 +170,11 @@ impl Dataplane {
             self.reset_stats(MAP_SERVICE_STATS, id)?;
             tracing::info!(event = "serviceAdded", service = %service, id);
         }
-        self.set_backends(&service, backends)
+        self.set_backends(&service, backends)?;
+        if !self.registry.vip_filter_has(&service) {
+            self.count_vip(&service, 1)?;
+        }
+        Ok(())
     }
 
     /// Replaces a service's backends: established flows keep a backend that stays; flows of a
@@ -337,6 +351,7 @@ impl Dataplane {
         self.deactivate_backends(&ids)?;
         self.registry.used_service_ids.remove(&state.id);
         self.registry.services.remove(service);
+        self.count_vip(service, -1)?;
         tracing::info!(event = "serviceRemoved", service = %service);
         Ok(())
     }
@@ -377,6 +392,32 @@ impl Dataplane {
             });
         }
         Ok(out)
+    }
+
+    /// Adds `delta` services to the VIP_FILTER slot of the service's VIP and writes it.
+    fn count_vip(&mut self, service: &Service, delta: i64) -> Result<()> {
+        let slot = vip_slot(&addr16(&service.vip));
+        let count = self.registry.vip_filter.entry(slot).or_insert(0);
+        *count = (*count as i64 + delta).max(0) as u32;
+        let value = *count;
+        if value == 0 {
+            self.registry.vip_filter.remove(&slot);
+        }
+        self.registry.counted.retain(|s| s != service);
+        if delta > 0 {
+            self.registry.counted.push(*service);
+        }
+        self.write_vip_slot(slot, value)
+    }
+
+    fn write_vip_slot(&mut self, slot: u32, value: u32) -> Result<()> {
+        let mut array: Array<&mut MapData, u32> = Array::try_from(
+            self.ebpf
+                .map_mut(MAP_VIP_FILTER)
+                .ok_or(DataplaneError::MissingMap(MAP_VIP_FILTER))?,
+        )
+        .map_err(map_error(MAP_VIP_FILTER))?;
+        array.set(slot, value, 0).map_err(map_error(MAP_VIP_FILTER))
     }
 
     fn deactivate_backends(&mut self, ids: &[u32]) -> Result<()> {
