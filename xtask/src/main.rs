@@ -21,6 +21,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("ethtool", "ethtool"),
+    ("bird", "bird2"),
 ];
 
 fn main() -> Result<()> {
