@@ -148,7 +148,9 @@ fn udp_ask(lab: &Node, v6: bool) -> String {
 fn balances_and_keeps_long_lived_connections(v6: bool) {
     let mut lab = node();
     // Many connections: all succeed, all three backends answer, in roughly equal shares.
-    let n = 90;
+    // 150 connections over 3 backends: 50 each expected, σ = 5.8; the bounds are ±5.5 σ
+    // (a false alarm about once in ten million runs).
+    let n = 150;
     let counts = spread(&lab.lab.client, v6, n);
     assert_eq!(counts.values().sum::<usize>(), n);
     assert_eq!(
@@ -157,7 +159,7 @@ fn balances_and_keeps_long_lived_connections(v6: bool) {
         "{counts:?}"
     );
     for (name, c) in &counts {
-        assert!((15..=45).contains(c), "{name} got {c} of {n}: {counts:?}");
+        assert!((18..=82).contains(c), "{name} got {c} of {n}: {counts:?}");
     }
 
     // A long-lived connection keeps its backend while another is removed and a new one added.
@@ -200,7 +202,7 @@ fn balances_and_keeps_long_lived_connections(v6: bool) {
         .iter()
         .find(|s| s.service == service(v6, 80, Protocol::Tcp))
         .unwrap();
-    assert!(tcp.traffic.new_flows >= 151, "{:?}", tcp.traffic);
+    assert!(tcp.traffic.new_flows >= 211, "{:?}", tcp.traffic);
     let global = lab.node_dp.stats().unwrap();
     eprintln!("node counters: {global:?}");
     assert!(global.reverse_nat > 0, "{global:?}");
