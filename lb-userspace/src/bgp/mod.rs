@@ -1,5 +1,7 @@
-//! BGP: Sluice's own speaker (issue 5, in progress). So far: `wire`, the message layer over
-//! netgauze-bgp-pkt, checked against known bytes and malformed input. The session state
-//! machine, timers, TCP-MD5 and the advertisement set come next.
+//! BGP: Sluice's own speaker (issue 5, in progress). So far, both pure and tested: `wire`, the
+//! message layer over netgauze-bgp-pkt (checked against known bytes, malformed input, and BIRD),
+//! and `fsm`, the RFC 4271 session state machine. The session driver (tokio, TCP-MD5, collision
+//! handling), the advertisement set and the wiring into `sluice run` come next.
 
+pub mod fsm;
 pub mod wire;
