@@ -247,14 +247,7 @@ pub fn announce(prefixes: &[IpNet], attrs: &Attributes) -> Result<BgpMessage, St
             true,
         ));
     }
-    let mut v4 = Vec::new();
-    let mut v6 = Vec::new();
-    for prefix in prefixes {
-        match prefix {
-            IpNet::V4(net) => v4.push(v4_nlri(*net)?),
-            IpNet::V6(net) => v6.push(v6_nlri(*net)?),
-        }
-    }
+    let (v4, v6) = split(prefixes)?;
     if !v6.is_empty() {
         let IpAddr::V6(next_hop) = attrs.next_hop else {
             return Err("IPv6 prefixes need an IPv6 next hop".into());
@@ -288,14 +281,7 @@ pub fn announce(prefixes: &[IpNet], attrs: &Attributes) -> Result<BgpMessage, St
 
 /// An UPDATE withdrawing `prefixes` (IPv4 in the withdrawn routes, IPv6 in MP_UNREACH_NLRI).
 pub fn withdraw(prefixes: &[IpNet]) -> Result<BgpMessage, String> {
-    let mut v4 = Vec::new();
-    let mut v6 = Vec::new();
-    for prefix in prefixes {
-        match prefix {
-            IpNet::V4(net) => v4.push(v4_nlri(*net)?),
-            IpNet::V6(net) => v6.push(v6_nlri(*net)?),
-        }
-    }
+    let (v4, v6) = split(prefixes)?;
     let path = if v6.is_empty() {
         Vec::new()
     } else {
@@ -333,6 +319,21 @@ pub fn cease() -> BgpMessage {
             value: Box::new([]),
         },
     ))
+}
+
+/// IPv4 and IPv6 prefixes as NLRI, apart.
+type Nlri = (Vec<Ipv4UnicastAddress>, Vec<Ipv6UnicastAddress>);
+
+fn split(prefixes: &[IpNet]) -> Result<Nlri, String> {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for prefix in prefixes {
+        match prefix {
+            IpNet::V4(net) => v4.push(v4_nlri(*net)?),
+            IpNet::V6(net) => v6.push(v6_nlri(*net)?),
+        }
+    }
+    Ok((v4, v6))
 }
 
 fn v4_nlri(net: Ipv4Net) -> Result<Ipv4UnicastAddress, String> {
