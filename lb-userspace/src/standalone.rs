@@ -211,6 +211,8 @@ struct Daemon {
     events: mpsc::Sender<Event>,
     /// (IP, ifindex) pairs already announced on their link.
     announced: BTreeSet<(IpAddr, u32)>,
+    /// BGP sessions, when the config has peers.
+    bgp: Option<crate::bgp::speaker::Speaker>,
 }
 
 impl Daemon {
@@ -291,7 +293,43 @@ impl Daemon {
         }
         self.announced = now;
         self.sync_checkers(&plan);
+        self.sync_bgp(config, allocations, &plan);
         Ok(())
+    }
+
+    /// Tells the BGP peers about every service IP with at least one healthy backend.
+    fn sync_bgp(
+        &mut self,
+        config: &Config,
+        allocations: &BTreeMap<String, Allocation>,
+        plan: &Desired,
+    ) {
+        if config.peers.is_empty() {
+            if let Some(speaker) = self.bgp.take() {
+                speaker.shutdown();
+            }
+            return;
+        }
+        if self.bgp.is_none() {
+            match crate::bgp::speaker::Speaker::new() {
+                Ok(speaker) => self.bgp = Some(speaker),
+                Err(error) => {
+                    tracing::error!(event = "bgpNotStarted", %error);
+                    return;
+                }
+            }
+        }
+        let live: BTreeSet<IpAddr> = plan
+            .services
+            .iter()
+            .filter(|(_, backends)| !backends.is_empty())
+            .map(|(service, _)| service.vip)
+            .collect();
+        let advertisements = crate::bgp::advertise::advertisements(config, allocations, &live);
+        if let Some(speaker) = self.bgp.as_mut() {
+            speaker.configure(&config.peers);
+            speaker.advertise(&advertisements);
+        }
     }
 
     fn sync_checkers(&mut self, plan: &Desired) {
@@ -522,6 +560,7 @@ pub fn run(paths: Vec<PathBuf>) -> Result<()> {
         status: status.clone(),
         events: tx.clone(),
         announced: BTreeSet::new(),
+        bgp: None,
     };
     daemon.apply(&config, &allocations)?;
     status.lock().unwrap().ready = true;
@@ -571,6 +610,9 @@ pub fn run(paths: Vec<PathBuf>) -> Result<()> {
             Event::Probe(result) => daemon.on_probe(result),
             Event::Stop => break,
         }
+    }
+    if let Some(speaker) = daemon.bgp.take() {
+        speaker.shutdown();
     }
     tracing::info!(
         event = "stopped",

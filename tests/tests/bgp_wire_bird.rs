@@ -6,89 +6,28 @@
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, TcpStream},
-    path::PathBuf,
-    process::Command,
     time::{Duration, Instant},
 };
 
 use lb_userspace::bgp::wire::{self, Attributes, OpenParams, Reader};
 use netgauze_bgp_pkt::BgpMessage;
-use sluice_tests::netns::{veth, NetNs, Process};
-
-struct Router {
-    _process: Process,
-    socket: PathBuf,
-    dir: PathBuf,
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Router {
-    fn birdc(&self, command: &str) -> String {
-        let out = Command::new("birdc")
-            .args(["-s", self.socket.to_str().unwrap(), command])
-            .output()
-            .expect("birdc (cargo xtask setup installs bird2)");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Waits (up to 5 s) until `show route PREFIX all` satisfies `ok`; returns the output.
-    fn wait_route(&self, prefix: &str, ok: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let text = self.birdc(&format!("show route {prefix} all"));
-            if ok(&text) {
-                return text;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{prefix}: never as expected:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
+use sluice_tests::{
+    bird::{Neighbor, Router},
+    netns::{veth, NetNs},
+};
 
 fn start_bird(ns: &NetNs, tag: &str, router_as: u32, speaker_as: u32) -> Router {
-    let dir = std::env::temp_dir().join(format!("sluice-bird-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let conf = dir.join("bird.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "log stderr all;\nrouter id 198.18.179.1;\nprotocol device {{ scan time 10; }}\n\
-             protocol direct {{ ipv4; ipv6; }}\nprotocol bgp speaker {{\n  local 198.18.179.1 as {router_as};\n  \
-             neighbor 198.18.179.2 as {speaker_as};\n  hold time 9; keepalive time 3;\n  \
-             connect delay time 1; connect retry time 1; error wait time 1, 5;\n  graceful restart on;\n  \
-             ipv4 {{ import all; export none; }};\n  ipv6 {{ import all; export none; }};\n}}\n"
-        ),
+    Router::start(
+        ns,
+        tag,
+        &[Neighbor {
+            local: "198.18.179.1",
+            router_as,
+            address: "198.18.179.2",
+            peer_as: speaker_as,
+            password: None,
+        }],
     )
-    .unwrap();
-    let socket = dir.join("bird.ctl");
-    let process = ns.spawn(&[
-        "bird",
-        "-f",
-        "-c",
-        conf.to_str().unwrap(),
-        "-s",
-        socket.to_str().unwrap(),
-    ]);
-    let router = Router {
-        _process: process,
-        socket,
-        dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !router.birdc("show status").contains("Daemon is up") {
-        assert!(Instant::now() < deadline, "bird did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    router
 }
 
 /// A minimal session: OPEN both ways, KEEPALIVE both ways, then whatever the test sends.
@@ -204,7 +143,9 @@ fn bird_takes_our_ebgp_announcements_with_communities_over_ipv4_and_ipv6_and_our
     session.send(&wire::end_of_rib(false));
     session.send(&wire::end_of_rib(true));
 
-    let v4 = router.wait_route("198.51.100.10/32", |t| t.contains("BGP.as_path"));
+    let v4 = router.wait_route("198.51.100.10/32", Duration::from_secs(5), |t| {
+        t.contains("BGP.as_path")
+    });
     assert!(v4.contains("BGP.as_path: 64512"), "{v4}");
     assert!(v4.contains("BGP.next_hop: 198.18.179.2"), "{v4}");
     assert!(
@@ -212,7 +153,9 @@ fn bird_takes_our_ebgp_announcements_with_communities_over_ipv4_and_ipv6_and_our
         "{v4}"
     );
     assert!(v4.contains("(64512, 1, 2)"), "{v4}");
-    let v6 = router.wait_route("2001:db8::10/128", |t| t.contains("BGP.as_path"));
+    let v6 = router.wait_route("2001:db8::10/128", Duration::from_secs(5), |t| {
+        t.contains("BGP.as_path")
+    });
     assert!(v6.contains("fd53:179::2"), "{v6}");
 
     session.send(
@@ -222,8 +165,12 @@ fn bird_takes_our_ebgp_announcements_with_communities_over_ipv4_and_ipv6_and_our
         ])
         .unwrap(),
     );
-    router.wait_route("198.51.100.10/32", |t| !t.contains("BGP.as_path"));
-    router.wait_route("2001:db8::10/128", |t| !t.contains("BGP.as_path"));
+    router.wait_route("198.51.100.10/32", Duration::from_secs(5), |t| {
+        !t.contains("BGP.as_path")
+    });
+    router.wait_route("2001:db8::10/128", Duration::from_secs(5), |t| {
+        !t.contains("BGP.as_path")
+    });
 
     session.send(&wire::cease());
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -260,7 +207,9 @@ fn bird_takes_an_ibgp_announcement_from_a_4_octet_asn_with_local_pref() {
         )
         .unwrap(),
     );
-    let text = router.wait_route("198.51.100.20/32", |t| t.contains("BGP.local_pref"));
+    let text = router.wait_route("198.51.100.20/32", Duration::from_secs(5), |t| {
+        t.contains("BGP.local_pref")
+    });
     assert!(text.contains("BGP.local_pref: 200"), "{text}");
     assert!(text.contains("(4200000001, 7, 8)"), "{text}");
 }

@@ -9,6 +9,7 @@ use std::{
 };
 
 use sluice_tests::{
+    bird::{Neighbor, Router},
     frames,
     lab::{names, udp_ask, Conn, Lab},
     netns::{NetNs, Process},
@@ -478,4 +479,74 @@ fn forwarding_goes_on_while_sluice_run_restarts_and_detach_stops_it() {
         .is_err());
     drop(holder);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn run_announces_service_ips_over_bgp_while_a_backend_is_healthy_and_ceases_on_stop() {
+    let lab = Lab::new(2);
+    let health: Vec<_> = (1..=2).map(|i| lab.serve(i)).collect();
+    let rtr = NetNs::new("rtr");
+    sluice_tests::netns::veth(&lab.node, "nr", &rtr, "r0");
+    lab.node
+        .ip(&["addr", "add", "198.18.179.2/24", "dev", "nr"]);
+    rtr.ip(&["addr", "add", "198.18.179.1/24", "dev", "r0"]);
+    let router = Router::start(
+        &rtr,
+        "run",
+        &[Neighbor {
+            local: "198.18.179.1",
+            router_as: 64500,
+            address: "198.18.179.2",
+            peer_as: 64512,
+            password: Some("s3cret"),
+        }],
+    );
+    let body = format!(
+        "{BASE}services:
+- name: web
+  ports: [{{port: 80, targetPort: 8080}}]
+  backends: [{{ip: 198.18.11.2}}, {{ip: 198.18.12.2}}]
+  healthCheck: {{type: tcp, port: 9000, intervalSeconds: 0.2, timeoutSeconds: 0.1, rise: 2, fall: 2}}
+peers:
+- {{peerAddress: 198.18.179.1, peerASN: 64500, myASN: 64512, holdTime: 9s, keepaliveTime: 3s,
+   connectTime: 1s, routerID: 198.18.179.2, password: s3cret}}
+bgpAdvertisements:
+- {{ipAddressPools: [default], communities: [\"64512:100\", no-export]}}
+"
+    );
+    let started = Instant::now();
+    let mut run = start(&lab, "bgp", &body);
+    let route = router.wait_route("198.18.1.100/32", Duration::from_secs(10), |t| {
+        t.contains("BGP.as_path")
+    });
+    eprintln!("sluice run start → route in BIRD: {:?}", started.elapsed());
+    assert!(route.contains("BGP.next_hop: 198.18.179.2"), "{route}");
+    assert!(
+        route.contains("(64512,100)") && route.contains("(65535,65281)"),
+        "{route}"
+    );
+
+    // The last healthy backend goes: the route is withdrawn; one comes back: announced again.
+    let lost = Instant::now();
+    for switch in &health {
+        switch.set(false);
+    }
+    router.wait_route("198.18.1.100/32", Duration::from_secs(10), |t| {
+        !t.contains("BGP.as_path")
+    });
+    eprintln!(
+        "backends lost → route withdrawn: {:?} (fall 2 × 0.2 s)",
+        lost.elapsed()
+    );
+    health[0].set(true);
+    router.wait_route("198.18.1.100/32", Duration::from_secs(10), |t| {
+        t.contains("BGP.as_path")
+    });
+
+    // Stopped: Cease, and the route is gone.
+    assert!(run.process.take().stop(libc::SIGTERM).success());
+    router.wait_protocol("speaker", "Administrative shutdown", Duration::from_secs(5));
+    router.wait_route("198.18.1.100/32", Duration::from_secs(5), |t| {
+        !t.contains("BGP.as_path")
+    });
 }

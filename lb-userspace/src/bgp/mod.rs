@@ -6,4 +6,6 @@
 
 pub mod advertise;
 pub mod fsm;
+pub mod session;
+pub mod speaker;
 pub mod wire;

@@ -312,6 +312,14 @@ pub fn end_of_rib(ipv6: bool) -> BgpMessage {
     BgpMessage::Update(BgpUpdateMessage::new(Vec::new(), path, Vec::new()))
 }
 
+/// A NOTIFICATION with no data, by code and subcode (RFC 4271 §4.5): 21 bytes.
+pub fn notification_bytes(code: u8, subcode: u8) -> Vec<u8> {
+    let mut bytes = vec![0xff; 16];
+    bytes.extend_from_slice(&21u16.to_be_bytes());
+    bytes.extend_from_slice(&[3, code, subcode]);
+    bytes
+}
+
 /// Cease / Administrative Shutdown (RFC 4486), sent when Sluice stops.
 pub fn cease() -> BgpMessage {
     BgpMessage::Notification(BgpNotificationMessage::CeaseError(
@@ -405,6 +413,14 @@ mod tests {
         h.extend_from_slice(&len.to_be_bytes());
         h.push(kind);
         h
+    }
+
+    #[test]
+    fn a_notification_by_code_reads_back_with_that_code() {
+        let mut reader = Reader::new(true);
+        reader.feed(&notification_bytes(6, 2));
+        assert_eq!(reader.next_message().unwrap(), Some(cease()));
+        assert_eq!(notification_bytes(4, 0).len(), 21);
     }
 
     #[test]

@@ -1,0 +1,380 @@
+//! One BGP session, driven on tokio: performs what [`Fsm`] decides (connect, send, close),
+//! feeds back what happens (bytes, timers, errors), and keeps the peer's view of our routes equal
+//! to the latest advertisement set: the full table and End-of-RIB once Established, then only
+//! the differences.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use netgauze_bgp_pkt::BgpMessage;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpSocket, TcpStream},
+    sync::watch,
+    time::Instant,
+};
+
+use super::{
+    advertise::RouteAttributes,
+    fsm::{Action, Event, Fsm, State, Timing},
+    wire::{self, Attributes, OpenParams, Reader},
+};
+
+/// The routes owed to one peer.
+pub type Routes = BTreeMap<IpNet, RouteAttributes>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionConfig {
+    pub peer: SocketAddr,
+    pub source: Option<IpAddr>,
+    pub local_asn: u32,
+    pub peer_asn: u32,
+    pub router_id: std::net::Ipv4Addr,
+    pub timing: Timing,
+    pub restart_time: u16,
+}
+
+/// What the daemon sees of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionStatus {
+    pub state: State,
+    pub up_since: Option<std::time::SystemTime>,
+    pub prefixes_sent: usize,
+    pub updates_sent: u64,
+    pub updates_received: u64,
+    pub notifications: u64,
+    pub last_error: Option<String>,
+}
+
+impl Default for SessionStatus {
+    fn default() -> Self {
+        Self {
+            state: State::Idle,
+            up_since: None,
+            prefixes_sent: 0,
+            updates_sent: 0,
+            updates_received: 0,
+            notifications: 0,
+            last_error: None,
+        }
+    }
+}
+
+async fn connect(config: &SessionConfig, password: Option<&str>) -> std::io::Result<TcpStream> {
+    let socket = if config.peer.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(key) = password {
+        use std::os::fd::AsRawFd;
+        super::speaker::set_md5(socket.as_raw_fd(), config.peer.ip(), key)?;
+    }
+    if let Some(source) = config.source {
+        socket.bind(SocketAddr::new(source, 0))?;
+    }
+    tokio::time::timeout(Duration::from_secs(5), socket.connect(config.peer))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+struct Conn {
+    stream: TcpStream,
+    reader: Reader,
+    next_hop: IpAddr,
+    /// What the peer has from us now.
+    sent: Routes,
+}
+
+/// Runs a session until `stop` turns true; then sends Cease and returns.
+pub async fn run(
+    config: SessionConfig,
+    password: Option<String>,
+    mut routes: watch::Receiver<Routes>,
+    status: watch::Sender<SessionStatus>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut fsm = Fsm::new(config.timing);
+    let mut conn: Option<Conn> = None;
+    let mut pending = fsm.handle(Event::Start, std::time::Instant::now());
+    loop {
+        // Perform what the state machine asked for; each may produce more events.
+        while !pending.is_empty() {
+            let actions = std::mem::take(&mut pending);
+            for action in actions {
+                let events = perform(
+                    &config,
+                    password.as_deref(),
+                    &mut conn,
+                    &routes,
+                    &status,
+                    action,
+                )
+                .await;
+                for event in events {
+                    pending.extend(fsm.handle(event, std::time::Instant::now()));
+                }
+            }
+        }
+        status.send_modify(|s| s.state = fsm.state());
+        if *stop.borrow() {
+            for action in fsm.handle(Event::Stop, std::time::Instant::now()) {
+                let _ = perform(
+                    &config,
+                    password.as_deref(),
+                    &mut conn,
+                    &routes,
+                    &status,
+                    action,
+                )
+                .await;
+            }
+            status.send_modify(|s| s.state = State::Idle);
+            return;
+        }
+        let deadline = fsm
+            .next_deadline()
+            .map(Instant::from_std)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let mut buf = [0u8; 4096];
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                pending.extend(fsm.tick(std::time::Instant::now()));
+            }
+            _ = stop.changed() => {}
+            changed = routes.changed(), if fsm.state() == State::Established => {
+                if changed.is_ok() {
+                    if let Some(c) = conn.as_mut() {
+                        let wanted = routes.borrow().clone();
+                        if let Err(e) = sync_routes(&config, c, &wanted, &status).await {
+                            pending.extend(fsm.handle(Event::TcpFailed, std::time::Instant::now()));
+                            status.send_modify(|s| s.last_error = Some(e));
+                        }
+                    }
+                }
+            }
+            read = async {
+                match conn.as_mut() {
+                    Some(c) => c.stream.read(&mut buf).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let now = std::time::Instant::now();
+                match read {
+                    Ok(0) | Err(_) => pending.extend(fsm.handle(Event::TcpFailed, now)),
+                    Ok(n) => {
+                        let c = conn.as_mut().expect("reading from a connection");
+                        c.reader.feed(&buf[..n]);
+                        loop {
+                            match c.reader.next_message() {
+                                Ok(None) => break,
+                                Ok(Some(message)) => {
+                                    let event = match message {
+                                        BgpMessage::Open(open) => match wire::check_open(&open, config.peer_asn) {
+                                            Ok(peer) => Event::OpenReceived(peer),
+                                            Err(n) => Event::ProtocolError { code: n.code, subcode: n.subcode },
+                                        },
+                                        BgpMessage::KeepAlive => Event::KeepaliveReceived,
+                                        BgpMessage::Update(_) | BgpMessage::RouteRefresh(_) => {
+                                            // Routers echo our own routes (FRR does): read, count, never install.
+                                            status.send_modify(|s| s.updates_received += 1);
+                                            Event::UpdateReceived
+                                        }
+                                        BgpMessage::Notification(n) => {
+                                            let bytes = wire::encode(&BgpMessage::Notification(n), true).unwrap_or_default();
+                                            status.send_modify(|s| s.notifications += 1);
+                                            Event::NotificationReceived {
+                                                code: bytes.get(19).copied().unwrap_or(0),
+                                                subcode: bytes.get(20).copied().unwrap_or(0),
+                                            }
+                                        }
+                                    };
+                                    pending.extend(fsm.handle(event, now));
+                                }
+                                Err(n) => {
+                                    pending.extend(fsm.handle(Event::ProtocolError { code: n.code, subcode: n.subcode }, now));
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn send(conn: &mut Conn, message: &BgpMessage) -> Result<(), String> {
+    let bytes = wire::encode(message, true)?;
+    conn.stream
+        .write_all(&bytes)
+        .await
+        .map_err(|e| format!("send: {e}"))
+}
+
+fn attributes(config: &SessionConfig, next_hop: IpAddr, route: &RouteAttributes) -> Attributes {
+    Attributes {
+        local_asn: config.local_asn,
+        ebgp: config.local_asn != config.peer_asn,
+        next_hop,
+        communities: route.communities.iter().copied().collect(),
+        large_communities: route.large_communities.iter().copied().collect(),
+        local_pref: route.local_pref,
+    }
+}
+
+/// Sends what changed between what the peer has and `wanted`: withdrawals, then announcements
+/// (one UPDATE per prefix: each may carry its own attributes). Prefixes of the family the
+/// session has no next hop for are left out.
+async fn sync_routes(
+    config: &SessionConfig,
+    conn: &mut Conn,
+    wanted: &Routes,
+    status: &watch::Sender<SessionStatus>,
+) -> Result<(), String> {
+    let wanted: Routes = wanted
+        .iter()
+        .filter(|(p, _)| {
+            matches!(
+                (p, conn.next_hop),
+                (IpNet::V4(_), IpAddr::V4(_)) | (IpNet::V6(_), IpAddr::V6(_))
+            )
+        })
+        .map(|(p, a)| (*p, a.clone()))
+        .collect();
+    let gone: Vec<IpNet> = conn
+        .sent
+        .keys()
+        .filter(|p| !wanted.contains_key(p))
+        .copied()
+        .collect();
+    let mut updates = 0u64;
+    if !gone.is_empty() {
+        send(conn, &wire::withdraw(&gone)?).await?;
+        updates += 1;
+    }
+    for (prefix, route) in &wanted {
+        if conn.sent.get(prefix) != Some(route) {
+            let message = wire::announce(&[*prefix], &attributes(config, conn.next_hop, route))?;
+            send(conn, &message).await?;
+            updates += 1;
+        }
+    }
+    conn.sent = wanted;
+    let count = conn.sent.len();
+    status.send_modify(|s| {
+        s.updates_sent += updates;
+        s.prefixes_sent = count;
+    });
+    Ok(())
+}
+
+async fn perform(
+    config: &SessionConfig,
+    password: Option<&str>,
+    conn: &mut Option<Conn>,
+    routes: &watch::Receiver<Routes>,
+    status: &watch::Sender<SessionStatus>,
+    action: Action,
+) -> Vec<Event> {
+    match action {
+        Action::Connect => match connect(config, password).await {
+            Ok(stream) => {
+                let next_hop = stream
+                    .local_addr()
+                    .map(|a| a.ip())
+                    .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+                let _ = stream.set_nodelay(true);
+                *conn = Some(Conn {
+                    stream,
+                    reader: Reader::new(true),
+                    next_hop,
+                    sent: Routes::new(),
+                });
+                vec![Event::TcpConnected]
+            }
+            Err(e) => {
+                status.send_modify(|s| {
+                    s.last_error = Some(format!("connect to {}: {e}", config.peer))
+                });
+                vec![Event::TcpFailed]
+            }
+        },
+        Action::SendOpen => {
+            let open = wire::open(&OpenParams {
+                asn: config.local_asn,
+                hold_time: config.timing.hold_time.as_secs() as u16,
+                router_id: config.router_id,
+                restart_time: config.restart_time,
+            });
+            send_or_fail(conn, &open).await
+        }
+        Action::SendKeepalive => send_or_fail(conn, &BgpMessage::KeepAlive).await,
+        Action::SendRoutes => {
+            let Some(c) = conn.as_mut() else {
+                return vec![Event::TcpFailed];
+            };
+            let wanted = routes.borrow().clone();
+            let result = async {
+                sync_routes(config, c, &wanted, status).await?;
+                send(c, &wire::end_of_rib(false)).await?;
+                send(c, &wire::end_of_rib(true)).await
+            }
+            .await;
+            match result {
+                Ok(()) => Vec::new(),
+                Err(e) => {
+                    status.send_modify(|s| s.last_error = Some(e));
+                    vec![Event::TcpFailed]
+                }
+            }
+        }
+        Action::SendNotification { code, subcode } => {
+            if let Some(c) = conn.as_mut() {
+                let _ = c
+                    .stream
+                    .write_all(&wire::notification_bytes(code, subcode))
+                    .await;
+                let _ = c.stream.flush().await;
+            }
+            Vec::new()
+        }
+        Action::CloseConnection => {
+            if let Some(mut c) = conn.take() {
+                let _ = c.stream.shutdown().await;
+            }
+            Vec::new()
+        }
+        Action::Up => {
+            tracing::info!(event = "sessionUp", peer = %config.peer);
+            status.send_modify(|s| {
+                s.up_since = Some(std::time::SystemTime::now());
+                s.last_error = None;
+            });
+            Vec::new()
+        }
+        Action::Down(reason) => {
+            tracing::warn!(event = "sessionDown", peer = %config.peer, %reason);
+            status.send_modify(|s| {
+                s.up_since = None;
+                s.prefixes_sent = 0;
+                s.last_error = Some(reason);
+            });
+            Vec::new()
+        }
+    }
+}
+
+async fn send_or_fail(conn: &mut Option<Conn>, message: &BgpMessage) -> Vec<Event> {
+    match conn.as_mut() {
+        Some(c) => match send(c, message).await {
+            Ok(()) => Vec::new(),
+            Err(_) => vec![Event::TcpFailed],
+        },
+        None => vec![Event::TcpFailed],
+    }
+}

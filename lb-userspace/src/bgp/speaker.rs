@@ -1,0 +1,253 @@
+//! The BGP speaker: one session per configured peer, on a tokio runtime of its own thread. The
+//! daemon tells it which peers exist ([`Speaker::configure`]) and what each should be told
+//! ([`Speaker::advertise`]); stopping it sends Cease on every session.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use tokio::sync::watch;
+
+use super::{
+    advertise::Advertisements,
+    fsm::Timing,
+    session::{self, Routes, SessionConfig, SessionStatus},
+};
+use crate::config::Peer;
+
+/// The kernel's `struct tcp_md5sig` (linux/tcp.h): the peer's address and the key.
+#[repr(C)]
+struct TcpMd5Sig {
+    addr: libc::sockaddr_storage,
+    flags: u8,
+    prefixlen: u8,
+    keylen: u16,
+    ifindex: i32,
+    key: [u8; 80],
+}
+
+const TCP_MD5SIG: libc::c_int = 14;
+
+/// Sets the TCP-MD5 key (RFC 2385) for segments to and from `peer` on socket `fd`.
+pub fn set_md5(fd: i32, peer: IpAddr, key: &str) -> std::io::Result<()> {
+    if key.is_empty() || key.len() > 80 {
+        return Err(std::io::Error::other("a TCP-MD5 key has 1 to 80 bytes"));
+    }
+    let mut sig: TcpMd5Sig = unsafe { std::mem::zeroed() };
+    match peer {
+        IpAddr::V4(v4) => {
+            let sin = &mut sig.addr as *mut _ as *mut libc::sockaddr_in;
+            unsafe {
+                (*sin).sin_family = libc::AF_INET as u16;
+                (*sin).sin_addr.s_addr = u32::from_ne_bytes(v4.octets());
+            }
+        }
+        IpAddr::V6(v6) => {
+            let sin6 = &mut sig.addr as *mut _ as *mut libc::sockaddr_in6;
+            unsafe {
+                (*sin6).sin6_family = libc::AF_INET6 as u16;
+                (*sin6).sin6_addr.s6_addr = v6.octets();
+            }
+        }
+    }
+    sig.keylen = key.len() as u16;
+    sig.key[..key.len()].copy_from_slice(key.as_bytes());
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            TCP_MD5SIG,
+            &sig as *const _ as *const libc::c_void,
+            std::mem::size_of::<TcpMd5Sig>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+struct Handle {
+    config: SessionConfig,
+    password: Option<String>,
+    routes: watch::Sender<Routes>,
+    status: watch::Receiver<SessionStatus>,
+    stop: watch::Sender<bool>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+pub struct Speaker {
+    runtime: tokio::runtime::Handle,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    sessions: BTreeMap<IpAddr, Handle>,
+}
+
+/// The router ID to use when the config names none: the source address if it is IPv4, else
+/// the first IPv4 address of this host that is not loopback.
+pub fn default_router_id(source: Option<IpAddr>) -> Ipv4Addr {
+    if let Some(IpAddr::V4(v4)) = source {
+        return v4;
+    }
+    let mut found = Ipv4Addr::UNSPECIFIED;
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    if unsafe { libc::getifaddrs(&mut list) } == 0 {
+        let mut cursor = list;
+        while !cursor.is_null() {
+            let entry = unsafe { &*cursor };
+            if !entry.ifa_addr.is_null()
+                && unsafe { (*entry.ifa_addr).sa_family } as i32 == libc::AF_INET
+            {
+                let sin = entry.ifa_addr as *const libc::sockaddr_in;
+                let ip = Ipv4Addr::from(unsafe { (*sin).sin_addr.s_addr }.to_ne_bytes());
+                if !ip.is_loopback() {
+                    found = ip;
+                    break;
+                }
+            }
+            cursor = entry.ifa_next;
+        }
+        unsafe { libc::freeifaddrs(list) };
+    }
+    found
+}
+
+/// A configured peer as a session.
+pub fn session_config(peer: &Peer) -> SessionConfig {
+    SessionConfig {
+        peer: SocketAddr::new(peer.peer_address, peer.peer_port),
+        source: peer.source_address,
+        local_asn: peer.my_asn,
+        peer_asn: peer.peer_asn,
+        router_id: peer
+            .router_id
+            .unwrap_or_else(|| default_router_id(peer.source_address)),
+        timing: Timing {
+            hold_time: peer.hold_time,
+            keepalive_time: peer.keepalive_time,
+            connect_time: peer.connect_time.max(Duration::from_millis(100)),
+        },
+        restart_time: 120,
+    }
+}
+
+impl Speaker {
+    pub fn new() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (shutdown, until) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("bgp".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = until.await;
+                });
+            })?;
+        Ok(Self {
+            runtime: handle,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+            sessions: BTreeMap::new(),
+        })
+    }
+
+    /// Makes the sessions match `peers`: new peers start, removed ones stop with Cease, changed
+    /// ones restart.
+    pub fn configure(&mut self, peers: &[Peer]) {
+        let wanted: BTreeMap<IpAddr, (SessionConfig, Option<String>)> = peers
+            .iter()
+            .map(|p| (p.peer_address, (session_config(p), p.password.clone())))
+            .collect();
+        let stale: Vec<IpAddr> = self
+            .sessions
+            .iter()
+            .filter(|(ip, h)| {
+                wanted
+                    .get(ip)
+                    .is_none_or(|(c, pw)| *c != h.config || *pw != h.password)
+            })
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in stale {
+            if let Some(handle) = self.sessions.remove(&ip) {
+                stop_session(handle);
+            }
+        }
+        for (ip, (config, password)) in wanted {
+            if self.sessions.contains_key(&ip) {
+                continue;
+            }
+            let (routes_tx, routes_rx) = watch::channel(Routes::new());
+            let (status_tx, status_rx) = watch::channel(SessionStatus::default());
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            let session = config.clone();
+            let key = password.clone();
+            self.runtime.spawn(async move {
+                session::run(session, key, routes_rx, status_tx, stop_rx).await;
+                let _ = done_tx.send(());
+            });
+            self.sessions.insert(
+                ip,
+                Handle {
+                    config,
+                    password,
+                    routes: routes_tx,
+                    status: status_rx,
+                    stop: stop_tx,
+                    done: done_rx,
+                },
+            );
+        }
+    }
+
+    /// What each peer should be told now.
+    pub fn advertise(&self, advertisements: &Advertisements) {
+        for (ip, handle) in &self.sessions {
+            let routes = advertisements.get(ip).cloned().unwrap_or_default();
+            handle.routes.send_if_modified(|current| {
+                let changed = *current != routes;
+                *current = routes;
+                changed
+            });
+        }
+    }
+
+    /// Every session's state, by peer.
+    pub fn status(&self) -> Vec<(IpAddr, SessionStatus)> {
+        self.sessions
+            .iter()
+            .map(|(ip, h)| (*ip, h.status.borrow().clone()))
+            .collect()
+    }
+
+    /// Stops every session (Cease), waiting up to 2 s for them to say it.
+    pub fn shutdown(mut self) {
+        for (_, handle) in std::mem::take(&mut self.sessions) {
+            stop_session(handle);
+        }
+    }
+}
+
+fn stop_session(handle: Handle) {
+    let _ = handle.stop.send(true);
+    let _ = handle.done.recv_timeout(Duration::from_secs(2));
+}
+
+impl Drop for Speaker {
+    fn drop(&mut self) {
+        for (_, handle) in std::mem::take(&mut self.sessions) {
+            stop_session(handle);
+        }
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! BIRD 2 as a test router: a foreground process in a namespace with its config and control
+//! socket in a temp dir (see ../shared/docs/BGP-PEERS.md). Deleted with the namespace.
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::netns::{NetNs, Process};
+
+pub struct Router {
+    _process: Process,
+    pub socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One BGP neighbour of the router.
+pub struct Neighbor<'a> {
+    pub local: &'a str,
+    pub router_as: u32,
+    pub address: &'a str,
+    pub peer_as: u32,
+    pub password: Option<&'a str>,
+}
+
+impl Router {
+    /// Starts BIRD in `ns` with one `protocol bgp speaker` per neighbour (named speaker,
+    /// speaker2, ...), importing everything, graceful-restart helper on.
+    pub fn start(ns: &NetNs, tag: &str, neighbors: &[Neighbor]) -> Router {
+        let dir = std::env::temp_dir().join(format!("sluice-bird-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut conf = format!(
+            "log stderr all;\nrouter id {};\nprotocol device {{ scan time 10; }}\nprotocol direct {{ ipv4; ipv6; }}\n",
+            neighbors[0].local
+        );
+        for (i, n) in neighbors.iter().enumerate() {
+            let name = if i == 0 {
+                "speaker".to_string()
+            } else {
+                format!("speaker{}", i + 1)
+            };
+            let password = n
+                .password
+                .map(|p| format!("  password \"{p}\";\n"))
+                .unwrap_or_default();
+            conf.push_str(&format!(
+                "protocol bgp {name} {{\n  local {} as {};\n  neighbor {} as {};\n{password}  \
+                 hold time 9; keepalive time 3;\n  connect delay time 1; connect retry time 1; \
+                 error wait time 1, 5;\n  graceful restart on;\n  \
+                 ipv4 {{ import all; export none; }};\n  ipv6 {{ import all; export none; }};\n}}\n",
+                n.local, n.router_as, n.address, n.peer_as
+            ));
+        }
+        let path = dir.join("bird.conf");
+        std::fs::write(&path, conf).unwrap();
+        let socket = dir.join("bird.ctl");
+        let process = ns.spawn(&[
+            "bird",
+            "-f",
+            "-c",
+            path.to_str().unwrap(),
+            "-s",
+            socket.to_str().unwrap(),
+        ]);
+        let router = Router {
+            _process: process,
+            socket,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !router.birdc("show status").contains("Daemon is up") {
+            assert!(Instant::now() < deadline, "bird did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        router
+    }
+
+    pub fn birdc(&self, command: &str) -> String {
+        let out = Command::new("birdc")
+            .args(["-s", self.socket.to_str().unwrap(), command])
+            .output()
+            .expect("birdc (cargo xtask setup installs bird2)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits (up to `within`) until `show route PREFIX all` satisfies `ok`; the output.
+    pub fn wait_route(&self, prefix: &str, within: Duration, ok: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let text = self.birdc(&format!("show route {prefix} all"));
+            if ok(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{prefix}: never as expected:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until `show protocols all NAME` contains `text`.
+    pub fn wait_protocol(&self, name: &str, text: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let out = self.birdc(&format!("show protocols all {name}"));
+            if out.contains(text) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{name}: never {text:?}:\n{out}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
