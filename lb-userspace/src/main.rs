@@ -411,6 +411,7 @@ fn inspect(pin_dir: Option<PathBuf>, configs: &[PathBuf], json: bool) -> Result<
             "l2Vips": vips,
             "unhealthyBackends": unhealthy,
             "pools": status.pools.iter().map(|(p, used, total)| serde_json::json!({"pool": p, "inUse": used, "total": total})).collect::<Vec<_>>(),
+            "bgpSessions": status.bgp,
             "services": services,
             "trackedFlows": flows,
             "counters": {
@@ -482,6 +483,29 @@ fn inspect(pin_dir: Option<PathBuf>, configs: &[PathBuf], json: bool) -> Result<
             "  {} → {} is unhealthy: out of the Maglev table",
             h.service, h.backend
         );
+    }
+    if !status.bgp.is_empty() {
+        println!();
+        println!("BGP sessions");
+        for b in &status.bgp {
+            let up = b
+                .uptime_seconds
+                .map(|s| format!("up {s} s"))
+                .unwrap_or_else(|| "down".into());
+            println!(
+                "  {:<40} {:<12} {:<10} prefixes {:<4} updates out {:<5} in {:<5}{}",
+                b.peer,
+                b.state,
+                up,
+                b.prefixes_sent,
+                b.updates_sent,
+                b.updates_received,
+                b.last_error
+                    .as_ref()
+                    .map(|e| format!("  last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
     }
     if !status.pools.is_empty() {
         println!();

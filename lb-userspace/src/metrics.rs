@@ -38,6 +38,23 @@ pub struct Status {
     pub services: Vec<(String, String, Vec<String>)>,
     pub pools: Vec<(String, u64, f64)>,
     pub health: Vec<BackendHealth>,
+    #[serde(default)]
+    pub bgp: Vec<BgpSessionStatus>,
+}
+
+/// One BGP session, as the daemon last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BgpSessionStatus {
+    pub peer: String,
+    pub state: String,
+    /// Seconds since the session came up, when it is up.
+    pub uptime_seconds: Option<u64>,
+    pub prefixes_sent: usize,
+    pub updates_sent: u64,
+    pub updates_received: u64,
+    pub notifications: u64,
+    pub last_error: Option<String>,
 }
 
 impl Status {
@@ -200,6 +217,57 @@ pub fn render(
         "sluice_config_last_reload_successful {}",
         u8::from(status.last_reload_error.is_none())
     );
+    family(
+        &mut out,
+        "sluice_bgp_session_up",
+        "gauge",
+        "1 when the BGP session with the peer is Established.",
+    );
+    for b in &status.bgp {
+        let _ = writeln!(
+            out,
+            "sluice_bgp_session_up{{peer=\"{}\"}} {}",
+            escape(&b.peer),
+            u8::from(b.state == "Established")
+        );
+    }
+    for (metric, help, pick) in [
+        (
+            "sluice_bgp_updates_sent_total",
+            "UPDATE messages sent to the peer.",
+            0,
+        ),
+        (
+            "sluice_bgp_updates_received_total",
+            "UPDATE messages received (read, never installed).",
+            1,
+        ),
+        (
+            "sluice_bgp_notifications_received_total",
+            "NOTIFICATION messages received.",
+            2,
+        ),
+    ] {
+        family(&mut out, metric, "counter", help);
+        for b in &status.bgp {
+            let v = [b.updates_sent, b.updates_received, b.notifications][pick];
+            let _ = writeln!(out, "{metric}{{peer=\"{}\"}} {v}", escape(&b.peer));
+        }
+    }
+    family(
+        &mut out,
+        "sluice_bgp_prefixes_sent",
+        "gauge",
+        "Prefixes announced to the peer now.",
+    );
+    for b in &status.bgp {
+        let _ = writeln!(
+            out,
+            "sluice_bgp_prefixes_sent{{peer=\"{}\"}} {}",
+            escape(&b.peer),
+            b.prefixes_sent
+        );
+    }
     if let Some(g) = global {
         family(
             &mut out,
@@ -289,6 +357,16 @@ mod tests {
                 vec!["198.51.100.1:80/tcp".into()],
             )],
             pools: vec![("default".into(), 1, 254.0)],
+            bgp: vec![BgpSessionStatus {
+                peer: "192.0.2.1".into(),
+                state: "Established".into(),
+                uptime_seconds: Some(5),
+                prefixes_sent: 2,
+                updates_sent: 3,
+                updates_received: 1,
+                notifications: 0,
+                last_error: None,
+            }],
             health: vec![BackendHealth {
                 service: "web".into(),
                 backend: "10.0.0.1:8080".into(),
@@ -329,6 +407,8 @@ mod tests {
             "sluice_config_reloads_total{result=\"failure\"} 1",
             "sluice_config_last_reload_successful 0",
             "sluice_tracked_flows 3",
+            "sluice_bgp_session_up{peer=\"192.0.2.1\"} 1",
+            "sluice_bgp_prefixes_sent{peer=\"192.0.2.1\"} 2",
             "# TYPE sluice_backend_healthy gauge",
             "# TYPE sluice_service_packets_total counter",
         ] {

@@ -171,6 +171,8 @@ fn allocate(
 enum Event {
     Reload(&'static str),
     Probe(ProbeResult),
+    /// Once a second: publish what changed asynchronously (BGP sessions).
+    Tick,
     Stop,
 }
 
@@ -357,8 +359,52 @@ impl Daemon {
         }
     }
 
+    /// The BGP sessions' state, for status, metrics and inspect.
+    fn bgp_status(&self) -> Vec<metrics::BgpSessionStatus> {
+        let Some(speaker) = &self.bgp else {
+            return Vec::new();
+        };
+        speaker
+            .status()
+            .into_iter()
+            .map(|(peer, s)| metrics::BgpSessionStatus {
+                peer: peer.to_string(),
+                state: format!("{:?}", s.state),
+                uptime_seconds: s
+                    .up_since
+                    .and_then(|t| t.elapsed().ok())
+                    .map(|d| d.as_secs()),
+                prefixes_sent: s.prefixes_sent,
+                updates_sent: s.updates_sent,
+                updates_received: s.updates_received,
+                notifications: s.notifications,
+                last_error: s.last_error,
+            })
+            .collect()
+    }
+
+    /// Publishes BGP state when it changed (state, counters, errors; not the uptime alone).
+    fn tick(&mut self) {
+        let bgp = self.bgp_status();
+        let strip = |v: &[metrics::BgpSessionStatus]| {
+            v.iter()
+                .map(|b| metrics::BgpSessionStatus {
+                    uptime_seconds: None,
+                    ..b.clone()
+                })
+                .collect::<Vec<_>>()
+        };
+        let changed = strip(&self.status.lock().unwrap().bgp) != strip(&bgp);
+        self.status.lock().unwrap().bgp = bgp;
+        if changed {
+            self.publish();
+        }
+    }
+
     fn publish(&self) {
+        let bgp = self.bgp_status();
         let mut status = self.status.lock().unwrap();
+        status.bgp = bgp;
         status.services = self
             .config
             .services
@@ -583,6 +629,13 @@ pub fn run(paths: Vec<PathBuf>) -> Result<()> {
             }
         }
     });
+    let tick_tx = tx.clone();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(1));
+        if tick_tx.send(Event::Tick).is_err() {
+            return;
+        }
+    });
     let watch_tx = tx;
     let watched = paths.clone();
     std::thread::spawn(move || {
@@ -608,6 +661,7 @@ pub fn run(paths: Vec<PathBuf>) -> Result<()> {
         match event {
             Event::Reload(trigger) => daemon.reload(trigger),
             Event::Probe(result) => daemon.on_probe(result),
+            Event::Tick => daemon.tick(),
             Event::Stop => break,
         }
     }

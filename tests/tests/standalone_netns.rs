@@ -550,3 +550,87 @@ bgpAdvertisements:
         !t.contains("BGP.as_path")
     });
 }
+
+/// A lab with a BIRD router on the node's `nr` interface expecting AS 64512 with password s3cret.
+fn bgp_lab(tag: &str) -> (Lab, NetNs, Router) {
+    let lab = Lab::new(1);
+    lab.serve(1);
+    let rtr = NetNs::new("rtr");
+    sluice_tests::netns::veth(&lab.node, "nr", &rtr, "r0");
+    lab.node
+        .ip(&["addr", "add", "198.18.179.2/24", "dev", "nr"]);
+    rtr.ip(&["addr", "add", "198.18.179.1/24", "dev", "r0"]);
+    let router = Router::start(
+        &rtr,
+        tag,
+        &[Neighbor {
+            local: "198.18.179.1",
+            router_as: 64500,
+            address: "198.18.179.2",
+            peer_as: 64512,
+            password: Some("s3cret"),
+        }],
+    );
+    (lab, rtr, router)
+}
+
+fn bgp_body(my_asn: u32, password: &str) -> String {
+    format!(
+        "{BASE}services:
+- name: web
+  ports: [{{port: 80, targetPort: 8080}}]
+  backends: [{{ip: 198.18.11.2}}]
+peers:
+- {{peerAddress: 198.18.179.1, peerASN: 64500, myASN: {my_asn}, holdTime: 9s, connectTime: 1s,
+   routerID: 198.18.179.2, password: {password}}}
+bgpAdvertisements:
+- {{ipAddressPools: [default]}}
+"
+    )
+}
+
+/// Waits until the daemon's status shows a BGP last error containing `text`.
+fn wait_bgp_error(run: &Run, text: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let doc = run
+            .process
+            .inspect_json_with(&sluice_bin(), &["--config", run.config.to_str().unwrap()]);
+        let error = doc["bgpSessions"][0]["lastError"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if error.contains(text) {
+            return doc;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no BGP error with {text:?}: {doc}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_wrong_asn_or_password_never_establishes_and_is_reported() {
+    let (lab, _rtr, router) = bgp_lab("wrong-asn");
+    let run = start(&lab, "wrong-asn", &bgp_body(64513, "s3cret"));
+    // BIRD answers our OPEN with Bad Peer AS (2/2).
+    let doc = wait_bgp_error(&run, "2/2");
+    assert_ne!(doc["bgpSessions"][0]["state"], "Established", "{doc}");
+    assert!(!router
+        .birdc("show protocols speaker")
+        .contains("Established"));
+    drop(run);
+    drop(router);
+    drop(lab);
+
+    let (lab, _rtr, router) = bgp_lab("wrong-pw");
+    let run = start(&lab, "wrong-pw", &bgp_body(64512, "not-it"));
+    // TCP-MD5 mismatch: the router drops our SYNs; we time out and say so.
+    let doc = wait_bgp_error(&run, "timed out");
+    assert_ne!(doc["bgpSessions"][0]["state"], "Established", "{doc}");
+    assert!(!router
+        .birdc("show protocols speaker")
+        .contains("Established"));
+}
