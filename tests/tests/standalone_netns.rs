@@ -634,3 +634,51 @@ fn a_wrong_asn_or_password_never_establishes_and_is_reported() {
         .birdc("show protocols speaker")
         .contains("Established"));
 }
+
+#[test]
+fn bgp_routes_come_back_after_a_router_restart_and_survive_a_sigkill_by_graceful_restart() {
+    let (lab, rtr, router) = bgp_lab("restart");
+    let mut run = start(&lab, "restart", &bgp_body(64512, "s3cret"));
+    let present = |t: &str| t.contains("BGP.as_path");
+    router.wait_route("198.18.1.100/32", Duration::from_secs(10), present);
+
+    // The router restarts: the session comes back and the route is announced again.
+    drop(router);
+    let router = Router::start(
+        &rtr,
+        "restart2",
+        &[Neighbor {
+            local: "198.18.179.1",
+            router_as: 64500,
+            address: "198.18.179.2",
+            peer_as: 64512,
+            password: Some("s3cret"),
+        }],
+    );
+    let back = Instant::now();
+    router.wait_route("198.18.1.100/32", Duration::from_secs(15), present);
+    eprintln!("router restarted → route back: {:?}", back.elapsed());
+
+    // Sluice is killed without a word: the router keeps the route (graceful restart helper).
+    let process = run.process.take();
+    unsafe { libc::kill(process.pid() as i32, libc::SIGKILL) };
+    drop(process);
+    std::thread::sleep(Duration::from_secs(2));
+    let kept = router.birdc("show route 198.18.1.100/32 all");
+    assert!(present(&kept), "the route was dropped at once:\n{kept}");
+    assert!(router
+        .birdc("show protocols all speaker")
+        .to_lowercase()
+        .contains("graceful restart"));
+
+    // Sluice, restarted, takes over again.
+    run.process = lab.node.spawn(&[
+        &sluice_bin(),
+        "run",
+        "--config",
+        run.config.to_str().unwrap(),
+    ]);
+    run.process.wait_for_stderr("ready");
+    router.wait_protocol("speaker", "Established", Duration::from_secs(10));
+    router.wait_route("198.18.1.100/32", Duration::from_secs(10), present);
+}
