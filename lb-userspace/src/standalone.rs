@@ -329,7 +329,7 @@ impl Daemon {
             .collect();
         let advertisements = crate::bgp::advertise::advertisements(config, allocations, &live);
         if let Some(speaker) = self.bgp.as_mut() {
-            speaker.configure(&config.peers);
+            speaker.configure(&config.peers, config.dataplane.node_ipv6);
             speaker.advertise(&advertisements);
         }
     }

@@ -22,6 +22,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ethtool", "ethtool"),
     ("bird", "bird2"),
+    ("vtysh", "frr"),
+    ("gobgpd", "gobgpd"),
 ];
 
 fn main() -> Result<()> {

@@ -36,6 +36,8 @@ pub struct SessionConfig {
     pub router_id: std::net::Ipv4Addr,
     pub timing: Timing,
     pub restart_time: u16,
+    /// Next hop of IPv6 routes when the session runs over IPv4 (the node's IPv6 address).
+    pub ipv6_next_hop: Option<std::net::Ipv6Addr>,
 }
 
 /// What the daemon sees of a session.
@@ -236,13 +238,15 @@ async fn sync_routes(
     wanted: &Routes,
     status: &watch::Sender<SessionStatus>,
 ) -> Result<(), String> {
+    let v6_next_hop: Option<IpAddr> = match conn.next_hop {
+        IpAddr::V6(_) => Some(conn.next_hop),
+        IpAddr::V4(_) => config.ipv6_next_hop.map(IpAddr::V6),
+    };
     let wanted: Routes = wanted
         .iter()
-        .filter(|(p, _)| {
-            matches!(
-                (p, conn.next_hop),
-                (IpNet::V4(_), IpAddr::V4(_)) | (IpNet::V6(_), IpAddr::V6(_))
-            )
+        .filter(|(p, _)| match p {
+            IpNet::V4(_) => conn.next_hop.is_ipv4(),
+            IpNet::V6(_) => v6_next_hop.is_some(),
         })
         .map(|(p, a)| (*p, a.clone()))
         .collect();
@@ -259,7 +263,11 @@ async fn sync_routes(
     }
     for (prefix, route) in &wanted {
         if conn.sent.get(prefix) != Some(route) {
-            let message = wire::announce(&[*prefix], &attributes(config, conn.next_hop, route))?;
+            let next_hop = match prefix {
+                IpNet::V4(_) => conn.next_hop,
+                IpNet::V6(_) => v6_next_hop.unwrap_or(conn.next_hop),
+            };
+            let message = wire::announce(&[*prefix], &attributes(config, next_hop, route))?;
             send(conn, &message).await?;
             updates += 1;
         }

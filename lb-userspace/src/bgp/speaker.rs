@@ -115,7 +115,7 @@ pub fn default_router_id(source: Option<IpAddr>) -> Ipv4Addr {
 }
 
 /// A configured peer as a session.
-pub fn session_config(peer: &Peer) -> SessionConfig {
+pub fn session_config(peer: &Peer, ipv6_next_hop: Option<std::net::Ipv6Addr>) -> SessionConfig {
     SessionConfig {
         peer: SocketAddr::new(peer.peer_address, peer.peer_port),
         source: peer.source_address,
@@ -130,6 +130,7 @@ pub fn session_config(peer: &Peer) -> SessionConfig {
             connect_time: peer.connect_time.max(Duration::from_millis(100)),
         },
         restart_time: 120,
+        ipv6_next_hop,
     }
 }
 
@@ -157,10 +158,15 @@ impl Speaker {
 
     /// Makes the sessions match `peers`: new peers start, removed ones stop with Cease, changed
     /// ones restart.
-    pub fn configure(&mut self, peers: &[Peer]) {
+    pub fn configure(&mut self, peers: &[Peer], ipv6_next_hop: Option<std::net::Ipv6Addr>) {
         let wanted: BTreeMap<IpAddr, (SessionConfig, Option<String>)> = peers
             .iter()
-            .map(|p| (p.peer_address, (session_config(p), p.password.clone())))
+            .map(|p| {
+                (
+                    p.peer_address,
+                    (session_config(p, ipv6_next_hop), p.password.clone()),
+                )
+            })
             .collect();
         let stale: Vec<IpAddr> = self
             .sessions

@@ -41,6 +41,9 @@ pub struct DataplaneSection {
     pub state_file: Option<String>,
     /// bpffs directory for the pinned maps (default /sys/fs/bpf/sluice).
     pub pin_dir: Option<String>,
+    /// This node's IPv6 address: the next hop of IPv6 routes sent over IPv4 BGP sessions.
+    #[serde(default, rename = "nodeIPv6")]
+    pub node_ipv6: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -37,6 +37,7 @@ pub struct DataplaneSettings {
     pub metrics_address: SocketAddr,
     pub state_file: PathBuf,
     pub pin_dir: PathBuf,
+    pub node_ipv6: Option<std::net::Ipv6Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,6 +227,21 @@ pub fn build(files: Vec<(String, SluiceFile)>) -> Result<Config, Vec<FileError>>
         SocketAddr::from_str(DEFAULT_METRICS_ADDRESS).unwrap()
     });
 
+    let node_ipv6 =
+        section
+            .node_ipv6
+            .as_deref()
+            .and_then(|t| match std::net::Ipv6Addr::from_str(t) {
+                Ok(ip) => Some(ip),
+                Err(_) => {
+                    p.add(
+                        "dataplane.nodeIPv6",
+                        format!("{t:?} is not an IPv6 address"),
+                    );
+                    None
+                }
+            });
+
     // pools
     let mut pools: Vec<Pool> = Vec::new();
     let mut seen_pools = BTreeSet::new();
@@ -374,6 +390,7 @@ pub fn build(files: Vec<(String, SluiceFile)>) -> Result<Config, Vec<FileError>>
                 .clone()
                 .map(PathBuf::from)
                 .unwrap_or_else(crate::dataplane::default_pin_dir),
+            node_ipv6,
         },
         pools,
         l2_advertisements: l2,
