@@ -36,6 +36,9 @@ pub struct SessionConfig {
     pub router_id: std::net::Ipv4Addr,
     pub timing: Timing,
     pub restart_time: u16,
+    /// eBGP to a peer more than one hop away: a normal TTL. Otherwise eBGP packets leave with
+    /// TTL 1, as a directly connected eBGP session expects (RFC 4271 §5.1.3 practice).
+    pub ebgp_multi_hop: bool,
     /// Next hop of IPv6 routes when the session runs over IPv4 (the node's IPv6 address).
     pub ipv6_next_hop: Option<std::net::Ipv6Addr>,
 }
@@ -75,6 +78,27 @@ async fn connect(config: &SessionConfig, password: Option<&str>) -> std::io::Res
     if let Some(key) = password {
         use std::os::fd::AsRawFd;
         super::speaker::set_md5(socket.as_raw_fd(), config.peer.ip(), key)?;
+    }
+    if config.local_asn != config.peer_asn && !config.ebgp_multi_hop {
+        use std::os::fd::AsRawFd;
+        let ttl: libc::c_int = 1;
+        let (level, option) = if config.peer.is_ipv4() {
+            (libc::IPPROTO_IP, libc::IP_TTL)
+        } else {
+            (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS)
+        };
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                option,
+                &ttl as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     if let Some(source) = config.source {
         socket.bind(SocketAddr::new(source, 0))?;

@@ -130,6 +130,7 @@ pub fn session_config(peer: &Peer, ipv6_next_hop: Option<std::net::Ipv6Addr>) ->
             connect_time: peer.connect_time.max(Duration::from_millis(100)),
         },
         restart_time: 120,
+        ebgp_multi_hop: peer.ebgp_multi_hop,
         ipv6_next_hop,
     }
 }
