@@ -682,3 +682,16 @@ fn bgp_routes_come_back_after_a_router_restart_and_survive_a_sigkill_by_graceful
     router.wait_protocol("speaker", "Established", Duration::from_secs(10));
     router.wait_route("198.18.1.100/32", Duration::from_secs(10), present);
 }
+
+#[test]
+fn a_peer_that_connects_to_sluice_is_answered() {
+    let (lab, _rtr, router) = bgp_lab("passive");
+    // Sluice's own attempts go to a port nobody listens on; only BIRD's connection can work.
+    let body =
+        bgp_body(64512, "s3cret").replace("connectTime: 1s,", "connectTime: 1s, peerPort: 1179,");
+    let _run = start(&lab, "passive", &body);
+    router.wait_protocol("speaker", "Established", Duration::from_secs(15));
+    router.wait_route("198.18.1.100/32", Duration::from_secs(10), |t| {
+        t.contains("BGP.as_path")
+    });
+}

@@ -631,6 +631,11 @@ fn maglev_table_sizes_that_are_not_prime_or_too_large_are_refused_at_load() {
         let err = Dataplane::load(&DataplaneOptions {
             pin_dir: None,
             maglev_table_size: m,
+            capacities: Capacities {
+                services: 4,
+                backends: 16,
+                flows: 64,
+            },
             ..DataplaneOptions::default()
         })
         .unwrap_err();

@@ -85,6 +85,7 @@ pub struct Fsm {
     keepalive_at: Option<Instant>,
     hold: Duration,
     keepalive: Duration,
+    peer_router_id: Option<std::net::Ipv4Addr>,
 }
 
 impl Fsm {
@@ -98,7 +99,13 @@ impl Fsm {
             keepalive_at: None,
             hold: timing.hold_time,
             keepalive: timing.keepalive_time,
+            peer_router_id: None,
         }
+    }
+
+    /// The peer's BGP identifier, once its OPEN arrived on this session.
+    pub fn peer_router_id(&self) -> Option<std::net::Ipv4Addr> {
+        self.peer_router_id
     }
 
     pub fn state(&self) -> State {
@@ -216,6 +223,7 @@ impl Fsm {
                 Vec::new()
             }
             (State::OpenSent, OpenReceived(peer)) => {
+                self.peer_router_id = Some(peer.router_id);
                 let ours = self.timing.hold_time;
                 let theirs = Duration::from_secs(peer.hold_time as u64);
                 self.hold = ours.min(theirs);

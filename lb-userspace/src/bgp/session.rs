@@ -123,9 +123,13 @@ pub async fn run(
     mut routes: watch::Receiver<Routes>,
     status: watch::Sender<SessionStatus>,
     mut stop: watch::Receiver<bool>,
+    mut incoming: tokio::sync::mpsc::Receiver<TcpStream>,
 ) {
     let mut fsm = Fsm::new(config.timing);
     let mut conn: Option<Conn> = None;
+    // A connection the peer opened while ours was in OpenSent: kept until the peer's BGP
+    // identifier (from its OPEN on our connection) decides the collision (RFC 4271 §6.8).
+    let mut waiting: Option<TcpStream> = None;
     let mut pending = fsm.handle(Event::Start, std::time::Instant::now());
     loop {
         // Perform what the state machine asked for; each may produce more events.
@@ -167,11 +171,43 @@ pub async fn run(
             .map(Instant::from_std)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         let mut buf = [0u8; 4096];
+        // A collision waiting for the peer's identifier, now known (OpenConfirm)?
+        if let (Some(_), State::OpenConfirm) = (&waiting, fsm.state()) {
+            let stream = waiting.take().expect("checked");
+            if let Some(actions) = resolve_collision(&config, &mut fsm, &mut conn, stream).await {
+                pending.extend(actions);
+                continue;
+            }
+        }
+        if conn.is_none() {
+            if let Some(stream) = waiting.take() {
+                pending.extend(adopt(&config, &mut fsm, &mut conn, stream));
+                continue;
+            }
+        }
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => {
                 pending.extend(fsm.tick(std::time::Instant::now()));
             }
             _ = stop.changed() => {}
+            Some(stream) = incoming.recv() => {
+                match fsm.state() {
+                    State::Established => {
+                        // RFC 4271 §6.8: an Established session wins; the new one is refused.
+                        let mut stream = stream;
+                        let _ = stream.write_all(&wire::notification_bytes(6, 7)).await;
+                    }
+                    State::OpenSent | State::OpenConfirm if conn.is_some() => {
+                        waiting = Some(stream);
+                    }
+                    _ => {
+                        if let Some(mut c) = conn.take() {
+                            let _ = c.stream.shutdown().await;
+                        }
+                        pending.extend(adopt(&config, &mut fsm, &mut conn, stream));
+                    }
+                }
+            }
             changed = routes.changed(), if fsm.state() == State::Established => {
                 if changed.is_ok() {
                     if let Some(c) = conn.as_mut() {
@@ -232,6 +268,65 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Takes a connection the peer opened as the session's connection: a fresh state machine that
+/// starts from "connected" (it sends our OPEN).
+fn adopt(
+    config: &SessionConfig,
+    fsm: &mut Fsm,
+    conn: &mut Option<Conn>,
+    stream: TcpStream,
+) -> Vec<Action> {
+    let now = std::time::Instant::now();
+    *fsm = Fsm::new(config.timing);
+    let _ = fsm.handle(Event::Start, now);
+    *conn = Some(new_conn(stream));
+    tracing::info!(event = "peerConnected", peer = %config.peer);
+    fsm.handle(Event::TcpConnected, now)
+}
+
+fn new_conn(stream: TcpStream) -> Conn {
+    let next_hop = stream
+        .local_addr()
+        .map(|a| a.ip())
+        .map(|ip| match ip {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        })
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let _ = stream.set_nodelay(true);
+    Conn {
+        stream,
+        reader: Reader::new(true),
+        next_hop,
+        sent: Routes::new(),
+    }
+}
+
+/// RFC 4271 §6.8: of two connections, the one opened by the speaker with the higher BGP
+/// identifier stays; the other gets Cease / Connection Collision Resolution (6/7).
+/// `Some(actions)` when the peer's connection won and was adopted.
+async fn resolve_collision(
+    config: &SessionConfig,
+    fsm: &mut Fsm,
+    conn: &mut Option<Conn>,
+    mut theirs: TcpStream,
+) -> Option<Vec<Action>> {
+    let peer_id = fsm.peer_router_id()?;
+    if u32::from(config.router_id) > u32::from(peer_id) {
+        let _ = theirs.write_all(&wire::notification_bytes(6, 7)).await;
+        return None;
+    }
+    if let Some(mut ours) = conn.take() {
+        let _ = ours.stream.write_all(&wire::notification_bytes(6, 7)).await;
+        let _ = ours.stream.shutdown().await;
+    }
+    tracing::info!(event = "collisionResolved", peer = %config.peer, kept = "theirs");
+    Some(adopt(config, fsm, conn, theirs))
 }
 
 async fn send(conn: &mut Conn, message: &BgpMessage) -> Result<(), String> {
@@ -316,17 +411,7 @@ async fn perform(
     match action {
         Action::Connect => match connect(config, password).await {
             Ok(stream) => {
-                let next_hop = stream
-                    .local_addr()
-                    .map(|a| a.ip())
-                    .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-                let _ = stream.set_nodelay(true);
-                *conn = Some(Conn {
-                    stream,
-                    reader: Reader::new(true),
-                    next_hop,
-                    sent: Routes::new(),
-                });
+                *conn = Some(new_conn(stream));
                 vec![Event::TcpConnected]
             }
             Err(e) => {

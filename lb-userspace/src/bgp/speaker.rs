@@ -69,6 +69,11 @@ pub fn set_md5(fd: i32, peer: IpAddr, key: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Where accepted connections go, by peer address.
+type Inboxes = std::sync::Arc<
+    std::sync::Mutex<BTreeMap<IpAddr, tokio::sync::mpsc::Sender<tokio::net::TcpStream>>>,
+>;
+
 struct Handle {
     config: SessionConfig,
     password: Option<String>,
@@ -79,6 +84,9 @@ struct Handle {
 }
 
 pub struct Speaker {
+    inboxes: Inboxes,
+    /// Listening sockets on port 179 (IPv4, IPv6), for the peers' MD5 keys.
+    listeners: Vec<(bool, i32)>,
     runtime: tokio::runtime::Handle,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -149,7 +157,28 @@ impl Speaker {
                     let _ = until.await;
                 });
             })?;
+        let inboxes: Inboxes = Default::default();
+        let mut listeners = Vec::new();
+        for v4 in [true, false] {
+            let boxes = inboxes.clone();
+            let result = handle.block_on_listener(v4);
+            match result {
+                Ok(listener) => {
+                    use std::os::fd::AsRawFd;
+                    listeners.push((v4, listener.as_raw_fd()));
+                    handle.spawn(accept_loop(listener, boxes));
+                }
+                Err(error) => tracing::warn!(
+                    event = "bgpListenFailed",
+                    family = if v4 { "IPv4" } else { "IPv6" },
+                    %error,
+                    "peers connecting to us will not be answered; we still connect to them"
+                ),
+            }
+        }
         Ok(Self {
+            inboxes,
+            listeners,
             runtime: handle,
             shutdown: Some(shutdown),
             thread: Some(thread),
@@ -180,6 +209,7 @@ impl Speaker {
             .map(|(ip, _)| *ip)
             .collect();
         for ip in stale {
+            self.inboxes.lock().unwrap().remove(&ip);
             if let Some(handle) = self.sessions.remove(&ip) {
                 stop_session(handle);
             }
@@ -192,10 +222,21 @@ impl Speaker {
             let (status_tx, status_rx) = watch::channel(SessionStatus::default());
             let (stop_tx, stop_rx) = watch::channel(false);
             let (done_tx, done_rx) = std::sync::mpsc::channel();
+            let (inbox_tx, inbox_rx) = tokio::sync::mpsc::channel(4);
+            self.inboxes.lock().unwrap().insert(ip, inbox_tx);
+            if let Some(key) = &password {
+                for (v4, fd) in &self.listeners {
+                    if *v4 == ip.is_ipv4() {
+                        if let Err(error) = set_md5(*fd, ip, key) {
+                            tracing::warn!(event = "bgpListenerKeyFailed", peer = %ip, %error);
+                        }
+                    }
+                }
+            }
             let session = config.clone();
             let key = password.clone();
             self.runtime.spawn(async move {
-                session::run(session, key, routes_rx, status_tx, stop_rx).await;
+                session::run(session, key, routes_rx, status_tx, stop_rx, inbox_rx).await;
                 let _ = done_tx.send(());
             });
             self.sessions.insert(
@@ -255,6 +296,59 @@ impl Drop for Speaker {
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+trait ListenerExt {
+    fn block_on_listener(&self, v4: bool) -> std::io::Result<tokio::net::TcpListener>;
+}
+
+impl ListenerExt for tokio::runtime::Handle {
+    /// Binds port 179 for one family (IPv6 only on the IPv6 socket, so each family has its own
+    /// socket and MD5 keys).
+    fn block_on_listener(&self, v4: bool) -> std::io::Result<tokio::net::TcpListener> {
+        let _guard = self.enter();
+        let socket = if v4 {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            let socket = tokio::net::TcpSocket::new_v6()?;
+            use std::os::fd::AsRawFd;
+            let on: libc::c_int = 1;
+            unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_V6ONLY,
+                    &on as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
+            };
+            socket
+        };
+        socket.set_reuseaddr(true)?;
+        let addr: SocketAddr = if v4 {
+            "0.0.0.0:179".parse().unwrap()
+        } else {
+            "[::]:179".parse().unwrap()
+        };
+        socket.bind(addr)?;
+        socket.listen(16)
+    }
+}
+
+/// Hands each accepted connection to the session of the peer it comes from; others are closed.
+async fn accept_loop(listener: tokio::net::TcpListener, inboxes: Inboxes) {
+    loop {
+        let Ok((stream, from)) = listener.accept().await else {
+            continue;
+        };
+        let inbox = inboxes.lock().unwrap().get(&from.ip()).cloned();
+        match inbox {
+            Some(inbox) => {
+                let _ = inbox.try_send(stream);
+            }
+            None => tracing::debug!(event = "unknownPeerRefused", peer = %from),
         }
     }
 }

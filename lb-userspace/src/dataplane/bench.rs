@@ -44,11 +44,11 @@ impl BenchHarness {
             .map_err(|e| load_error("sluice-bench", e))?;
         for name in [names::PROG_TC_FLOOR, names::PROG_TC_RESTORE_THEN_CALL] {
             let program: &mut SchedClassifier = program_mut(&mut bench, name)?;
-            program.load().map_err(|e| program_load_error(name, e))?;
+            super::retry_eagain(|| program.load()).map_err(|e| program_load_error(name, e))?;
         }
         for name in [names::PROG_FLOOR, names::PROG_RESTORE_THEN_CALL] {
             let program: &mut Xdp = program_mut(&mut bench, name)?;
-            program.load().map_err(|e| program_load_error(name, e))?;
+            super::retry_eagain(|| program.load()).map_err(|e| program_load_error(name, e))?;
         }
         Ok(Self { dataplane, bench })
     }

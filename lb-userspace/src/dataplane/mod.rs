@@ -236,13 +236,9 @@ impl Dataplane {
             .load(DATAPLANE_OBJECT)
             .map_err(|e| load_error(DATAPLANE_OBJECT_NAME, e))?;
         let program: &mut Xdp = program_mut(&mut ebpf, PROG_XDP_INGRESS)?;
-        program
-            .load()
-            .map_err(|e| program_load_error(PROG_XDP_INGRESS, e))?;
+        retry_eagain(|| program.load()).map_err(|e| program_load_error(PROG_XDP_INGRESS, e))?;
         let egress: &mut SchedClassifier = program_mut(&mut ebpf, PROG_TC_EGRESS)?;
-        egress
-            .load()
-            .map_err(|e| program_load_error(PROG_TC_EGRESS, e))?;
+        retry_eagain(|| egress.load()).map_err(|e| program_load_error(PROG_TC_EGRESS, e))?;
         tracing::info!(
             event = "dataplaneLoaded",
             pin_dir = ?options.pin_dir,
@@ -627,6 +623,26 @@ where
             program: name,
             source,
         })
+}
+
+/// Runs a program load again when the kernel says EAGAIN (a transient refusal, seen here under
+/// load after the verifier had accepted the program), up to five times.
+fn retry_eagain(
+    mut load: impl FnMut() -> std::result::Result<(), ProgramError>,
+) -> std::result::Result<(), ProgramError> {
+    let mut attempt = 0;
+    loop {
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.kind() == std::io::ErrorKind::WouldBlock && attempt < 5 =>
+            {
+                attempt += 1;
+                tracing::debug!(event = "programLoadRetried", attempt);
+                std::thread::sleep(std::time::Duration::from_millis(20 * attempt));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Turns a map error into one that names the map.
