@@ -327,6 +327,28 @@ fn run_case(case: Case) {
         "{case:?}: both nodes' /32 and /128 in the router after {:?}",
         started.elapsed()
     );
+
+    if matches!(case.kind, Kind::Bird) {
+        // Node 1 loses its last backend (a reload with none): its route goes, node 2's stays.
+        let config = dir.join("node1.yaml");
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("backends: [{ip: 198.18.179.99}]", "backends: []");
+        assert!(text.contains("backends: []"), "the test's own edit applies");
+        std::fs::write(&config, text).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = show(case.kind, &router, &rtr, &dir, "198.51.100.10/32");
+            if !text.contains("198.18.179.2") && text.contains("198.18.180.2") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{case:?}: node 1's route should go, node 2's stay:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     let lab = Lab {
         _nodes: nodes,
         _router: router,

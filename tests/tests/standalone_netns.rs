@@ -525,6 +525,30 @@ bgpAdvertisements:
         route.contains("(64512,100)") && route.contains("(65535,65281)"),
         "{route}"
     );
+    wait_for_metric(&lab, "sluice_bgp_session_up{peer=\"198.18.179.1\"} 1");
+    wait_for_metric(&lab, "sluice_bgp_prefixes_sent{peer=\"198.18.179.1\"} 1");
+    let doc = run
+        .process
+        .inspect_json_with(&sluice_bin(), &["--config", run.config.to_str().unwrap()]);
+    assert_eq!(doc["bgpSessions"][0]["state"], "Established", "{doc}");
+
+    // The router asks for our routes again (ROUTE-REFRESH, RFC 2918): we send them again.
+    let sent = doc["bgpSessions"][0]["updatesSent"].as_u64().unwrap();
+    router.birdc("reload in speaker");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let doc = run
+            .process
+            .inspect_json_with(&sluice_bin(), &["--config", run.config.to_str().unwrap()]);
+        if doc["bgpSessions"][0]["updatesSent"].as_u64().unwrap_or(0) > sent {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no updates after a route refresh: {doc}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // The last healthy backend goes: the route is withdrawn; one comes back: announced again.
     let lost = Instant::now();

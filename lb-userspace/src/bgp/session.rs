@@ -229,6 +229,7 @@ pub async fn run(
                 match read {
                     Ok(0) | Err(_) => pending.extend(fsm.handle(Event::TcpFailed, now)),
                     Ok(n) => {
+                        let mut refresh = false;
                         let c = conn.as_mut().expect("reading from a connection");
                         c.reader.feed(&buf[..n]);
                         loop {
@@ -241,9 +242,14 @@ pub async fn run(
                                             Err(n) => Event::ProtocolError { code: n.code, subcode: n.subcode },
                                         },
                                         BgpMessage::KeepAlive => Event::KeepaliveReceived,
-                                        BgpMessage::Update(_) | BgpMessage::RouteRefresh(_) => {
+                                        BgpMessage::Update(_) => {
                                             // Routers echo our own routes (FRR does): read, count, never install.
                                             status.send_modify(|s| s.updates_received += 1);
+                                            Event::UpdateReceived
+                                        }
+                                        BgpMessage::RouteRefresh(_) => {
+                                            // RFC 2918: the peer wants our routes again.
+                                            refresh = true;
                                             Event::UpdateReceived
                                         }
                                         BgpMessage::Notification(n) => {
@@ -260,6 +266,21 @@ pub async fn run(
                                 Err(n) => {
                                     pending.extend(fsm.handle(Event::ProtocolError { code: n.code, subcode: n.subcode }, now));
                                     break;
+                                }
+                            }
+                        }
+                        if refresh && fsm.state() == State::Established {
+                            if let Some(c) = conn.as_mut() {
+                                c.sent.clear();
+                                let wanted = routes.borrow().clone();
+                                let resent = async {
+                                    sync_routes(&config, c, &wanted, &status).await?;
+                                    send(c, &wire::end_of_rib(false)).await?;
+                                    send(c, &wire::end_of_rib(true)).await
+                                }
+                                .await;
+                                if resent.is_err() {
+                                    pending.extend(fsm.handle(Event::TcpFailed, now));
                                 }
                             }
                         }

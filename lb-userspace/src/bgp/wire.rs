@@ -495,6 +495,65 @@ mod tests {
     }
 
     #[test]
+    fn an_ibgp_ipv6_announcement_carries_local_pref_and_mp_reach() {
+        let msg = announce(
+            &["2001:db8::10/128".parse().unwrap()],
+            &Attributes {
+                local_asn: 64512,
+                ebgp: false,
+                next_hop: "fd53:179::2".parse().unwrap(),
+                communities: vec![],
+                large_communities: vec![],
+                local_pref: Some(200),
+            },
+        )
+        .unwrap();
+        let next_hop: [u8; 16] = "fd53:179::2"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        let prefix: [u8; 16] = "2001:db8::10"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        let mut mp = vec![0, 2, 1, 16]; // AFI 2 (IPv6), SAFI 1, next hop length 16
+        mp.extend_from_slice(&next_hop);
+        mp.push(0); // reserved
+        mp.push(128);
+        mp.extend_from_slice(&prefix);
+        let attrs: Vec<u8> = [
+            vec![0x40, 1, 1, 0],                           // ORIGIN IGP
+            vec![0x40, 2, 0],                              // AS_PATH empty (iBGP)
+            vec![0x40, 5, 4, 0, 0, 0, 200],                // LOCAL_PREF 200
+            [vec![0x80, 14, mp.len() as u8], mp].concat(), // MP_REACH_NLRI
+        ]
+        .concat();
+        let mut body = vec![0, 0];
+        body.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+        body.extend_from_slice(&attrs);
+        let mut want = header((19 + body.len()) as u16, 2);
+        want.extend_from_slice(&body);
+        assert_eq!(encode(&msg, true).unwrap(), want);
+    }
+
+    #[test]
+    fn end_of_rib_and_cease_are_the_bytes_the_rfcs_give() {
+        // RFC 4724 §2: IPv4 End-of-RIB is an UPDATE with nothing in it.
+        let mut eor = header(23, 2);
+        eor.extend_from_slice(&[0, 0, 0, 0]);
+        assert_eq!(encode(&end_of_rib(false), true).unwrap(), eor);
+        // IPv6: an MP_UNREACH_NLRI with AFI 2, SAFI 1 and no prefixes.
+        let mut eor6 = header(29, 2);
+        eor6.extend_from_slice(&[0, 0, 0, 6, 0x80, 15, 3, 0, 2, 1]);
+        assert_eq!(encode(&end_of_rib(true), true).unwrap(), eor6);
+        // RFC 4486: Cease (6) / Administrative Shutdown (2).
+        let mut cease_bytes = header(21, 3);
+        cease_bytes.extend_from_slice(&[6, 2]);
+        assert_eq!(encode(&cease(), true).unwrap(), cease_bytes);
+        assert_eq!(notification_bytes(6, 2), cease_bytes);
+    }
+
+    #[test]
     fn messages_we_send_read_back_as_themselves() {
         let attrs = Attributes {
             local_asn: 64512,
