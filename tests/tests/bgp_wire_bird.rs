@@ -9,8 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::bgp::wire::{self, Attributes, OpenParams, Reader};
-use netgauze_bgp_pkt::BgpMessage;
+use lb_userspace::bgp::wire::{self, Attributes, BgpMessage, OpenParams, Reader};
 use sluice_tests::{
     bird::{Neighbor, Router},
     netns::{veth, NetNs},

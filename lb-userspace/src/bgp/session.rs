@@ -10,7 +10,6 @@ use std::{
 };
 
 use ipnet::IpNet;
-use netgauze_bgp_pkt::BgpMessage;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
@@ -21,7 +20,7 @@ use tokio::{
 use super::{
     advertise::RouteAttributes,
     fsm::{Action, Event, Fsm, State, Timing},
-    wire::{self, Attributes, OpenParams, Reader},
+    wire::{self, Attributes, BgpMessage, OpenParams, Reader},
 };
 
 /// The routes owed to one peer.

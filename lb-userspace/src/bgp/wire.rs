@@ -23,10 +23,12 @@ use netgauze_bgp_pkt::{
         MpReach, MpUnreach, NextHop, Origin, PathAttribute, PathAttributeValue,
     },
     update::BgpUpdateMessage,
-    BgpMessage,
 };
 use netgauze_iana::address_family::AddressType;
 use tokio_util::codec::{Decoder, Encoder};
+
+/// A BGP message (the wire crate's type; other modules name it through here).
+pub use netgauze_bgp_pkt::BgpMessage;
 
 /// AS_TRANS (RFC 6793): the 2-octet "My AS" of a speaker whose ASN does not fit 16 bits.
 pub const AS_TRANS: u16 = 23456;
@@ -529,6 +531,28 @@ mod tests {
         ]
         .concat();
         let mut body = vec![0, 0];
+        body.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+        body.extend_from_slice(&attrs);
+        let mut want = header((19 + body.len()) as u16, 2);
+        want.extend_from_slice(&body);
+        assert_eq!(encode(&msg, true).unwrap(), want);
+    }
+
+    #[test]
+    fn withdrawals_list_ipv4_prefixes_and_put_ipv6_in_mp_unreach() {
+        let msg = withdraw(&[
+            "198.51.100.10/32".parse().unwrap(),
+            "2001:db8::10/128".parse().unwrap(),
+        ])
+        .unwrap();
+        let prefix: [u8; 16] = "2001:db8::10"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        let mut unreach = vec![0, 2, 1, 128];
+        unreach.extend_from_slice(&prefix);
+        let mut body = vec![0, 5, 32, 198, 51, 100, 10]; // withdrawn routes: 198.51.100.10/32
+        let attrs = [vec![0x80, 15, unreach.len() as u8], unreach].concat();
         body.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
         body.extend_from_slice(&attrs);
         let mut want = header((19 + body.len()) as u16, 2);
