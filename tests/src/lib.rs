@@ -4,6 +4,7 @@
 
 pub mod bird;
 pub mod frames;
+pub mod frr;
 pub mod lab;
 pub mod netns;
 pub mod rawsock;

@@ -11,6 +11,7 @@ use std::{
 use sluice_tests::{
     bird::{Neighbor, Router},
     frames,
+    frr::{Frr, FrrNeighbor},
     lab::{names, udp_ask, Conn, Lab},
     netns::{NetNs, Process},
     rawsock::RawSocket,
@@ -718,4 +719,87 @@ fn a_peer_that_connects_to_sluice_is_answered() {
     router.wait_route("198.18.1.100/32", Duration::from_secs(10), |t| {
         t.contains("BGP.as_path")
     });
+}
+
+/// A one-node lab with FRR on the node's `nr` interface expecting AS 64512, password s3cret.
+fn frr_lab(tag: &str) -> (Lab, NetNs, std::path::PathBuf) {
+    let lab = Lab::new(1);
+    lab.serve(1);
+    let rtr = NetNs::new("rtr");
+    sluice_tests::netns::veth(&lab.node, "nr", &rtr, "r0");
+    lab.node
+        .ip(&["addr", "add", "198.18.179.2/24", "dev", "nr"]);
+    rtr.ip(&["addr", "add", "198.18.179.1/24", "dev", "r0"]);
+    (lab, rtr, temp_dir(&format!("{tag}-router")))
+}
+
+fn start_frr(rtr: &NetNs, dir: &std::path::Path) -> Frr {
+    Frr::start(
+        rtr,
+        dir,
+        "198.18.179.1",
+        64500,
+        &[FrrNeighbor {
+            address: "198.18.179.2",
+            peer_as: 64512,
+            password: Some("s3cret"),
+        }],
+    )
+}
+
+#[test]
+fn frr_gets_routes_back_after_its_restart_keeps_them_over_a_sigkill_and_gets_cease_on_stop() {
+    let (lab, rtr, dir) = frr_lab("frr-life");
+    let present = |t: &str| t.contains("198.18.179.2 from ");
+    let frr = start_frr(&rtr, &dir);
+    let mut run = start(&lab, "frr-life", &bgp_body(64512, "s3cret"));
+    frr.wait("198.18.1.100/32", Duration::from_secs(10), present);
+
+    // FRR restarts: the session and the route come back.
+    drop(frr);
+    let frr = start_frr(&rtr, &dir);
+    frr.wait("198.18.1.100/32", Duration::from_secs(15), present);
+
+    // Sluice killed without a word: FRR keeps the route (graceful restart helper).
+    let process = run.process.take();
+    unsafe { libc::kill(process.pid() as i32, libc::SIGKILL) };
+    drop(process);
+    std::thread::sleep(Duration::from_secs(2));
+    let kept = frr.show("198.18.1.100/32");
+    assert!(present(&kept), "FRR dropped the route at once:\n{kept}");
+
+    // Sluice back: it takes over; then stopped: Cease, and the route goes.
+    run.process = lab.node.spawn(&[
+        &sluice_bin(),
+        "run",
+        "--config",
+        run.config.to_str().unwrap(),
+    ]);
+    run.process.wait_for_stderr("ready");
+    wait_for_metric(&lab, "sluice_bgp_session_up{peer=\"198.18.179.1\"} 1");
+    frr.wait("198.18.1.100/32", Duration::from_secs(10), present);
+    assert!(run.process.take().stop(libc::SIGTERM).success());
+    frr.wait("198.18.1.100/32", Duration::from_secs(10), |t| !present(t));
+    let neighbor = frr.vtysh("show bgp neighbor 198.18.179.2");
+    assert!(neighbor.contains("Administrative Shutdown"), "{neighbor}");
+}
+
+#[test]
+fn frr_never_establishes_with_a_wrong_asn_or_password_and_sluice_says_so() {
+    let (lab, rtr, dir) = frr_lab("frr-wrong-asn");
+    let frr = start_frr(&rtr, &dir);
+    let run = start(&lab, "frr-wrong-asn", &bgp_body(64513, "s3cret"));
+    wait_bgp_error(&run, "2/2");
+    assert!(!frr.vtysh("show bgp summary").contains("Established"));
+    drop(run);
+    drop(frr);
+    drop(lab);
+
+    let (lab, rtr, dir) = frr_lab("frr-wrong-pw");
+    let frr = start_frr(&rtr, &dir);
+    let run = start(&lab, "frr-wrong-pw", &bgp_body(64512, "not-it"));
+    wait_bgp_error(&run, "timed out");
+    assert!(
+        frr.show("198.18.1.100/32").is_empty() || !frr.show("198.18.1.100/32").contains(" from ")
+    );
 }
