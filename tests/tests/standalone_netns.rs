@@ -803,3 +803,67 @@ fn frr_never_establishes_with_a_wrong_asn_or_password_and_sluice_says_so() {
         frr.show("198.18.1.100/32").is_empty() || !frr.show("198.18.1.100/32").contains(" from ")
     );
 }
+
+#[test]
+fn a_malformed_message_from_one_peer_gets_its_notification_and_other_sessions_stay_up() {
+    let (lab, rtr, router) = bgp_lab("garbage");
+    // A second, fake peer on the router's link.
+    rtr.ip(&["addr", "add", "198.18.179.3/24", "dev", "r0"]);
+    let body = bgp_body(64512, "s3cret").replace(
+        "bgpAdvertisements:",
+        "- {peerAddress: 198.18.179.3, peerASN: 64999, myASN: 64512, holdTime: 9s, connectTime: 1s, routerID: 198.18.179.2}\nbgpAdvertisements:",
+    );
+    assert!(body.contains("198.18.179.3"), "the test's own edit applies");
+    let run = start(&lab, "garbage", &body);
+    router.wait_route("198.18.1.100/32", Duration::from_secs(10), |t| {
+        t.contains("BGP.as_path")
+    });
+
+    // The fake peer connects to Sluice and sends a message with a broken marker.
+    let reply = rtr.run(|| {
+        use std::io::Read;
+        // std cannot bind a source address, and 198.18.179.1 is the primary one: bind by hand.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        let mut src: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        src.sin_family = libc::AF_INET as u16;
+        src.sin_addr.s_addr = u32::from_ne_bytes([198, 18, 179, 3]);
+        assert_eq!(
+            unsafe { libc::bind(fd, &src as *const _ as *const libc::sockaddr, 16) },
+            0
+        );
+        let mut dst = src;
+        dst.sin_addr.s_addr = u32::from_ne_bytes([198, 18, 179, 2]);
+        dst.sin_port = 179u16.to_be();
+        assert_eq!(
+            unsafe { libc::connect(fd, &dst as *const _ as *const libc::sockaddr, 16) },
+            0
+        );
+        let mut stream =
+            unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut garbage = vec![0xffu8; 16];
+        garbage[3] = 0; // not the all-ones marker
+        garbage.extend_from_slice(&[0, 19, 4]);
+        std::io::Write::write_all(&mut stream, &garbage).unwrap();
+        let mut got = Vec::new();
+        let _ = stream.read_to_end(&mut got);
+        got
+    });
+    // Our OPEN, then NOTIFICATION 1/1 (message header error / connection not synchronized).
+    let notification = reply
+        .windows(21)
+        .find(|w| w[..16] == [0xff; 16] && w[18] == 3)
+        .unwrap_or_else(|| panic!("no NOTIFICATION in {reply:02x?}"));
+    assert_eq!((notification[19], notification[20]), (1, 1));
+
+    // The BIRD session never noticed.
+    assert!(router
+        .birdc("show protocols speaker")
+        .contains("Established"));
+    let route = router.birdc("show route 198.18.1.100/32 all");
+    assert!(route.contains("BGP.as_path"), "{route}");
+    wait_for_metric(&lab, "sluice_bgp_session_up{peer=\"198.18.179.1\"} 1");
+    drop(run);
+}
