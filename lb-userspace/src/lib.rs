@@ -8,6 +8,7 @@ pub mod config;
 pub mod dataplane;
 pub mod health;
 pub mod ipam;
+pub mod k8s;
 pub mod l2;
 pub mod maglev;
 pub mod metrics;

@@ -101,6 +101,13 @@ enum Command {
         #[arg(long = "config", value_name = "FILE")]
         configs: Vec<PathBuf>,
     },
+    /// Print Sluice's CustomResourceDefinitions (group sluice.dev) as YAML, ready for
+    /// `kubectl apply -f -`, or write one file per CRD into a directory.
+    Crds {
+        /// Write `<plural>.sluice.dev.yaml` files here instead of printing.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
     /// Show what the data plane holds, from its pinned maps (daemon running or not).
     Inspect {
         /// Where the maps are pinned (default: the config's, else /sys/fs/bpf/sluice).
@@ -113,6 +120,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+fn crds(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let files = lb_userspace::k8s::crd::manifest_files();
+    match out_dir {
+        None => {
+            let docs: Vec<&str> = files.iter().map(|(_, text)| text.as_str()).collect();
+            print!("{}", docs.join("---\n"));
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("--out-dir: cannot create {}", dir.display()))?;
+            for (name, text) in files {
+                let path = dir.join(name);
+                std::fs::write(&path, text)
+                    .with_context(|| format!("--out-dir: cannot write {}", path.display()))?;
+                println!("wrote {}", path.display());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -166,6 +194,7 @@ fn main() -> ExitCode {
             lb_userspace::standalone::run(configs)
         }
         Command::Detach { pin_dir, configs } => detach(pin_dir, &configs),
+        Command::Crds { out_dir } => crds(out_dir),
         Command::Validate { configs } => {
             lb_userspace::standalone::validate(&configs).map(|summary| println!("{summary}"))
         }

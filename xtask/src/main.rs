@@ -4,6 +4,7 @@
 //! - `build-ebpf` builds lb-ebpf (nightly, -Z build-std=core, bpfel-unknown-none, bpf-linker)
 //! - `test`       setup, build-ebpf, fmt and clippy checks, then every test (needs root)
 //! - `bench`      setup, build-ebpf, then the XDP benchmark report (needs root)
+//! - `manifests`  writes deploy/crds/ from the Rust CRD types (a test fails when they differ)
 //! - `demo`       Sluice in network namespaces: a client, a node, three backends (needs root)
 
 use std::{
@@ -43,16 +44,49 @@ fn main() -> Result<()> {
             build_ebpf()?;
             bench()
         }
+        "manifests" => manifests(),
         "demo" => {
             setup()?;
             build_ebpf()?;
             demo()
         }
         _ => {
-            eprintln!("usage: cargo xtask <setup | build-ebpf | test [-- cargo test args] | bench | demo>");
+            eprintln!("usage: cargo xtask <setup | build-ebpf | test [-- cargo test args] | bench | manifests | demo>");
             std::process::exit(2);
         }
     }
+}
+
+/// Regenerates deploy/crds/ with `sluice crds --out-dir`, removing CRDs no longer defined.
+fn manifests() -> Result<()> {
+    let dir = root().join("deploy/crds");
+    if dir.exists() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                std::fs::remove_file(&path)?;
+            }
+        }
+    }
+    let status = cargo()
+        .args([
+            "run",
+            "-q",
+            "-p",
+            "lb-userspace",
+            "--bin",
+            "sluice",
+            "--",
+            "crds",
+            "--out-dir",
+        ])
+        .arg(&dir)
+        .status()
+        .context("running sluice crds")?;
+    if !status.success() {
+        bail!("sluice crds failed");
+    }
+    Ok(())
 }
 
 fn root() -> PathBuf {
