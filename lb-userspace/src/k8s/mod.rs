@@ -1,7 +1,8 @@
 //! Kubernetes: the custom resources (`crd`), their validation into the shared config model
-//! (`validity`), and what a Service asks for (`request`). All pure; the controller and the
-//! speaker build on these.
+//! (`validity`), what a Service asks for (`request`) and which IPs it gets (`allocate`).
+//! All pure; the controller and the speaker build on these.
 
+pub mod allocate;
 pub mod crd;
 pub mod request;
 pub mod validity;
