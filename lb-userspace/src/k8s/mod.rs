@@ -1,8 +1,10 @@
 //! Kubernetes: the custom resources (`crd`), their validation into the shared config model
-//! (`validity`), what a Service asks for (`request`) and which IPs it gets (`allocate`).
+//! (`validity`), what a Service asks for (`request`), which IPs it gets (`allocate`) and the
+//! controller's whole decision (`reconcile`).
 //! All pure; the controller and the speaker build on these.
 
 pub mod allocate;
 pub mod crd;
+pub mod reconcile;
 pub mod request;
 pub mod validity;
