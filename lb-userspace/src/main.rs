@@ -108,6 +108,14 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
     },
+    /// Check IPAddressPool, L2Advertisement, BGPPeer and BGPAdvertisement manifests (Sluice's,
+    /// or MetalLB's metallb.io ones) offline: prints each object's Valid verdict, with the field
+    /// and value of every problem; exits non-zero when one is invalid.
+    CheckManifests {
+        /// A YAML file (several documents allowed). Repeatable.
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Show what the data plane holds, from its pinned maps (daemon running or not).
     Inspect {
         /// Where the maps are pinned (default: the config's, else /sys/fs/bpf/sluice).
@@ -120,6 +128,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+fn check_manifests(files: &[PathBuf]) -> anyhow::Result<()> {
+    use lb_userspace::k8s::{manifests, validity};
+    let mut all = validity::Objects::default();
+    for path in files {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let (objects, _) =
+            manifests::parse(&path.display().to_string(), &text).map_err(anyhow::Error::msg)?;
+        all.pools.extend(objects.pools);
+        all.l2_advertisements.extend(objects.l2_advertisements);
+        all.peers.extend(objects.peers);
+        all.bgp_advertisements.extend(objects.bgp_advertisements);
+    }
+    let verdict = validity::validate(&all);
+    if verdict.problems.is_empty() {
+        anyhow::bail!("no IPAddressPool, L2Advertisement, BGPPeer or BGPAdvertisement found");
+    }
+    let mut invalid = 0;
+    for (object, problems) in &verdict.problems {
+        if problems.is_empty() {
+            println!("{} {}: Valid", object.kind, object.name);
+        } else {
+            invalid += 1;
+            println!("{} {}: Invalid", object.kind, object.name);
+            for p in problems {
+                println!("  {p}");
+            }
+        }
+    }
+    if invalid > 0 {
+        anyhow::bail!("{invalid} invalid object(s)");
+    }
+    Ok(())
 }
 
 fn crds(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
@@ -195,6 +238,7 @@ fn main() -> ExitCode {
         }
         Command::Detach { pin_dir, configs } => detach(pin_dir, &configs),
         Command::Crds { out_dir } => crds(out_dir),
+        Command::CheckManifests { files } => check_manifests(&files),
         Command::Validate { configs } => {
             lb_userspace::standalone::validate(&configs).map(|summary| println!("{summary}"))
         }

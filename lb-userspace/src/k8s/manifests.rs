@@ -1,0 +1,113 @@
+//! Reads Sluice's custom resources from YAML manifests (multi-document), and MetalLB's too
+//! (`metallb.io/v1beta1` and `v1beta2`: same kinds, same fields), so `sluice check-manifests`
+//! can tell a user before `kubectl apply` what the controller will say. Pure.
+
+use serde::Deserialize;
+
+use super::{
+    crd::{BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement},
+    validity::Objects,
+};
+
+const GROUPS: [&str; 2] = ["sluice.dev/", "metallb.io/"];
+
+/// Parses every document; documents of other kinds are skipped. Errors name the document
+/// (1-based), the kind and the field.
+pub fn parse(name: &str, text: &str) -> Result<(Objects, usize), String> {
+    let mut objects = Objects::default();
+    let mut skipped = 0;
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let at = format!("{name}: document {}", i + 1);
+        let value = serde_yaml::Value::deserialize(doc).map_err(|e| format!("{at}: {e}"))?;
+        if value.is_null() {
+            continue;
+        }
+        let text_of = |key: &str| {
+            value
+                .get(key)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        let (api_version, kind) = (text_of("apiVersion"), text_of("kind"));
+        let kind = kind.as_str();
+        if !GROUPS.iter().any(|g| api_version.starts_with(g)) {
+            skipped += 1;
+            continue;
+        }
+        fn typed<T: serde::de::DeserializeOwned>(
+            at: &str,
+            kind: &str,
+            v: serde_yaml::Value,
+        ) -> Result<T, String> {
+            serde_path_to_error::deserialize(v)
+                .map_err(|e| format!("{at} ({kind}): {}: {}", e.path(), e.inner()))
+        }
+        match kind {
+            "IPAddressPool" => objects
+                .pools
+                .push(typed::<IPAddressPool>(&at, kind, value)?),
+            "L2Advertisement" => objects
+                .l2_advertisements
+                .push(typed::<L2Advertisement>(&at, kind, value)?),
+            "BGPPeer" => objects.peers.push(typed::<BGPPeer>(&at, kind, value)?),
+            "BGPAdvertisement" => objects
+                .bgp_advertisements
+                .push(typed::<BGPAdvertisement>(&at, kind, value)?),
+            _ => skipped += 1,
+        }
+    }
+    Ok((objects, skipped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::validity;
+
+    #[test]
+    fn metallb_and_sluice_manifests_are_read_and_other_documents_skipped() {
+        let text = r#"
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {name: prod, namespace: metallb-system}
+spec: {addresses: [192.0.2.0/28]}
+---
+apiVersion: sluice.dev/v1alpha1
+kind: L2Advertisement
+metadata: {name: l2}
+spec: {ipAddressPools: [prod], interfaces: [eth1]}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: metallb-system}
+---
+"#;
+        let (objects, skipped) = parse("m.yaml", text).unwrap();
+        assert_eq!(
+            (
+                objects.pools.len(),
+                objects.l2_advertisements.len(),
+                skipped
+            ),
+            (1, 1, 1)
+        );
+        let verdict = validity::validate(&objects);
+        assert!(verdict.config.is_some(), "{:?}", verdict.problems);
+    }
+
+    #[test]
+    fn a_field_of_the_wrong_type_names_the_document_and_the_field() {
+        let text = "apiVersion: sluice.dev/v1alpha1\nkind: BGPPeer\nmetadata: {name: r}\nspec: {peerAddress: 192.0.2.1, peerASN: many, myASN: 1}\n";
+        let e = parse("m.yaml", text).unwrap_err();
+        assert!(
+            e.starts_with("m.yaml: document 1 (BGPPeer): spec.peerASN"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn broken_yaml_is_an_error_not_a_panic() {
+        assert!(parse("m.yaml", "apiVersion: [").is_err());
+    }
+}
