@@ -1,10 +1,12 @@
 //! Kubernetes: the custom resources (`crd`), their validation into the shared config model
 //! (`validity`), what a Service asks for (`request`), which IPs it gets (`allocate`) and the
-//! controller's whole decision (`reconcile`); `manifests` reads them from YAML files.
+//! controller's whole decision (`reconcile`); `manifests` reads them from YAML files;
+//! `lease` decides leader election.
 //! All pure; the controller and the speaker build on these.
 
 pub mod allocate;
 pub mod crd;
+pub mod lease;
 pub mod manifests;
 pub mod reconcile;
 pub mod request;
