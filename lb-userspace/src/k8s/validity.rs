@@ -67,21 +67,53 @@ fn selector_problems(path: &str, selectors: &[LabelSelector], out: &mut Vec<Stri
     }
 }
 
-/// Maps a path of the merged file (`pools[2].addresses[0]`) to the object and its own path.
-fn owner(
-    path: &str,
-    names: &BTreeMap<&'static str, Vec<(&'static str, String)>>,
-) -> Option<(ObjectRef, String)> {
-    let (list, rest) = path.split_once('[')?;
-    let (index, rest) = rest.split_once(']')?;
-    let index: usize = index.parse().ok()?;
-    let (kind, name) = names.get(list)?.get(index)?.clone();
-    let field = match rest.strip_prefix('.') {
-        Some("name") if list == "pools" => "metadata.name".to_string(),
-        Some(field) => format!("spec.{field}"),
-        None => "spec".to_string(),
-    };
-    Some((ObjectRef { kind, name }, field))
+/// Every object's problems, and which object sits at which index of the merged file's lists.
+#[derive(Default)]
+struct Ledger {
+    problems: BTreeMap<ObjectRef, Vec<String>>,
+    /// List name in the file (`pools`, ...) → (kind, object name) by index.
+    names: BTreeMap<&'static str, Vec<(&'static str, String)>>,
+}
+
+impl Ledger {
+    fn add(&mut self, list: &'static str, kind: &'static str, name: &str, own: Vec<String>) {
+        let name = name.to_string();
+        self.problems.insert(
+            ObjectRef {
+                kind,
+                name: name.clone(),
+            },
+            own,
+        );
+        self.names.entry(list).or_default().push((kind, name));
+    }
+
+    /// Hands a problem of the merged file (`pools[2].addresses[0]`) to its object, with the
+    /// object's own path (`spec.addresses[0]`).
+    fn report(&mut self, path: &str, message: &str) {
+        let Some((list, rest)) = path.split_once('[') else {
+            return;
+        };
+        let Some((index, rest)) = rest.split_once(']') else {
+            return;
+        };
+        let Some((kind, name)) = index
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| self.names.get(list)?.get(i).cloned())
+        else {
+            return;
+        };
+        let field = match rest.strip_prefix('.') {
+            Some("name") if list == "pools" => "metadata.name".to_string(),
+            Some(field) => format!("spec.{field}"),
+            None => "spec".to_string(),
+        };
+        self.problems
+            .entry(ObjectRef { kind, name })
+            .or_default()
+            .push(format!("{field}: {message}"));
+    }
 }
 
 /// Validates every object. Problems that concern one object name only that object; the
@@ -91,8 +123,7 @@ pub fn validate(objects: &Objects) -> Verdict {
     let l2s = by_name(&objects.l2_advertisements);
     let peers = by_name(&objects.peers);
     let advs = by_name(&objects.bgp_advertisements);
-    let mut problems: BTreeMap<ObjectRef, Vec<String>> = BTreeMap::new();
-    let mut names: BTreeMap<&'static str, Vec<(&'static str, String)>> = BTreeMap::new();
+    let mut ledger = Ledger::default();
     let mut f = SluiceFile::default();
 
     for p in &pools {
@@ -117,17 +148,7 @@ pub fn validate(objects: &Objects) -> Verdict {
                 }
             }
         }
-        problems.insert(
-            ObjectRef {
-                kind: "IPAddressPool",
-                name: name.clone(),
-            },
-            own,
-        );
-        names
-            .entry("pools")
-            .or_default()
-            .push(("IPAddressPool", name.clone()));
+        ledger.add("pools", "IPAddressPool", &name, own);
         f.pools.push(file::PoolSpec {
             name,
             addresses: p.spec.addresses.clone(),
@@ -144,17 +165,7 @@ pub fn validate(objects: &Objects) -> Verdict {
             &mut own,
         );
         selector_problems("spec.nodeSelectors", &a.spec.node_selectors, &mut own);
-        problems.insert(
-            ObjectRef {
-                kind: "L2Advertisement",
-                name: name.clone(),
-            },
-            own,
-        );
-        names
-            .entry("l2Advertisements")
-            .or_default()
-            .push(("L2Advertisement", name));
+        ledger.add("l2Advertisements", "L2Advertisement", &name, own);
         f.l2_advertisements.push(file::L2AdvertisementSpec {
             ip_address_pools: a.spec.ip_address_pools.clone(),
             // No interfaces means every interface of the node: the speaker resolves it.
@@ -169,14 +180,7 @@ pub fn validate(objects: &Objects) -> Verdict {
         let name = p.name_any();
         let mut own = Vec::new();
         selector_problems("spec.nodeSelectors", &p.spec.node_selectors, &mut own);
-        problems.insert(
-            ObjectRef {
-                kind: "BGPPeer",
-                name: name.clone(),
-            },
-            own,
-        );
-        names.entry("peers").or_default().push(("BGPPeer", name));
+        ledger.add("peers", "BGPPeer", &name, own);
         let s = &p.spec;
         f.peers.push(file::PeerSpec {
             peer_address: s.peer_address.clone(),
@@ -201,17 +205,7 @@ pub fn validate(objects: &Objects) -> Verdict {
             &mut own,
         );
         selector_problems("spec.nodeSelectors", &a.spec.node_selectors, &mut own);
-        problems.insert(
-            ObjectRef {
-                kind: "BGPAdvertisement",
-                name: name.clone(),
-            },
-            own,
-        );
-        names
-            .entry("bgpAdvertisements")
-            .or_default()
-            .push(("BGPAdvertisement", name));
+        ledger.add("bgpAdvertisements", "BGPAdvertisement", &name, own);
         let s = &a.spec;
         f.bgp_advertisements.push(file::BgpAdvertisementSpec {
             ip_address_pools: s.ip_address_pools.clone(),
@@ -228,16 +222,12 @@ pub fn validate(objects: &Objects) -> Verdict {
         Ok(config) => Some(config),
         Err(errors) => {
             for e in errors {
-                if let Some((object, field)) = owner(&e.path, &names) {
-                    problems
-                        .entry(object)
-                        .or_default()
-                        .push(format!("{field}: {}", e.message));
-                }
+                ledger.report(&e.path, &e.message);
             }
             None
         }
     };
+    let problems = ledger.problems;
     let config = config.filter(|_| problems.values().all(|p| p.is_empty()));
     Verdict { problems, config }
 }
