@@ -42,16 +42,18 @@ fn buggy(ip: IpAddr) -> bool {
     }
 }
 
-fn usable(pool: &Pool, ip: IpAddr) -> bool {
+/// Whether a pool may hand out this IP (in its ranges, and not .0/.255 when it avoids those).
+pub fn usable(pool: &Pool, ip: IpAddr) -> bool {
     pool.contains(ip) && !(pool.avoid_buggy_ips && buggy(ip))
 }
 
-fn lowest_free(pool: &Pool, ipv4: bool, used: &BTreeSet<IpAddr>) -> Option<IpAddr> {
+/// The lowest usable address of the family in the pool that `taken` does not claim.
+pub fn lowest_free(pool: &Pool, ipv4: bool, taken: impl Fn(&IpAddr) -> bool) -> Option<IpAddr> {
     for range in pool.ranges.iter().filter(|r| r.is_ipv4() == ipv4) {
         let (mut n, end) = (to_u128(range.start), to_u128(range.end));
         loop {
             let ip = from_u128(n, ipv4);
-            if !used.contains(&ip) && usable(pool, ip) {
+            if !taken(&ip) && usable(pool, ip) {
                 return Some(ip);
             }
             if n == end {
@@ -135,9 +137,9 @@ pub fn allocate(
                 None => p.auto_assign,
             })
             .collect();
-        let found = candidates
-            .iter()
-            .find_map(|p| lowest_free(p, s.ipv4, &used).map(|ip| (ip, p.name.clone())));
+        let found = candidates.iter().find_map(|p| {
+            lowest_free(p, s.ipv4, |ip| used.contains(ip)).map(|ip| (ip, p.name.clone()))
+        });
         match found {
             Some((ip, pool)) => {
                 used.insert(ip);

@@ -17,9 +17,9 @@ use std::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::request::{Family, PortKey, Request};
-use crate::config::{
-    address::{from_u128, to_u128},
-    Pool,
+use crate::{
+    config::Pool,
+    ipam::{self, usable},
 };
 
 /// A pool with its Kubernetes-only rules (`serviceAllocation`).
@@ -95,11 +95,6 @@ fn allows(rules: &PoolRules, service: &ServiceInput) -> bool {
     namespace_ok && service_ok
 }
 
-fn usable(pool: &Pool, ip: IpAddr) -> bool {
-    let buggy = matches!(ip, IpAddr::V4(v4) if matches!(v4.octets()[3], 0 | 255));
-    pool.contains(ip) && !(pool.avoid_buggy_ips && buggy)
-}
-
 /// One holder of an IP: its sharing key and ports.
 type Holder = (Option<String>, BTreeSet<PortKey>);
 
@@ -157,24 +152,6 @@ fn candidates<'a>(
         .collect();
     list.sort_by_key(|p| (p.priority.is_none(), p.priority, p.name().to_string()));
     Ok(list)
-}
-
-fn lowest_free(pool: &Pool, family: Family, holders: &Holders) -> Option<IpAddr> {
-    let v4 = family == Family::V4;
-    for range in pool.ranges.iter().filter(|r| r.is_ipv4() == v4) {
-        let (mut n, end) = (to_u128(range.start), to_u128(range.end));
-        loop {
-            let ip = from_u128(n, v4);
-            if usable(pool, ip) && !holders.0.contains_key(&ip) {
-                return Some(ip);
-            }
-            if n == end {
-                break;
-            }
-            n += 1;
-        }
-    }
-    None
 }
 
 fn pool_of(pools: &[&PoolRules], ip: IpAddr) -> Option<String> {
@@ -255,8 +232,10 @@ pub fn allocate(pools: &[PoolRules], services: &[ServiceInput]) -> BTreeMap<Stri
                             .or_else(|| {
                                 cands.iter().find_map(|c| {
                                     let pool = c.pool.as_ref()?;
-                                    lowest_free(pool, *family, &holders)
-                                        .map(|ip| (ip, Some(pool.name.clone())))
+                                    ipam::lowest_free(pool, *family == Family::V4, |ip| {
+                                        holders.0.contains_key(ip)
+                                    })
+                                    .map(|ip| (ip, Some(pool.name.clone())))
                                 })
                             })
                             .ok_or_else(|| {
