@@ -417,13 +417,7 @@ fn inspect(pin_dir: Option<PathBuf>, configs: &[PathBuf], json: bool) -> Result<
         |c| c.dataplane.state_file.clone(),
     );
     let status = lb_userspace::standalone::read_status(&state_file).unwrap_or_default();
-    let name_of = |key: &str| {
-        status
-            .services
-            .iter()
-            .find(|(_, _, keys)| keys.iter().any(|k| k == key))
-            .map(|(n, _, _)| n.clone())
-    };
+    let name_of = |key: &str| status.service_name(key);
     let health_of = |name: &Option<String>, backend: &str| {
         status
             .health

@@ -42,6 +42,16 @@ pub struct Status {
     pub bgp: Vec<BgpSessionStatus>,
 }
 
+impl Status {
+    /// The name of the service that owns this `VIP:port/proto` key.
+    pub fn service_name(&self, key: &str) -> Option<String> {
+        self.services
+            .iter()
+            .find(|(_, _, keys)| keys.iter().any(|k| k == key))
+            .map(|(n, _, _)| n.clone())
+    }
+}
+
 /// One BGP session, as the daemon last saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -88,14 +98,7 @@ pub fn render(
     flows: Option<usize>,
 ) -> String {
     let mut out = String::new();
-    let name_of = |key: &str| {
-        status
-            .services
-            .iter()
-            .find(|(_, _, keys)| keys.iter().any(|k| k == key))
-            .map(|(n, _, _)| n.clone())
-            .unwrap_or_default()
-    };
+    let name_of = |key: &str| status.service_name(key).unwrap_or_default();
     for (metric, help, pick) in [
         (
             "sluice_service_packets_total",
