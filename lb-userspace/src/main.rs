@@ -101,6 +101,35 @@ enum Command {
         #[arg(long = "config", value_name = "FILE")]
         configs: Vec<PathBuf>,
     },
+    /// Run the Kubernetes controller: gives every Service of type LoadBalancer (ours by class)
+    /// IPs from the IPAddressPools, writes status.loadBalancer.ingress, records Events, marks
+    /// Sluice's objects Valid or not. One replica leads through a Lease; the others wait.
+    Controller {
+        /// The namespace of Sluice's objects (IPAddressPool, ...) and of the Lease.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "sluice-system")]
+        namespace: String,
+        /// This replica's name in the Lease (default: $POD_NAME, else the host name).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// The Lease's name.
+        #[arg(long, default_value = "sluice-controller")]
+        lease_name: String,
+        /// Seconds the Lease stays valid unless renewed (renewed every third of it): how long
+        /// a crashed leader's replicas wait before one takes over.
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(i32).range(1..=3600))]
+        lease_duration: i32,
+        /// Also take Services of type LoadBalancer that set no spec.loadBalancerClass (those
+        /// with class sluice.dev/lb are always ours). Set it to false when another load
+        /// balancer owns the class-less ones.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        classless: bool,
+        /// Where /metrics, /healthz and /readyz are served.
+        #[arg(long, default_value = "0.0.0.0:9464")]
+        metrics_address: std::net::SocketAddr,
+        /// A full pass this often, in seconds, even when no watch event came.
+        #[arg(long, default_value_t = 60)]
+        resync_seconds: u64,
+    },
     /// Print Sluice's CustomResourceDefinitions (group sluice.dev) as YAML, ready for
     /// `kubectl apply -f -`, or write one file per CRD into a directory.
     Crds {
@@ -186,10 +215,36 @@ fn crds(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "sluice-controller".into())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
+        Command::Controller {
+            namespace,
+            identity,
+            lease_name,
+            lease_duration,
+            classless,
+            metrics_address,
+            resync_seconds,
+        } => lb_userspace::k8s::controller::run(lb_userspace::k8s::controller::Options {
+            namespace,
+            identity: identity.unwrap_or_else(host_name),
+            lease_name,
+            lease_duration,
+            classless_is_ours: classless,
+            metrics_address,
+            resync: std::time::Duration::from_secs(resync_seconds.max(1)),
+        })
+        .map_err(anyhow::Error::from),
         Command::Announce {
             vips,
             attach,

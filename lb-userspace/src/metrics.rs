@@ -341,6 +341,124 @@ pub fn serve(address: SocketAddr, status: SharedStatus, pin_dir: PathBuf) -> std
     Ok(())
 }
 
+/// Renders the controller's metrics (Prometheus text format).
+pub fn render_controller(status: &crate::k8s::controller::ControllerStatus) -> String {
+    let mut out = String::new();
+    family(
+        &mut out,
+        "sluice_controller_leader",
+        "gauge",
+        "1 while this replica holds the Lease.",
+    );
+    let _ = writeln!(out, "sluice_controller_leader {}", u8::from(status.leader));
+    family(
+        &mut out,
+        "sluice_controller_synced",
+        "gauge",
+        "1 once every watch has listed.",
+    );
+    let _ = writeln!(out, "sluice_controller_synced {}", u8::from(status.synced));
+    family(
+        &mut out,
+        "sluice_pool_addresses_total",
+        "gauge",
+        "Addresses in the pool.",
+    );
+    for (pool, (total, _)) in &status.pools {
+        let _ = writeln!(
+            out,
+            "sluice_pool_addresses_total{{pool=\"{}\"}} {total}",
+            escape(pool)
+        );
+    }
+    family(
+        &mut out,
+        "sluice_pool_addresses_in_use",
+        "gauge",
+        "Addresses of the pool given to Services.",
+    );
+    for (pool, (_, in_use)) in &status.pools {
+        let _ = writeln!(
+            out,
+            "sluice_pool_addresses_in_use{{pool=\"{}\"}} {in_use}",
+            escape(pool)
+        );
+    }
+    for (name, help, value) in [
+        (
+            "sluice_allocations_total",
+            "Services given IPs (IPAllocated Events).",
+            status.allocations_total,
+        ),
+        (
+            "sluice_allocation_failures_total",
+            "Allocation failures recorded (AllocationFailed Events).",
+            status.allocation_failures_total,
+        ),
+        (
+            "sluice_releases_total",
+            "Services whose IPs were released (IPReleased Events).",
+            status.releases_total,
+        ),
+        (
+            "sluice_api_write_errors_total",
+            "Writes to the Kubernetes API that failed (retried on the next pass).",
+            status.api_write_errors_total,
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    for (name, help, value) in [
+        (
+            "sluice_services_failing",
+            "Services whose request cannot be met right now.",
+            status.services_failing,
+        ),
+        (
+            "sluice_addresses_out_of_pool",
+            "Addresses Services keep although no pool holds them any more.",
+            status.addresses_out_of_pool,
+        ),
+        (
+            "sluice_invalid_objects",
+            "Sluice objects with Valid=False.",
+            status.invalid_objects,
+        ),
+    ] {
+        family(&mut out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    out
+}
+
+/// Serves the controller's /metrics, /healthz and /readyz (ready once every watch has listed)
+/// from a thread of its own.
+pub fn serve_controller(
+    address: SocketAddr,
+    status: crate::k8s::controller::SharedControllerStatus,
+) -> std::io::Result<()> {
+    let server = tiny_http::Server::http(address).map_err(std::io::Error::other)?;
+    std::thread::spawn(move || {
+        for request in server.incoming_requests() {
+            let s = status.lock().unwrap().clone();
+            let (code, body) = match request.url() {
+                "/healthz" => (200, "ok\n".to_string()),
+                "/readyz" if s.synced => (200, "ready\n".to_string()),
+                "/readyz" => (
+                    503,
+                    "not ready: the watches have not listed yet\n".to_string(),
+                ),
+                "/metrics" => (200, render_controller(&s)),
+                _ => (404, "not found: try /metrics, /healthz or /readyz\n".into()),
+            };
+            let response = tiny_http::Response::from_string(body).with_status_code(code);
+            let _ = request.respond(response);
+        }
+    });
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

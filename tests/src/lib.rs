@@ -3,6 +3,7 @@
 //! ARP/NDP client.
 
 pub mod bird;
+pub mod fakeapi;
 pub mod frames;
 pub mod frr;
 pub mod lab;

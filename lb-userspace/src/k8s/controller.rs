@@ -1,0 +1,737 @@
+//! `sluice controller`: the edge between the Kubernetes API and the pure decisions in
+//! [`reconcile`](super::reconcile) and [`lease`](super::lease).
+//!
+//! It watches Services, Namespaces and Sluice's objects (reflector stores kept by `kube`'s
+//! watcher), leads through a `coordination.k8s.io` Lease, and while it leads makes the plan
+//! true: Service statuses (`status.loadBalancer.ingress`), Events on Services, `Valid`
+//! conditions and pool usage on the objects. Every write states the whole of what the
+//! controller decided (a merge patch of the field it owns), never a read-modify-write.
+//!
+//! Nothing is allocated before every store has listed once: allocation starts from the IPs
+//! already in Service statuses, so a restart renumbers nothing.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt::Debug,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    api::{
+        coordination::v1::Lease,
+        core::v1::{Namespace, Service},
+    },
+    apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    api::{Api, Patch, PatchParams, PostParams},
+    runtime::{
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{self, Store},
+        watcher, WatchStreamExt,
+    },
+    Client, Resource, ResourceExt,
+};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use super::{
+    crd::{BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement},
+    lease::{self, Decision},
+    reconcile::{self, Plan},
+    validity::{self, ObjectRef, Objects},
+};
+
+/// The field manager and event reporter name.
+pub const MANAGER: &str = "sluice-controller";
+
+/// How the controller runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The namespace of Sluice's objects and of the Lease.
+    pub namespace: String,
+    /// This replica's name in the Lease (the pod name in a Deployment).
+    pub identity: String,
+    pub lease_name: String,
+    /// Seconds a Lease stays valid without renewal.
+    pub lease_duration: i32,
+    /// Whether Services of type LoadBalancer without `spec.loadBalancerClass` are ours.
+    pub classless_is_ours: bool,
+    /// Where /metrics, /healthz and /readyz are served.
+    pub metrics_address: SocketAddr,
+    /// A full pass this often even when nothing changed.
+    pub resync: Duration,
+}
+
+/// What went wrong at the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("cannot build a Kubernetes client (in a pod: the service account; outside: KUBECONFIG or ~/.kube/config): {0}")]
+    Client(#[source] kube::Error),
+    #[error("cannot serve metrics on {address}: {source}")]
+    Metrics {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// What /metrics and /readyz report.
+#[derive(Debug, Clone, Default)]
+pub struct ControllerStatus {
+    /// Every watch has listed once.
+    pub synced: bool,
+    pub leader: bool,
+    /// Per pool: (addresses total, addresses in use).
+    pub pools: BTreeMap<String, (i64, i64)>,
+    pub allocations_total: u64,
+    pub allocation_failures_total: u64,
+    pub releases_total: u64,
+    /// Services whose request cannot be met right now.
+    pub services_failing: u64,
+    /// Addresses kept by Services although no pool holds them any more.
+    pub addresses_out_of_pool: u64,
+    /// Sluice objects with `Valid=False`.
+    pub invalid_objects: u64,
+    pub api_write_errors_total: u64,
+}
+
+pub type SharedControllerStatus = Arc<Mutex<ControllerStatus>>;
+
+/// Runs the controller until SIGTERM or SIGINT; releases the Lease on the way out.
+pub fn run(options: Options) -> Result<(), ControllerError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(ControllerError::Runtime)?;
+    runtime.block_on(run_async(options))
+}
+
+async fn run_async(options: Options) -> Result<(), ControllerError> {
+    let status = SharedControllerStatus::default();
+    crate::metrics::serve_controller(options.metrics_address, status.clone()).map_err(
+        |source| ControllerError::Metrics {
+            address: options.metrics_address,
+            source,
+        },
+    )?;
+    let client = Client::try_default()
+        .await
+        .map_err(ControllerError::Client)?;
+    let notify = Arc::new(Notify::new());
+    let ns = options.namespace.as_str();
+    let stores = Stores {
+        services: watch(Api::all(client.clone()), &notify),
+        namespaces: watch(Api::all(client.clone()), &notify),
+        pools: watch(Api::namespaced(client.clone(), ns), &notify),
+        l2: watch(Api::namespaced(client.clone(), ns), &notify),
+        peers: watch(Api::namespaced(client.clone(), ns), &notify),
+        bgp_ads: watch(Api::namespaced(client.clone(), ns), &notify),
+    };
+    let ctx = Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance: Some(options.identity.clone()),
+            },
+        ),
+        client: client.clone(),
+        leases: Api::namespaced(client.clone(), ns),
+        status: status.clone(),
+        options: options.clone(),
+    };
+    info!(
+        namespace = ns,
+        identity = %options.identity,
+        classless_is_ours = options.classless_is_ours,
+        "controllerStarting"
+    );
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(ControllerError::Runtime)?;
+    let sync = stores.wait_until_ready();
+    tokio::pin!(sync);
+    let mut synced = false;
+    let mut leader = Leadership::default();
+    let mut memory = Memory::default();
+    let renew_every = Duration::from_secs((options.lease_duration / 3).max(1) as u64);
+    let mut next_lease_step = Instant::now();
+    let mut last_pass = Instant::now();
+    loop {
+        if Instant::now() >= next_lease_step {
+            leader.step(&ctx).await;
+            next_lease_step = Instant::now() + renew_every;
+            status.lock().unwrap().leader = leader.leading;
+        }
+        if synced && leader.leading {
+            pass(&ctx, &stores, &mut memory).await;
+            last_pass = Instant::now();
+        }
+        let wake = next_lease_step.min(last_pass + options.resync);
+        tokio::select! {
+            _ = &mut sync, if !synced => {
+                synced = true;
+                status.lock().unwrap().synced = true;
+                info!("watchesSynced");
+            }
+            _ = notify.notified() => {
+                // Let a burst of watch events settle into one pass.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ = tokio::time::sleep_until(wake.into()) => {}
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    if leader.leading {
+        leader.release(&ctx).await;
+    }
+    info!("controllerStopped");
+    Ok(())
+}
+
+struct Context {
+    client: Client,
+    recorder: Recorder,
+    leases: Api<Lease>,
+    status: SharedControllerStatus,
+    options: Options,
+}
+
+struct Stores {
+    services: Store<Service>,
+    namespaces: Store<Namespace>,
+    pools: Store<IPAddressPool>,
+    l2: Store<L2Advertisement>,
+    peers: Store<BGPPeer>,
+    bgp_ads: Store<BGPAdvertisement>,
+}
+
+impl Stores {
+    async fn wait_until_ready(&self) {
+        let _ = tokio::join!(
+            self.services.wait_until_ready(),
+            self.namespaces.wait_until_ready(),
+            self.pools.wait_until_ready(),
+            self.l2.wait_until_ready(),
+            self.peers.wait_until_ready(),
+            self.bgp_ads.wait_until_ready(),
+        );
+    }
+}
+
+/// Starts a watch of `api` into a store; every change wakes the main loop.
+fn watch<K>(api: Api<K>, notify: &Arc<Notify>) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream =
+        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    let notify = notify.clone();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => notify.notify_one(),
+                Err(e) => warn!(kind = K::kind(&()).as_ref(), error = %e, "watchFailed"),
+            }
+        }
+    });
+    reader
+}
+
+/// Whether we lead, and since when we last renewed.
+#[derive(Default)]
+struct Leadership {
+    leading: bool,
+    renewed: Option<Instant>,
+}
+
+impl Leadership {
+    async fn step(&mut self, ctx: &Context) {
+        let o = &ctx.options;
+        let result = async {
+            let current = ctx.leases.get_opt(&o.lease_name).await?;
+            let spec = current.as_ref().and_then(|l| l.spec.as_ref());
+            match lease::decide(spec, &o.identity, Timestamp::now(), o.lease_duration) {
+                Decision::Follow { holder, expires } => Ok(Err((holder, expires))),
+                Decision::Renew(spec) | Decision::Acquire(spec) => {
+                    let mut lease = current.clone().unwrap_or_else(|| Lease {
+                        metadata: ObjectMeta {
+                            name: Some(o.lease_name.clone()),
+                            namespace: Some(o.namespace.clone()),
+                            ..Default::default()
+                        },
+                        spec: None,
+                    });
+                    lease.spec = Some(spec);
+                    // replace carries the resourceVersion we read: two candidates cannot
+                    // both take an expired Lease.
+                    if current.is_some() {
+                        ctx.leases
+                            .replace(&o.lease_name, &PostParams::default(), &lease)
+                            .await?;
+                    } else {
+                        ctx.leases.create(&PostParams::default(), &lease).await?;
+                    }
+                    Ok(Ok(()))
+                }
+            }
+        }
+        .await;
+        let was = self.leading;
+        match result {
+            Ok(Ok(())) => {
+                self.leading = true;
+                self.renewed = Some(Instant::now());
+            }
+            Ok(Err((holder, expires))) => {
+                self.leading = false;
+                debug!(%holder, %expires, "leaseHeldByOther");
+            }
+            Err(kube::Error::Api(s)) if s.is_conflict() || s.is_already_exists() => {
+                self.leading = false;
+            }
+            Err(e) => {
+                warn!(error = %e, "leaseUpdateFailed");
+                let valid = Duration::from_secs(o.lease_duration.max(1) as u64);
+                if self.renewed.is_none_or(|t| t.elapsed() >= valid) {
+                    self.leading = false;
+                }
+            }
+        }
+        if self.leading != was {
+            if self.leading {
+                info!(identity = %o.identity, lease = %o.lease_name, "leadershipAcquired");
+            } else {
+                warn!(identity = %o.identity, lease = %o.lease_name, "leadershipLost");
+            }
+        }
+    }
+
+    /// Hands the Lease back so another replica takes over at once.
+    async fn release(&mut self, ctx: &Context) {
+        let o = &ctx.options;
+        let result = async {
+            let Some(mut lease) = ctx.leases.get_opt(&o.lease_name).await? else {
+                return Ok(());
+            };
+            if let Some(spec) = lease.spec.as_mut() {
+                if spec.holder_identity.as_deref() == Some(o.identity.as_str()) {
+                    spec.holder_identity = None;
+                    spec.lease_duration_seconds = Some(1);
+                    ctx.leases
+                        .replace(&o.lease_name, &PostParams::default(), &lease)
+                        .await?;
+                }
+            }
+            Ok::<_, kube::Error>(())
+        }
+        .await;
+        match result {
+            Ok(()) => info!(lease = %o.lease_name, "leaseReleased"),
+            Err(e) => warn!(error = %e, "leaseReleaseFailed"),
+        }
+        self.leading = false;
+    }
+}
+
+/// What the controller remembers between passes.
+#[derive(Default)]
+struct Memory {
+    /// Statuses written whose watch event has not arrived yet: key → (resourceVersion the
+    /// store still shows, IPs written). Keeps the next pass from deciding twice.
+    written: HashMap<String, (Option<String>, Vec<IpAddr>)>,
+    /// Events recorded whose condition still holds: not recorded again while it does.
+    recorded: BTreeSet<(String, &'static str, String)>,
+    /// Our Services' ingress IPs at the last pass: a Service gone since released them.
+    assigned: BTreeMap<String, Vec<IpAddr>>,
+}
+
+fn key(service: &Service) -> String {
+    format!(
+        "{}/{}",
+        service.namespace().unwrap_or_default(),
+        service.name_any()
+    )
+}
+
+/// One pass: read the stores, plan, write what differs.
+async fn pass(ctx: &Context, stores: &Stores, memory: &mut Memory) {
+    let mut services: Vec<Service> = Vec::new();
+    for s in stores.services.state() {
+        let mut s = (*s).clone();
+        let k = key(&s);
+        if let Some((rv, ips)) = memory.written.get(&k) {
+            if *rv == s.resource_version() {
+                set_ingress(&mut s, ips);
+            } else {
+                memory.written.remove(&k);
+            }
+        }
+        services.push(s);
+    }
+    memory
+        .written
+        .retain(|k, _| services.iter().any(|s| key(s) == *k));
+    release_deleted(ctx, &services, memory);
+    services.sort_by_key(key);
+    let namespace_labels: BTreeMap<String, BTreeMap<String, String>> = stores
+        .namespaces
+        .state()
+        .iter()
+        .map(|n| (n.name_any(), n.labels().clone()))
+        .collect();
+    let objects = Objects {
+        pools: owned(&stores.pools),
+        l2_advertisements: owned(&stores.l2),
+        peers: owned(&stores.peers),
+        bgp_advertisements: owned(&stores.bgp_ads),
+    };
+    let plan = reconcile::plan(
+        &objects,
+        &services,
+        &namespace_labels,
+        ctx.options.classless_is_ours,
+    );
+
+    {
+        let mut status = ctx.status.lock().unwrap();
+        status.pools = plan.pool_usage.clone();
+        let count = |reason: &str| plan.events.iter().filter(|e| e.reason == reason).count() as u64;
+        status.services_failing = count("AllocationFailed");
+        status.addresses_out_of_pool = count("IPOutOfPool");
+        status.invalid_objects = plan.validity.values().filter(|p| !p.is_empty()).count() as u64;
+    }
+    let failed_writes = write_statuses(ctx, &services, &plan, memory).await;
+    record_events(ctx, &services, &plan, &failed_writes, memory).await;
+    write_object_statuses(ctx, &objects, &plan).await;
+    ctx.status.lock().unwrap().api_write_errors_total += failed_writes.len() as u64;
+}
+
+/// A deleted Service's IPs are free once it leaves the store; there is no object left to
+/// record an Event on, so this is logged and counted.
+fn release_deleted(ctx: &Context, services: &[Service], memory: &mut Memory) {
+    let now: BTreeMap<String, Vec<IpAddr>> = services
+        .iter()
+        .map(|s| (key(s), reconcile::status_ips(s)))
+        .filter(|(_, ips)| !ips.is_empty())
+        .collect();
+    for (service, ips) in &memory.assigned {
+        if !now.contains_key(service) && !services.iter().any(|s| key(s) == *service) {
+            info!(%service, ips = ?ips, "ipReleased");
+            ctx.status.lock().unwrap().releases_total += 1;
+        }
+    }
+    memory.assigned = now;
+}
+
+fn owned<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
+    let mut all: Vec<K> = store.state().iter().map(|o| (**o).clone()).collect();
+    all.sort_by_key(|o| o.name_any());
+    all
+}
+
+fn set_ingress(service: &mut Service, ips: &[IpAddr]) {
+    let status = service.status.get_or_insert_with(Default::default);
+    let lb = status.load_balancer.get_or_insert_with(Default::default);
+    lb.ingress = Some(
+        ips.iter()
+            .map(|ip| k8s_openapi::api::core::v1::LoadBalancerIngress {
+                ip: Some(ip.to_string()),
+                ip_mode: Some("VIP".into()),
+                ..Default::default()
+            })
+            .collect(),
+    );
+}
+
+/// The merge patch that sets a Service's ingress to exactly `ips`.
+pub fn ingress_patch(ips: &[IpAddr]) -> Value {
+    let ingress: Vec<Value> = ips
+        .iter()
+        .map(|ip| json!({"ip": ip.to_string(), "ipMode": "VIP"}))
+        .collect();
+    json!({"status": {"loadBalancer": {"ingress": ingress}}})
+}
+
+/// Writes the changed statuses; returns the keys whose write failed.
+async fn write_statuses(
+    ctx: &Context,
+    services: &[Service],
+    plan: &Plan,
+    memory: &mut Memory,
+) -> BTreeSet<String> {
+    let mut failed = BTreeSet::new();
+    for (k, ips) in &plan.statuses {
+        let Some(service) = services.iter().find(|s| key(s) == *k) else {
+            continue;
+        };
+        let api: Api<Service> =
+            Api::namespaced(ctx.client.clone(), &service.namespace().unwrap_or_default());
+        let patch = Patch::Merge(ingress_patch(ips));
+        match api
+            .patch_status(&service.name_any(), &PatchParams::default(), &patch)
+            .await
+        {
+            Ok(_) => {
+                info!(service = %k, ips = ?ips, "serviceStatusWritten");
+                memory
+                    .written
+                    .insert(k.clone(), (service.resource_version(), ips.clone()));
+            }
+            Err(e) => {
+                warn!(service = %k, error = %e, "serviceStatusWriteFailed");
+                failed.insert(k.clone());
+            }
+        }
+    }
+    failed
+}
+
+/// Records the plan's Events that are new: a condition that persists is recorded once.
+async fn record_events(
+    ctx: &Context,
+    services: &[Service],
+    plan: &Plan,
+    failed_writes: &BTreeSet<String>,
+    memory: &mut Memory,
+) {
+    let mut now_holding = BTreeSet::new();
+    for event in &plan.events {
+        // An allocation or release that was not written did not happen.
+        if failed_writes.contains(&event.service)
+            && matches!(event.reason, "IPAllocated" | "IPReleased")
+        {
+            continue;
+        }
+        let id = (event.service.clone(), event.reason, event.message.clone());
+        now_holding.insert(id.clone());
+        if memory.recorded.contains(&id) {
+            continue;
+        }
+        let Some(service) = services.iter().find(|s| key(s) == event.service) else {
+            continue;
+        };
+        match event.reason {
+            "IPAllocated" => {
+                info!(service = %event.service, detail = %event.message, "ipAllocated")
+            }
+            "IPReleased" => {
+                info!(service = %event.service, detail = %event.message, "ipReleased")
+            }
+            _ => {
+                warn!(service = %event.service, reason = event.reason, detail = %event.message, "serviceWarning")
+            }
+        }
+        let published = ctx
+            .recorder
+            .publish(
+                &Event {
+                    type_: if event.type_ == "Warning" {
+                        EventType::Warning
+                    } else {
+                        EventType::Normal
+                    },
+                    reason: event.reason.to_string(),
+                    note: Some(event.message.clone()),
+                    action: match event.reason {
+                        "IPReleased" => "Release",
+                        _ => "Allocate",
+                    }
+                    .into(),
+                    secondary: None,
+                },
+                &service.object_ref(&()),
+            )
+            .await;
+        if let Err(e) = published {
+            warn!(service = %event.service, error = %e, "eventRecordFailed");
+        }
+        let mut status = ctx.status.lock().unwrap();
+        match event.reason {
+            "IPAllocated" => status.allocations_total += 1,
+            "IPReleased" => status.releases_total += 1,
+            "AllocationFailed" => status.allocation_failures_total += 1,
+            _ => {}
+        }
+    }
+    memory.recorded = now_holding;
+}
+
+/// The `Valid` condition to write, keeping the transition time when the verdict is unchanged;
+/// `None` when the current one already says the same.
+fn next_condition(
+    current: &[Condition],
+    problems: &[String],
+    generation: Option<i64>,
+) -> Option<Condition> {
+    let mut wanted = validity::valid_condition(problems, generation, Time(Timestamp::now()));
+    match current.iter().find(|c| c.type_ == "Valid") {
+        Some(c)
+            if c.status == wanted.status
+                && c.reason == wanted.reason
+                && c.message == wanted.message
+                && c.observed_generation == wanted.observed_generation =>
+        {
+            None
+        }
+        Some(c) if c.status == wanted.status => {
+            wanted.last_transition_time = c.last_transition_time.clone();
+            Some(wanted)
+        }
+        _ => Some(wanted),
+    }
+}
+
+fn problems_of<'a>(plan: &'a Plan, kind: &'static str, name: String) -> &'a [String] {
+    plan.validity
+        .get(&ObjectRef { kind, name })
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+/// Writes each object's `Valid` condition (and a pool's usage) where it changed.
+async fn write_object_statuses(ctx: &Context, objects: &Objects, plan: &Plan) {
+    let ns = ctx.options.namespace.as_str();
+    let pools: Api<IPAddressPool> = Api::namespaced(ctx.client.clone(), ns);
+    for pool in &objects.pools {
+        let problems = problems_of(plan, "IPAddressPool", pool.name_any());
+        let current = pool.status.clone().unwrap_or_default();
+        let usage = plan.pool_usage.get(&pool.name_any());
+        let condition = next_condition(&current.conditions, problems, pool.metadata.generation);
+        let usage_changed = usage.map(|u| u.0) != current.addresses_total
+            || usage.map(|u| u.1) != current.addresses_in_use;
+        if condition.is_none() && !usage_changed {
+            continue;
+        }
+        let conditions = condition.map(|c| vec![c]).unwrap_or(current.conditions);
+        let body = json!({"status": {
+            "conditions": conditions,
+            "addressesTotal": usage.map(|u| u.0),
+            "addressesInUse": usage.map(|u| u.1),
+        }});
+        patch_object_status(ctx, &pools, &pool.name_any(), body).await;
+    }
+    write_conditions(
+        ctx,
+        "L2Advertisement",
+        &objects.l2_advertisements,
+        plan,
+        |o| o.status.as_ref().map(|s| s.conditions.clone()),
+    )
+    .await;
+    write_conditions(ctx, "BGPPeer", &objects.peers, plan, |o| {
+        o.status.as_ref().map(|s| s.conditions.clone())
+    })
+    .await;
+    write_conditions(
+        ctx,
+        "BGPAdvertisement",
+        &objects.bgp_advertisements,
+        plan,
+        |o| o.status.as_ref().map(|s| s.conditions.clone()),
+    )
+    .await;
+}
+
+async fn write_conditions<K>(
+    ctx: &Context,
+    kind: &'static str,
+    objects: &[K],
+    plan: &Plan,
+    conditions: impl Fn(&K) -> Option<Vec<Condition>>,
+) where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ctx.options.namespace);
+    for object in objects {
+        let problems = problems_of(plan, kind, object.name_any());
+        let current = conditions(object).unwrap_or_default();
+        if let Some(c) = next_condition(&current, problems, object.meta().generation) {
+            let body = json!({"status": {"conditions": [c]}});
+            patch_object_status(ctx, &api, &object.name_any(), body).await;
+        }
+    }
+}
+
+async fn patch_object_status<K>(ctx: &Context, api: &Api<K>, name: &str, body: Value)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let kind = K::kind(&());
+    match api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(body))
+        .await
+    {
+        Ok(_) => debug!(kind = %kind, name, "objectStatusWritten"),
+        Err(e) => {
+            warn!(kind = %kind, name, error = %e, "objectStatusWriteFailed");
+            ctx.status.lock().unwrap().api_write_errors_total += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ingress_patch_states_every_ip_and_an_empty_list_on_release() {
+        let ips: Vec<IpAddr> = vec![
+            "198.51.100.1".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+        ];
+        assert_eq!(
+            ingress_patch(&ips),
+            json!({"status": {"loadBalancer": {"ingress": [
+                {"ip": "198.51.100.1", "ipMode": "VIP"},
+                {"ip": "2001:db8::1", "ipMode": "VIP"},
+            ]}}})
+        );
+        assert_eq!(
+            ingress_patch(&[]),
+            json!({"status": {"loadBalancer": {"ingress": []}}})
+        );
+    }
+
+    #[test]
+    fn an_unchanged_verdict_is_not_rewritten_and_a_changed_message_keeps_the_transition_time() {
+        let written =
+            validity::valid_condition(&["spec.x: y".into()], Some(2), Time(Timestamp::UNIX_EPOCH));
+        assert_eq!(
+            next_condition(
+                std::slice::from_ref(&written),
+                &["spec.x: y".into()],
+                Some(2)
+            ),
+            None
+        );
+        let changed = next_condition(
+            std::slice::from_ref(&written),
+            &["spec.z: w".into()],
+            Some(3),
+        )
+        .unwrap();
+        assert_eq!(changed.message, "spec.z: w");
+        assert_eq!(changed.last_transition_time, written.last_transition_time);
+        let healed = next_condition(std::slice::from_ref(&written), &[], Some(3)).unwrap();
+        assert_eq!(healed.status, "True");
+        assert_ne!(healed.last_transition_time, written.last_transition_time);
+        assert_eq!(next_condition(&[], &[], Some(1)).unwrap().status, "True");
+    }
+}
