@@ -163,6 +163,16 @@ fn has_event(api: &FakeApi, service: &str, reason: &str, note_contains: &str) ->
         .any(|(r, n)| r == reason && n.contains(note_contains))
 }
 
+fn out_of_pool(api: &FakeApi, service: &str) -> Option<String> {
+    let s = api.get(&format!("{SVCS}/{service}"))?;
+    s["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "sluice.dev/IPOutOfPool")?["status"]
+        .as_str()
+        .map(String::from)
+}
+
 fn service(name: &str, annotations: Value, spec: Value) -> Value {
     let mut s = json!({
         "apiVersion": "v1", "kind": "Service",
@@ -429,6 +439,18 @@ fn controller_gives_services_ips_records_events_marks_pools_and_a_restart_renumb
     .unwrap();
     wait_for("pinned's out-of-pool warning", c, || {
         has_event(&api, "pinned", "IPOutOfPool", "198.51.100.5").then_some(())
+    });
+    assert_eq!(ingress(&api, "pinned"), ["198.51.100.5"]);
+    wait_for("pinned's IPOutOfPool condition", c, || {
+        (out_of_pool(&api, "pinned")? == "True").then_some(())
+    });
+    api.patch(
+        &format!("{POOLS}/main"),
+        json!({"spec": {"addresses": ["198.51.100.0/29"]}}),
+    )
+    .unwrap();
+    wait_for("pinned's condition to clear", c, || {
+        (out_of_pool(&api, "pinned")? == "False").then_some(())
     });
     assert_eq!(ingress(&api, "pinned"), ["198.51.100.5"]);
     second.stop();

@@ -416,6 +416,7 @@ async fn pass(ctx: &Context, stores: &Stores, memory: &mut Memory) {
     }
     let failed_writes = write_statuses(ctx, &services, &plan, memory).await;
     record_events(ctx, &services, &plan, &failed_writes, memory).await;
+    write_out_of_pool_conditions(ctx, &services, &plan).await;
     write_object_statuses(ctx, &objects, &plan).await;
     ctx.status.lock().unwrap().api_write_errors_total += failed_writes.len() as u64;
 }
@@ -570,6 +571,99 @@ async fn record_events(
     memory.recorded = now_holding;
 }
 
+/// The Service condition that says an IP it keeps is in no pool any more.
+pub const OUT_OF_POOL: &str = "sluice.dev/IPOutOfPool";
+
+/// A Service's conditions with [`OUT_OF_POOL`] made to say `warning` (`None`: all its IPs are in
+/// pools); `None` when nothing changes. Other conditions are kept as they are. A Service that
+/// never had the condition and needs none is left alone.
+pub fn out_of_pool_conditions(
+    current: &[Condition],
+    warning: Option<&str>,
+    now: Time,
+) -> Option<Vec<Condition>> {
+    let existing = current.iter().find(|c| c.type_ == OUT_OF_POOL);
+    let wanted = match (warning, existing) {
+        (None, None) => return None,
+        (Some(message), _) => Condition {
+            type_: OUT_OF_POOL.into(),
+            status: "True".into(),
+            reason: "PoolChanged".into(),
+            message: message.into(),
+            observed_generation: None,
+            last_transition_time: now,
+        },
+        (None, Some(_)) => Condition {
+            type_: OUT_OF_POOL.into(),
+            status: "False".into(),
+            reason: "InPool".into(),
+            message: "every IP is in a pool".into(),
+            observed_generation: None,
+            last_transition_time: now,
+        },
+    };
+    match existing {
+        Some(c) if c.status == wanted.status && c.message == wanted.message => None,
+        _ => {
+            let mut out: Vec<Condition> = current
+                .iter()
+                .filter(|c| c.type_ != OUT_OF_POOL)
+                .cloned()
+                .collect();
+            let mut wanted = wanted;
+            if let Some(c) = existing.filter(|c| c.status == wanted.status) {
+                wanted.last_transition_time = c.last_transition_time.clone();
+            }
+            out.push(wanted);
+            Some(out)
+        }
+    }
+}
+
+/// Marks Services that keep an IP no pool holds (and clears the mark when that is over).
+async fn write_out_of_pool_conditions(ctx: &Context, services: &[Service], plan: &Plan) {
+    let mut warnings: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for e in plan.events.iter().filter(|e| e.reason == "IPOutOfPool") {
+        warnings.entry(&e.service).or_default().push(&e.message);
+    }
+    for service in services {
+        let k = key(service);
+        let warning = warnings.get(k.as_str()).map(|m| m.join("; "));
+        let current = service
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let Some(conditions) =
+            out_of_pool_conditions(&current, warning.as_deref(), Time(Timestamp::now()))
+        else {
+            continue;
+        };
+        let api: Api<Service> =
+            Api::namespaced(ctx.client.clone(), &service.namespace().unwrap_or_default());
+        // The resourceVersion makes this a compare-and-swap: the list replaces the whole of
+        // status.conditions, so it must be built from the latest one.
+        let body = json!({
+            "metadata": {"resourceVersion": service.resource_version()},
+            "status": {"conditions": conditions},
+        });
+        match api
+            .patch_status(
+                &service.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(body),
+            )
+            .await
+        {
+            Ok(_) => debug!(service = %k, "serviceConditionWritten"),
+            Err(e) => {
+                debug!(service = %k, error = %e, "serviceConditionWriteFailed");
+                ctx.status.lock().unwrap().api_write_errors_total += 1;
+            }
+        }
+    }
+}
+
 /// The `Valid` condition to write, keeping the transition time when the verdict is unchanged;
 /// `None` when the current one already says the same.
 fn next_condition(
@@ -707,6 +801,44 @@ mod tests {
             ingress_patch(&[]),
             json!({"status": {"loadBalancer": {"ingress": []}}})
         );
+    }
+
+    #[test]
+    fn the_out_of_pool_condition_appears_clears_and_leaves_other_conditions_alone() {
+        let t0 = Time(Timestamp::UNIX_EPOCH);
+        let t1 = Time(Timestamp::from_second(60).unwrap());
+        assert_eq!(out_of_pool_conditions(&[], None, t0.clone()), None);
+        let other = Condition {
+            type_: "example.com/Other".into(),
+            status: "True".into(),
+            reason: "X".into(),
+            message: String::new(),
+            observed_generation: None,
+            last_transition_time: t0.clone(),
+        };
+        let set = out_of_pool_conditions(
+            std::slice::from_ref(&other),
+            Some("198.51.100.5 is in no pool"),
+            t0.clone(),
+        )
+        .unwrap();
+        assert_eq!(set.len(), 2);
+        assert_eq!(set[0], other);
+        assert_eq!(
+            (set[1].type_.as_str(), set[1].status.as_str()),
+            (OUT_OF_POOL, "True")
+        );
+        assert_eq!(
+            out_of_pool_conditions(&set, Some("198.51.100.5 is in no pool"), t1.clone()),
+            None
+        );
+        let cleared = out_of_pool_conditions(&set, None, t1.clone()).unwrap();
+        assert_eq!(
+            (cleared[1].status.as_str(), cleared[1].reason.as_str()),
+            ("False", "InPool")
+        );
+        assert_eq!(cleared[1].last_transition_time, t1);
+        assert_eq!(out_of_pool_conditions(&cleared, None, t1), None);
     }
 
     #[test]
