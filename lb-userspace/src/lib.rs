@@ -6,6 +6,7 @@
 pub mod bgp;
 pub mod config;
 pub mod dataplane;
+pub mod election;
 pub mod health;
 pub mod ipam;
 pub mod k8s;
