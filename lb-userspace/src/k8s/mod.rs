@@ -5,6 +5,7 @@
 //! All pure; the controller and the speaker build on these.
 
 pub mod allocate;
+pub mod announce;
 pub mod controller;
 pub mod crd;
 pub mod lease;

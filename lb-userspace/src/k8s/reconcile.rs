@@ -65,7 +65,7 @@ fn key(service: &Service) -> String {
 
 /// Drops invalid objects until what is left validates (an object that referred to a dropped
 /// one becomes invalid in turn). Returns every object's problems and the valid set's config.
-fn valid_subset(
+pub fn valid_subset(
     objects: &Objects,
 ) -> (
     BTreeMap<ObjectRef, Vec<String>>,

@@ -1,0 +1,815 @@
+//! What one node's speaker should do, pure: from the Services (with their ingress IPs), the
+//! EndpointSlices, the nodes as the speakers see them and Sluice's objects, to
+//! - the services this node balances in XDP (`externalTrafficPolicy: Local`: each port over
+//!   the node's own ready endpoints, one backend per pod, equal weights);
+//! - the IPs it answers ARP/NDP for, and on which interfaces (one node per IP, by
+//!   [`election`](crate::election));
+//! - the BGP peers it speaks to and what it tells them;
+//! - problems to report on Services (odd EndpointSlices, missing interfaces).
+//!
+//! A node is eligible to announce an IP when it is Ready, its speaker's Lease is alive, it
+//! matches the advertisement's `nodeSelectors`, (L2) it has one of the advertisement's
+//! `interfaces`, and (policy Local) it has a ready endpoint of the Service.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::ResourceExt;
+
+use super::{
+    allocate::selector_matches,
+    reconcile::{self, status_ips},
+    request,
+    validity::Objects,
+};
+use crate::{
+    bgp::advertise::{self, Advertisements},
+    config::{self, Backend, Protocol},
+    election::{self, Ballot},
+    ipam::Allocation,
+};
+
+/// A node as the speakers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// The Node's `Ready` condition is True.
+    pub ready: bool,
+    /// Its speaker's Lease has not expired.
+    pub alive: bool,
+    /// The interfaces its speaker reported.
+    pub interfaces: BTreeSet<String>,
+}
+
+/// Everything the decision needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    pub me: &'a str,
+    pub objects: &'a Objects,
+    pub services: &'a [Service],
+    pub slices: &'a [EndpointSlice],
+    pub nodes: &'a [NodeView],
+    /// Who announces each IP in L2 now (from the speakers' Leases).
+    pub announcers: &'a BTreeMap<IpAddr, String>,
+    /// Keep current announcers while they stay eligible.
+    pub sticky: bool,
+    pub classless_is_ours: bool,
+}
+
+/// A problem to report on a Service.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    /// `namespace/name`.
+    pub service: String,
+    pub message: String,
+}
+
+/// What this node should do.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodePlan {
+    /// Services balanced here (policy Local), with this node's ready endpoints.
+    pub services: BTreeMap<config::Service, Vec<Backend>>,
+    /// (IP, interface): answer ARP/NDP for the IP on that interface.
+    pub l2: Vec<(IpAddr, String)>,
+    /// Every L2 IP's elected node (`None`: no node is eligible), for every node.
+    pub l2_owners: BTreeMap<IpAddr, Option<String>>,
+    /// The service IPs this node announces by BGP.
+    pub bgp_ips: BTreeSet<IpAddr>,
+    /// This node's BGP peers and the routes each is told.
+    pub peers: Vec<config::Peer>,
+    pub advertisements: Advertisements,
+    /// Service key → its IPs (ours, with an IP), for Events.
+    pub service_ips: BTreeMap<String, Vec<IpAddr>>,
+    pub problems: Vec<Problem>,
+}
+
+fn key(s: &Service) -> String {
+    format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any())
+}
+
+/// Per family (true: IPv4), per port name: this node's ready endpoints (IP, port).
+type LocalEndpoints = BTreeMap<bool, BTreeMap<Option<String>, BTreeSet<(IpAddr, u16)>>>;
+
+/// One Service as the speaker needs it.
+struct Svc {
+    key: String,
+    ips: Vec<IpAddr>,
+    local: bool,
+    /// (port, protocol, port name).
+    ports: Vec<(u16, Protocol, Option<String>)>,
+    local_endpoints: LocalEndpoints,
+    /// Nodes with a ready endpoint.
+    endpoint_nodes: BTreeSet<String>,
+}
+
+fn read_service(
+    s: &Service,
+    slices: &[EndpointSlice],
+    me: &str,
+    problems: &mut Vec<Problem>,
+) -> Svc {
+    let k = key(s);
+    let spec = s.spec.clone().unwrap_or_default();
+    let local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let mut ports = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            other => {
+                problems.push(Problem {
+                    service: k.clone(),
+                    message: format!(
+                        "spec.ports[{}]: protocol {other} is not balanced (TCP and UDP are)",
+                        p.name.clone().unwrap_or_default()
+                    ),
+                });
+                continue;
+            }
+        };
+        let Ok(port) = u16::try_from(p.port) else {
+            continue;
+        };
+        ports.push((port, protocol, p.name.clone().filter(|n| !n.is_empty())));
+    }
+    let ips = status_ips(s);
+    let has_v4 = ips.iter().any(IpAddr::is_ipv4);
+    let has_v6 = ips.iter().any(IpAddr::is_ipv6);
+    let namespace = s.namespace().unwrap_or_default();
+    let name = s.name_any();
+    let mut local_endpoints = LocalEndpoints::new();
+    let mut endpoint_nodes = BTreeSet::new();
+    for slice in slices.iter().filter(|e| {
+        e.namespace().as_deref() == Some(namespace.as_str())
+            && e.labels().get("kubernetes.io/service-name") == Some(&name)
+    }) {
+        let slice_name = slice.name_any();
+        let v4 = match slice.address_type.as_str() {
+            "IPv4" => true,
+            "IPv6" => false,
+            other => {
+                problems.push(Problem {
+                    service: k.clone(),
+                    message: format!("EndpointSlice {slice_name}: addressType {other} is not balanced (IPv4 and IPv6 are)"),
+                });
+                continue;
+            }
+        };
+        if (v4 && !has_v4 || !v4 && !has_v6) && !ips.is_empty() {
+            problems.push(Problem {
+                service: k.clone(),
+                message: format!(
+                    "EndpointSlice {slice_name}: {} endpoints, but the Service has no {} IP; ignored",
+                    slice.address_type, slice.address_type
+                ),
+            });
+            continue;
+        }
+        for e in slice.endpoints.iter().flatten() {
+            if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            let mut addresses = Vec::new();
+            for a in &e.addresses {
+                match a.parse::<IpAddr>() {
+                    Ok(ip) if ip.is_ipv4() == v4 => addresses.push(ip),
+                    _ => problems.push(Problem {
+                        service: k.clone(),
+                        message: format!("EndpointSlice {slice_name}: endpoint address {a:?} is not an {} address; ignored", slice.address_type),
+                    }),
+                }
+            }
+            if addresses.is_empty() {
+                continue;
+            }
+            let Some(node) = e.node_name.as_deref() else {
+                continue;
+            };
+            endpoint_nodes.insert(node.to_string());
+            if node != me {
+                continue;
+            }
+            for p in slice.ports.iter().flatten() {
+                let Some(port) = p.port.and_then(|p| u16::try_from(p).ok()) else {
+                    continue;
+                };
+                let name = p.name.clone().filter(|n| !n.is_empty());
+                let set = local_endpoints
+                    .entry(v4)
+                    .or_default()
+                    .entry(name)
+                    .or_default();
+                for ip in &addresses {
+                    set.insert((*ip, port));
+                }
+            }
+        }
+    }
+    Svc {
+        key: k,
+        ips,
+        local,
+        ports,
+        local_endpoints,
+        endpoint_nodes,
+    }
+}
+
+/// The pools an advertisement covers: named ones, ones whose labels match a selector, or all
+/// when it names and selects none.
+fn covered_pools(
+    objects: &Objects,
+    names: &[String],
+    selectors: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector],
+) -> BTreeSet<String> {
+    objects
+        .pools
+        .iter()
+        .filter(|p| {
+            (names.is_empty() && selectors.is_empty())
+                || names.contains(&p.name_any())
+                || selectors.iter().any(|s| selector_matches(s, p.labels()))
+        })
+        .map(|p| p.name_any())
+        .collect()
+}
+
+fn node_matches(
+    node: &NodeView,
+    selectors: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector],
+) -> bool {
+    selectors.is_empty() || selectors.iter().any(|s| selector_matches(s, &node.labels))
+}
+
+/// Decides for node `input.me`. Invalid objects are left out (the controller marks them).
+pub fn plan(input: Input<'_>) -> NodePlan {
+    let mut out = NodePlan::default();
+    let (_, config, valid) = reconcile::valid_subset(input.objects);
+    let Some(config) = config else {
+        return out;
+    };
+    let input = Input {
+        objects: &valid,
+        ..input
+    };
+    let pool_of = |ip: IpAddr| {
+        config
+            .pools
+            .iter()
+            .find(|p| p.contains(ip))
+            .map(|p| p.name.clone())
+    };
+    let me = input.nodes.iter().find(|n| n.name == input.me);
+    let up = |n: &NodeView| n.ready && n.alive;
+
+    let mut services: Vec<Svc> = Vec::new();
+    for s in input.services {
+        if !request::is_ours(s, input.classless_is_ours) || status_ips(s).is_empty() {
+            continue;
+        }
+        let svc = read_service(s, input.slices, input.me, &mut out.problems);
+        out.service_ips.insert(svc.key.clone(), svc.ips.clone());
+        services.push(svc);
+    }
+
+    // Balanced here: Local services, each port over this node's ready endpoints.
+    for svc in services.iter().filter(|s| s.local) {
+        for ip in &svc.ips {
+            for (port, protocol, name) in &svc.ports {
+                let backends: Vec<Backend> = svc
+                    .local_endpoints
+                    .get(&ip.is_ipv4())
+                    .and_then(|by_name| by_name.get(name))
+                    .into_iter()
+                    .flatten()
+                    .map(|(ip, port)| Backend {
+                        ip: *ip,
+                        port: *port,
+                        weight: 1,
+                    })
+                    .collect();
+                if !backends.is_empty() {
+                    out.services.insert(
+                        config::Service {
+                            vip: *ip,
+                            port: *port,
+                            protocol: *protocol,
+                        },
+                        backends,
+                    );
+                }
+            }
+        }
+    }
+    let serves = |svc: &Svc, node: &str| !svc.local || svc.endpoint_nodes.contains(node);
+
+    // L2: one elected node per IP.
+    let mut l2s = input.objects.l2_advertisements.clone();
+    l2s.sort_by_key(|a| a.name_any());
+    let mut ballots = Vec::new();
+    let mut my_interfaces: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
+    for svc in &services {
+        for ip in &svc.ips {
+            let Some(pool) = pool_of(*ip) else { continue };
+            let mut eligible = BTreeSet::new();
+            let mut covered = false;
+            for adv in &l2s {
+                if !covered_pools(
+                    input.objects,
+                    &adv.spec.ip_address_pools,
+                    &adv.spec.ip_address_pool_selectors,
+                )
+                .contains(&pool)
+                {
+                    continue;
+                }
+                covered = true;
+                for node in input.nodes {
+                    if !up(node)
+                        || !node_matches(node, &adv.spec.node_selectors)
+                        || !serves(svc, &node.name)
+                    {
+                        continue;
+                    }
+                    let usable: BTreeSet<String> = if adv.spec.interfaces.is_empty() {
+                        node.interfaces.clone()
+                    } else {
+                        adv.spec
+                            .interfaces
+                            .iter()
+                            .filter(|i| node.interfaces.contains(*i))
+                            .cloned()
+                            .collect()
+                    };
+                    if usable.is_empty() {
+                        if node.name == input.me && !adv.spec.interfaces.is_empty() {
+                            out.problems.push(Problem {
+                                service: svc.key.clone(),
+                                message: format!(
+                                    "node {} has none of L2Advertisement {}'s interfaces ({}); it does not announce {ip}",
+                                    node.name, adv.name_any(), adv.spec.interfaces.join(", ")
+                                ),
+                            });
+                        }
+                        continue;
+                    }
+                    eligible.insert(node.name.clone());
+                    if node.name == input.me {
+                        my_interfaces.entry(*ip).or_default().extend(usable);
+                    }
+                }
+            }
+            if covered {
+                ballots.push(Ballot {
+                    ip: *ip,
+                    eligible,
+                    current: input.announcers.get(ip).cloned(),
+                });
+            }
+        }
+    }
+    out.l2_owners = election::elect(&ballots, input.sticky);
+    for (ip, owner) in &out.l2_owners {
+        if owner.as_deref() == Some(input.me) {
+            for interface in my_interfaces.get(ip).into_iter().flatten() {
+                out.l2.push((*ip, interface.clone()));
+            }
+        }
+    }
+
+    // BGP: this node's peers, and every IP this node may serve, per advertisement.
+    let Some(me) = me.filter(|n| up(n)) else {
+        return out;
+    };
+    let mut peers = input.objects.peers.clone();
+    peers.sort_by_key(|p| p.name_any());
+    let mut advs = input.objects.bgp_advertisements.clone();
+    advs.sort_by_key(|a| a.name_any());
+    if peers.len() != config.peers.len() || advs.len() != config.bgp_advertisements.len() {
+        return out;
+    }
+    let mut node_config = config.clone();
+    node_config.peers = peers
+        .iter()
+        .zip(&config.peers)
+        .filter(|(crd, _)| node_matches(me, &crd.spec.node_selectors))
+        .map(|(_, p)| p.clone())
+        .collect();
+    node_config.bgp_advertisements = advs
+        .iter()
+        .zip(&config.bgp_advertisements)
+        .filter(|(crd, _)| node_matches(me, &crd.spec.node_selectors))
+        .map(|(crd, a)| config::model::BgpAdvertisement {
+            pools: covered_pools(
+                input.objects,
+                &crd.spec.ip_address_pools,
+                &crd.spec.ip_address_pool_selectors,
+            )
+            .into_iter()
+            .collect(),
+            ..a.clone()
+        })
+        .collect();
+    let mut allocations = BTreeMap::new();
+    for svc in &services {
+        for ip in &svc.ips {
+            let Some(pool) = pool_of(*ip) else { continue };
+            if serves(svc, &me.name) {
+                out.bgp_ips.insert(*ip);
+            }
+            allocations.insert(format!("{}#{ip}", svc.key), Allocation { ip: *ip, pool });
+        }
+    }
+    if !node_config.peers.is_empty() {
+        out.advertisements = advertise::advertisements(&node_config, &allocations, &out.bgp_ips);
+    }
+    out.peers = node_config.peers;
+    out.problems.sort();
+    out.problems.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::crd::{
+        BGPAdvertisement, BGPAdvertisementSpec, BGPPeer, BGPPeerSpec, IPAddressPool,
+        IPAddressPoolSpec, L2Advertisement, L2AdvertisementSpec,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    use serde_json::json;
+
+    fn objects(interfaces: &[&str], node_selector: Option<(&str, &str)>) -> Objects {
+        let selectors: Vec<LabelSelector> = node_selector
+            .map(|(k, v)| LabelSelector {
+                match_labels: Some([(k.to_string(), v.to_string())].into()),
+                ..Default::default()
+            })
+            .into_iter()
+            .collect();
+        Objects {
+            pools: vec![IPAddressPool::new(
+                "main",
+                IPAddressPoolSpec {
+                    addresses: vec!["198.51.100.0/28".into(), "2001:db8::/124".into()],
+                    ..Default::default()
+                },
+            )],
+            l2_advertisements: vec![L2Advertisement::new(
+                "l2",
+                L2AdvertisementSpec {
+                    interfaces: interfaces.iter().map(|s| s.to_string()).collect(),
+                    node_selectors: selectors,
+                    ..Default::default()
+                },
+            )],
+            ..Default::default()
+        }
+    }
+
+    fn node(name: &str, interfaces: &[&str]) -> NodeView {
+        NodeView {
+            name: name.into(),
+            labels: [("kubernetes.io/hostname".to_string(), name.to_string())].into(),
+            ready: true,
+            alive: true,
+            interfaces: interfaces.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn service(name: &str, ips: &[&str], policy: &str) -> Service {
+        let ingress: Vec<_> = ips.iter().map(|ip| json!({"ip": ip})).collect();
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": policy,
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080},
+                               {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]},
+            "status": {"loadBalancer": {"ingress": ingress}},
+        }))
+        .unwrap()
+    }
+
+    /// (address, node, ready)
+    fn slice(
+        service: &str,
+        name: &str,
+        family: &str,
+        endpoints: &[(&str, &str, bool)],
+    ) -> EndpointSlice {
+        let eps: Vec<_> = endpoints
+            .iter()
+            .map(|(a, n, r)| json!({"addresses": [a], "nodeName": n, "conditions": {"ready": r}}))
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": family,
+            "endpoints": eps,
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                      {"name": "dns", "port": 5353, "protocol": "UDP"}],
+        }))
+        .unwrap()
+    }
+
+    fn run(
+        me: &str,
+        objects: &Objects,
+        services: &[Service],
+        slices: &[EndpointSlice],
+        nodes: &[NodeView],
+    ) -> NodePlan {
+        plan(Input {
+            me,
+            objects,
+            services,
+            slices,
+            nodes,
+            announcers: &BTreeMap::new(),
+            sticky: true,
+            classless_is_ours: true,
+        })
+    }
+
+    fn vip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_local_service_is_balanced_over_this_nodes_ready_endpoints_per_port() {
+        let o = objects(&["eth1"], None);
+        let svcs = [service("web", &["198.51.100.1"], "Local")];
+        let slices = [slice(
+            "web",
+            "web-1",
+            "IPv4",
+            &[
+                ("10.0.0.1", "a", true),
+                ("10.0.0.2", "a", true),
+                ("10.0.0.3", "a", false),
+                ("10.0.1.1", "b", true),
+            ],
+        )];
+        let nodes = [node("a", &["eth1"]), node("b", &["eth1"])];
+        let p = run("a", &o, &svcs, &slices, &nodes);
+        let http = &p.services[&config::Service {
+            vip: vip("198.51.100.1"),
+            port: 80,
+            protocol: Protocol::Tcp,
+        }];
+        assert_eq!(
+            http,
+            &vec![
+                Backend {
+                    ip: vip("10.0.0.1"),
+                    port: 8080,
+                    weight: 1
+                },
+                Backend {
+                    ip: vip("10.0.0.2"),
+                    port: 8080,
+                    weight: 1
+                },
+            ]
+        );
+        let dns = &p.services[&config::Service {
+            vip: vip("198.51.100.1"),
+            port: 53,
+            protocol: Protocol::Udp,
+        }];
+        assert_eq!(dns.iter().map(|b| b.port).collect::<Vec<_>>(), [5353, 5353]);
+        let on_b = run("b", &o, &svcs, &slices, &nodes);
+        assert_eq!(on_b.services.values().next().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_cluster_service_is_announced_but_left_to_the_service_proxy() {
+        let o = objects(&["eth1"], None);
+        let svcs = [service("web", &["198.51.100.1"], "Cluster")];
+        let nodes = [node("a", &["eth1"]), node("b", &["eth1"])];
+        let p = run("a", &o, &svcs, &[], &nodes);
+        assert!(p.services.is_empty());
+        assert!(p.l2_owners[&vip("198.51.100.1")].is_some());
+    }
+
+    #[test]
+    fn exactly_one_node_answers_for_an_ip_and_only_on_the_chosen_interfaces() {
+        let o = objects(&["eth1"], None);
+        let svcs = [service("web", &["198.51.100.1", "2001:db8::1"], "Cluster")];
+        let nodes = [node("a", &["eth0", "eth1"]), node("b", &["eth0", "eth1"])];
+        let pa = run("a", &o, &svcs, &[], &nodes);
+        let pb = run("b", &o, &svcs, &[], &nodes);
+        assert_eq!(pa.l2_owners, pb.l2_owners, "the nodes disagree");
+        for ip in ["198.51.100.1", "2001:db8::1"] {
+            let on_a = pa.l2.iter().filter(|(i, _)| *i == vip(ip)).count();
+            let on_b = pb.l2.iter().filter(|(i, _)| *i == vip(ip)).count();
+            assert_eq!(on_a + on_b, 1, "{ip}: {:?} {:?}", pa.l2, pb.l2);
+        }
+        assert!(pa.l2.iter().chain(&pb.l2).all(|(_, i)| i == "eth1"));
+    }
+
+    #[test]
+    fn nodes_not_ready_dead_unselected_or_without_the_interface_are_not_elected() {
+        let svcs = [service("web", &["198.51.100.1"], "Cluster")];
+        let mut not_ready = node("a", &["eth1"]);
+        not_ready.ready = false;
+        let mut dead = node("b", &["eth1"]);
+        dead.alive = false;
+        let no_iface = node("c", &["eth0"]);
+        let mut unselected = node("d", &["eth1"]);
+        unselected.labels.insert("zone".into(), "b".into());
+        let mut ok = node("e", &["eth1"]);
+        ok.labels.insert("zone".into(), "a".into());
+        let nodes = [not_ready, dead, no_iface, unselected, ok];
+        let o = objects(&["eth1"], Some(("zone", "a")));
+        let p = run("c", &o, &svcs, &[], &nodes);
+        assert_eq!(p.l2_owners[&vip("198.51.100.1")].as_deref(), Some("e"));
+        // c's own view says why it does not announce (the selector rules out others first).
+        let o2 = objects(&["eth1"], None);
+        let p2 = run("c", &o2, &svcs, &[], &nodes);
+        assert!(
+            p2.problems.iter().any(|pr| pr
+                .message
+                .contains("node c has none of L2Advertisement l2's interfaces (eth1)")),
+            "{:?}",
+            p2.problems
+        );
+    }
+
+    #[test]
+    fn with_policy_local_only_nodes_with_a_ready_endpoint_are_eligible() {
+        let o = objects(&[], None);
+        let svcs = [service("web", &["198.51.100.1"], "Local")];
+        let slices = [slice(
+            "web",
+            "web-1",
+            "IPv4",
+            &[("10.0.0.1", "b", true), ("10.0.0.9", "a", false)],
+        )];
+        let nodes = [node("a", &["eth1"]), node("b", &["eth1"])];
+        let pa = run("a", &o, &svcs, &slices, &nodes);
+        assert_eq!(pa.l2_owners[&vip("198.51.100.1")].as_deref(), Some("b"));
+        assert!(pa.l2.is_empty() && pa.bgp_ips.is_empty());
+        let pb = run("b", &o, &svcs, &slices, &nodes);
+        assert_eq!(
+            pb.l2,
+            vec![(vip("198.51.100.1"), "eth1".to_string())],
+            "no interfaces named: all the node's"
+        );
+        assert!(pb.bgp_ips.contains(&vip("198.51.100.1")));
+    }
+
+    #[test]
+    fn a_current_announcer_keeps_its_ip_while_eligible() {
+        let o = objects(&["eth1"], None);
+        let svcs = [service("web", &["198.51.100.1"], "Cluster")];
+        let nodes = [node("a", &["eth1"]), node("b", &["eth1"])];
+        for current in ["a", "b"] {
+            let announcers = [(vip("198.51.100.1"), current.to_string())].into();
+            let p = plan(Input {
+                me: "a",
+                objects: &o,
+                services: &svcs,
+                slices: &[],
+                nodes: &nodes,
+                announcers: &announcers,
+                sticky: true,
+                classless_is_ours: true,
+            });
+            assert_eq!(p.l2_owners[&vip("198.51.100.1")].as_deref(), Some(current));
+        }
+    }
+
+    #[test]
+    fn odd_endpoint_slices_are_reported_and_the_rest_keeps_working() {
+        let o = objects(&["eth1"], None);
+        let svcs = [service("web", &["198.51.100.1"], "Local")];
+        let slices = [
+            slice("web", "web-fqdn", "FQDN", &[("db.example.com", "a", true)]),
+            slice("web", "web-v6", "IPv6", &[("2001:db8::99", "a", true)]),
+            slice(
+                "web",
+                "web-bad",
+                "IPv4",
+                &[("10.0.0.x", "a", true), ("2001:db8::5", "a", true)],
+            ),
+            slice("web", "web-ok", "IPv4", &[("10.0.0.1", "a", true)]),
+        ];
+        let nodes = [node("a", &["eth1"])];
+        let p = run("a", &o, &svcs, &slices, &nodes);
+        let messages: Vec<&str> = p.problems.iter().map(|p| p.message.as_str()).collect();
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("web-fqdn: addressType FQDN")),
+            "{messages:?}"
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("web-v6: IPv6 endpoints, but the Service has no IPv6 IP")),
+            "{messages:?}"
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("\"10.0.0.x\" is not an IPv4 address")),
+            "{messages:?}"
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("\"2001:db8::5\" is not an IPv4 address")),
+            "{messages:?}"
+        );
+        let http = &p.services[&config::Service {
+            vip: vip("198.51.100.1"),
+            port: 80,
+            protocol: Protocol::Tcp,
+        }];
+        assert_eq!(
+            http,
+            &vec![Backend {
+                ip: vip("10.0.0.1"),
+                port: 8080,
+                weight: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn services_that_are_not_ours_or_have_no_ip_are_ignored() {
+        let o = objects(&["eth1"], None);
+        let mut foreign = service("foreign", &["198.51.100.2"], "Local");
+        foreign.spec.as_mut().unwrap().load_balancer_class = Some("example.com/other".into());
+        let svcs = [foreign, service("pending", &[], "Local")];
+        let slices = [
+            slice("foreign", "f", "IPv4", &[("10.0.0.1", "a", true)]),
+            slice("pending", "p", "IPv4", &[("10.0.0.2", "a", true)]),
+        ];
+        let p = run("a", &o, &svcs, &slices, &[node("a", &["eth1"])]);
+        assert_eq!(p, NodePlan::default());
+    }
+
+    #[test]
+    fn bgp_peers_and_advertisements_follow_node_selectors_and_local_endpoints() {
+        let mut o = objects(&["eth1"], None);
+        let zone = |z: &str| {
+            vec![LabelSelector {
+                match_labels: Some([("zone".to_string(), z.to_string())].into()),
+                ..Default::default()
+            }]
+        };
+        o.peers = vec![
+            BGPPeer::new(
+                "tor-a",
+                BGPPeerSpec {
+                    peer_address: "10.9.0.1".into(),
+                    peer_asn: 65000,
+                    my_asn: 65001,
+                    node_selectors: zone("a"),
+                    ..Default::default()
+                },
+            ),
+            BGPPeer::new(
+                "tor-b",
+                BGPPeerSpec {
+                    peer_address: "10.9.0.2".into(),
+                    peer_asn: 65000,
+                    my_asn: 65001,
+                    node_selectors: zone("b"),
+                    ..Default::default()
+                },
+            ),
+        ];
+        o.bgp_advertisements = vec![BGPAdvertisement::new(
+            "all",
+            BGPAdvertisementSpec::default(),
+        )];
+        let svcs = [
+            service("web", &["198.51.100.1"], "Local"),
+            service("api", &["198.51.100.2"], "Cluster"),
+        ];
+        let slices = [slice("web", "w", "IPv4", &[("10.0.0.1", "b", true)])];
+        let mut a = node("a", &["eth1"]);
+        a.labels.insert("zone".into(), "a".into());
+        let p = run("a", &o, &svcs, &slices, &[a]);
+        assert_eq!(
+            p.peers.iter().map(|p| p.peer_address).collect::<Vec<_>>(),
+            [vip("10.9.0.1")]
+        );
+        assert_eq!(
+            p.bgp_ips,
+            [vip("198.51.100.2")].into(),
+            "web has no endpoint on a"
+        );
+        let routes = &p.advertisements[&vip("10.9.0.1")];
+        assert_eq!(
+            routes.keys().map(|n| n.to_string()).collect::<Vec<_>>(),
+            ["198.51.100.2/32"]
+        );
+    }
+}
