@@ -130,6 +130,45 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         resync_seconds: u64,
     },
+    /// Run the per-node speaker (Kubernetes): balance Services with externalTrafficPolicy Local
+    /// over this node's ready endpoints in XDP, answer ARP/NDP for the service IPs this node is
+    /// elected for (only on the advertisement's interfaces), announce them to BGP peers.
+    /// Stopping detaches the program and hands the IPs over.
+    Speaker {
+        /// This node's name, as in the Node object (the DaemonSet passes spec.nodeName).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// The namespace of Sluice's objects and of the speakers' Leases.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "sluice-system")]
+        namespace: String,
+        /// An interface to balance on and announce from. Repeatable.
+        #[arg(long = "interface", value_name = "INTERFACE", required = true)]
+        interfaces: Vec<String>,
+        /// Also redirect flows into this veth in XDP (its peer must run an XDP program).
+        /// Repeatable.
+        #[arg(long = "redirect-veth", value_name = "INTERFACE")]
+        redirect_veths: Vec<String>,
+        /// Where the maps are pinned (must be on a bpffs).
+        #[arg(long, default_value_os_t = dataplane::default_pin_dir())]
+        pin_dir: PathBuf,
+        /// Seconds this node's Lease stays valid unless renewed (renewed every third of it):
+        /// how long the others wait before taking over the IPs of a node that died.
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(i32).range(1..=3600))]
+        lease_duration: i32,
+        /// Keep an IP on the node that announces it while that node stays eligible (a node that
+        /// comes back takes nothing back). false: spread afresh on every change.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        sticky: bool,
+        /// Also take Services without spec.loadBalancerClass (as the controller's flag).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        classless: bool,
+        /// Where /metrics, /healthz and /readyz are served.
+        #[arg(long, default_value = "0.0.0.0:9465")]
+        metrics_address: std::net::SocketAddr,
+        /// A full pass this often, in seconds, even when no watch event came.
+        #[arg(long, default_value_t = 60)]
+        resync_seconds: u64,
+    },
     /// Print Sluice's CustomResourceDefinitions (group sluice.dev) as YAML, ready for
     /// `kubectl apply -f -`, or write one file per CRD into a directory.
     Crds {
@@ -240,6 +279,30 @@ fn main() -> ExitCode {
             identity: identity.unwrap_or_else(host_name),
             lease_name,
             lease_duration,
+            classless_is_ours: classless,
+            metrics_address,
+            resync: std::time::Duration::from_secs(resync_seconds.max(1)),
+        })
+        .map_err(anyhow::Error::from),
+        Command::Speaker {
+            node_name,
+            namespace,
+            interfaces,
+            redirect_veths,
+            pin_dir,
+            lease_duration,
+            sticky,
+            classless,
+            metrics_address,
+            resync_seconds,
+        } => lb_userspace::k8s::speaker::run(lb_userspace::k8s::speaker::Options {
+            node_name,
+            namespace,
+            interfaces,
+            redirect_veths,
+            pin_dir,
+            lease_duration,
+            sticky,
             classless_is_ours: classless,
             metrics_address,
             resync: std::time::Duration::from_secs(resync_seconds.max(1)),

@@ -236,37 +236,8 @@ impl Daemon {
             .iter()
             .map(|name| dataplane::interface(name).context("dataplane.redirectVeths"))
             .collect::<Result<Vec<_>>>()?;
-        for (service, backends) in &plan.services {
-            dataplane::validate_service(service, backends, config.dataplane.maglev_table_size)?;
-        }
         let by_name: BTreeMap<&str, &dataplane::Interface> =
             interfaces.iter().map(|i| (i.name.as_str(), i)).collect();
-
-        let wanted: BTreeSet<u32> = interfaces.iter().map(|i| i.ifindex).collect();
-        let gone: Vec<u32> = self
-            .dp
-            .attached()
-            .map(|(ifindex, _)| ifindex)
-            .filter(|i| !wanted.contains(i))
-            .collect();
-        for ifindex in gone {
-            self.dp.detach(ifindex);
-        }
-        self.dp.attach_all(&interfaces)?;
-        for iface in &redirect {
-            self.dp.allow_redirect(iface.ifindex)?;
-        }
-        let current: BTreeMap<Service, Vec<Backend>> = self.dp.services().into_iter().collect();
-        for service in current.keys() {
-            if !plan.services.contains_key(service) {
-                self.dp.remove_service(service)?;
-            }
-        }
-        for (service, backends) in &plan.services {
-            if current.get(service) != Some(backends) {
-                self.dp.upsert_service(*service, backends)?;
-            }
-        }
         let vips: Vec<L2Vip> = plan
             .l2
             .iter()
@@ -278,7 +249,10 @@ impl Daemon {
                 })
             })
             .collect();
-        self.dp.set_l2_vips(&vips)?;
+        self.dp.sync(&interfaces, &plan.services, &vips)?;
+        for iface in &redirect {
+            self.dp.allow_redirect(iface.ifindex)?;
+        }
         let now: BTreeSet<(IpAddr, u32)> = vips.iter().map(|v| (v.ip, v.ifindex)).collect();
         for vip in vips
             .iter()

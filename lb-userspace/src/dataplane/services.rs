@@ -356,6 +356,42 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Makes the data plane hold exactly this: the program on `interfaces` and no other, these
+    /// services with these backends (unchanged ones are not touched, so they keep their
+    /// flows), these L2 VIPs. Every service is validated before the first change.
+    pub fn sync(
+        &mut self,
+        interfaces: &[super::Interface],
+        services: &BTreeMap<Service, Vec<Backend>>,
+        l2: &[super::L2Vip],
+    ) -> Result<()> {
+        for (service, backends) in services {
+            validate(service, backends, self.table_size)?;
+        }
+        let wanted: BTreeSet<u32> = interfaces.iter().map(|i| i.ifindex).collect();
+        let gone: Vec<u32> = self
+            .attached()
+            .map(|(ifindex, _)| ifindex)
+            .filter(|i| !wanted.contains(i))
+            .collect();
+        for ifindex in gone {
+            self.detach(ifindex);
+        }
+        self.attach_all(interfaces)?;
+        let current: BTreeMap<Service, Vec<Backend>> = self.services().into_iter().collect();
+        for service in current.keys() {
+            if !services.contains_key(service) {
+                self.remove_service(service)?;
+            }
+        }
+        for (service, backends) in services {
+            if current.get(service) != Some(backends) {
+                self.upsert_service(*service, backends)?;
+            }
+        }
+        self.set_l2_vips(l2)
+    }
+
     /// The services this data plane balances, with their backends.
     pub fn services(&self) -> Vec<(Service, Vec<Backend>)> {
         self.registry

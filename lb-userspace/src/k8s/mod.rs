@@ -12,4 +12,5 @@ pub mod lease;
 pub mod manifests;
 pub mod reconcile;
 pub mod request;
+pub mod speaker;
 pub mod validity;
