@@ -64,7 +64,7 @@ struct Shared {
 /// The fake API server; stops serving watches when dropped.
 pub struct FakeApi {
     shared: Arc<Shared>,
-    port: u16,
+    address: std::net::SocketAddr,
 }
 
 /// An error as the API server reports it (a `Status` object).
@@ -390,8 +390,13 @@ impl State {
 impl FakeApi {
     /// Starts serving on a free port of 127.0.0.1.
     pub fn start() -> FakeApi {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the fake API server");
-        let port = listener.local_addr().unwrap().port();
+        Self::serve(TcpListener::bind("127.0.0.1:0").expect("bind the fake API server"))
+    }
+
+    /// Serves on a listener bound elsewhere, e.g. inside a test's network namespace (bound
+    /// from a thread that entered it) so that processes in other namespaces reach it.
+    pub fn serve(listener: TcpListener) -> FakeApi {
+        let address = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
@@ -408,11 +413,11 @@ impl FakeApi {
                 std::thread::spawn(move || serve_connection(stream, &s));
             }
         });
-        FakeApi { shared, port }
+        FakeApi { shared, address }
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}", self.address)
     }
 
     /// Writes a kubeconfig that points at this server (no credentials).
@@ -476,7 +481,7 @@ impl Drop for FakeApi {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.changed.notify_all();
         // Wake the accept loop so it sees `stopping`.
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        let _ = TcpStream::connect_timeout(&self.address, Duration::from_millis(200));
     }
 }
 
