@@ -154,7 +154,16 @@ impl Process {
     /// Reads stderr line by line until a line contains `marker` (returns the lines read) or the
     /// process exits (panics with everything it printed).
     pub fn wait_for_stderr(&mut self, marker: &str) -> String {
-        use std::io::{BufRead, BufReader};
+        self.wait_for_stderr_then_log(marker, None)
+    }
+
+    /// [`Self::wait_for_stderr`], then appends the rest of stderr to `log` (when given).
+    pub fn wait_for_stderr_then_log(
+        &mut self,
+        marker: &str,
+        log: Option<std::path::PathBuf>,
+    ) -> String {
+        use std::io::{BufRead, BufReader, Write};
         let child = self.child.as_mut().unwrap();
         let stderr = child.stderr.take().expect("stderr piped");
         let mut reader = BufReader::new(stderr);
@@ -165,9 +174,13 @@ impl Process {
             seen.push_str(&line);
             if line.contains(marker) {
                 // Keep draining in the background so the process never blocks on a full pipe.
+                let mut file = log.and_then(|p| File::create(p).ok());
                 std::thread::spawn(move || {
                     let mut sink = String::new();
                     while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                        if let Some(f) = file.as_mut() {
+                            let _ = f.write_all(sink.as_bytes());
+                        }
                         sink.clear();
                     }
                 });

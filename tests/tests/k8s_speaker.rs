@@ -22,6 +22,7 @@ use std::{
 use lb_userspace::dataplane::Dataplane;
 use serde_json::{json, Value};
 use sluice_tests::{
+    bird::{Neighbor, Router},
     fakeapi::FakeApi,
     frames::{self, Mac},
     lab::{napi_keeper, Conn},
@@ -45,9 +46,10 @@ struct Lab {
     mgmt: NetNs,
     nodes: Vec<NetNs>,
     _pods: Vec<NetNs>,
-    _seg: NetNs,
+    seg: NetNs,
     pin_dirs: Vec<PathBuf>,
     kubeconfig: PathBuf,
+    logs: Vec<PathBuf>,
 }
 
 impl Drop for Lab {
@@ -57,6 +59,13 @@ impl Drop for Lab {
             let _ = std::fs::remove_dir_all(dir);
         }
         let _ = std::fs::remove_file(&self.kubeconfig);
+        for log in &self.logs {
+            if std::thread::panicking() {
+                eprintln!("speaker log kept: {}", log.display());
+            } else {
+                let _ = std::fs::remove_file(log);
+            }
+        }
     }
 }
 
@@ -111,8 +120,8 @@ fn lab() -> Lab {
     let listener =
         mgmt.run(|| TcpListener::bind("198.18.60.254:0").expect("bind in the api namespace"));
     let api = FakeApi::serve(listener);
-    let kubeconfig =
-        std::env::temp_dir().join(format!("sluice-speaker-{}.kubeconfig", std::process::id()));
+    // Unique per lab: tests run in parallel in one process.
+    let kubeconfig = std::env::temp_dir().join(format!("{}.kubeconfig", mgmt.name));
     api.write_kubeconfig(&kubeconfig);
     Lab {
         speakers: vec![None, None],
@@ -122,9 +131,10 @@ fn lab() -> Lab {
         mgmt,
         nodes,
         _pods: pods,
-        _seg: seg,
+        seg,
         pin_dirs: Vec::new(),
         kubeconfig,
+        logs: Vec::new(),
     }
 }
 
@@ -187,11 +197,7 @@ impl Lab {
     }
 
     fn start_speaker(&mut self, i: usize) {
-        let pin_dir = PathBuf::from(format!(
-            "/sys/fs/bpf/sluice-test-{}-{}",
-            std::process::id(),
-            NAMES[i]
-        ));
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", self.nodes[i].name));
         self.pin_dirs.push(pin_dir.clone());
         let kubeconfig = format!("KUBECONFIG={}", self.kubeconfig.display());
         let mut p = self.nodes[i].spawn(&[
@@ -217,7 +223,9 @@ impl Lab {
             "--metrics-address",
             "127.0.0.1:9465",
         ]);
-        p.wait_for_stderr("speakerStarting");
+        let log = std::env::temp_dir().join(format!("{}.log", self.nodes[i].name));
+        self.logs.push(log.clone());
+        p.wait_for_stderr_then_log("speakerStarting", Some(log));
         self.speakers[i] = Some(p);
     }
 
@@ -399,4 +407,98 @@ fn one_elected_speaker_answers_arp_on_the_chosen_interface_balances_to_its_pod_a
         || ask_vip(&lab.client),
     );
     assert_eq!(name, format!("pod-{}", ["a", "b"][other]));
+}
+
+#[test]
+fn with_bird_as_the_router_both_nodes_announce_a_local_service_until_one_loses_its_endpoint() {
+    let mut lab = lab();
+    let router_ns = NetNs::new("router");
+    veth(&router_ns, "r0", &lab.seg, "rt");
+    lab.seg.ip(&["link", "set", "rt", "master", "br0"]);
+    router_ns.ip(&["addr", "add", "198.18.50.254/24", "dev", "r0"]);
+    let neighbors: Vec<Neighbor> = ["198.18.50.1", "198.18.50.2"]
+        .iter()
+        .map(|address| Neighbor {
+            local: "198.18.50.254",
+            router_as: 64512,
+            address,
+            peer_as: 64513,
+            password: None,
+        })
+        .collect();
+    let router = Router::start(&router_ns, "speaker", &neighbors);
+    lab.objects("Local");
+    let crds = "/apis/sluice.dev/v1alpha1/namespaces/sluice-system";
+    lab.api
+        .create(
+            &format!("{crds}/bgppeers"),
+            json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "tor"},
+                   "spec": {"peerAddress": "198.18.50.254", "peerASN": 64512, "myASN": 64513,
+                            "connectTime": "1s"}}),
+        )
+        .unwrap();
+    lab.api
+        .create(
+            &format!("{crds}/bgpadvertisements"),
+            json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "BGPAdvertisement",
+                   "metadata": {"name": "all"}, "spec": {}}),
+        )
+        .unwrap();
+    lab.start_speaker(0);
+    lab.start_speaker(1);
+    let prefix = format!("{VIP}/32");
+    router.wait_route(&prefix, Duration::from_secs(30), |t| {
+        t.contains("via 198.18.50.1") && t.contains("via 198.18.50.2")
+    });
+    let announced = wait_for("the announced Events", Duration::from_secs(5), || {
+        let notes: Vec<String> = lab
+            .api
+            .list(EVENTS)
+            .iter()
+            .filter(|e| e["reason"] == "announced")
+            .filter_map(|e| e["note"].as_str().map(String::from))
+            .collect();
+        (notes.len() == 2).then_some(notes)
+    });
+    assert!(
+        announced
+            .iter()
+            .any(|n| n.contains("node node-b announces 198.18.50.200 by BGP to 198.18.50.254")),
+        "{announced:?}"
+    );
+
+    // node-b's pod goes away: node-b withdraws, node-a keeps announcing.
+    let removed = Instant::now();
+    lab.api
+        .patch(
+            "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices/web-abc",
+            json!({"endpoints": [{"addresses": ["10.244.1.2"], "nodeName": "node-a", "conditions": {"ready": true}}]}),
+        )
+        .unwrap();
+    router.wait_route(&prefix, Duration::from_secs(10), |t| {
+        t.contains("via 198.18.50.1") && !t.contains("via 198.18.50.2")
+    });
+    eprintln!(
+        "BGP: node-b's route withdrawn {:.2} s after its last local endpoint left the EndpointSlice",
+        removed.elapsed().as_secs_f64()
+    );
+    let withdrawn = wait_for("the withdrawn Event", Duration::from_secs(5), || {
+        lab.api
+            .list(EVENTS)
+            .into_iter()
+            .find(|e| e["reason"] == "withdrawn")
+    });
+    assert!(
+        withdrawn["note"]
+            .as_str()
+            .unwrap()
+            .contains("node node-b withdrew 198.18.50.200"),
+        "{withdrawn}"
+    );
+    // Traffic through the VIP still reaches a pod (node-a's).
+    let name = wait_for("an answer through the VIP", Duration::from_secs(10), || {
+        ask_vip(&lab.client)
+    });
+    assert_eq!(name, "pod-a");
+    drop(router);
 }
