@@ -534,6 +534,67 @@ pub fn attributes(request: &str) -> Option<Attributes> {
     })
 }
 
+/// The rules of deploy/COMPONENT/rbac.yaml, each with the namespace it holds in (None: all).
+pub fn shipped_rules(
+    component: &str,
+) -> Vec<(Option<String>, k8s_openapi::api::rbac::v1::PolicyRule)> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../deploy/{component}/rbac.yaml"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+        let scope = match v["kind"].as_str() {
+            Some("ClusterRole") => None,
+            Some("Role") => Some(v["metadata"]["namespace"].as_str().unwrap().to_string()),
+            _ => continue,
+        };
+        let rules: Vec<k8s_openapi::api::rbac::v1::PolicyRule> =
+            serde_json::from_value(v["rules"].clone()).unwrap();
+        out.extend(rules.into_iter().map(|r| (scope.clone(), r)));
+    }
+    out
+}
+
+/// Would these rules allow the request, as the RBAC authorizer reads them?
+pub fn allowed(
+    rules: &[(Option<String>, k8s_openapi::api::rbac::v1::PolicyRule)],
+    a: &Attributes,
+) -> bool {
+    let has =
+        |list: &Option<Vec<String>>, v: &str| list.iter().flatten().any(|x| x == v || x == "*");
+    rules.iter().any(|(scope, r)| {
+        scope
+            .as_ref()
+            .is_none_or(|ns| a.namespace.as_ref() == Some(ns))
+            && has(&r.api_groups, &a.group)
+            && has(&r.resources, &a.resource)
+            && r.verbs.iter().any(|v| v == a.verb || v == "*")
+            && match &r.resource_names {
+                Some(names) if !names.is_empty() => {
+                    a.name.as_ref().is_some_and(|n| names.contains(n))
+                }
+                _ => true,
+            }
+    })
+}
+
+impl FakeApi {
+    /// Panics unless deploy/COMPONENT/rbac.yaml allows every request served so far.
+    pub fn assert_rbac_allows_every_request(&self, component: &str) {
+        let rules = shipped_rules(component);
+        let requests = self.requests();
+        assert!(requests.len() > 10, "{requests:?}");
+        for r in requests {
+            let a = attributes(&r).unwrap_or_else(|| panic!("cannot read {r}"));
+            assert!(
+                allowed(&rules, &a),
+                "deploy/{component}/rbac.yaml does not allow {r} ({a:?})"
+            );
+        }
+    }
+}
+
 struct Request {
     method: String,
     path: String,

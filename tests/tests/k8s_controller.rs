@@ -9,12 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::rbac::v1::PolicyRule;
 use serde_json::{json, Value};
-use sluice_tests::{
-    fakeapi::{attributes, Attributes, FakeApi},
-    sluice_bin,
-};
+use sluice_tests::{fakeapi::FakeApi, sluice_bin};
 
 const NS: &str = "sluice-system";
 const SVCS: &str = "/api/v1/namespaces/default/services";
@@ -214,57 +210,6 @@ fn valid(api: &FakeApi, pool_name: &str) -> Option<(String, String)> {
     ))
 }
 
-/// The rules of deploy/controller/rbac.yaml: (namespace the rule holds in, or None: all).
-fn shipped_rules() -> Vec<(Option<String>, PolicyRule)> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/controller/rbac.yaml");
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut out = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v: Value = serde::Deserialize::deserialize(doc).unwrap();
-        let scope = match v["kind"].as_str() {
-            Some("ClusterRole") => None,
-            Some("Role") => Some(v["metadata"]["namespace"].as_str().unwrap().to_string()),
-            _ => continue,
-        };
-        let rules: Vec<PolicyRule> = serde_json::from_value(v["rules"].clone()).unwrap();
-        out.extend(rules.into_iter().map(|r| (scope.clone(), r)));
-    }
-    out
-}
-
-fn allowed(rules: &[(Option<String>, PolicyRule)], a: &Attributes) -> bool {
-    let has =
-        |list: &Option<Vec<String>>, v: &str| list.iter().flatten().any(|x| x == v || x == "*");
-    rules.iter().any(|(scope, r)| {
-        scope
-            .as_ref()
-            .is_none_or(|ns| a.namespace.as_ref() == Some(ns))
-            && has(&r.api_groups, &a.group)
-            && has(&r.resources, &a.resource)
-            && r.verbs.iter().any(|v| v == a.verb || v == "*")
-            && match &r.resource_names {
-                Some(names) if !names.is_empty() => {
-                    a.name.as_ref().is_some_and(|n| names.contains(n))
-                }
-                _ => true,
-            }
-    })
-}
-
-/// Every request the controllers made is allowed by the shipped RBAC.
-fn assert_rbac_covers(api: &FakeApi) {
-    let rules = shipped_rules();
-    let requests = api.requests();
-    assert!(requests.len() > 10, "{requests:?}");
-    for r in requests {
-        let a = attributes(&r).unwrap_or_else(|| panic!("cannot read {r}"));
-        assert!(
-            allowed(&rules, &a),
-            "deploy/controller/rbac.yaml does not allow {r} ({a:?})"
-        );
-    }
-}
-
 #[test]
 fn controller_gives_services_ips_records_events_marks_pools_and_a_restart_renumbers_nothing() {
     let dir = tempdir("controller");
@@ -454,7 +399,7 @@ fn controller_gives_services_ips_records_events_marks_pools_and_a_restart_renumb
     });
     assert_eq!(ingress(&api, "pinned"), ["198.51.100.5"]);
     second.stop();
-    assert_rbac_covers(&api);
+    api.assert_rbac_allows_every_request("controller");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -522,6 +467,6 @@ fn only_the_lease_holder_allocates_and_a_standby_takes_over_when_it_dies() {
     assert_ne!(ingress(&api, "one"), ingress(&api, "two"));
     drop(leader);
     standby.stop();
-    assert_rbac_covers(&api);
+    api.assert_rbac_allows_every_request("controller");
     let _ = std::fs::remove_dir_all(&dir);
 }

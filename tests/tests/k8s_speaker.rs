@@ -407,6 +407,7 @@ fn one_elected_speaker_answers_arp_on_the_chosen_interface_balances_to_its_pod_a
         || ask_vip(&lab.client),
     );
     assert_eq!(name, format!("pod-{}", ["a", "b"][other]));
+    lab.api.assert_rbac_allows_every_request("speaker");
 }
 
 #[test]
@@ -478,6 +479,22 @@ fn with_bird_as_the_router_both_nodes_announce_a_local_service_until_one_loses_i
     router.wait_route(&prefix, Duration::from_secs(10), |t| {
         t.contains("via 198.18.50.1") && !t.contains("via 198.18.50.2")
     });
+    wait_for(
+        "node-b's Lease to say it announces nothing by BGP",
+        Duration::from_secs(5),
+        || {
+            let l = lab.api.get(&format!("{LEASES}/sluice-speaker-node-b"))?;
+            (l["metadata"]["annotations"]["sluice.dev/bgp-announcing"] == "").then_some(())
+        },
+    );
+    let a = lab
+        .api
+        .get(&format!("{LEASES}/sluice-speaker-node-a"))
+        .unwrap();
+    assert_eq!(
+        a["metadata"]["annotations"]["sluice.dev/bgp-announcing"],
+        VIP.to_string()
+    );
     eprintln!(
         "BGP: node-b's route withdrawn {:.2} s after its last local endpoint left the EndpointSlice",
         removed.elapsed().as_secs_f64()
@@ -500,5 +517,6 @@ fn with_bird_as_the_router_both_nodes_announce_a_local_service_until_one_loses_i
         ask_vip(&lab.client)
     });
     assert_eq!(name, "pod-a");
+    lab.api.assert_rbac_allows_every_request("speaker");
     drop(router);
 }

@@ -53,6 +53,8 @@ pub const MANAGER: &str = "sluice-speaker";
 pub const INTERFACES_ANNOTATION: &str = "sluice.dev/interfaces";
 /// Lease annotation: the IPs the node answers ARP/NDP for, comma-separated.
 pub const ANNOUNCING_ANNOTATION: &str = "sluice.dev/announcing";
+/// Lease annotation: the IPs the node announces to its BGP peers, comma-separated.
+pub const BGP_ANNOTATION: &str = "sluice.dev/bgp-announcing";
 /// Speakers' Leases are named this, then the node name.
 pub const LEASE_PREFIX: &str = "sluice-speaker-";
 
@@ -220,8 +222,8 @@ struct Speaker {
     bgp: Option<crate::bgp::speaker::Speaker>,
     /// What the last pass made true.
     last: NodePlan,
-    /// The L2 IPs written into our Lease.
-    published: Option<BTreeSet<IpAddr>>,
+    /// The L2 and BGP IPs written into our Lease.
+    published: Option<(BTreeSet<IpAddr>, BTreeSet<IpAddr>)>,
     lease_renewed: Option<Instant>,
     /// Problems reported while they last: not reported again.
     reported: BTreeSet<(String, String)>,
@@ -342,9 +344,9 @@ impl Speaker {
         format!("{LEASE_PREFIX}{}", self.options.node_name)
     }
 
-    /// Renews (or creates) our Lease, with our interfaces and L2 IPs in its annotations.
+    /// Renews (or creates) our Lease, with our interfaces and what we announce in its annotations.
     async fn renew_lease(&mut self) {
-        let announcing: BTreeSet<IpAddr> = self.last.l2.iter().map(|(ip, _)| *ip).collect();
+        let announcing = self.announcing();
         let result = self
             .write_lease(&announcing, self.options.lease_duration)
             .await;
@@ -367,9 +369,19 @@ impl Speaker {
         }
     }
 
+    /// What this node announces now: (L2 IPs, BGP IPs).
+    fn announcing(&self) -> (BTreeSet<IpAddr>, BTreeSet<IpAddr>) {
+        let bgp = if self.last.peers.is_empty() {
+            BTreeSet::new()
+        } else {
+            self.last.bgp_ips.clone()
+        };
+        (self.last.l2.iter().map(|(ip, _)| *ip).collect(), bgp)
+    }
+
     async fn write_lease(
         &self,
-        announcing: &BTreeSet<IpAddr>,
+        (l2, bgp): &(BTreeSet<IpAddr>, BTreeSet<IpAddr>),
         duration: i32,
     ) -> Result<(), kube::Error> {
         let name = self.lease_name();
@@ -377,14 +389,14 @@ impl Speaker {
         let mut annotations = BTreeMap::new();
         let interfaces: Vec<&str> = self.interfaces.iter().map(|i| i.name.as_str()).collect();
         annotations.insert(INTERFACES_ANNOTATION.to_string(), interfaces.join(","));
-        annotations.insert(
-            ANNOUNCING_ANNOTATION.to_string(),
-            announcing
-                .iter()
+        let list = |ips: &BTreeSet<IpAddr>| {
+            ips.iter()
                 .map(|ip| ip.to_string())
                 .collect::<Vec<_>>()
-                .join(","),
-        );
+                .join(",")
+        };
+        annotations.insert(ANNOUNCING_ANNOTATION.to_string(), list(l2));
+        annotations.insert(BGP_ANNOTATION.to_string(), list(bgp));
         let current = self.leases.get_opt(&name).await?;
         let mut lease = current.clone().unwrap_or_else(|| Lease {
             metadata: ObjectMeta {
@@ -452,10 +464,9 @@ impl Speaker {
         }
         self.apply(&plan);
         self.record(&plan, &services).await;
-        let l2_now: BTreeSet<IpAddr> = plan.l2.iter().map(|(ip, _)| *ip).collect();
         self.last = plan;
         // Others learn who announces what from our Lease: write it when that changed.
-        if self.published.as_ref() != Some(&l2_now) {
+        if self.published.as_ref() != Some(&self.announcing()) {
             self.renew_lease().await;
         }
     }
@@ -640,7 +651,7 @@ impl Speaker {
             tokio::task::block_in_place(|| speaker.shutdown());
         }
         // An expired Lease (duration 1 s, nothing announced) makes the others re-elect now.
-        if let Err(e) = self.write_lease(&BTreeSet::new(), 1).await {
+        if let Err(e) = self.write_lease(&Default::default(), 1).await {
             warn!(error = %e, "leaseReleaseFailed");
         }
         info!("speakerStopped");
