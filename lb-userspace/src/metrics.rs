@@ -40,6 +40,9 @@ pub struct Status {
     pub health: Vec<BackendHealth>,
     #[serde(default)]
     pub bgp: Vec<BgpSessionStatus>,
+    /// Why the process is not ready although it runs (e.g. the speaker cannot write its Lease).
+    #[serde(default)]
+    pub not_ready_reason: Option<String>,
 }
 
 impl Status {
@@ -313,6 +316,10 @@ pub fn serve(address: SocketAddr, status: SharedStatus, pin_dir: PathBuf) -> std
                 "/readyz" => {
                     let s = status.lock().unwrap().clone();
                     match (s.ready, &s.last_reload_error) {
+                        _ if s.not_ready_reason.is_some() => (
+                            503,
+                            format!("not ready: {}\n", s.not_ready_reason.clone().unwrap_or_default()),
+                        ),
                         (true, None) => (200, "ready\n".to_string()),
                         (false, _) => (503, "not ready: the data plane is not serving yet\n".into()),
                         (true, Some(e)) => (
@@ -478,6 +485,7 @@ mod tests {
                 vec!["198.51.100.1:80/tcp".into()],
             )],
             pools: vec![("default".into(), 1, 254.0)],
+            not_ready_reason: None,
             bgp: vec![BgpSessionStatus {
                 peer: "192.0.2.1".into(),
                 state: "Established".into(),

@@ -53,6 +53,8 @@ struct State {
     objects: BTreeMap<Collection, BTreeMap<(String, String), Value>>,
     log: Vec<WatchEvent>,
     requests: Vec<String>,
+    /// (verb, resource) pairs answered 403 Forbidden, as RBAC would.
+    forbidden: Vec<(&'static str, String)>,
 }
 
 struct Shared {
@@ -470,6 +472,16 @@ impl FakeApi {
         self.with(|s| s.delete(&target))
     }
 
+    /// Answers `verb` on `resource` (e.g. "update", "leases") with 403 Forbidden from now on,
+    /// as an API server whose RBAC lacks the rule would; `allow_all` lifts every such ban.
+    pub fn forbid(&self, verb: &'static str, resource: &str) {
+        self.with(|s| s.forbidden.push((verb, resource.to_string())));
+    }
+
+    pub fn allow_all(&self) {
+        self.with(|s| s.forbidden.clear());
+    }
+
     /// Every request served so far, as `METHOD path?query`.
     pub fn requests(&self) -> Vec<String> {
         self.shared.state.lock().unwrap().requests.clone()
@@ -675,7 +687,23 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
             .query
             .get("watch")
             .is_some_and(|w| w == "true" || w == "1");
-        let result = if watching && request.method == "GET" {
+        let line = format!("{} {}?{}", request.method, request.path, query.join("&"));
+        let banned = attributes(&line).is_some_and(|a| {
+            shared
+                .state
+                .lock()
+                .unwrap()
+                .forbidden
+                .iter()
+                .any(|(verb, resource)| *verb == a.verb && *resource == a.resource)
+        });
+        let result = if banned {
+            Err(ApiError::new(
+                403,
+                "Forbidden",
+                format!("{line} is forbidden: no RBAC rule allows it"),
+            ))
+        } else if watching && request.method == "GET" {
             match parse_path(&request.path) {
                 Ok(target) => {
                     if stream_watch(&mut stream, shared, &target, &request).is_err() {

@@ -520,3 +520,53 @@ fn with_bird_as_the_router_both_nodes_announce_a_local_service_until_one_loses_i
     lab.api.assert_rbac_allows_every_request("speaker");
     drop(router);
 }
+
+fn readyz(node: &NetNs) -> String {
+    node.run(|| {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect("127.0.0.1:9465") else {
+            return String::new();
+        };
+        let _ = write!(
+            s,
+            "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        );
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    })
+}
+
+#[test]
+fn a_speaker_without_lease_permission_says_why_it_is_not_ready_announces_nothing_and_recovers() {
+    let mut lab = lab();
+    lab.objects("Cluster");
+    lab.api.forbid("create", "leases");
+    lab.api.forbid("update", "leases");
+    lab.start_speaker(1);
+    let why = wait_for("/readyz to say why", Duration::from_secs(10), || {
+        let r = readyz(&lab.nodes[1]);
+        (r.contains("503") && r.contains("Lease")).then_some(r)
+    });
+    assert!(
+        why.contains("cannot write the Lease sluice-system/sluice-speaker-node-b")
+            && why.contains(
+                "RBAC: the speaker needs get, create and update on coordination.k8s.io leases"
+            ),
+        "{why}"
+    );
+    assert!(
+        ask_arp(&lab.client, "c0", CLIENT_IP).is_empty(),
+        "a node nobody sees alive answered"
+    );
+    lab.api.allow_all();
+    wait_for(
+        "the node to announce once allowed",
+        Duration::from_secs(10),
+        || {
+            let r = ask_arp(&lab.client, "c0", CLIENT_IP);
+            (r.len() == 1 && r[0][6..12] == lab.node_mac(1, "eth1")).then_some(())
+        },
+    );
+    assert!(readyz(&lab.nodes[1]).contains("200 OK"));
+}

@@ -227,6 +227,7 @@ struct Speaker {
     lease_renewed: Option<Instant>,
     /// Problems reported while they last: not reported again.
     reported: BTreeSet<(String, String)>,
+    status: crate::metrics::SharedStatus,
 }
 
 async fn run_async(
@@ -277,6 +278,7 @@ async fn run_async(
         published: None,
         lease_renewed: None,
         reported: BTreeSet::new(),
+        status: status.clone(),
         options: options.clone(),
     };
     // Attach at once (nothing announced or balanced yet): an interface that cannot take the
@@ -354,9 +356,21 @@ impl Speaker {
             Ok(()) => {
                 self.lease_renewed = Some(Instant::now());
                 self.published = Some(announcing);
+                self.status.lock().unwrap().not_ready_reason = None;
             }
             Err(e) => {
                 warn!(lease = %self.lease_name(), error = %e, "leaseUpdateFailed");
+                let hint = match &e {
+                    kube::Error::Api(s) if s.is_forbidden() => {
+                        " (RBAC: the speaker needs get, create and update on coordination.k8s.io leases in its namespace)"
+                    }
+                    _ => "",
+                };
+                self.status.lock().unwrap().not_ready_reason = Some(format!(
+                    "cannot write the Lease {}/{}: {e}{hint}; other nodes do not see this one, so it announces nothing",
+                    self.options.namespace,
+                    self.lease_name()
+                ));
                 let valid = Duration::from_secs(self.options.lease_duration.max(1) as u64);
                 if self.lease_renewed.is_none_or(|t| t.elapsed() >= valid) {
                     // Nobody sees us alive: stop answering rather than answer twice.
