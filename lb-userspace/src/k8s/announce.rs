@@ -812,4 +812,43 @@ mod tests {
             ["198.51.100.2/32"]
         );
     }
+
+    #[test]
+    fn an_invalid_bgp_peer_is_left_out_and_the_valid_one_still_gets_the_routes() {
+        let mut o = objects(&["eth1"], None);
+        o.peers = vec![
+            BGPPeer::new(
+                "broken",
+                BGPPeerSpec {
+                    peer_address: "10.9.0.x".into(),
+                    peer_asn: 65000,
+                    my_asn: 65001,
+                    ..Default::default()
+                },
+            ),
+            BGPPeer::new(
+                "tor",
+                BGPPeerSpec {
+                    peer_address: "10.9.0.1".into(),
+                    peer_asn: 65000,
+                    my_asn: 65001,
+                    ..Default::default()
+                },
+            ),
+        ];
+        o.bgp_advertisements = vec![BGPAdvertisement::new(
+            "all",
+            BGPAdvertisementSpec::default(),
+        )];
+        let svcs = [service("api", &["198.51.100.2"], "Cluster")];
+        let p = run("a", &o, &svcs, &[], &[node("a", &["eth1"])]);
+        assert_eq!(
+            p.peers.iter().map(|p| p.peer_address).collect::<Vec<_>>(),
+            [vip("10.9.0.1")]
+        );
+        assert!(p.advertisements[&vip("10.9.0.1")]
+            .keys()
+            .any(|n| n.to_string() == "198.51.100.2/32"));
+        assert!(!p.l2.is_empty(), "L2 keeps working");
+    }
 }
