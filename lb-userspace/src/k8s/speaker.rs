@@ -281,11 +281,11 @@ async fn run_async(
         status: status.clone(),
         options: options.clone(),
     };
-    // Attach at once (nothing announced or balanced yet): an interface that cannot take the
-    // program fails the start, not a later pass.
-    speaker
-        .dp
-        .sync(&speaker.interfaces, &BTreeMap::new(), &[])?;
+    // Attach at once: an interface that cannot take the program fails the start, not a later
+    // pass. Services left in the pinned maps by a previous run keep forwarding their flows until
+    // the first pass decides; ARP/NDP answers wait for the election.
+    speaker.dp.set_l2_vips(&[])?;
+    speaker.dp.attach_all(&speaker.interfaces)?;
     for name in &options.redirect_veths {
         let iface = dataplane::interface(name).map_err(SpeakerError::Interface)?;
         speaker.dp.allow_redirect(iface.ifindex)?;
