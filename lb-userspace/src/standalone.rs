@@ -236,19 +236,7 @@ impl Daemon {
             .iter()
             .map(|name| dataplane::interface(name).context("dataplane.redirectVeths"))
             .collect::<Result<Vec<_>>>()?;
-        let by_name: BTreeMap<&str, &dataplane::Interface> =
-            interfaces.iter().map(|i| (i.name.as_str(), i)).collect();
-        let vips: Vec<L2Vip> = plan
-            .l2
-            .iter()
-            .filter_map(|(ip, name)| {
-                by_name.get(name.as_str()).map(|i| L2Vip {
-                    ifindex: i.ifindex,
-                    ip: *ip,
-                    mac: i.mac,
-                })
-            })
-            .collect();
+        let vips = L2Vip::on(&interfaces, &plan.l2);
         self.dp.sync(&interfaces, &plan.services, &vips)?;
         for iface in &redirect {
             self.dp.allow_redirect(iface.ifindex)?;

@@ -122,6 +122,22 @@ pub struct L2Vip {
 }
 
 impl L2Vip {
+    /// (IP, interface name) pairs as L2 VIPs on those of `interfaces` that are named; pairs
+    /// naming another interface are left out.
+    pub fn on(interfaces: &[Interface], pairs: &[(IpAddr, String)]) -> Vec<L2Vip> {
+        pairs
+            .iter()
+            .filter_map(|(ip, name)| {
+                let i = interfaces.iter().find(|i| i.name == *name)?;
+                Some(L2Vip {
+                    ifindex: i.ifindex,
+                    ip: *ip,
+                    mac: i.mac,
+                })
+            })
+            .collect()
+    }
+
     fn key(&self) -> L2VipKey {
         match self.ip {
             IpAddr::V4(v4) => L2VipKey::v4(self.ifindex, v4.octets()),

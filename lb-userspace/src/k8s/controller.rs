@@ -18,7 +18,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,
@@ -31,8 +30,7 @@ use kube::{
     api::{Api, Patch, PatchParams, PostParams},
     runtime::{
         events::{Event, EventType, Recorder, Reporter},
-        reflector::{self, Store},
-        watcher, WatchStreamExt,
+        reflector::Store,
     },
     Client, Resource, ResourceExt,
 };
@@ -46,6 +44,7 @@ use super::{
     lease::{self, Decision},
     reconcile::{self, Plan},
     validity::{self, ObjectRef, Objects},
+    watch,
 };
 
 /// The field manager and event reporter name.
@@ -130,12 +129,12 @@ async fn run_async(options: Options) -> Result<(), ControllerError> {
     let notify = Arc::new(Notify::new());
     let ns = options.namespace.as_str();
     let stores = Stores {
-        services: watch(Api::all(client.clone()), &notify),
-        namespaces: watch(Api::all(client.clone()), &notify),
-        pools: watch(Api::namespaced(client.clone(), ns), &notify),
-        l2: watch(Api::namespaced(client.clone(), ns), &notify),
-        peers: watch(Api::namespaced(client.clone(), ns), &notify),
-        bgp_ads: watch(Api::namespaced(client.clone(), ns), &notify),
+        services: watch::store(Api::all(client.clone()), &notify),
+        namespaces: watch::store(Api::all(client.clone()), &notify),
+        pools: watch::store(Api::namespaced(client.clone(), ns), &notify),
+        l2: watch::store(Api::namespaced(client.clone(), ns), &notify),
+        peers: watch::store(Api::namespaced(client.clone(), ns), &notify),
+        bgp_ads: watch::store(Api::namespaced(client.clone(), ns), &notify),
     };
     let ctx = Context {
         recorder: Recorder::new(
@@ -228,27 +227,6 @@ impl Stores {
             self.bgp_ads.wait_until_ready(),
         );
     }
-}
-
-/// Starts a watch of `api` into a store; every change wakes the main loop.
-fn watch<K>(api: Api<K>, notify: &Arc<Notify>) -> Store<K>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream =
-        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
-    let notify = notify.clone();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(_) => notify.notify_one(),
-                Err(e) => warn!(kind = K::kind(&()).as_ref(), error = %e, "watchFailed"),
-            }
-        }
-    });
-    reader
 }
 
 /// Whether we lead, and since when we last renewed.
@@ -394,10 +372,10 @@ async fn pass(ctx: &Context, stores: &Stores, memory: &mut Memory) {
         .map(|n| (n.name_any(), n.labels().clone()))
         .collect();
     let objects = Objects {
-        pools: owned(&stores.pools),
-        l2_advertisements: owned(&stores.l2),
-        peers: owned(&stores.peers),
-        bgp_advertisements: owned(&stores.bgp_ads),
+        pools: watch::sorted(&stores.pools),
+        l2_advertisements: watch::sorted(&stores.l2),
+        peers: watch::sorted(&stores.peers),
+        bgp_advertisements: watch::sorted(&stores.bgp_ads),
     };
     let plan = reconcile::plan(
         &objects,
@@ -436,12 +414,6 @@ fn release_deleted(ctx: &Context, services: &[Service], memory: &mut Memory) {
         }
     }
     memory.assigned = now;
-}
-
-fn owned<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
-    let mut all: Vec<K> = store.state().iter().map(|o| (**o).clone()).collect();
-    all.sort_by_key(|o| o.name_any());
-    all
 }
 
 fn set_ingress(service: &mut Service, ips: &[IpAddr]) {

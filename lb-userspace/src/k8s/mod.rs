@@ -14,3 +14,4 @@ pub mod reconcile;
 pub mod request;
 pub mod speaker;
 pub mod validity;
+pub mod watch;

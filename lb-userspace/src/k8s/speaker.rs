@@ -17,7 +17,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
 use k8s_openapi::{
     api::{
         coordination::v1::{Lease, LeaseSpec},
@@ -31,12 +30,10 @@ use kube::{
     api::{Api, PostParams},
     runtime::{
         events::{Event, EventType, Recorder, Reporter},
-        reflector::{self, Store},
-        watcher, WatchStreamExt,
+        reflector::Store,
     },
     Client, Resource, ResourceExt,
 };
-use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
@@ -44,6 +41,7 @@ use super::{
     announce::{self, NodePlan, NodeView},
     crd::{BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement},
     validity::Objects,
+    watch,
 };
 use crate::dataplane::{self, Dataplane, DataplaneOptions, L2Vip};
 
@@ -123,32 +121,6 @@ struct Stores {
     l2: Store<L2Advertisement>,
     peers: Store<BGPPeer>,
     bgp_ads: Store<BGPAdvertisement>,
-}
-
-fn watch<K>(api: Api<K>, notify: &Arc<Notify>) -> Store<K>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream =
-        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
-    let notify = notify.clone();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(_) => notify.notify_one(),
-                Err(e) => warn!(kind = K::kind(&()).as_ref(), error = %e, "watchFailed"),
-            }
-        }
-    });
-    reader
-}
-
-fn owned<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
-    let mut all: Vec<K> = store.state().iter().map(|o| (**o).clone()).collect();
-    all.sort_by_key(|o| o.name_any());
-    all
 }
 
 /// Is a Lease still valid at `now`?
@@ -253,14 +225,14 @@ async fn run_async(
     let notify = Arc::new(Notify::new());
     let ns = options.namespace.as_str();
     let stores = Stores {
-        services: watch(Api::all(client.clone()), &notify),
-        slices: watch(Api::all(client.clone()), &notify),
-        nodes: watch(Api::all(client.clone()), &notify),
-        leases: watch(Api::namespaced(client.clone(), ns), &notify),
-        pools: watch(Api::namespaced(client.clone(), ns), &notify),
-        l2: watch(Api::namespaced(client.clone(), ns), &notify),
-        peers: watch(Api::namespaced(client.clone(), ns), &notify),
-        bgp_ads: watch(Api::namespaced(client.clone(), ns), &notify),
+        services: watch::store(Api::all(client.clone()), &notify),
+        slices: watch::store(Api::all(client.clone()), &notify),
+        nodes: watch::store(Api::all(client.clone()), &notify),
+        leases: watch::store(Api::namespaced(client.clone(), ns), &notify),
+        pools: watch::store(Api::namespaced(client.clone(), ns), &notify),
+        l2: watch::store(Api::namespaced(client.clone(), ns), &notify),
+        peers: watch::store(Api::namespaced(client.clone(), ns), &notify),
+        bgp_ads: watch::store(Api::namespaced(client.clone(), ns), &notify),
     };
     let mut speaker = Speaker {
         recorder: Recorder::new(
@@ -451,18 +423,19 @@ impl Speaker {
 
     async fn pass(&mut self, stores: &Stores) {
         let objects = Objects {
-            pools: owned(&stores.pools),
-            l2_advertisements: owned(&stores.l2),
-            peers: owned(&stores.peers),
-            bgp_advertisements: owned(&stores.bgp_ads),
+            pools: watch::sorted(&stores.pools),
+            l2_advertisements: watch::sorted(&stores.l2),
+            peers: watch::sorted(&stores.peers),
+            bgp_advertisements: watch::sorted(&stores.bgp_ads),
         };
-        let services = owned(&stores.services);
-        let slices = owned(&stores.slices);
-        let leases: Vec<Lease> = owned(&stores.leases)
+        let services = watch::sorted(&stores.services);
+        let slices = watch::sorted(&stores.slices);
+        let leases: Vec<Lease> = watch::sorted(&stores.leases)
             .into_iter()
             .filter(|l| l.name_any().starts_with(LEASE_PREFIX))
             .collect();
-        let (nodes, announcers) = node_views(&owned(&stores.nodes), &leases, Timestamp::now());
+        let (nodes, announcers) =
+            node_views(&watch::sorted(&stores.nodes), &leases, Timestamp::now());
         let plan = announce::plan(announce::Input {
             me: &self.options.node_name,
             objects: &objects,
@@ -487,30 +460,16 @@ impl Speaker {
 
     /// Makes the data plane, the ARP/NDP answers and the BGP routes what `plan` says.
     fn apply(&mut self, plan: &NodePlan) {
-        let by_name: BTreeMap<&str, &dataplane::Interface> = self
-            .interfaces
-            .iter()
-            .map(|i| (i.name.as_str(), i))
-            .collect();
-        let vips: Vec<L2Vip> = plan
-            .l2
-            .iter()
-            .filter_map(|(ip, name)| {
-                by_name.get(name.as_str()).map(|i| L2Vip {
-                    ifindex: i.ifindex,
-                    ip: *ip,
-                    mac: i.mac,
-                })
-            })
-            .collect();
+        let vips = L2Vip::on(&self.interfaces, &plan.l2);
         if let Err(e) = self.dp.sync(&self.interfaces, &plan.services, &vips) {
             warn!(error = %e, "dataplaneSyncFailed");
             return;
         }
         let before: BTreeSet<&(IpAddr, String)> = self.last.l2.iter().collect();
         for vip in &vips {
-            let name = by_name
-                .values()
+            let name = self
+                .interfaces
+                .iter()
                 .find(|i| i.ifindex == vip.ifindex)
                 .map(|i| i.name.clone())
                 .unwrap_or_default();
