@@ -326,23 +326,7 @@ impl Daemon {
         let Some(speaker) = &self.bgp else {
             return Vec::new();
         };
-        speaker
-            .status()
-            .into_iter()
-            .map(|(peer, s)| metrics::BgpSessionStatus {
-                peer: peer.to_string(),
-                state: format!("{:?}", s.state),
-                uptime_seconds: s
-                    .up_since
-                    .and_then(|t| t.elapsed().ok())
-                    .map(|d| d.as_secs()),
-                prefixes_sent: s.prefixes_sent,
-                updates_sent: s.updates_sent,
-                updates_received: s.updates_received,
-                notifications: s.notifications,
-                last_error: s.last_error,
-            })
-            .collect()
+        speaker.session_statuses()
     }
 
     /// Publishes BGP state when it changed (state, counters, errors; not the uptime alone).

@@ -32,6 +32,7 @@ use sluice_tests::{
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 50, 200);
+const VIP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd53, 0x50, 0, 0, 0, 0, 0, 0x200);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 50, 100);
 const NS: &str = "sluice-system";
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/sluice-system/leases";
@@ -88,6 +89,7 @@ fn lab() -> Lab {
     keepers.push(port(&client, "c0", "cl", "br0"));
     keepers.push(port(&mgmt, "m0", "ap", "brm"));
     client.ip(&["addr", "add", "198.18.50.100/24", "dev", "c0"]);
+    client.ip(&["addr", "add", "fd53:50::100/64", "dev", "c0", "nodad"]);
     client.exec(&["ethtool", "-K", "c0", "tx", "off"]);
     mgmt.ip(&["addr", "add", "198.18.60.254/24", "dev", "m0"]);
     keepers.push(napi_keeper(&client, "c0"));
@@ -101,6 +103,14 @@ fn lab() -> Lab {
         keepers.push(port(&node, "eth0", &format!("{name}0"), "brm"));
         node.ip(&["addr", "add", &format!("198.18.50.{n}/24"), "dev", "eth1"]);
         node.ip(&["addr", "add", &format!("198.18.60.{n}/24"), "dev", "eth0"]);
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("fd53:50::{n}/64"),
+            "dev",
+            "eth1",
+            "nodad",
+        ]);
         node.exec(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
         let pod = NetNs::new(&format!("pod-{name}"));
         veth(&node, &format!("p{name}"), &pod, "eth0");
@@ -142,6 +152,11 @@ const NAMES: [&str; 2] = ["node-a", "node-b"];
 
 impl Lab {
     fn objects(&self, policy: &str) {
+        self.objects_with(policy, &[VIP.to_string()]);
+    }
+
+    fn objects_with(&self, policy: &str, ips: &[String]) {
+        let ingress: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
         let api = &self.api;
         for ns in ["default", NS] {
             api.create("/api/v1/namespaces", json!({"metadata": {"name": ns}}))
@@ -160,7 +175,7 @@ impl Lab {
         api.create(
             &format!("{crds}/ipaddresspools"),
             json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "IPAddressPool",
-                   "metadata": {"name": "lab"}, "spec": {"addresses": ["198.18.50.200/29"]}}),
+                   "metadata": {"name": "lab"}, "spec": {"addresses": ["198.18.50.200/29", "fd53:50::200/125"]}}),
         )
         .unwrap();
         api.create(
@@ -175,7 +190,7 @@ impl Lab {
                    "metadata": {"name": "web"},
                    "spec": {"type": "LoadBalancer", "externalTrafficPolicy": policy,
                             "ports": [{"name": "tcp", "port": 80, "protocol": "TCP", "targetPort": 8080}]},
-                   "status": {"loadBalancer": {"ingress": [{"ip": VIP.to_string()}]}}}),
+                   "status": {"loadBalancer": {"ingress": ingress}}}),
         )
         .unwrap();
         let endpoints: Vec<Value> = NAMES
@@ -451,6 +466,19 @@ fn with_bird_as_the_router_both_nodes_announce_a_local_service_until_one_loses_i
     router.wait_route(&prefix, Duration::from_secs(30), |t| {
         t.contains("via 198.18.50.1") && t.contains("via 198.18.50.2")
     });
+    let metrics = wait_for(
+        "the session on node-a's /metrics",
+        Duration::from_secs(5),
+        || {
+            let m = http(&lab.nodes[0], "/metrics");
+            m.contains("sluice_bgp_session_up{peer=\"198.18.50.254\"} 1")
+                .then_some(m)
+        },
+    );
+    assert!(
+        metrics.contains("sluice_bgp_updates_sent_total"),
+        "{metrics}"
+    );
     let announced = wait_for("the announced Events", Duration::from_secs(5), || {
         let notes: Vec<String> = lab
             .api
@@ -522,14 +550,18 @@ fn with_bird_as_the_router_both_nodes_announce_a_local_service_until_one_loses_i
 }
 
 fn readyz(node: &NetNs) -> String {
-    node.run(|| {
+    http(node, "/readyz")
+}
+
+fn http(node: &NetNs, path: &'static str) -> String {
+    node.run(move || {
         use std::io::{Read, Write};
         let Ok(mut s) = std::net::TcpStream::connect("127.0.0.1:9465") else {
             return String::new();
         };
         let _ = write!(
             s,
-            "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         );
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
@@ -540,7 +572,7 @@ fn readyz(node: &NetNs) -> String {
 #[test]
 fn a_speaker_without_lease_permission_says_why_it_is_not_ready_announces_nothing_and_recovers() {
     let mut lab = lab();
-    lab.objects("Cluster");
+    lab.objects_with("Cluster", &[VIP.to_string(), VIP6.to_string()]);
     lab.api.forbid("create", "leases");
     lab.api.forbid("update", "leases");
     lab.start_speaker(1);
@@ -569,4 +601,22 @@ fn a_speaker_without_lease_permission_says_why_it_is_not_ready_announces_nothing
         },
     );
     assert!(readyz(&lab.nodes[1]).contains("200 OK"));
+    // The Service's IPv6 address is answered by NDP, by the same node, on the same interface.
+    let na = ask_ndp(&lab.client);
+    assert_eq!(na.len(), 1, "one Neighbor Advertisement: {na:02x?}");
+    assert_eq!(&na[0][6..12], &lab.node_mac(1, "eth1"));
+}
+
+/// Neighbor Advertisements for VIP6 to a solicitation sent from the client.
+fn ask_ndp(client: &NetNs) -> Vec<Vec<u8>> {
+    let my_mac = client.mac("c0");
+    let me: std::net::Ipv6Addr = "fd53:50::100".parse().unwrap();
+    client.run(move || {
+        let sock = RawSocket::open("c0").unwrap();
+        sock.send(&frames::neighbor_solicitation(my_mac, me, VIP6))
+            .unwrap();
+        sock.collect(Duration::from_millis(500), |f| {
+            f.len() >= 78 && f[12..14] == [0x86, 0xdd] && f[54] == 136 && f[62..78] == VIP6.octets()
+        })
+    })
 }

@@ -274,6 +274,26 @@ impl Speaker {
     }
 
     /// Stops every session (Cease), waiting up to 2 s for them to say it.
+    /// Every session's state, as /metrics and `sluice inspect` show it.
+    pub fn session_statuses(&self) -> Vec<crate::metrics::BgpSessionStatus> {
+        self.status()
+            .into_iter()
+            .map(|(peer, s)| crate::metrics::BgpSessionStatus {
+                peer: peer.to_string(),
+                state: format!("{:?}", s.state),
+                uptime_seconds: s
+                    .up_since
+                    .and_then(|t| t.elapsed().ok())
+                    .map(|d| d.as_secs()),
+                prefixes_sent: s.prefixes_sent,
+                updates_sent: s.updates_sent,
+                updates_received: s.updates_received,
+                notifications: s.notifications,
+                last_error: s.last_error,
+            })
+            .collect()
+    }
+
     pub fn shutdown(mut self) {
         for (_, handle) in std::mem::take(&mut self.sessions) {
             stop_session(handle);

@@ -292,6 +292,11 @@ async fn run_async(
             speaker.pass(&stores).await;
             last_pass = Instant::now();
         }
+        status.lock().unwrap().bgp = speaker
+            .bgp
+            .as_ref()
+            .map(|b| b.session_statuses())
+            .unwrap_or_default();
         // Wake when a Lease may expire, so the IPs of a dead node move without waiting for
         // any watch event.
         let wake = next_renew.min(last_pass + options.resync);
