@@ -620,3 +620,58 @@ fn ask_ndp(client: &NetNs) -> Vec<Vec<u8>> {
         })
     })
 }
+
+#[test]
+fn the_controller_gives_a_new_service_its_ip_and_the_elected_speaker_serves_it() {
+    let mut lab = lab();
+    // As a user would: a Service with no status yet; the controller (in the API's namespace)
+    // allocates, the speakers announce and balance.
+    lab.objects_with("Local", &[]);
+    let kubeconfig = format!("KUBECONFIG={}", lab.kubeconfig.display());
+    let mut controller = lab.mgmt.spawn(&[
+        "env",
+        &kubeconfig,
+        "RUST_LOG=info",
+        &sluice_bin(),
+        "controller",
+        "--namespace",
+        NS,
+        "--identity",
+        "controller-0",
+        "--metrics-address",
+        "127.0.0.1:9464",
+    ]);
+    controller.wait_for_stderr("controllerStarting");
+    lab.start_speaker(0);
+    lab.start_speaker(1);
+    let ip = wait_for(
+        "the controller to write the ingress IP",
+        Duration::from_secs(20),
+        || {
+            let s = lab.api.get("/api/v1/namespaces/default/services/web")?;
+            s["status"]["loadBalancer"]["ingress"][0]["ip"]
+                .as_str()
+                .map(String::from)
+        },
+    );
+    assert_eq!(ip, VIP.to_string(), "the pool's first address");
+    let owner = wait_for("one node to announce it", Duration::from_secs(20), || {
+        lab.announcer()
+    });
+    let name = wait_for("an answer through the IP", Duration::from_secs(10), || {
+        ask_vip(&lab.client)
+    });
+    assert_eq!(name, format!("pod-{}", ["a", "b"][owner]));
+    let reasons: Vec<String> = lab
+        .api
+        .list(EVENTS)
+        .iter()
+        .filter_map(|e| e["reason"].as_str().map(String::from))
+        .collect();
+    assert!(
+        reasons.contains(&"IPAllocated".to_string())
+            && reasons.contains(&"nodeAssigned".to_string()),
+        "{reasons:?}"
+    );
+    drop(controller);
+}
