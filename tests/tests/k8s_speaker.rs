@@ -61,7 +61,7 @@ impl Drop for Lab {
         }
         let _ = std::fs::remove_file(&self.kubeconfig);
         for log in &self.logs {
-            if std::thread::panicking() {
+            if std::thread::panicking() || std::env::var_os("SLUICE_KEEP_LOGS").is_some() {
                 eprintln!("speaker log kept: {}", log.display());
             } else {
                 let _ = std::fs::remove_file(log);
@@ -277,7 +277,7 @@ impl Lab {
     }
 }
 
-/// ARP replies for the VIP to a request sent on `ifname` of `ns`.
+/// ARP replies for the VIP sent to this asker (gratuitous ARPs, broadcast, are not answers).
 fn ask_arp(ns: &NetNs, ifname: &'static str, sender: Ipv4Addr) -> Vec<Vec<u8>> {
     let my_mac = ns.mac(ifname);
     ns.run(move || {
@@ -289,7 +289,53 @@ fn ask_arp(ns: &NetNs, ifname: &'static str, sender: Ipv4Addr) -> Vec<Vec<u8>> {
                 && f[12..14] == [0x08, 0x06]
                 && f[20..22] == [0, 2]
                 && f[28..32] == VIP.octets()
+                && f[0..6] == my_mac
         })
+    })
+}
+
+/// Does `act`, then waits for the node with `new_mac` to send a gratuitous ARP for the VIP and
+/// to answer ARP for it alone; returns how long each took.
+fn takeover(lab: &Lab, new_mac: Mac, act: impl FnOnce()) -> (Duration, Duration) {
+    let seen: Arc<Mutex<Option<Instant>>> = Arc::default();
+    std::thread::scope(|scope| {
+        let listener = {
+            let seen = seen.clone();
+            let client = &lab.client;
+            scope.spawn(move || {
+                client.run(move || {
+                    let sock = RawSocket::open("c0").unwrap();
+                    sock.collect(Duration::from_secs(12), |f| {
+                        let gratuitous = f.len() >= 42
+                            && f[12..14] == [0x08, 0x06]
+                            && f[28..32] == VIP.octets()
+                            && f[38..42] == VIP.octets()
+                            && f[22..28] == new_mac;
+                        if gratuitous {
+                            seen.lock().unwrap().get_or_insert_with(Instant::now);
+                        }
+                        gratuitous
+                    })
+                })
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let start = Instant::now();
+        act();
+        let answered = wait_for(
+            "the new owner to answer ARP alone",
+            Duration::from_secs(15),
+            // When the request the new owner alone answered was sent (polled every ~0.5 s).
+            || {
+                let asked = Instant::now();
+                let r = ask_arp(&lab.client, "c0", CLIENT_IP);
+                (r.len() == 1 && r[0][6..12] == new_mac).then_some(asked)
+            },
+        );
+        let frames = listener.join().unwrap();
+        assert!(!frames.is_empty(), "no gratuitous ARP from the new owner");
+        let garp = seen.lock().unwrap().expect("seen");
+        (garp - start, answered - start)
     })
 }
 
@@ -363,65 +409,65 @@ fn one_elected_speaker_answers_arp_on_the_chosen_interface_balances_to_its_pod_a
         "{event}"
     );
 
-    // The owner's speaker dies (SIGKILL: no goodbye). The client listens for the new owner's
-    // gratuitous ARP.
-    let new_mac = lab.node_mac(other, "eth1");
-    let seen: Arc<Mutex<Option<Instant>>> = Arc::default();
-    let (killed, answered, gratuitous) = std::thread::scope(|scope| {
-        let listener = {
-            let seen = seen.clone();
-            let client = &lab.client;
-            scope.spawn(move || {
-                client.run(move || {
-                    let sock = RawSocket::open("c0").unwrap();
-                    sock.collect(Duration::from_secs(12), |f| {
-                        let gratuitous = f.len() >= 42
-                            && f[12..14] == [0x08, 0x06]
-                            && f[28..32] == VIP.octets()
-                            && f[38..42] == VIP.octets()
-                            && f[22..28] == new_mac;
-                        if gratuitous {
-                            seen.lock().unwrap().get_or_insert_with(Instant::now);
-                        }
-                        gratuitous
-                    })
-                })
-            })
-        };
-        std::thread::sleep(Duration::from_millis(300));
-        let killed = Instant::now();
-        drop(lab.speakers[owner].take());
-        let answered = wait_for(
-            "the other node to answer ARP",
-            Duration::from_secs(15),
-            || {
-                let r = ask_arp(&lab.client, "c0", CLIENT_IP);
-                (r.len() == 1 && r[0][6..12] == new_mac).then(Instant::now)
-            },
-        );
-        (killed, answered, listener.join().unwrap())
+    // The operator deletes the owner's Lease: the other node takes the IP over, and the owner
+    // stops answering (its new Lease claims nothing).
+    let first_mac = owner_mac;
+    let second_mac = lab.node_mac(other, "eth1");
+    let (took, answered) = takeover(&lab, second_mac, || {
+        lab.api
+            .delete(&format!("{LEASES}/sluice-speaker-{}", NAMES[owner]))
+            .unwrap();
     });
-    assert!(
-        !gratuitous.is_empty(),
-        "no gratuitous ARP from the new owner"
-    );
-    let garp_at = seen.lock().unwrap().expect("seen");
     eprintln!(
-        "L2 failover: gratuitous ARP from the new owner {:.2} s after the owner's speaker was killed; ARP answered by it after {:.2} s (lease 3 s)",
-        (garp_at - killed).as_secs_f64(),
-        (answered - killed).as_secs_f64()
+        "L2 move on Lease deletion: gratuitous ARP from the new owner after {:.2} s; the first ARP request it alone answered was sent after {:.2} s (polled every ~0.5 s)",
+        took.as_secs_f64(),
+        answered.as_secs_f64()
     );
     wait_for(
         "the new owner's Lease to say so",
         Duration::from_secs(5),
         || lab.announces(other).then_some(()),
     );
+    wait_for(
+        "the old owner to be back, claiming nothing",
+        Duration::from_secs(5),
+        || {
+            lab.api
+                .get(&format!("{LEASES}/sluice-speaker-{}", NAMES[owner]))
+                .filter(|_| !lab.announces(owner))
+        },
+    );
+    let r = ask_arp(&lab.client, "c0", CLIENT_IP);
+    assert!(
+        r.len() == 1 && r[0][6..12] == second_mac,
+        "one answer, from the new owner: {r:02x?}"
+    );
+    let name = wait_for(
+        "an answer through the VIP after the move",
+        Duration::from_secs(10),
+        || ask_vip(&lab.client),
+    );
+    assert_eq!(name, format!("pod-{}", ["a", "b"][other]));
+
+    // The new owner's speaker dies (SIGKILL: no goodbye): the first node takes the IP back.
+    let victim = lab.speakers[other].take();
+    let (took, answered) = takeover(&lab, first_mac, move || drop(victim));
+    eprintln!(
+        "L2 failover: gratuitous ARP from the new owner {:.2} s after the owner's speaker was killed; the first ARP request it alone answered was sent after {:.2} s (polled every ~0.5 s; lease 3 s)",
+        took.as_secs_f64(),
+        answered.as_secs_f64()
+    );
+    wait_for(
+        "the first node's Lease to say so",
+        Duration::from_secs(5),
+        || lab.announces(owner).then_some(()),
+    );
     let name = wait_for(
         "an answer through the VIP after failover",
         Duration::from_secs(10),
         || ask_vip(&lab.client),
     );
-    assert_eq!(name, format!("pod-{}", ["a", "b"][other]));
+    assert_eq!(name, format!("pod-{}", ["a", "b"][owner]));
     lab.api.assert_rbac_allows_every_request("speaker");
 }
 

@@ -325,6 +325,18 @@ impl Speaker {
 
     /// Renews (or creates) our Lease, with our interfaces and what we announce in its annotations.
     async fn renew_lease(&mut self) {
+        // Our Lease gone although we wrote it: someone deleted it (an operator moving IPs
+        // away, or a cleanup). The others already count this node out; stop answering before
+        // coming back, so the new Lease claims nothing and the IPs stay where they went.
+        if self.lease_renewed.is_some()
+            && matches!(self.leases.get_opt(&self.lease_name()).await, Ok(None))
+        {
+            warn!(lease = %self.lease_name(), "leaseDeleted");
+            self.last.l2.clear();
+            if let Err(e) = self.dp.set_l2_vips(&[]) {
+                warn!(error = %e, "l2ClearFailed");
+            }
+        }
         let announcing = self.announcing();
         let result = self
             .write_lease(&announcing, self.options.lease_duration)
