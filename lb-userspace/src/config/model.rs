@@ -174,8 +174,28 @@ fn well_known_community(name: &str) -> Option<(u16, u16)> {
     }
 }
 
+/// Where the model comes from, where that changes what is valid.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Source {
+    /// Config files for `sluice run`: an L2 advertisement without interfaces falls back to
+    /// `dataplane.interfaces`, and needs one of the two.
+    #[default]
+    Files,
+    /// Kubernetes objects: an L2 advertisement without interfaces means every interface each
+    /// node's speaker was given, resolved per node.
+    Kubernetes,
+}
+
 /// Builds the model from parsed files (`(name, file)` for error messages); every problem found.
 pub fn build(files: Vec<(String, SluiceFile)>) -> Result<Config, Vec<FileError>> {
+    build_for(files, Source::Files)
+}
+
+/// [`build`] for a [`Source`].
+pub fn build_for(
+    files: Vec<(String, SluiceFile)>,
+    source: Source,
+) -> Result<Config, Vec<FileError>> {
     let mut p = Problems::default();
     let mut dataplane_section: Option<(String, file::DataplaneSection)> = None;
     let mut merged = SluiceFile::default();
@@ -313,7 +333,7 @@ pub fn build(files: Vec<(String, SluiceFile)>) -> Result<Config, Vec<FileError>>
             }
         }
         let ifaces = if spec.interfaces.is_empty() {
-            if section.interfaces.is_empty() {
+            if section.interfaces.is_empty() && source == Source::Files {
                 p.add(
                     format!("{path}.interfaces"),
                     "names no interface, and dataplane.interfaces names none either: say where to answer ARP/NDP",

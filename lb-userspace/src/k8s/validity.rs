@@ -169,11 +169,7 @@ pub fn validate(objects: &Objects) -> Verdict {
         f.l2_advertisements.push(file::L2AdvertisementSpec {
             ip_address_pools: a.spec.ip_address_pools.clone(),
             // No interfaces means every interface of the node: the speaker resolves it.
-            interfaces: if a.spec.interfaces.is_empty() {
-                vec!["lo".to_string()]
-            } else {
-                a.spec.interfaces.clone()
-            },
+            interfaces: a.spec.interfaces.clone(),
         });
     }
     for p in &peers {
@@ -218,7 +214,10 @@ pub fn validate(objects: &Objects) -> Verdict {
         });
     }
 
-    let config = match config::model::build(vec![("kubernetes".to_string(), f)]) {
+    let config = match config::model::build_for(
+        vec![("kubernetes".to_string(), f)],
+        config::model::Source::Kubernetes,
+    ) {
         Ok(config) => Some(config),
         Err(errors) => {
             for e in errors {
@@ -271,6 +270,26 @@ mod tests {
             .find(|(o, _)| o.kind == kind && o.name == name)
             .map(|(_, p)| p.as_slice())
             .unwrap_or_else(|| panic!("no verdict for {kind} {name}"))
+    }
+
+    #[test]
+    fn an_l2_advertisement_without_interfaces_is_valid_and_means_every_interface_of_the_node() {
+        let v = validate(&Objects {
+            pools: vec![pool("lab", &["198.51.100.0/29"])],
+            l2_advertisements: vec![L2Advertisement::new("all", L2AdvertisementSpec::default())],
+            ..Default::default()
+        });
+        assert!(
+            problems_of(&v, "L2Advertisement", "all").is_empty(),
+            "{:?}",
+            v.problems
+        );
+        let config = v.config.expect("valid");
+        assert!(config.l2_advertisements[0].interfaces.is_empty());
+        assert!(
+            config.dataplane.interfaces.is_empty(),
+            "no stand-in interface"
+        );
     }
 
     #[test]
