@@ -306,39 +306,33 @@ pub fn render(
     out
 }
 
-/// Serves /metrics, /healthz and /readyz on `address` from a thread of its own.
-pub fn serve(address: SocketAddr, status: SharedStatus, pin_dir: PathBuf) -> std::io::Result<()> {
+/// What /readyz answers for the daemon's (or the speaker's) status.
+pub fn readiness(s: &Status) -> (u16, String) {
+    match (&s.not_ready_reason, s.ready, &s.last_reload_error) {
+        (Some(reason), _, _) => (503, format!("not ready: {reason}\n")),
+        (None, false, _) => (503, "not ready: the data plane is not serving yet\n".into()),
+        (None, true, None) => (200, "ready\n".to_string()),
+        (None, true, Some(e)) => (
+            503,
+            format!("the last reload failed (the previous configuration keeps serving):\n{e}\n"),
+        ),
+    }
+}
+
+/// Serves /healthz, /readyz and /metrics on `address` from a thread of its own; `readyz` and
+/// `metrics` answer at request time.
+fn serve_endpoints(
+    address: SocketAddr,
+    readyz: impl Fn() -> (u16, String) + Send + 'static,
+    metrics: impl Fn() -> String + Send + 'static,
+) -> std::io::Result<()> {
     let server = tiny_http::Server::http(address).map_err(std::io::Error::other)?;
     std::thread::spawn(move || {
         for request in server.incoming_requests() {
             let (code, body) = match request.url() {
                 "/healthz" => (200, "ok\n".to_string()),
-                "/readyz" => {
-                    let s = status.lock().unwrap().clone();
-                    match (s.ready, &s.last_reload_error) {
-                        _ if s.not_ready_reason.is_some() => (
-                            503,
-                            format!("not ready: {}\n", s.not_ready_reason.clone().unwrap_or_default()),
-                        ),
-                        (true, None) => (200, "ready\n".to_string()),
-                        (false, _) => (503, "not ready: the data plane is not serving yet\n".into()),
-                        (true, Some(e)) => (
-                            503,
-                            format!("the last reload failed (the previous configuration keeps serving):\n{e}\n"),
-                        ),
-                    }
-                }
-                "/metrics" => {
-                    let s = status.lock().unwrap().clone();
-                    let view = PinnedView::open(&pin_dir).ok();
-                    let services = view
-                        .as_ref()
-                        .and_then(|v| v.services().ok())
-                        .unwrap_or_default();
-                    let global = view.as_ref().and_then(|v| v.stats().ok());
-                    let flows = view.as_ref().map(|v| v.flow_count());
-                    (200, render(&s, &services, global.as_ref(), flows))
-                }
+                "/readyz" => readyz(),
+                "/metrics" => (200, metrics()),
                 _ => (404, "not found: try /metrics, /healthz or /readyz\n".into()),
             };
             let response = tiny_http::Response::from_string(body).with_status_code(code);
@@ -346,6 +340,27 @@ pub fn serve(address: SocketAddr, status: SharedStatus, pin_dir: PathBuf) -> std
         }
     });
     Ok(())
+}
+
+/// Serves the daemon's (or the speaker's) /metrics, /healthz and /readyz. Traffic counters
+/// come from the maps pinned in `pin_dir` at scrape time.
+pub fn serve(address: SocketAddr, status: SharedStatus, pin_dir: PathBuf) -> std::io::Result<()> {
+    let ready = status.clone();
+    serve_endpoints(
+        address,
+        move || readiness(&ready.lock().unwrap()),
+        move || {
+            let s = status.lock().unwrap().clone();
+            let view = PinnedView::open(&pin_dir).ok();
+            let services = view
+                .as_ref()
+                .and_then(|v| v.services().ok())
+                .unwrap_or_default();
+            let global = view.as_ref().and_then(|v| v.stats().ok());
+            let flows = view.as_ref().map(|v| v.flow_count());
+            render(&s, &services, global.as_ref(), flows)
+        },
+    )
 }
 
 /// Renders the controller's metrics (Prometheus text format).
@@ -439,31 +454,26 @@ pub fn render_controller(status: &crate::k8s::controller::ControllerStatus) -> S
     out
 }
 
-/// Serves the controller's /metrics, /healthz and /readyz (ready once every watch has listed)
-/// from a thread of its own.
+/// Serves the controller's /metrics, /healthz and /readyz (ready once every watch has listed).
 pub fn serve_controller(
     address: SocketAddr,
     status: crate::k8s::controller::SharedControllerStatus,
 ) -> std::io::Result<()> {
-    let server = tiny_http::Server::http(address).map_err(std::io::Error::other)?;
-    std::thread::spawn(move || {
-        for request in server.incoming_requests() {
-            let s = status.lock().unwrap().clone();
-            let (code, body) = match request.url() {
-                "/healthz" => (200, "ok\n".to_string()),
-                "/readyz" if s.synced => (200, "ready\n".to_string()),
-                "/readyz" => (
+    let ready = status.clone();
+    serve_endpoints(
+        address,
+        move || {
+            if ready.lock().unwrap().synced {
+                (200, "ready\n".to_string())
+            } else {
+                (
                     503,
                     "not ready: the watches have not listed yet\n".to_string(),
-                ),
-                "/metrics" => (200, render_controller(&s)),
-                _ => (404, "not found: try /metrics, /healthz or /readyz\n".into()),
-            };
-            let response = tiny_http::Response::from_string(body).with_status_code(code);
-            let _ = request.respond(response);
-        }
-    });
-    Ok(())
+                )
+            }
+        },
+        move || render_controller(&status.lock().unwrap()),
+    )
 }
 
 #[cfg(test)]
@@ -471,6 +481,21 @@ mod tests {
     use super::*;
     use crate::dataplane::{Backend, Protocol, Service};
     use lb_common::TrafficStats;
+
+    #[test]
+    fn readiness_names_why_it_is_not_ready_first_then_serving_then_the_last_reload() {
+        let mut s = Status::default();
+        assert!(readiness(&s).0 == 503 && readiness(&s).1.contains("not serving yet"));
+        s.ready = true;
+        assert_eq!(readiness(&s), (200, "ready\n".to_string()));
+        s.last_reload_error = Some("pools[0]: bad".into());
+        assert!(readiness(&s).0 == 503 && readiness(&s).1.contains("pools[0]: bad"));
+        s.not_ready_reason = Some("cannot write the Lease".into());
+        assert_eq!(
+            readiness(&s),
+            (503, "not ready: cannot write the Lease\n".to_string())
+        );
+    }
 
     #[test]
     fn renders_traffic_health_pools_and_reloads_in_prometheus_text() {

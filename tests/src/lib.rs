@@ -11,6 +11,25 @@ pub mod netns;
 pub mod rawsock;
 pub mod servers;
 
+/// An HTTP/1.0 GET of `path` on `address`, from the calling thread's network namespace:
+/// (status code, body), or `None` when nothing answers there.
+pub fn http_get(address: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut conn =
+        std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_secs(3)).ok()?;
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .ok()?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: sluice\r\n\r\n").ok()?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Some((code, body))
+}
+
 /// Fails loudly (CI runs as root) when the test cannot do what it must.
 pub fn require_root() {
     let uid = unsafe { libc::geteuid() };

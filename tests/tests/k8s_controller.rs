@@ -2,8 +2,6 @@
 //! fake API server (HTTP list, watch, get, patch, status subresource, Events, Leases).
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -53,7 +51,10 @@ impl Controller {
     }
 
     fn metrics(&self) -> String {
-        http_get(self.metrics_port, "/metrics")
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], self.metrics_port));
+        sluice_tests::http_get(address, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
     }
 
     /// SIGTERM, as Kubernetes stops a pod; waits for the exit.
@@ -90,19 +91,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let _ = write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    );
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
 }
 
 fn tempdir(name: &str) -> PathBuf {

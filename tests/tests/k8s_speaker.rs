@@ -516,7 +516,7 @@ fn with_bird_as_the_router_both_nodes_announce_a_local_service_until_one_loses_i
         "the session on node-a's /metrics",
         Duration::from_secs(5),
         || {
-            let m = http(&lab.nodes[0], "/metrics");
+            let (_, m) = http(&lab.nodes[0], "/metrics");
             m.contains("sluice_bgp_session_up{peer=\"198.18.50.254\"} 1")
                 .then_some(m)
         },
@@ -595,24 +595,15 @@ fn with_bird_as_the_router_both_nodes_announce_a_local_service_until_one_loses_i
     drop(router);
 }
 
-fn readyz(node: &NetNs) -> String {
-    http(node, "/readyz")
+/// GET on the speaker's metrics address inside its node namespace: (status code, body).
+fn http(node: &NetNs, path: &'static str) -> (u16, String) {
+    node.run(move || {
+        sluice_tests::http_get(SocketAddr::from(([127, 0, 0, 1], 9465)), path).unwrap_or_default()
+    })
 }
 
-fn http(node: &NetNs, path: &'static str) -> String {
-    node.run(move || {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect("127.0.0.1:9465") else {
-            return String::new();
-        };
-        let _ = write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        );
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    })
+fn readyz(node: &NetNs) -> (u16, String) {
+    http(node, "/readyz")
 }
 
 #[test]
@@ -623,8 +614,8 @@ fn a_speaker_without_lease_permission_says_why_it_is_not_ready_announces_nothing
     lab.api.forbid("update", "leases");
     lab.start_speaker(1);
     let why = wait_for("/readyz to say why", Duration::from_secs(10), || {
-        let r = readyz(&lab.nodes[1]);
-        (r.contains("503") && r.contains("Lease")).then_some(r)
+        let (code, body) = readyz(&lab.nodes[1]);
+        (code == 503 && body.contains("Lease")).then_some(body)
     });
     assert!(
         why.contains("cannot write the Lease sluice-system/sluice-speaker-node-b")
@@ -646,7 +637,7 @@ fn a_speaker_without_lease_permission_says_why_it_is_not_ready_announces_nothing
             (r.len() == 1 && r[0][6..12] == lab.node_mac(1, "eth1")).then_some(())
         },
     );
-    assert!(readyz(&lab.nodes[1]).contains("200 OK"));
+    assert_eq!(readyz(&lab.nodes[1]).0, 200);
     // The Service's IPv6 address is answered by NDP, by the same node, on the same interface.
     let na = ask_ndp(&lab.client);
     assert_eq!(na.len(), 1, "one Neighbor Advertisement: {na:02x?}");

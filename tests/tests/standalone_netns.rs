@@ -2,8 +2,7 @@
 //! with real clients and backends (see `sluice_tests::lab`).
 
 use std::{
-    io::Write,
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -81,20 +80,7 @@ fn metrics(lab: &Lab) -> String {
 /// GET on the daemon's metrics address inside the node namespace: (status code, body).
 fn http_get_raw(ns: &NetNs, path: &'static str) -> (u16, String) {
     ns.run(move || {
-        let mut conn = TcpStream::connect(METRICS).expect("metrics endpoint");
-        write!(conn, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut conn, &mut text).unwrap();
-        let code = text
-            .split_whitespace()
-            .nth(1)
-            .unwrap_or("0")
-            .parse()
-            .unwrap_or(0);
-        (
-            code,
-            text.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
-        )
+        sluice_tests::http_get(METRICS.parse().unwrap(), path).expect("metrics endpoint")
     })
 }
 

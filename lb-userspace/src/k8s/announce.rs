@@ -21,7 +21,8 @@ use kube::ResourceExt;
 
 use super::{
     allocate::selector_matches,
-    reconcile::{self, status_ips},
+    crd::L2Advertisement,
+    reconcile::{self, service_key, status_ips},
     request,
     validity::Objects,
 };
@@ -87,8 +88,14 @@ pub struct NodePlan {
     pub problems: Vec<Problem>,
 }
 
-fn key(s: &Service) -> String {
-    format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any())
+impl NodePlan {
+    /// The Services (`namespace/name`) that have this IP.
+    pub fn services_with(&self, ip: IpAddr) -> impl Iterator<Item = &String> {
+        self.service_ips
+            .iter()
+            .filter(move |(_, ips)| ips.contains(&ip))
+            .map(|(k, _)| k)
+    }
 }
 
 /// Per family (true: IPv4), per port name: this node's ready endpoints (IP, port).
@@ -112,7 +119,7 @@ fn read_service(
     me: &str,
     problems: &mut Vec<Problem>,
 ) -> Svc {
-    let k = key(s);
+    let k = service_key(s);
     let spec = s.spec.clone().unwrap_or_default();
     let local = spec.external_traffic_policy.as_deref() == Some("Local");
     let mut ports = Vec::new();
@@ -238,6 +245,19 @@ fn covered_pools(
         .collect()
 }
 
+/// The advertisement's interfaces this node has (all of the node's when it names none).
+fn usable_interfaces(adv: &L2Advertisement, node: &NodeView) -> BTreeSet<String> {
+    if adv.spec.interfaces.is_empty() {
+        return node.interfaces.clone();
+    }
+    adv.spec
+        .interfaces
+        .iter()
+        .filter(|i| node.interfaces.contains(*i))
+        .cloned()
+        .collect()
+}
+
 fn node_matches(
     node: &NodeView,
     selectors: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector],
@@ -308,43 +328,40 @@ pub fn plan(input: Input<'_>) -> NodePlan {
     let serves = |svc: &Svc, node: &str| !svc.local || svc.endpoint_nodes.contains(node);
 
     // L2: one elected node per IP.
-    let mut l2s = input.objects.l2_advertisements.clone();
-    l2s.sort_by_key(|a| a.name_any());
+    // Each advertisement with the pools it covers, computed once.
+    let mut l2s: Vec<(&L2Advertisement, BTreeSet<String>)> = input
+        .objects
+        .l2_advertisements
+        .iter()
+        .map(|a| {
+            let pools = covered_pools(
+                input.objects,
+                &a.spec.ip_address_pools,
+                &a.spec.ip_address_pool_selectors,
+            );
+            (a, pools)
+        })
+        .collect();
+    l2s.sort_by_key(|(a, _)| a.name_any());
     let mut ballots = Vec::new();
     let mut my_interfaces: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
     for svc in &services {
         for ip in &svc.ips {
             let Some(pool) = pool_of(*ip) else { continue };
+            let advs: Vec<&L2Advertisement> = l2s
+                .iter()
+                .filter(|(_, pools)| pools.contains(&pool))
+                .map(|(a, _)| *a)
+                .collect();
+            if advs.is_empty() {
+                continue;
+            }
             let mut eligible = BTreeSet::new();
-            let mut covered = false;
-            for adv in &l2s {
-                if !covered_pools(
-                    input.objects,
-                    &adv.spec.ip_address_pools,
-                    &adv.spec.ip_address_pool_selectors,
-                )
-                .contains(&pool)
-                {
-                    continue;
-                }
-                covered = true;
-                for node in input.nodes {
-                    if !up(node)
-                        || !node_matches(node, &adv.spec.node_selectors)
-                        || !serves(svc, &node.name)
-                    {
-                        continue;
-                    }
-                    let usable: BTreeSet<String> = if adv.spec.interfaces.is_empty() {
-                        node.interfaces.clone()
-                    } else {
-                        adv.spec
-                            .interfaces
-                            .iter()
-                            .filter(|i| node.interfaces.contains(*i))
-                            .cloned()
-                            .collect()
-                    };
+            for adv in advs {
+                for node in input.nodes.iter().filter(|n| {
+                    up(n) && node_matches(n, &adv.spec.node_selectors) && serves(svc, &n.name)
+                }) {
+                    let usable = usable_interfaces(adv, node);
                     if usable.is_empty() {
                         if node.name == input.me && !adv.spec.interfaces.is_empty() {
                             out.problems.push(Problem {
@@ -363,13 +380,11 @@ pub fn plan(input: Input<'_>) -> NodePlan {
                     }
                 }
             }
-            if covered {
-                ballots.push(Ballot {
-                    ip: *ip,
-                    eligible,
-                    current: input.announcers.get(ip).cloned(),
-                });
-            }
+            ballots.push(Ballot {
+                ip: *ip,
+                eligible,
+                current: input.announcers.get(ip).cloned(),
+            });
         }
     }
     out.l2_owners = election::elect(&ballots, input.sticky);

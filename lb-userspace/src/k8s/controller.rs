@@ -42,7 +42,7 @@ use tracing::{debug, info, warn};
 use super::{
     crd::{BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement},
     lease::{self, Decision},
-    reconcile::{self, Plan},
+    reconcile::{self, service_key, Plan},
     validity::{self, ObjectRef, Objects},
     watch,
 };
@@ -337,20 +337,12 @@ struct Memory {
     assigned: BTreeMap<String, Vec<IpAddr>>,
 }
 
-fn key(service: &Service) -> String {
-    format!(
-        "{}/{}",
-        service.namespace().unwrap_or_default(),
-        service.name_any()
-    )
-}
-
 /// One pass: read the stores, plan, write what differs.
 async fn pass(ctx: &Context, stores: &Stores, memory: &mut Memory) {
     let mut services: Vec<Service> = Vec::new();
     for s in stores.services.state() {
         let mut s = (*s).clone();
-        let k = key(&s);
+        let k = service_key(&s);
         if let Some((rv, ips)) = memory.written.get(&k) {
             if *rv == s.resource_version() {
                 set_ingress(&mut s, ips);
@@ -362,9 +354,9 @@ async fn pass(ctx: &Context, stores: &Stores, memory: &mut Memory) {
     }
     memory
         .written
-        .retain(|k, _| services.iter().any(|s| key(s) == *k));
+        .retain(|k, _| services.iter().any(|s| service_key(s) == *k));
     release_deleted(ctx, &services, memory);
-    services.sort_by_key(key);
+    services.sort_by_key(service_key);
     let namespace_labels: BTreeMap<String, BTreeMap<String, String>> = stores
         .namespaces
         .state()
@@ -404,11 +396,11 @@ async fn pass(ctx: &Context, stores: &Stores, memory: &mut Memory) {
 fn release_deleted(ctx: &Context, services: &[Service], memory: &mut Memory) {
     let now: BTreeMap<String, Vec<IpAddr>> = services
         .iter()
-        .map(|s| (key(s), reconcile::status_ips(s)))
+        .map(|s| (service_key(s), reconcile::status_ips(s)))
         .filter(|(_, ips)| !ips.is_empty())
         .collect();
     for (service, ips) in &memory.assigned {
-        if !now.contains_key(service) && !services.iter().any(|s| key(s) == *service) {
+        if !services.iter().any(|s| service_key(s) == *service) {
             info!(%service, ips = ?ips, "ipReleased");
             ctx.status.lock().unwrap().releases_total += 1;
         }
@@ -448,7 +440,7 @@ async fn write_statuses(
 ) -> BTreeSet<String> {
     let mut failed = BTreeSet::new();
     for (k, ips) in &plan.statuses {
-        let Some(service) = services.iter().find(|s| key(s) == *k) else {
+        let Some(service) = services.iter().find(|s| service_key(s) == *k) else {
             continue;
         };
         let api: Api<Service> =
@@ -494,7 +486,7 @@ async fn record_events(
         if memory.recorded.contains(&id) {
             continue;
         }
-        let Some(service) = services.iter().find(|s| key(s) == event.service) else {
+        let Some(service) = services.iter().find(|s| service_key(s) == event.service) else {
             continue;
         };
         match event.reason {
@@ -599,7 +591,7 @@ async fn write_out_of_pool_conditions(ctx: &Context, services: &[Service], plan:
         warnings.entry(&e.service).or_default().push(&e.message);
     }
     for service in services {
-        let k = key(service);
+        let k = service_key(service);
         let warning = warnings.get(k.as_str()).map(|m| m.join("; "));
         let current = service
             .status

@@ -19,7 +19,9 @@ pub enum Decision {
     Follow { holder: String, expires: Timestamp },
 }
 
-fn expiry(spec: &LeaseSpec, default_duration: i32) -> Option<Timestamp> {
+/// When the Lease runs out: its last renewal (or acquisition) plus its duration
+/// (`default_duration` when it states none); `None` when it was never taken.
+pub fn expiry(spec: &LeaseSpec, default_duration: i32) -> Option<Timestamp> {
     let last = spec.renew_time.as_ref().or(spec.acquire_time.as_ref())?.0;
     let secs = spec.lease_duration_seconds.unwrap_or(default_duration);
     last.checked_add(SignedDuration::from_secs(i64::from(secs)))

@@ -55,7 +55,8 @@ pub fn status_ips(service: &Service) -> Vec<IpAddr> {
         .collect()
 }
 
-fn key(service: &Service) -> String {
+/// A Service's key in plans and Events: `namespace/name`.
+pub fn service_key(service: &Service) -> String {
     format!(
         "{}/{}",
         service.namespace().unwrap_or_default(),
@@ -136,7 +137,7 @@ pub fn plan(
 
     let mut inputs = Vec::new();
     for s in services {
-        let k = key(s);
+        let k = service_key(s);
         let current = status_ips(s);
         if !request::is_ours(s, classless_is_ours) {
             if !current.is_empty()

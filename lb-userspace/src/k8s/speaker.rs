@@ -19,12 +19,12 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        coordination::v1::{Lease, LeaseSpec},
+        coordination::v1::Lease,
         core::v1::{Node, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
-    jiff::{SignedDuration, Timestamp},
+    jiff::Timestamp,
 };
 use kube::{
     api::{Api, PostParams},
@@ -40,6 +40,7 @@ use tracing::{info, warn};
 use super::{
     announce::{self, NodePlan, NodeView},
     crd::{BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement},
+    lease,
     validity::Objects,
     watch,
 };
@@ -123,17 +124,6 @@ struct Stores {
     bgp_ads: Store<BGPAdvertisement>,
 }
 
-/// Is a Lease still valid at `now`?
-fn alive(spec: &LeaseSpec, now: Timestamp) -> bool {
-    let Some(last) = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) else {
-        return false;
-    };
-    let secs = spec.lease_duration_seconds.unwrap_or(15);
-    last.0
-        .checked_add(SignedDuration::from_secs(i64::from(secs)))
-        .is_ok_and(|end| now < end)
-}
-
 fn split(list: Option<&String>) -> impl Iterator<Item = &str> {
     list.into_iter()
         .flat_map(|l| l.split(','))
@@ -163,7 +153,8 @@ pub fn node_views(
             .find(|l| l.name_any() == format!("{LEASE_PREFIX}{name}"));
         let live = lease
             .and_then(|l| l.spec.as_ref())
-            .is_some_and(|s| alive(s, now));
+            .and_then(|s| lease::expiry(s, 15))
+            .is_some_and(|end| now < end);
         let annotations = lease.map(|l| l.annotations().clone()).unwrap_or_default();
         if live {
             for ip in split(annotations.get(ANNOUNCING_ANNOTATION)) {
@@ -325,22 +316,25 @@ impl Speaker {
 
     /// Renews (or creates) our Lease, with our interfaces and what we announce in its annotations.
     async fn renew_lease(&mut self) {
-        // Our Lease gone although we wrote it: someone deleted it (an operator moving IPs
-        // away, or a cleanup). The others already count this node out; stop answering before
-        // coming back, so the new Lease claims nothing and the IPs stay where they went.
-        if self.lease_renewed.is_some()
-            && matches!(self.leases.get_opt(&self.lease_name()).await, Ok(None))
-        {
-            warn!(lease = %self.lease_name(), "leaseDeleted");
-            self.last.l2.clear();
-            if let Err(e) = self.dp.set_l2_vips(&[]) {
-                warn!(error = %e, "l2ClearFailed");
+        let result = match self.leases.get_opt(&self.lease_name()).await {
+            Ok(current) => {
+                // Our Lease gone although we wrote it: someone deleted it (an operator moving
+                // IPs away, or a cleanup). The others already count this node out; stop
+                // answering before coming back, so the new Lease claims nothing and the IPs
+                // stay where they went.
+                if current.is_none() && self.lease_renewed.is_some() {
+                    warn!(lease = %self.lease_name(), "leaseDeleted");
+                    self.last.l2.clear();
+                    if let Err(e) = self.dp.set_l2_vips(&[]) {
+                        warn!(error = %e, "l2ClearFailed");
+                    }
+                }
+                self.write_lease(current, &self.announcing(), self.options.lease_duration)
+                    .await
             }
-        }
+            Err(e) => Err(e),
+        };
         let announcing = self.announcing();
-        let result = self
-            .write_lease(&announcing, self.options.lease_duration)
-            .await;
         match result {
             Ok(()) => {
                 self.lease_renewed = Some(Instant::now());
@@ -382,8 +376,10 @@ impl Speaker {
         (self.last.l2.iter().map(|(ip, _)| *ip).collect(), bgp)
     }
 
+    /// Writes our Lease over `current` (as just read; `None`: create it).
     async fn write_lease(
         &self,
+        current: Option<Lease>,
         (l2, bgp): &(BTreeSet<IpAddr>, BTreeSet<IpAddr>),
         duration: i32,
     ) -> Result<(), kube::Error> {
@@ -400,8 +396,8 @@ impl Speaker {
         };
         annotations.insert(ANNOUNCING_ANNOTATION.to_string(), list(l2));
         annotations.insert(BGP_ANNOTATION.to_string(), list(bgp));
-        let current = self.leases.get_opt(&name).await?;
-        let mut lease = current.clone().unwrap_or_else(|| Lease {
+        let exists = current.is_some();
+        let mut lease = current.unwrap_or_else(|| Lease {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
                 namespace: Some(self.options.namespace.clone()),
@@ -428,7 +424,7 @@ impl Speaker {
         if spec.acquire_time.is_none() {
             spec.acquire_time = Some(now);
         }
-        if current.is_some() {
+        if exists {
             self.leases
                 .replace(&name, &PostParams::default(), &lease)
                 .await?;
@@ -534,13 +530,6 @@ impl Speaker {
     async fn record(&mut self, plan: &NodePlan, services: &[Service]) {
         let me = self.options.node_name.clone();
         let mut events: Vec<(String, EventType, &'static str, String)> = Vec::new();
-        let service_of = |ip: &IpAddr| {
-            plan.service_ips
-                .iter()
-                .filter(|(_, ips)| ips.contains(ip))
-                .map(|(k, _)| k.clone())
-                .collect::<Vec<_>>()
-        };
         let mine_before: BTreeSet<IpAddr> = self.last.l2.iter().map(|(ip, _)| *ip).collect();
         let mine_now: BTreeMap<IpAddr, Vec<&str>> =
             plan.l2.iter().fold(BTreeMap::new(), |mut m, (ip, i)| {
@@ -549,9 +538,9 @@ impl Speaker {
             });
         for (ip, interfaces) in &mine_now {
             if !mine_before.contains(ip) {
-                for s in service_of(ip) {
+                for s in plan.services_with(*ip) {
                     events.push((
-                        s,
+                        s.clone(),
                         EventType::Normal,
                         "nodeAssigned",
                         format!(
@@ -569,9 +558,9 @@ impl Speaker {
                 .map(|p| p.peer_address.to_string())
                 .collect();
             for ip in plan.bgp_ips.difference(&self.last.bgp_ips) {
-                for s in service_of(ip) {
+                for s in plan.services_with(*ip) {
                     events.push((
-                        s,
+                        s.clone(),
                         EventType::Normal,
                         "announced",
                         format!("node {me} announces {ip} by BGP to {}", peers.join(", ")),
@@ -579,15 +568,9 @@ impl Speaker {
                 }
             }
             for ip in self.last.bgp_ips.difference(&plan.bgp_ips) {
-                for s in self
-                    .last
-                    .service_ips
-                    .iter()
-                    .filter(|(_, ips)| ips.contains(ip))
-                    .map(|(k, _)| k.clone())
-                {
+                for s in self.last.services_with(*ip) {
                     events.push((
-                        s,
+                        s.clone(),
                         EventType::Normal,
                         "withdrawn",
                         format!(
@@ -614,9 +597,10 @@ impl Speaker {
         self.reported = now_problems;
         for (service, type_, reason, note) in events {
             info!(%service, reason, detail = %note, "serviceEvent");
-            let Some(s) = services.iter().find(|s| {
-                format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()) == service
-            }) else {
+            let Some(s) = services
+                .iter()
+                .find(|s| super::reconcile::service_key(s) == service)
+            else {
                 continue;
             };
             let event = Event {
@@ -641,7 +625,11 @@ impl Speaker {
             tokio::task::block_in_place(|| speaker.shutdown());
         }
         // An expired Lease (duration 1 s, nothing announced) makes the others re-elect now.
-        if let Err(e) = self.write_lease(&Default::default(), 1).await {
+        let released = match self.leases.get_opt(&self.lease_name()).await {
+            Ok(current) => self.write_lease(current, &Default::default(), 1).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = released {
             warn!(error = %e, "leaseReleaseFailed");
         }
         info!("speakerStopped");
@@ -651,6 +639,7 @@ impl Speaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::jiff::SignedDuration;
     use serde_json::json;
 
     #[test]
