@@ -11,6 +11,10 @@ use bytemuck::{Pod, Zeroable};
 /// Name of the hash map `(ifindex, ip) → L2VipValue`: the IPs the XDP program answers ARP/NDP for,
 /// per interface. No entry for an interface means no answer on that interface.
 pub const MAP_L2_VIPS: &str = "L2_VIPS";
+/// Name of the array (one slot, `u64`) holding the deadline of the ARP/NDP answers, in
+/// `CLOCK_MONOTONIC` nanoseconds (the clock of `bpf_ktime_get_ns`): past it the responder stops
+/// answering, so a dead speaker's node falls silent by itself. 0: no deadline (`sluice run`).
+pub const MAP_L2_DEADLINE: &str = "L2_DEADLINE";
 /// Name of the per-CPU array (one slot) of [`GlobalStats`].
 pub const MAP_GLOBAL_STATS: &str = "GLOBAL_STATS";
 /// Name of the XDP ingress program in the lb-ebpf object.

@@ -4,13 +4,16 @@
 //! how "answer only on the interfaces the operator chose" holds. Anything else is left untouched.
 //! Never answers a truncated or malformed frame.
 
-use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
 use lb_common::{L2VipKey, L2VipValue};
 
 use crate::{
     checksum,
     headers::*,
-    maps::L2_VIPS,
+    maps::{L2_DEADLINE, L2_VIPS},
     parse::{ptr_at, L2},
     stats::Outcome,
 };
@@ -18,11 +21,19 @@ use crate::{
 /// How many 8-byte option units an NS may carry for us to validate (and answer) it.
 const NS_MAX_OPTION_UNITS: usize = 8;
 
+/// The MAC to answer with for `key`, while the answers' deadline has not passed. The clock is
+/// read only here, for a request we would answer: never on the balancer's path.
 #[inline(always)]
 fn our_mac(key: &L2VipKey) -> Option<[u8; 6]> {
     // SAFETY: the value is copied out at once; nothing holds the reference.
     let value: &L2VipValue = unsafe { L2_VIPS.get(key) }?;
-    Some(value.mac)
+    let mac = value.mac;
+    let deadline = L2_DEADLINE.get(0).copied().unwrap_or(0);
+    // SAFETY: a helper without arguments.
+    if deadline != 0 && unsafe { bpf_ktime_get_ns() } > deadline {
+        return None;
+    }
+    Some(mac)
 }
 
 #[inline(always)]

@@ -18,6 +18,11 @@ use lb_common::{
 pub static L2_VIPS: HashMap<L2VipKey, L2VipValue, { L2_VIPS_DEFAULT_CAPACITY as usize }> =
     HashMap::new();
 
+/// Deadline of the ARP/NDP answers (`bpf_ktime_get_ns` nanoseconds; 0: none). The speaker
+/// pushes it forward while it is alive; see lb-common.
+#[btf_map]
+pub static L2_DEADLINE: Array<u64, 1> = Array::new();
+
 /// Outcome counters, one slot, one copy per CPU.
 #[btf_map]
 pub static GLOBAL_STATS: PerCpuArray<GlobalStats, 1> = PerCpuArray::new();

@@ -12,6 +12,7 @@ pub mod ipam;
 pub mod k8s;
 pub mod l2;
 pub mod maglev;
+pub mod mesh;
 pub mod metrics;
 pub mod signals;
 pub mod standalone;

@@ -99,8 +99,9 @@ impl Default for DataplaneOptions {
 }
 
 /// Every map the data plane pins, by name.
-const PINNED_MAPS: [&str; 11] = [
+const PINNED_MAPS: [&str; 12] = [
     lb_common::MAP_VIP_FILTER,
+    lb_common::MAP_L2_DEADLINE,
     MAP_REDIRECT_TARGETS,
     MAP_L2_VIPS,
     MAP_GLOBAL_STATS,
@@ -589,6 +590,25 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Bounds how long the program keeps answering ARP/NDP: `Some(d)` answers for `d` from now
+    /// (and no longer, unless renewed), `None` answers with no deadline. A speaker renews it
+    /// while it is alive, so a dead speaker's node falls silent by itself within `d`.
+    pub fn set_l2_deadline(&mut self, within: Option<std::time::Duration>) -> Result<()> {
+        let deadline = match within {
+            None => 0,
+            Some(d) => monotonic_ns().saturating_add(d.as_nanos() as u64).max(1),
+        };
+        let map = self
+            .ebpf
+            .map_mut(lb_common::MAP_L2_DEADLINE)
+            .ok_or(DataplaneError::MissingMap(lb_common::MAP_L2_DEADLINE))?;
+        let mut array: aya::maps::Array<&mut MapData, u64> =
+            aya::maps::Array::try_from(map).map_err(map_error(lb_common::MAP_L2_DEADLINE))?;
+        array
+            .set(0, deadline, 0)
+            .map_err(map_error(lb_common::MAP_L2_DEADLINE))
+    }
+
     /// The IPs the program answers for, per interface, as the map holds them now.
     pub fn l2_vips(&mut self) -> Result<Vec<L2Vip>> {
         let map = self.l2_vips_map()?;
@@ -752,6 +772,17 @@ fn read_stats<T: std::borrow::Borrow<MapData>>(
         .fold(GlobalStats::default(), |sum, cpu| sum.add(*cpu)))
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Stops a data plane left running with pinned links: removes the pins under `<pin_dir>/links/`,
 /// which detaches the programs once no process holds the links. Returns the links removed.
 pub fn detach_pinned(pin_dir: &Path) -> Result<Vec<String>> {
@@ -783,6 +814,7 @@ pub struct PinnedView {
     service_stats: PerCpuArray<MapData, lb_common::TrafficStats>,
     backend_stats: PerCpuArray<MapData, lb_common::TrafficStats>,
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    l2_deadline: Option<aya::maps::Array<MapData, u64>>,
 }
 
 impl PinnedView {
@@ -809,6 +841,18 @@ impl PinnedView {
                 .map_err(map_error(MAP_BACKEND_STATS))?,
             conntrack: HashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK)?))
                 .map_err(map_error(MAP_CONNTRACK))?,
+            // Absent in pin directories of versions before the deadline existed.
+            l2_deadline: open(lb_common::MAP_L2_DEADLINE)
+                .ok()
+                .and_then(|m| aya::maps::Array::try_from(Map::Array(m)).ok()),
+        })
+    }
+
+    /// How long the ARP/NDP answers have left: `None` without a deadline, zero once past it.
+    pub fn l2_time_left(&self) -> Option<std::time::Duration> {
+        let deadline = self.l2_deadline.as_ref()?.get(&0, 0).ok()?;
+        (deadline != 0).then(|| {
+            std::time::Duration::from_nanos(deadline.saturating_sub(monotonic_ns()))
         })
     }
 
