@@ -132,8 +132,10 @@ enum Command {
     },
     /// Run the per-node speaker (Kubernetes): balance Services with externalTrafficPolicy Local
     /// over this node's ready endpoints in XDP, answer ARP/NDP for the service IPs this node is
-    /// elected for (only on the advertisement's interfaces), announce them to BGP peers.
-    /// Stopping detaches the program and hands the IPs over.
+    /// elected for (only on the advertisement's interfaces), announce them to BGP peers. The
+    /// speakers form a mesh that fails a dead node's IPs over within the failure timeout.
+    /// Stopping keeps everything for the restart grace (--on-stop restart) or hands the IPs over
+    /// and detaches (--on-stop handover).
     Speaker {
         /// This node's name, as in the Node object (the DaemonSet passes spec.nodeName).
         #[arg(long, env = "NODE_NAME")]
@@ -168,6 +170,40 @@ enum Command {
         /// A full pass this often, in seconds, even when no watch event came.
         #[arg(long, default_value_t = 60)]
         resync_seconds: u64,
+        /// The mesh's UDP port, the same on every node (MetalLB's memberlist uses 7946).
+        #[arg(long, env = "SLUICE_MESH_PORT", default_value_t = lb_userspace::mesh::DEFAULT_PORT)]
+        mesh_port: u16,
+        /// This node's address on the mesh (the DaemonSet passes status.hostIP); default: the
+        /// first IPv4 address of the first --interface.
+        #[arg(long, env = "NODE_IP")]
+        mesh_address: Option<std::net::IpAddr>,
+        /// The file holding the mesh's shared secret (the Secret sluice-system/sluice-mesh,
+        /// mounted). While it is missing, liveness comes from the Leases alone.
+        #[arg(long, default_value = "/etc/sluice/mesh/secret")]
+        mesh_secret_file: PathBuf,
+        /// Run without the mesh: liveness from the Leases alone (failover after
+        /// --lease-duration).
+        #[arg(long)]
+        no_mesh: bool,
+        /// Milliseconds: the mesh declares a silent speaker down within this, and a dead
+        /// speaker's node stops answering ARP/NDP within it.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+        failure_timeout_ms: u64,
+        /// Seconds the other speakers keep a restarting speaker's IPs on its node (--on-stop
+        /// restart), and its node keeps answering.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        restart_grace_seconds: u64,
+        /// Re-send gratuitous ARP / unsolicited NA for the IPs this node answers for every this
+        /// many seconds (switches' FDB entries age out, often after 300 s); 0: only on takeover.
+        #[arg(long, default_value_t = 30)]
+        garp_interval_seconds: u64,
+        /// What SIGTERM and SIGINT do: `restart` keeps serving for the restart grace (rolling
+        /// updates drop nothing), `handover` moves the IPs away now and detaches.
+        #[arg(long, value_enum, default_value_t = lb_userspace::k8s::speaker::OnStop::Restart)]
+        on_stop: lb_userspace::k8s::speaker::OnStop,
+        /// Where the speaker writes its status (mesh members, BGP sessions) for `sluice inspect`.
+        #[arg(long, default_value = "/var/lib/sluice/status.json")]
+        status_file: PathBuf,
     },
     /// Print Sluice's CustomResourceDefinitions (group sluice.dev) as YAML, ready for
     /// `kubectl apply -f -`, or write one file per CRD into a directory.
@@ -192,6 +228,10 @@ enum Command {
         /// The config `sluice run` uses: adds service names and backend health.
         #[arg(long = "config", value_name = "FILE")]
         configs: Vec<PathBuf>,
+        /// The status file the daemon or speaker writes (default: the config's, else
+        /// /var/lib/sluice/status.json): adds BGP sessions and the speaker mesh.
+        #[arg(long, value_name = "FILE")]
+        status_file: Option<PathBuf>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -295,6 +335,15 @@ fn main() -> ExitCode {
             classless,
             metrics_address,
             resync_seconds,
+            mesh_port,
+            mesh_address,
+            mesh_secret_file,
+            no_mesh,
+            failure_timeout_ms,
+            restart_grace_seconds,
+            garp_interval_seconds,
+            on_stop,
+            status_file,
         } => lb_userspace::k8s::speaker::run(lb_userspace::k8s::speaker::Options {
             node_name,
             namespace,
@@ -306,6 +355,17 @@ fn main() -> ExitCode {
             classless_is_ours: classless,
             metrics_address,
             resync: std::time::Duration::from_secs(resync_seconds.max(1)),
+            mesh: (!no_mesh).then_some(lb_userspace::k8s::speaker::MeshSettings {
+                port: mesh_port,
+                address: mesh_address,
+                secret_file: mesh_secret_file,
+            }),
+            failure_timeout: std::time::Duration::from_millis(failure_timeout_ms),
+            restart_grace: std::time::Duration::from_secs(restart_grace_seconds),
+            garp_interval: (garp_interval_seconds > 0)
+                .then(|| std::time::Duration::from_secs(garp_interval_seconds)),
+            on_stop,
+            status_file: Some(status_file),
         })
         .map_err(anyhow::Error::from),
         Command::Announce {
@@ -347,7 +407,8 @@ fn main() -> ExitCode {
             pin_dir,
             configs,
             json,
-        } => inspect(pin_dir, &configs, json),
+            status_file,
+        } => inspect(pin_dir, &configs, status_file, json),
         Command::Run { configs, node } => {
             if let Some(node) = &node {
                 tracing::info!(event = "starting", node = %node);
@@ -521,7 +582,12 @@ fn detach(pin_dir: Option<PathBuf>, configs: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-fn inspect(pin_dir: Option<PathBuf>, configs: &[PathBuf], json: bool) -> Result<()> {
+fn inspect(
+    pin_dir: Option<PathBuf>,
+    configs: &[PathBuf],
+    status_file: Option<PathBuf>,
+    json: bool,
+) -> Result<()> {
     let config = if configs.is_empty() {
         None
     } else {
@@ -534,7 +600,13 @@ fn inspect(pin_dir: Option<PathBuf>, configs: &[PathBuf], json: bool) -> Result<
         || PathBuf::from(lb_userspace::config::DEFAULT_STATE_FILE),
         |c| c.dataplane.state_file.clone(),
     );
-    let status = lb_userspace::standalone::read_status(&state_file).unwrap_or_default();
+    let status = match status_file {
+        Some(path) => std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok()),
+        None => lb_userspace::standalone::read_status(&state_file),
+    }
+    .unwrap_or_default();
     let name_of = |key: &str| status.service_name(key);
     let health_of = |name: &Option<String>, backend: &str| {
         status
@@ -597,6 +669,7 @@ fn inspect(pin_dir: Option<PathBuf>, configs: &[PathBuf], json: bool) -> Result<
             "unhealthyBackends": unhealthy,
             "pools": status.pools.iter().map(|(p, used, total)| serde_json::json!({"pool": p, "inUse": used, "total": total})).collect::<Vec<_>>(),
             "bgpSessions": status.bgp,
+            "mesh": status.mesh_enabled.then_some(&status.mesh),
             "services": services,
             "trackedFlows": flows,
             "counters": {
@@ -690,6 +763,36 @@ fn inspect(pin_dir: Option<PathBuf>, configs: &[PathBuf], json: bool) -> Result<
                     .map(|e| format!("  last error: {e}"))
                     .unwrap_or_default()
             );
+        }
+    }
+    if status.mesh_enabled {
+        println!();
+        println!(
+            "Speaker mesh ({} datagrams in, {} out, {} dropped)",
+            status.mesh.received,
+            status.mesh.sent,
+            status.mesh.dropped.values().sum::<u64>()
+        );
+        if status.mesh.members.is_empty() {
+            println!("  (no other speaker yet)");
+        }
+        for m in &status.mesh.members {
+            println!(
+                "  {:<24} {:<24} {:<8} for {:.1} s{}{}",
+                m.node,
+                m.address,
+                m.state,
+                m.since_seconds,
+                m.last_heard_seconds_ago
+                    .map(|s| format!(", heard {s:.1} s ago"))
+                    .unwrap_or_default(),
+                m.noticed_after_seconds
+                    .map(|s| format!(", declared down {s:.2} s after its last message"))
+                    .unwrap_or_default()
+            );
+        }
+        for (reason, n) in &status.mesh.dropped {
+            println!("  dropped ({reason}): {n}");
         }
     }
     if !status.pools.is_empty() {

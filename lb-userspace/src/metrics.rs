@@ -43,6 +43,68 @@ pub struct Status {
     /// Why the process is not ready although it runs (e.g. the speaker cannot write its Lease).
     #[serde(default)]
     pub not_ready_reason: Option<String>,
+    /// The speaker's mesh is running.
+    #[serde(default)]
+    pub mesh_enabled: bool,
+    #[serde(default)]
+    pub mesh: MeshStatus,
+}
+
+/// The speaker mesh as this node sees it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshStatus {
+    pub members: Vec<MeshMemberStatus>,
+    /// Datagrams dropped, by reason.
+    pub dropped: std::collections::BTreeMap<String, u64>,
+    pub received: u64,
+    pub sent: u64,
+}
+
+/// One other speaker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshMemberStatus {
+    pub node: String,
+    pub address: String,
+    /// alive, suspect or down.
+    pub state: String,
+    /// Counted alive by the election (active, or restarting within its grace).
+    pub counted_alive: bool,
+    pub since_seconds: f64,
+    pub last_heard_seconds_ago: Option<f64>,
+    /// For a member declared down: how long after its last message.
+    pub noticed_after_seconds: Option<f64>,
+}
+
+impl MeshStatus {
+    pub fn from_view(view: &crate::mesh::MeshView) -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            members: view
+                .members
+                .iter()
+                .map(|(node, m)| MeshMemberStatus {
+                    node: node.clone(),
+                    address: m.addr.to_string(),
+                    state: m.state.as_str().to_string(),
+                    counted_alive: m.counts_alive(now),
+                    since_seconds: now.saturating_duration_since(m.since).as_secs_f64(),
+                    last_heard_seconds_ago: m
+                        .last_heard
+                        .map(|t| now.saturating_duration_since(t).as_secs_f64()),
+                    noticed_after_seconds: m.noticed_after.map(|d| d.as_secs_f64()),
+                })
+                .collect(),
+            dropped: view
+                .dropped
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            received: view.received,
+            sent: view.sent,
+        }
+    }
 }
 
 impl Status {
@@ -294,6 +356,7 @@ pub fn render(
             let _ = writeln!(out, "sluice_packets_total{{outcome=\"{outcome}\"}} {v}");
         }
     }
+    render_mesh(&mut out, status);
     if let Some(n) = flows {
         family(
             &mut out,
@@ -304,6 +367,82 @@ pub fn render(
         let _ = writeln!(out, "sluice_tracked_flows {n}");
     }
     out
+}
+
+fn render_mesh(out: &mut String, status: &Status) {
+    if !status.mesh_enabled {
+        return;
+    }
+    let mesh = &status.mesh;
+    family(
+        out,
+        "sluice_mesh_member_alive",
+        "gauge",
+        "1 while the other speaker counts alive (mesh state alive or suspect, or restarting within its grace).",
+    );
+    for m in &mesh.members {
+        let _ = writeln!(
+            out,
+            "sluice_mesh_member_alive{{node=\"{}\",state=\"{}\"}} {}",
+            escape(&m.node),
+            escape(&m.state),
+            u8::from(m.counted_alive)
+        );
+    }
+    family(
+        out,
+        "sluice_mesh_failure_detection_seconds",
+        "gauge",
+        "For a speaker declared down: seconds from its last message to the verdict.",
+    );
+    for m in &mesh.members {
+        if let Some(s) = m.noticed_after_seconds {
+            let _ = writeln!(
+                out,
+                "sluice_mesh_failure_detection_seconds{{node=\"{}\"}} {s:.3}",
+                escape(&m.node)
+            );
+        }
+    }
+    family(
+        out,
+        "sluice_mesh_datagrams_received_total",
+        "counter",
+        "Mesh datagrams accepted.",
+    );
+    let _ = writeln!(
+        out,
+        "sluice_mesh_datagrams_received_total {}",
+        mesh.received
+    );
+    family(
+        out,
+        "sluice_mesh_datagrams_sent_total",
+        "counter",
+        "Mesh datagrams sent.",
+    );
+    let _ = writeln!(out, "sluice_mesh_datagrams_sent_total {}", mesh.sent);
+    family(
+        out,
+        "sluice_mesh_datagrams_dropped_total",
+        "counter",
+        "Mesh datagrams dropped (wrong key, truncated, garbled, replayed, stale, unknown node).",
+    );
+    for reason in [
+        "truncated",
+        "bad_magic",
+        "bad_tag",
+        "unknown_node",
+        "stale",
+        "replayed",
+        "unknown_kind",
+    ] {
+        let _ = writeln!(
+            out,
+            "sluice_mesh_datagrams_dropped_total{{reason=\"{reason}\"}} {}",
+            mesh.dropped.get(reason).copied().unwrap_or(0)
+        );
+    }
 }
 
 /// What /readyz answers for the daemon's (or the speaker's) status.
@@ -526,6 +665,21 @@ mod tests {
                 backend: "10.0.0.1:8080".into(),
                 healthy: false,
             }],
+            mesh_enabled: true,
+            mesh: MeshStatus {
+                members: vec![MeshMemberStatus {
+                    node: "node-b".into(),
+                    address: "192.0.2.2:7947".into(),
+                    state: "down".into(),
+                    counted_alive: false,
+                    since_seconds: 1.0,
+                    last_heard_seconds_ago: Some(1.8),
+                    noticed_after_seconds: Some(0.8),
+                }],
+                dropped: [("bad_tag".to_string(), 4)].into(),
+                received: 10,
+                sent: 12,
+            },
         };
         let services = vec![ServiceStats {
             service: Service {
@@ -563,6 +717,11 @@ mod tests {
             "sluice_tracked_flows 3",
             "sluice_bgp_session_up{peer=\"192.0.2.1\"} 1",
             "sluice_bgp_prefixes_sent{peer=\"192.0.2.1\"} 2",
+            "sluice_mesh_member_alive{node=\"node-b\",state=\"down\"} 0",
+            "sluice_mesh_failure_detection_seconds{node=\"node-b\"} 0.800",
+            "sluice_mesh_datagrams_dropped_total{reason=\"bad_tag\"} 4",
+            "sluice_mesh_datagrams_dropped_total{reason=\"replayed\"} 0",
+            "sluice_mesh_datagrams_received_total 10",
             "# TYPE sluice_backend_healthy gauge",
             "# TYPE sluice_service_packets_total counter",
         ] {

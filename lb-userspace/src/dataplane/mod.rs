@@ -592,21 +592,29 @@ impl Dataplane {
 
     /// Bounds how long the program keeps answering ARP/NDP: `Some(d)` answers for `d` from now
     /// (and no longer, unless renewed), `None` answers with no deadline. A speaker renews it
-    /// while it is alive, so a dead speaker's node falls silent by itself within `d`.
+    /// while it is alive ([`L2DeadlineKeeper`]), so a dead speaker's node falls silent by itself.
     pub fn set_l2_deadline(&mut self, within: Option<std::time::Duration>) -> Result<()> {
-        let deadline = match within {
-            None => 0,
-            Some(d) => monotonic_ns().saturating_add(d.as_nanos() as u64).max(1),
-        };
         let map = self
             .ebpf
             .map_mut(lb_common::MAP_L2_DEADLINE)
             .ok_or(DataplaneError::MissingMap(lb_common::MAP_L2_DEADLINE))?;
         let mut array: aya::maps::Array<&mut MapData, u64> =
             aya::maps::Array::try_from(map).map_err(map_error(lb_common::MAP_L2_DEADLINE))?;
-        array
-            .set(0, deadline, 0)
-            .map_err(map_error(lb_common::MAP_L2_DEADLINE))
+        write_deadline(&mut array, within)
+    }
+
+    /// How long the ARP/NDP answers have left: `None` without a deadline, zero once past it.
+    pub fn l2_time_left(&self) -> Result<Option<std::time::Duration>> {
+        let map = self
+            .ebpf
+            .map(lb_common::MAP_L2_DEADLINE)
+            .ok_or(DataplaneError::MissingMap(lb_common::MAP_L2_DEADLINE))?;
+        let array: aya::maps::Array<&MapData, u64> =
+            aya::maps::Array::try_from(map).map_err(map_error(lb_common::MAP_L2_DEADLINE))?;
+        let deadline = array
+            .get(&0, 0)
+            .map_err(map_error(lb_common::MAP_L2_DEADLINE))?;
+        Ok(time_left(deadline))
     }
 
     /// The IPs the program answers for, per interface, as the map holds them now.
@@ -772,6 +780,74 @@ fn read_stats<T: std::borrow::Borrow<MapData>>(
         .fold(GlobalStats::default(), |sum, cpu| sum.add(*cpu)))
 }
 
+fn write_deadline<T: std::borrow::BorrowMut<MapData>>(
+    array: &mut aya::maps::Array<T, u64>,
+    within: Option<std::time::Duration>,
+) -> Result<()> {
+    let deadline = match within {
+        None => 0,
+        Some(d) => monotonic_ns().saturating_add(d.as_nanos() as u64).max(1),
+    };
+    array
+        .set(0, deadline, 0)
+        .map_err(map_error(lb_common::MAP_L2_DEADLINE))
+}
+
+fn time_left(deadline: u64) -> Option<std::time::Duration> {
+    (deadline != 0)
+        .then(|| std::time::Duration::from_nanos(deadline.saturating_sub(monotonic_ns())))
+}
+
+/// Keeps the ARP/NDP answers' deadline `within` ahead of now, from a thread of its own (so a
+/// busy or blocked speaker loop does not silence the node), until stopped or until the process
+/// dies: then the pinned program stops answering `within` later by itself.
+pub struct L2DeadlineKeeper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl L2DeadlineKeeper {
+    /// Opens the pinned deadline under `pin_dir` and starts renewing it every quarter of
+    /// `within`.
+    pub fn start(pin_dir: &Path, within: std::time::Duration) -> Result<Self> {
+        let path = pin_dir.join(lb_common::MAP_L2_DEADLINE);
+        let data =
+            MapData::from_pin(&path).map_err(|source| DataplaneError::Pinned { path, source })?;
+        let mut array: aya::maps::Array<MapData, u64> =
+            aya::maps::Array::try_from(Map::Array(data))
+                .map_err(map_error(lb_common::MAP_L2_DEADLINE))?;
+        write_deadline(&mut array, Some(within))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("l2-deadline".into())
+            .spawn(move || {
+                while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    if let Err(error) = write_deadline(&mut array, Some(within)) {
+                        tracing::warn!(event = "l2DeadlineNotRenewed", %error);
+                    }
+                    std::thread::sleep(within / 4);
+                }
+            })
+            .map_err(|source| DataplaneError::PinDir {
+                path: pin_dir.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops renewing (the deadline last written stands).
+    pub fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -850,10 +926,7 @@ impl PinnedView {
 
     /// How long the ARP/NDP answers have left: `None` without a deadline, zero once past it.
     pub fn l2_time_left(&self) -> Option<std::time::Duration> {
-        let deadline = self.l2_deadline.as_ref()?.get(&0, 0).ok()?;
-        (deadline != 0).then(|| {
-            std::time::Duration::from_nanos(deadline.saturating_sub(monotonic_ns()))
-        })
+        time_left(self.l2_deadline.as_ref()?.get(&0, 0).ok()?)
     }
 
     /// Services with their active backends and counters.

@@ -9,6 +9,7 @@ pub mod announce;
 pub mod controller;
 pub mod crd;
 pub mod lease;
+pub mod liveness;
 pub mod manifests;
 pub mod reconcile;
 pub mod request;

@@ -3,17 +3,26 @@
 //! speakers' Leases and Sluice's objects, and makes this node's data plane, ARP/NDP answers and
 //! BGP routes what the plan says.
 //!
-//! Liveness: each speaker renews a Lease of its own (`sluice-speaker-<node>`), whose annotations
-//! say which interfaces the node has and which IPs it answers for in L2. A node whose Lease has
-//! expired (or is gone) is not eligible; every speaker runs the same election over what it sees,
-//! so the others take its IPs over, and the node itself stops answering at once.
+//! Liveness: the speakers form a mesh ([`crate::mesh`]) that declares a dead speaker down in
+//! about a second; each also renews a Lease of its own (`sluice-speaker-<node>`), whose
+//! annotations say which interfaces the node has, where its mesh listens and which IPs it
+//! announces. [`liveness`] decides who is alive from both; every speaker runs the same
+//! election over what it sees, so the others take a dead node's IPs over.
+//!
+//! Nothing here waits on the API server: the Lease is written by a task of its own, Events are
+//! sent by tasks of their own, every request has a timeout, and the watches keep their last
+//! objects while the API server is away. Elections, the mesh and the data plane go on.
+//!
+//! The data plane outlives the process (pinned links): a restarted speaker adopts it without a
+//! gap. Its ARP/NDP answers carry a deadline that a thread of this process renews
+//! ([`dataplane::L2DeadlineKeeper`]), so a dead speaker's node falls silent by itself.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -37,25 +46,50 @@ use kube::{
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+pub use super::liveness::{
+    ANNOUNCING_ANNOTATION, BGP_ANNOTATION, INTERFACES_ANNOTATION, LEASE_PREFIX, MESH_ANNOTATION,
+};
 use super::{
-    announce::{self, NodePlan, NodeView},
+    announce::{self, NodePlan},
     crd::{BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement},
-    lease,
+    liveness::{self, MeshVerdict},
     validity::Objects,
     watch,
 };
-use crate::dataplane::{self, Dataplane, DataplaneOptions, L2Vip};
+use crate::{
+    dataplane::{self, Dataplane, DataplaneOptions, L2DeadlineKeeper, L2Vip},
+    mesh::{Mesh, MeshOptions, MeshView},
+};
 
 /// The event reporter name.
 pub const MANAGER: &str = "sluice-speaker";
-/// Lease annotation: the node's interfaces, comma-separated.
-pub const INTERFACES_ANNOTATION: &str = "sluice.dev/interfaces";
-/// Lease annotation: the IPs the node answers ARP/NDP for, comma-separated.
-pub const ANNOUNCING_ANNOTATION: &str = "sluice.dev/announcing";
-/// Lease annotation: the IPs the node announces to its BGP peers, comma-separated.
-pub const BGP_ANNOTATION: &str = "sluice.dev/bgp-announcing";
-/// Speakers' Leases are named this, then the node name.
-pub const LEASE_PREFIX: &str = "sluice-speaker-";
+/// Every request to the API server gives up after this.
+pub const API_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a stopping speaker (SIGTERM, SIGINT) does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnStop {
+    /// Keep everything for the restart grace: the data plane stays attached, the ARP/NDP
+    /// answers go on, the other speakers keep this node's IPs here, the BGP sessions close
+    /// without a NOTIFICATION (peers with graceful restart keep the routes). A speaker that comes
+    /// back within the grace carries on without a gap; one that does not is failed over.
+    Restart,
+    /// Hand over now: stop answering, close BGP with Cease, leave the mesh, release the Lease,
+    /// detach the programs. The others take the IPs at once.
+    Handover,
+}
+
+/// The mesh's settings.
+#[derive(Debug, Clone)]
+pub struct MeshSettings {
+    /// The UDP port every speaker listens on.
+    pub port: u16,
+    /// Where the others reach this node; `None`: the first IPv4 address of the first interface.
+    pub address: Option<IpAddr>,
+    /// A file holding the shared secret (the Secret `sluice-mesh`, mounted). While it is missing
+    /// the mesh waits for it and liveness comes from the Leases alone.
+    pub secret_file: PathBuf,
+}
 
 /// How the speaker runs.
 #[derive(Debug, Clone)]
@@ -74,6 +108,18 @@ pub struct Options {
     pub classless_is_ours: bool,
     pub metrics_address: SocketAddr,
     pub resync: Duration,
+    /// `None`: no mesh, liveness from the Leases alone.
+    pub mesh: Option<MeshSettings>,
+    /// The mesh declares a silent speaker down within this; the ARP/NDP answers of a dead
+    /// speaker's node end within it too.
+    pub failure_timeout: Duration,
+    /// How long the others keep a restarting speaker's IPs on its node.
+    pub restart_grace: Duration,
+    /// Re-send gratuitous ARP / unsolicited NA for the IPs this node answers for this often.
+    pub garp_interval: Option<Duration>,
+    pub on_stop: OnStop,
+    /// Where the speaker writes its status for `sluice inspect`.
+    pub status_file: Option<PathBuf>,
 }
 
 /// What went wrong at the edge.
@@ -81,6 +127,8 @@ pub struct Options {
 pub enum SpeakerError {
     #[error("cannot build a Kubernetes client (in a pod: the service account; outside: KUBECONFIG or ~/.kube/config): {0}")]
     Client(#[source] kube::Error),
+    #[error("cannot read the Kubernetes client configuration: {0}")]
+    ClientConfig(#[source] kube::config::InferConfigError),
     #[error(transparent)]
     Dataplane(#[from] dataplane::DataplaneError),
     #[error("--interface: {0}")]
@@ -91,12 +139,19 @@ pub enum SpeakerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("--mesh-address: none given and interface {0} has no IPv4 address")]
+    NoMeshAddress(String),
+    #[error("cannot start the mesh on {address}: {source}")]
+    Mesh {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot start: {0}")]
     Runtime(#[source] std::io::Error),
 }
 
-/// Runs the speaker until SIGTERM or SIGINT. Stopping detaches the program: the node stops
-/// answering and balancing, and its Lease is released so the others take over at once.
+/// Runs the speaker until SIGTERM or SIGINT, then does what `on_stop` says.
 pub fn run(options: Options) -> Result<(), SpeakerError> {
     dataplane::require_root()?;
     let interfaces = options
@@ -124,74 +179,49 @@ struct Stores {
     bgp_ads: Store<BGPAdvertisement>,
 }
 
-fn split(list: Option<&String>) -> impl Iterator<Item = &str> {
-    list.into_iter()
-        .flat_map(|l| l.split(','))
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
+/// What our Lease should say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct LeaseWish {
+    l2: BTreeSet<IpAddr>,
+    bgp: BTreeSet<IpAddr>,
+    mesh: Option<SocketAddr>,
 }
 
-/// The nodes as the speakers see them, and who announces which IP now.
-pub fn node_views(
-    nodes: &[Node],
-    leases: &[Lease],
-    now: Timestamp,
-) -> (Vec<NodeView>, BTreeMap<IpAddr, String>) {
-    let mut announcers = BTreeMap::new();
-    let mut views = Vec::new();
-    for node in nodes {
-        let name = node.name_any();
-        let ready = node
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .into_iter()
-            .flatten()
-            .any(|c| c.type_ == "Ready" && c.status == "True");
-        let lease = leases
-            .iter()
-            .find(|l| l.name_any() == format!("{LEASE_PREFIX}{name}"));
-        let live = lease
-            .and_then(|l| l.spec.as_ref())
-            .and_then(|s| lease::expiry(s, 15))
-            .is_some_and(|end| now < end);
-        let annotations = lease.map(|l| l.annotations().clone()).unwrap_or_default();
-        if live {
-            for ip in split(annotations.get(ANNOUNCING_ANNOTATION)) {
-                if let Ok(ip) = ip.parse() {
-                    announcers.insert(ip, name.clone());
-                }
-            }
-        }
-        views.push(NodeView {
-            name,
-            labels: node.labels().clone(),
-            ready,
-            alive: live,
-            interfaces: split(annotations.get(INTERFACES_ANNOTATION))
-                .map(String::from)
-                .collect(),
-        });
+/// What the Lease writer learnt of the API server.
+#[derive(Debug, Default)]
+struct ApiHealth {
+    /// The last time the API server answered a request (any answer, errors included), by the
+    /// monotonic clock and the wall clock.
+    last_answer: Option<(Instant, Timestamp)>,
+    /// The last request got no answer (refused, timed out): since when.
+    unreachable_since: Option<Instant>,
+    /// The last time our Lease was written.
+    written: Option<Instant>,
+    /// Why the last write failed.
+    error: Option<String>,
+    /// What the last successful write said.
+    published: Option<LeaseWish>,
+    /// Our Lease was found deleted (an operator moving our IPs away): the loop stops answering.
+    deleted: bool,
+}
+
+impl ApiHealth {
+    /// Has the API server been out of reach for at least `d`?
+    fn unreachable_for(&self, d: Duration) -> bool {
+        self.unreachable_since.is_some_and(|t| t.elapsed() >= d)
     }
-    (views, announcers)
+
+    /// The clock Lease expiry is read on: now while the API server answers, the last moment it
+    /// answered while it does not (see [`liveness`]).
+    fn lease_clock(&self) -> Timestamp {
+        match (self.unreachable_since, self.last_answer) {
+            (Some(_), Some((_, wall))) => wall,
+            _ => Timestamp::now(),
+        }
+    }
 }
 
-struct Speaker {
-    options: Options,
-    recorder: Recorder,
-    leases: Api<Lease>,
-    interfaces: Vec<dataplane::Interface>,
-    dp: Dataplane,
-    bgp: Option<crate::bgp::speaker::Speaker>,
-    /// What the last pass made true.
-    last: NodePlan,
-    /// The L2 and BGP IPs written into our Lease.
-    published: Option<(BTreeSet<IpAddr>, BTreeSet<IpAddr>)>,
-    lease_renewed: Option<Instant>,
-    /// Problems reported while they last: not reported again.
-    reported: BTreeSet<(String, String)>,
-    status: crate::metrics::SharedStatus,
-}
+type SharedHealth = Arc<Mutex<ApiHealth>>;
 
 async fn run_async(
     options: Options,
@@ -207,12 +237,34 @@ async fn run_async(
         address: options.metrics_address,
         source,
     })?;
-    let client = Client::try_default().await.map_err(SpeakerError::Client)?;
-    let dp = Dataplane::load(&DataplaneOptions {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(SpeakerError::ClientConfig)?;
+    config.connect_timeout = Some(API_TIMEOUT);
+    let client = Client::try_from(config).map_err(SpeakerError::Client)?;
+    let mut dp = Dataplane::load(&DataplaneOptions {
         pin_dir: Some(options.pin_dir.clone()),
-        pin_links: false,
+        pin_links: true,
         ..DataplaneOptions::default()
     })?;
+    // A speaker restarting within its grace finds its answers still valid and keeps them until
+    // the first pass decides; answers whose deadline has passed belong to a speaker that died,
+    // and whose IPs the others have taken: they go.
+    let left = dp.l2_time_left()?;
+    if left.is_none_or(|d| d.is_zero()) {
+        dp.set_l2_vips(&[])?;
+    } else {
+        info!(
+            left_ms = left.map(|d| d.as_millis() as u64),
+            "l2AnswersKept"
+        );
+    }
+    let answer_window = if options.mesh.is_some() {
+        options.failure_timeout
+    } else {
+        Duration::from_secs(options.lease_duration.max(1) as u64)
+    };
+    let keeper = L2DeadlineKeeper::start(&options.pin_dir, answer_window)?;
     let notify = Arc::new(Notify::new());
     let ns = options.namespace.as_str();
     let stores = Stores {
@@ -225,7 +277,44 @@ async fn run_async(
         peers: watch::store(Api::namespaced(client.clone(), ns), &notify),
         bgp_ads: watch::store(Api::namespaced(client.clone(), ns), &notify),
     };
+    // Attach at once (or adopt the pinned links of the previous run): an interface that cannot
+    // take the program fails the start, not a later pass.
+    dp.attach_all(&interfaces)?;
+    for name in &options.redirect_veths {
+        let iface = dataplane::interface(name).map_err(SpeakerError::Interface)?;
+        dp.allow_redirect(iface.ifindex)?;
+    }
+    let mesh_address = match &options.mesh {
+        Some(m) => Some(SocketAddr::new(
+            match m.address {
+                Some(ip) => ip,
+                None => first_ipv4(&options.interfaces[0])
+                    .ok_or_else(|| SpeakerError::NoMeshAddress(options.interfaces[0].clone()))?,
+            },
+            m.port,
+        )),
+        None => None,
+    };
+    let health = SharedHealth::default();
+    let (wish_tx, wish_rx) = tokio::sync::watch::channel(LeaseWish {
+        mesh: mesh_address,
+        ..LeaseWish::default()
+    });
+    let poke = Arc::new(Notify::new());
+    tokio::spawn(lease_writer(LeaseWriter {
+        leases: Api::namespaced(client.clone(), ns),
+        name: format!("{LEASE_PREFIX}{}", options.node_name),
+        options: options.clone(),
+        interfaces: interfaces.iter().map(|i| i.name.clone()).collect(),
+        wish: wish_rx,
+        poke: poke.clone(),
+        health: health.clone(),
+        woke: notify.clone(),
+    }));
+    info!(node = %options.node_name, interfaces = ?options.interfaces, mesh = ?mesh_address, "speakerStarting");
+
     let mut speaker = Speaker {
+        client: client.clone(),
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -233,31 +322,24 @@ async fn run_async(
                 instance: Some(options.node_name.clone()),
             },
         ),
-        leases: Api::namespaced(client.clone(), ns),
         interfaces,
         dp,
         bgp: None,
         last: NodePlan::default(),
-        published: None,
-        lease_renewed: None,
         reported: BTreeSet::new(),
         status: status.clone(),
+        mesh: None,
+        mesh_address,
+        down_renews: BTreeMap::new(),
+        wish: wish_tx,
+        poke,
+        health,
+        isolated: false,
         options: options.clone(),
     };
-    // Attach at once: an interface that cannot take the program fails the start, not a later
-    // pass. Services left in the pinned maps by a previous run keep forwarding their flows until
-    // the first pass decides; ARP/NDP answers wait for the election.
-    speaker.dp.set_l2_vips(&[])?;
-    speaker.dp.attach_all(&speaker.interfaces)?;
-    for name in &options.redirect_veths {
-        let iface = dataplane::interface(name).map_err(SpeakerError::Interface)?;
-        speaker.dp.allow_redirect(iface.ifindex)?;
-    }
-    info!(node = %options.node_name, interfaces = ?options.interfaces, "speakerStarting");
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(SpeakerError::Runtime)?;
-    let renew_every = Duration::from_secs((options.lease_duration / 3).max(1) as u64);
     let sync = async {
         let _ = tokio::join!(
             stores.services.wait_until_ready(),
@@ -272,25 +354,39 @@ async fn run_async(
     };
     tokio::pin!(sync);
     let mut synced = false;
-    let mut next_renew = Instant::now();
+    // Liveness is re-read this often: the mesh's verdicts, the API server's reachability and
+    // Lease expiry change with time, not only with watch events.
+    let tick = (options.failure_timeout / 4).max(Duration::from_millis(50));
+    let due_every = options.resync.min(Duration::from_secs(
+        (options.lease_duration / 3).max(1) as u64
+    ));
     let mut last_pass = Instant::now();
+    let mut last_garp = Instant::now();
+    let mut last_secret_check: Option<Instant> = None;
+    let mut seen: Option<Fingerprint> = None;
     loop {
-        if Instant::now() >= next_renew {
-            speaker.renew_lease().await;
-            next_renew = Instant::now() + renew_every;
+        if speaker.mesh.is_none()
+            && last_secret_check.is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
+        {
+            last_secret_check = Some(Instant::now());
+            speaker.start_mesh(&notify).await?;
         }
         if synced {
-            speaker.pass(&stores).await;
-            last_pass = Instant::now();
+            let now = speaker.fingerprint(stores.nodes.state().len());
+            let deleted = speaker.take_deleted();
+            if seen.as_ref() != Some(&now) || deleted || last_pass.elapsed() >= due_every {
+                speaker.pass(&stores).await;
+                last_pass = Instant::now();
+            }
+            seen = Some(now);
         }
-        status.lock().unwrap().bgp = speaker
-            .bgp
-            .as_ref()
-            .map(|b| b.session_statuses())
-            .unwrap_or_default();
-        // Wake when a Lease may expire, so the IPs of a dead node move without waiting for
-        // any watch event.
-        let wake = next_renew.min(last_pass + options.resync);
+        if let Some(every) = options.garp_interval {
+            if last_garp.elapsed() >= every {
+                speaker.refresh_announcements();
+                last_garp = Instant::now();
+            }
+        }
+        speaker.publish_status();
         tokio::select! {
             _ = &mut sync, if !synced => {
                 synced = true;
@@ -299,107 +395,189 @@ async fn run_async(
             }
             _ = notify.notified() => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                // Something changed (a watch event, a mesh member, the API server's health).
+                seen = None;
             }
-            _ = tokio::time::sleep_until(wake.into()) => {}
+            _ = tokio::time::sleep(tick) => {}
             _ = terminate.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
     }
-    speaker.stop().await;
+    speaker.stop(keeper).await;
     Ok(())
 }
 
-impl Speaker {
-    fn lease_name(&self) -> String {
-        format!("{LEASE_PREFIX}{}", self.options.node_name)
-    }
+/// What liveness depends on besides watch events, which change with time: each mesh member
+/// counted alive or not, the API server out of reach or not, this node cut off or not. A pass
+/// runs when it changes.
+type Fingerprint = (Vec<(String, bool)>, bool, bool);
 
-    /// Renews (or creates) our Lease, with our interfaces and what we announce in its annotations.
-    async fn renew_lease(&mut self) {
-        let result = match self.leases.get_opt(&self.lease_name()).await {
-            Ok(current) => {
-                // Our Lease gone although we wrote it: someone deleted it (an operator moving
-                // IPs away, or a cleanup). The others already count this node out; stop
-                // answering before coming back, so the new Lease claims nothing and the IPs
-                // stay where they went.
-                if current.is_none() && self.lease_renewed.is_some() {
-                    warn!(lease = %self.lease_name(), "leaseDeleted");
-                    self.last.l2.clear();
-                    if let Err(e) = self.dp.set_l2_vips(&[]) {
-                        warn!(error = %e, "l2ClearFailed");
-                    }
+/// The first IPv4 address of an interface.
+fn first_ipv4(interface: &str) -> Option<IpAddr> {
+    let mut found = None;
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we walk read-only and free once.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return None;
+    }
+    let mut cursor = list;
+    while !cursor.is_null() {
+        let entry = unsafe { &*cursor };
+        let name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) };
+        if name.to_str() == Ok(interface)
+            && !entry.ifa_addr.is_null()
+            && unsafe { (*entry.ifa_addr).sa_family } as i32 == libc::AF_INET
+        {
+            let sin = entry.ifa_addr as *const libc::sockaddr_in;
+            found = Some(IpAddr::from(
+                unsafe { (*sin).sin_addr.s_addr }.to_ne_bytes(),
+            ));
+            break;
+        }
+        cursor = entry.ifa_next;
+    }
+    unsafe { libc::freeifaddrs(list) };
+    found
+}
+
+/// Reads the mesh secret: the file's bytes, surrounding whitespace trimmed. `None` while the
+/// file is missing or empty.
+pub fn read_secret(path: &std::path::Path) -> Option<Vec<u8>> {
+    let bytes = std::fs::read(path).ok()?;
+    let text = bytes.trim_ascii();
+    (!text.is_empty()).then(|| text.to_vec())
+}
+
+struct LeaseWriter {
+    leases: Api<Lease>,
+    name: String,
+    options: Options,
+    interfaces: Vec<String>,
+    wish: tokio::sync::watch::Receiver<LeaseWish>,
+    poke: Arc<Notify>,
+    health: SharedHealth,
+    woke: Arc<Notify>,
+}
+
+/// Renews our Lease every third of its duration, and at once when what it should say changes
+/// or the loop asks; never blocks the loop (a task of its own, each request with a timeout).
+async fn lease_writer(mut w: LeaseWriter) {
+    let every = Duration::from_secs((w.options.lease_duration / 3).max(1) as u64);
+    loop {
+        let wish = w.wish.borrow_and_update().clone();
+        let result = tokio::time::timeout(API_TIMEOUT * 2, w.write(&wish)).await;
+        let now = Instant::now();
+        {
+            let mut h = w.health.lock().unwrap();
+            let before = (h.unreachable_since.is_some(), h.error.clone());
+            match result {
+                Ok(Ok(deleted)) => {
+                    h.last_answer = Some((now, Timestamp::now()));
+                    h.unreachable_since = None;
+                    h.written = Some(now);
+                    h.error = None;
+                    h.published = Some(if deleted {
+                        LeaseWish {
+                            l2: BTreeSet::new(),
+                            ..wish
+                        }
+                    } else {
+                        wish
+                    });
+                    h.deleted |= deleted;
                 }
-                self.write_lease(current, &self.announcing(), self.options.lease_duration)
-                    .await
-            }
-            Err(e) => Err(e),
-        };
-        let announcing = self.announcing();
-        match result {
-            Ok(()) => {
-                self.lease_renewed = Some(Instant::now());
-                self.published = Some(announcing);
-                self.status.lock().unwrap().not_ready_reason = None;
-            }
-            Err(e) => {
-                warn!(lease = %self.lease_name(), error = %e, "leaseUpdateFailed");
-                let hint = match &e {
-                    kube::Error::Api(s) if s.is_forbidden() => {
-                        " (RBAC: the speaker needs get, create and update on coordination.k8s.io leases in its namespace)"
+                Ok(Err(e)) => {
+                    let answered = matches!(e, kube::Error::Api(_));
+                    if answered {
+                        h.last_answer = Some((now, Timestamp::now()));
+                        h.unreachable_since = None;
+                    } else {
+                        h.unreachable_since.get_or_insert(now);
                     }
-                    _ => "",
-                };
-                self.status.lock().unwrap().not_ready_reason = Some(format!(
-                    "cannot write the Lease {}/{}: {e}{hint}; other nodes do not see this one, so it announces nothing",
-                    self.options.namespace,
-                    self.lease_name()
-                ));
-                let valid = Duration::from_secs(self.options.lease_duration.max(1) as u64);
-                if self.lease_renewed.is_none_or(|t| t.elapsed() >= valid) {
-                    // Nobody sees us alive: stop answering rather than answer twice.
-                    self.last = NodePlan::default();
-                    if let Err(e) = self.dp.set_l2_vips(&[]) {
-                        warn!(error = %e, "l2ClearFailed");
-                    }
+                    let hint = match &e {
+                        kube::Error::Api(s) if s.is_forbidden() => {
+                            " (RBAC: the speaker needs get, create and update on coordination.k8s.io leases in its namespace)"
+                        }
+                        _ => "",
+                    };
+                    h.error = Some(format!("{e}{hint}"));
                 }
+                Err(_) => {
+                    h.unreachable_since.get_or_insert(now);
+                    h.error = Some(format!(
+                        "the API server did not answer within {} s",
+                        (API_TIMEOUT * 2).as_secs()
+                    ));
+                }
+            }
+            if let Some(e) = &h.error {
+                warn!(lease = %w.name, error = %e, "leaseUpdateFailed");
+            }
+            if before != (h.unreachable_since.is_some(), h.error.clone()) || h.deleted {
+                w.woke.notify_one();
             }
         }
-    }
-
-    /// What this node announces now: (L2 IPs, BGP IPs).
-    fn announcing(&self) -> (BTreeSet<IpAddr>, BTreeSet<IpAddr>) {
-        let bgp = if self.last.peers.is_empty() {
-            BTreeSet::new()
+        let retry = if w.health.lock().unwrap().error.is_some() {
+            // Keep asking while the API server is away: its return is noticed within a second.
+            Duration::from_secs(1).min(every)
         } else {
-            self.last.bgp_ips.clone()
+            every
         };
-        (self.last.l2.iter().map(|(ip, _)| *ip).collect(), bgp)
+        tokio::select! {
+            _ = tokio::time::sleep(retry) => {}
+            changed = w.wish.changed() => if changed.is_err() { return },
+            _ = w.poke.notified() => {}
+        }
+    }
+}
+
+impl LeaseWriter {
+    /// Writes our Lease; `Ok(true)` when it had been deleted (recreated claiming no L2 IP).
+    async fn write(&self, wish: &LeaseWish) -> Result<bool, kube::Error> {
+        let current = self.leases.get_opt(&self.name).await?;
+        let written_before = self.health.lock().unwrap().written.is_some();
+        let deleted = current.is_none() && written_before;
+        if deleted {
+            warn!(lease = %self.name, "leaseDeleted");
+        }
+        let wish = if deleted {
+            LeaseWish {
+                l2: BTreeSet::new(),
+                ..wish.clone()
+            }
+        } else {
+            wish.clone()
+        };
+        self.put(current, &wish, self.options.lease_duration)
+            .await?;
+        Ok(deleted)
     }
 
     /// Writes our Lease over `current` (as just read; `None`: create it).
-    async fn write_lease(
+    async fn put(
         &self,
         current: Option<Lease>,
-        (l2, bgp): &(BTreeSet<IpAddr>, BTreeSet<IpAddr>),
+        wish: &LeaseWish,
         duration: i32,
     ) -> Result<(), kube::Error> {
-        let name = self.lease_name();
         let now = MicroTime(Timestamp::now());
-        let mut annotations = BTreeMap::new();
-        let interfaces: Vec<&str> = self.interfaces.iter().map(|i| i.name.as_str()).collect();
-        annotations.insert(INTERFACES_ANNOTATION.to_string(), interfaces.join(","));
         let list = |ips: &BTreeSet<IpAddr>| {
             ips.iter()
                 .map(|ip| ip.to_string())
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        annotations.insert(ANNOUNCING_ANNOTATION.to_string(), list(l2));
-        annotations.insert(BGP_ANNOTATION.to_string(), list(bgp));
+        let mut annotations = BTreeMap::new();
+        annotations.insert(INTERFACES_ANNOTATION.to_string(), self.interfaces.join(","));
+        annotations.insert(ANNOUNCING_ANNOTATION.to_string(), list(&wish.l2));
+        annotations.insert(BGP_ANNOTATION.to_string(), list(&wish.bgp));
+        if let Some(addr) = wish.mesh {
+            annotations.insert(MESH_ANNOTATION.to_string(), addr.to_string());
+        }
         let exists = current.is_some();
         let mut lease = current.unwrap_or_else(|| Lease {
             metadata: ObjectMeta {
-                name: Some(name.clone()),
+                name: Some(self.name.clone()),
                 namespace: Some(self.options.namespace.clone()),
                 labels: Some(
                     [(
@@ -426,12 +604,159 @@ impl Speaker {
         }
         if exists {
             self.leases
-                .replace(&name, &PostParams::default(), &lease)
+                .replace(&self.name, &PostParams::default(), &lease)
                 .await?;
         } else {
             self.leases.create(&PostParams::default(), &lease).await?;
         }
         Ok(())
+    }
+}
+
+struct Speaker {
+    options: Options,
+    client: Client,
+    recorder: Recorder,
+    interfaces: Vec<dataplane::Interface>,
+    dp: Dataplane,
+    bgp: Option<crate::bgp::speaker::Speaker>,
+    /// What the last pass made true.
+    last: NodePlan,
+    /// Problems reported while they last: not reported again.
+    reported: BTreeSet<(String, String)>,
+    status: crate::metrics::SharedStatus,
+    mesh: Option<Mesh>,
+    mesh_address: Option<SocketAddr>,
+    /// Nodes the mesh declared down, with their Lease's renew time at that moment.
+    down_renews: BTreeMap<String, Option<String>>,
+    wish: tokio::sync::watch::Sender<LeaseWish>,
+    poke: Arc<Notify>,
+    health: SharedHealth,
+    /// Cut off from the API server and from every other speaker: answering nothing.
+    isolated: bool,
+}
+
+impl Speaker {
+    /// Starts the mesh once its secret is there.
+    async fn start_mesh(&mut self, notify: &Arc<Notify>) -> Result<(), SpeakerError> {
+        let (Some(settings), Some(advertise)) = (&self.options.mesh, self.mesh_address) else {
+            return Ok(());
+        };
+        let Some(secret) = read_secret(&settings.secret_file) else {
+            warn!(file = %settings.secret_file.display(),
+                  "meshWaitingForSecret: liveness from the Leases alone until the secret is there");
+            self.status.lock().unwrap().mesh_enabled = false;
+            return Ok(());
+        };
+        let bind = SocketAddr::new(
+            if advertise.is_ipv4() {
+                IpAddr::from([0u8; 4])
+            } else {
+                IpAddr::from([0u16; 8])
+            },
+            settings.port,
+        );
+        let mesh = Mesh::start(
+            MeshOptions {
+                node: self.options.node_name.clone(),
+                bind,
+                advertise,
+                secret,
+                failure_timeout: self.options.failure_timeout,
+            },
+            notify.clone(),
+        )
+        .await
+        .map_err(|source| SpeakerError::Mesh {
+            address: bind,
+            source,
+        })?;
+        self.status.lock().unwrap().mesh_enabled = true;
+        self.mesh = Some(mesh);
+        Ok(())
+    }
+
+    fn take_deleted(&mut self) -> bool {
+        std::mem::take(&mut self.health.lock().unwrap().deleted)
+    }
+
+    /// The mesh's verdict on every node it knows, remembering each down node's Lease renew
+    /// time when it was first seen down.
+    fn verdicts(&mut self, view: &MeshView, leases: &[Lease]) -> BTreeMap<String, MeshVerdict> {
+        let now = Instant::now();
+        let mut out = BTreeMap::new();
+        for (node, member) in &view.members {
+            if member.counts_alive(now) {
+                self.down_renews.remove(node);
+                out.insert(node.clone(), MeshVerdict::Alive);
+            } else {
+                let renew = self
+                    .down_renews
+                    .entry(node.clone())
+                    .or_insert_with(|| liveness::renew_time_of(leases, node))
+                    .clone();
+                out.insert(
+                    node.clone(),
+                    MeshVerdict::Down {
+                        renew_at_down: renew,
+                    },
+                );
+            }
+        }
+        // This node is alive to itself once its Lease exists.
+        if self.health.lock().unwrap().written.is_some() {
+            out.insert(self.options.node_name.clone(), MeshVerdict::Alive);
+        }
+        out
+    }
+
+    /// Without the mesh (off, or never formed), a node whose Lease nobody has seen renewed for a
+    /// whole duration is dead to the others: it stops answering rather than answer twice.
+    fn lease_lapsed(&self) -> bool {
+        let valid = Duration::from_secs(self.options.lease_duration.max(1) as u64);
+        self.health
+            .lock()
+            .unwrap()
+            .written
+            .is_none_or(|t| t.elapsed() >= valid)
+    }
+
+    /// Is this node cut off from everything: the API server out of reach and no other speaker
+    /// answering the mesh, for longer than the failure timeout, while other nodes exist? It
+    /// cannot know whether it still owns an IP, so it answers for none.
+    fn cut_off(&self, view: Option<&MeshView>, nodes: usize) -> bool {
+        let Some(view) = view.filter(|v| !v.members.is_empty()) else {
+            return self.lease_lapsed();
+        };
+        let alone = view.alive_peers(Instant::now()) == 0
+            && view.members.values().all(|m| {
+                m.since.elapsed() >= self.options.failure_timeout
+                    || m.state != crate::mesh::MemberState::Down
+            });
+        nodes > 1
+            && alone
+            && self
+                .health
+                .lock()
+                .unwrap()
+                .unreachable_for(self.options.failure_timeout)
+    }
+
+    /// What liveness depends on now (see [`Fingerprint`]).
+    fn fingerprint(&self, nodes: usize) -> Fingerprint {
+        let view = self.mesh.as_ref().map(|m| m.view());
+        let now = Instant::now();
+        let members = view
+            .as_ref()
+            .map(|v| {
+                v.members
+                    .iter()
+                    .map(|(n, m)| (n.clone(), m.counts_alive(now)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let unreachable = self.health.lock().unwrap().unreachable_since.is_some();
+        (members, unreachable, self.cut_off(view.as_ref(), nodes))
     }
 
     async fn pass(&mut self, stores: &Stores) {
@@ -447,9 +772,16 @@ impl Speaker {
             .into_iter()
             .filter(|l| l.name_any().starts_with(LEASE_PREFIX))
             .collect();
+        let node_objects = watch::sorted(&stores.nodes);
+        let view = self.mesh.as_ref().map(|m| {
+            m.set_peers(liveness::mesh_addresses(&leases));
+            m.view()
+        });
+        let verdicts = view.as_ref().map(|v| self.verdicts(v, &leases));
+        let lease_clock = self.health.lock().unwrap().lease_clock();
         let (nodes, announcers) =
-            node_views(&watch::sorted(&stores.nodes), &leases, Timestamp::now());
-        let plan = announce::plan(announce::Input {
+            liveness::node_views(&node_objects, &leases, lease_clock, verdicts.as_ref());
+        let mut plan = announce::plan(announce::Input {
             me: &self.options.node_name,
             objects: &objects,
             services: &services,
@@ -459,16 +791,54 @@ impl Speaker {
             sticky: self.options.sticky,
             classless_is_ours: self.options.classless_is_ours,
         });
+        let isolated = self.cut_off(view.as_ref(), node_objects.len());
+        if isolated != self.isolated {
+            if isolated {
+                warn!(
+                    "isolated: neither the API server nor any other speaker answers; answering ARP/NDP for nothing"
+                );
+            } else {
+                info!("rejoined: answering for the IPs this node is elected for");
+            }
+            self.isolated = isolated;
+        }
+        if isolated {
+            plan.l2.clear();
+        }
+        self.update_readiness();
         if plan == self.last {
             return;
         }
+        let claims = liveness::claims(&leases);
         self.apply(&plan);
-        self.record(&plan, &services).await;
+        self.record(&plan, &services, &claims, view.as_ref()).await;
         self.last = plan;
-        // Others learn who announces what from our Lease: write it when that changed.
-        if self.published.as_ref() != Some(&self.announcing()) {
-            self.renew_lease().await;
-        }
+        // Others learn who announces what from our Lease.
+        let wish = LeaseWish {
+            l2: self.last.l2.iter().map(|(ip, _)| *ip).collect(),
+            bgp: if self.last.peers.is_empty() {
+                BTreeSet::new()
+            } else {
+                self.last.bgp_ips.clone()
+            },
+            mesh: self.mesh_address,
+        };
+        self.wish.send_if_modified(|w| {
+            let changed = *w != wish;
+            *w = wish;
+            changed
+        });
+    }
+
+    /// /readyz: not ready while our Lease cannot be written, saying why.
+    fn update_readiness(&self) {
+        let h = self.health.lock().unwrap();
+        self.status.lock().unwrap().not_ready_reason = h.error.as_ref().map(|e| {
+            format!(
+                "cannot write the Lease {}/{LEASE_PREFIX}{}: {e}; other nodes do not see this one, so it announces nothing",
+                self.options.namespace, self.options.node_name
+            )
+        });
     }
 
     /// Makes the data plane, the ARP/NDP answers and the BGP routes what `plan` says.
@@ -480,12 +850,7 @@ impl Speaker {
         }
         let before: BTreeSet<&(IpAddr, String)> = self.last.l2.iter().collect();
         for vip in &vips {
-            let name = self
-                .interfaces
-                .iter()
-                .find(|i| i.ifindex == vip.ifindex)
-                .map(|i| i.name.clone())
-                .unwrap_or_default();
+            let name = self.interface_name(vip.ifindex);
             if before.contains(&(vip.ip, name.clone())) {
                 continue;
             }
@@ -501,6 +866,24 @@ impl Speaker {
             }
         }
         self.sync_bgp(plan);
+    }
+
+    fn interface_name(&self, ifindex: u32) -> String {
+        self.interfaces
+            .iter()
+            .find(|i| i.ifindex == ifindex)
+            .map(|i| i.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// Gratuitous ARP / unsolicited NA again for every IP answered here, so switches' FDB entries
+    /// and hosts' neighbour caches stay fresh.
+    fn refresh_announcements(&self) {
+        for vip in L2Vip::on(&self.interfaces, &self.last.l2) {
+            if let Err(e) = crate::l2::announce(vip.ifindex, vip.mac, vip.ip) {
+                warn!(ip = %vip.ip, error = %e, "l2AnnounceFailed");
+            }
+        }
     }
 
     fn sync_bgp(&mut self, plan: &NodePlan) {
@@ -525,9 +908,41 @@ impl Speaker {
         }
     }
 
-    /// Events on Services: this node took an IP over in L2, started or stopped announcing one
-    /// by BGP, or something in its objects is wrong.
-    async fn record(&mut self, plan: &NodePlan, services: &[Service]) {
+    /// BGP sessions and mesh members on /metrics and for `sluice inspect`.
+    fn publish_status(&self) {
+        let mut s = self.status.lock().unwrap();
+        s.bgp = self
+            .bgp
+            .as_ref()
+            .map(|b| b.session_statuses())
+            .unwrap_or_default();
+        if let Some(mesh) = &self.mesh {
+            let view = mesh.view();
+            s.mesh = crate::metrics::MeshStatus::from_view(&view);
+        }
+        if let Some(path) = &self.options.status_file {
+            if let Ok(text) = serde_json::to_string_pretty(&*s) {
+                let tmp = path.with_extension("tmp");
+                let written = std::fs::create_dir_all(path.parent().unwrap_or(path))
+                    .and_then(|_| std::fs::write(&tmp, text))
+                    .and_then(|_| std::fs::rename(&tmp, path));
+                if let Err(e) = written {
+                    tracing::debug!(error = %e, "statusNotWritten");
+                }
+            }
+        }
+    }
+
+    /// Events on Services: this node took an IP over in L2 (and from whom, when a node died),
+    /// started or stopped announcing one by BGP, or something in its objects is wrong. Sent by
+    /// tasks of their own: the loop never waits on the API server.
+    async fn record(
+        &mut self,
+        plan: &NodePlan,
+        services: &[Service],
+        claims: &BTreeMap<IpAddr, String>,
+        view: Option<&MeshView>,
+    ) {
         let me = self.options.node_name.clone();
         let mut events: Vec<(String, EventType, &'static str, String)> = Vec::new();
         let mine_before: BTreeSet<IpAddr> = self.last.l2.iter().map(|(ip, _)| *ip).collect();
@@ -537,18 +952,40 @@ impl Speaker {
                 m
             });
         for (ip, interfaces) in &mine_now {
-            if !mine_before.contains(ip) {
-                for s in plan.services_with(*ip) {
-                    events.push((
-                        s.clone(),
-                        EventType::Normal,
+            if mine_before.contains(ip) {
+                continue;
+            }
+            // Taken from a node the mesh declared down: say which, and how long that took.
+            let failed = claims
+                .get(ip)
+                .filter(|owner| **owner != me)
+                .and_then(|owner| Some((owner, view?.members.get(owner)?)))
+                .filter(|(_, m)| m.state == crate::mesh::MemberState::Down);
+            for s in plan.services_with(*ip) {
+                let (reason, note) = match failed {
+                    Some((owner, m)) => {
+                        let noticed = m
+                            .noticed_after
+                            .map(|d| format!("{:.2} s", d.as_secs_f64()))
+                            .unwrap_or_else(|| "an unknown time".into());
+                        warn!(%ip, from = %owner, noticed_after = %noticed, "ipMovedNodeDown");
+                        (
+                            "nodeFailedOver",
+                            format!(
+                                "node {me} took {ip} over from node {owner}, which stopped answering the speaker mesh (noticed {noticed} after its last message); answering on {}",
+                                interfaces.join(", ")
+                            ),
+                        )
+                    }
+                    None => (
                         "nodeAssigned",
                         format!(
                             "node {me} announces {ip} by L2 (ARP/NDP) on {}",
                             interfaces.join(", ")
                         ),
-                    ));
-                }
+                    ),
+                };
+                events.push((s.clone(), EventType::Normal, reason, note));
             }
         }
         if !plan.peers.is_empty() || !self.last.peers.is_empty() {
@@ -610,88 +1047,93 @@ impl Speaker {
                 action: "Announce".into(),
                 secondary: None,
             };
-            if let Err(e) = self.recorder.publish(&event, &s.object_ref(&())).await {
-                warn!(%service, error = %e, "eventRecordFailed");
+            let recorder = self.recorder.clone();
+            let reference = s.object_ref(&());
+            tokio::spawn(async move {
+                match tokio::time::timeout(API_TIMEOUT, recorder.publish(&event, &reference)).await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!(%service, error = %e, "eventRecordFailed"),
+                    Err(_) => warn!(%service, "eventRecordFailed: the API server did not answer"),
+                }
+            });
+        }
+    }
+
+    /// Stops as `on_stop` says.
+    async fn stop(mut self, keeper: L2DeadlineKeeper) {
+        match self.options.on_stop {
+            OnStop::Restart => {
+                // Answers, balancing and (with graceful restart) routes go on for the grace;
+                // the others keep our IPs here meanwhile.
+                if let Some(mesh) = &self.mesh {
+                    mesh.restarting(self.options.restart_grace);
+                    // Let the datagrams leave before the runtime ends.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                keeper.stop();
+                if let Err(e) = self.dp.set_l2_deadline(Some(self.options.restart_grace)) {
+                    warn!(error = %e, "l2DeadlineNotSet");
+                }
+                // Closing the sessions without Cease: peers that negotiated graceful restart
+                // keep the routes while the speaker is away.
+                if let Some(bgp) = self.bgp.take() {
+                    std::mem::forget(bgp);
+                }
+                info!(
+                    grace_s = self.options.restart_grace.as_secs_f64(),
+                    "speakerStoppedForRestart"
+                );
+            }
+            OnStop::Handover => {
+                keeper.stop();
+                if let Err(e) = self.dp.set_l2_vips(&[]) {
+                    warn!(error = %e, "l2ClearFailed");
+                }
+                if let Some(mesh) = &self.mesh {
+                    mesh.leave();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if let Some(speaker) = self.bgp.take() {
+                    tokio::task::block_in_place(|| speaker.shutdown());
+                }
+                // An expired Lease (duration 1 s, nothing announced) makes the others re-elect
+                // now.
+                let leases: Api<Lease> =
+                    Api::namespaced(self.client.clone(), &self.options.namespace);
+                let name = format!("{LEASE_PREFIX}{}", self.options.node_name);
+                let writer = LeaseWriter {
+                    leases,
+                    name: name.clone(),
+                    options: self.options.clone(),
+                    interfaces: self.interfaces.iter().map(|i| i.name.clone()).collect(),
+                    wish: self.wish.subscribe(),
+                    poke: self.poke.clone(),
+                    health: self.health.clone(),
+                    woke: Arc::new(Notify::new()),
+                };
+                let released = tokio::time::timeout(API_TIMEOUT, async {
+                    let current = writer.leases.get_opt(&name).await?;
+                    writer
+                        .put(
+                            current,
+                            &LeaseWish {
+                                mesh: self.mesh_address,
+                                ..LeaseWish::default()
+                            },
+                            1,
+                        )
+                        .await
+                })
+                .await;
+                if !matches!(released, Ok(Ok(()))) {
+                    warn!("leaseReleaseFailed");
+                }
+                if let Err(e) = dataplane::detach_pinned(&self.options.pin_dir) {
+                    warn!(error = %e, "detachFailed");
+                }
+                info!("speakerStopped");
             }
         }
-    }
-
-    /// Stops answering and routing, detaches, and hands the IPs over at once.
-    async fn stop(&mut self) {
-        if let Err(e) = self.dp.set_l2_vips(&[]) {
-            warn!(error = %e, "l2ClearFailed");
-        }
-        if let Some(speaker) = self.bgp.take() {
-            tokio::task::block_in_place(|| speaker.shutdown());
-        }
-        // An expired Lease (duration 1 s, nothing announced) makes the others re-elect now.
-        let released = match self.leases.get_opt(&self.lease_name()).await {
-            Ok(current) => self.write_lease(current, &Default::default(), 1).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = released {
-            warn!(error = %e, "leaseReleaseFailed");
-        }
-        info!("speakerStopped");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use k8s_openapi::jiff::SignedDuration;
-    use serde_json::json;
-
-    #[test]
-    fn node_views_read_readiness_lease_liveness_interfaces_and_announcers() {
-        let now = Timestamp::from_second(1_800_000_000).unwrap();
-        let node = |name: &str, ready: &str| -> Node {
-            serde_json::from_value(json!({
-                "metadata": {"name": name, "labels": {"zone": "a"}},
-                "status": {"conditions": [{"type": "Ready", "status": ready}]},
-            }))
-            .unwrap()
-        };
-        let lease = |node: &str, renewed_ago: i64, announcing: &str| -> Lease {
-            let renew = now
-                .checked_sub(SignedDuration::from_secs(renewed_ago))
-                .unwrap();
-            serde_json::from_value(json!({
-                "metadata": {"name": format!("{LEASE_PREFIX}{node}"), "annotations": {
-                    INTERFACES_ANNOTATION: "eth0, eth1", ANNOUNCING_ANNOTATION: announcing}},
-                "spec": {"holderIdentity": node, "leaseDurationSeconds": 10,
-                         "renewTime": renew.to_string()},
-            }))
-            .unwrap()
-        };
-        let (views, announcers) = node_views(
-            &[
-                node("a", "True"),
-                node("b", "True"),
-                node("c", "False"),
-                node("d", "True"),
-            ],
-            &[
-                lease("a", 2, "198.51.100.1"),
-                lease("b", 11, "198.51.100.2"),
-                lease("c", 1, ""),
-            ],
-            now,
-        );
-        let by: BTreeMap<&str, &NodeView> = views.iter().map(|v| (v.name.as_str(), v)).collect();
-        assert!(by["a"].ready && by["a"].alive);
-        assert!(!by["b"].alive, "expired");
-        assert!(!by["c"].ready && by["c"].alive);
-        assert!(!by["d"].alive, "no Lease");
-        assert_eq!(
-            by["a"].interfaces,
-            ["eth0".to_string(), "eth1".to_string()].into()
-        );
-        assert_eq!(by["a"].labels["zone"], "a");
-        assert_eq!(
-            announcers,
-            [("198.51.100.1".parse().unwrap(), "a".to_string())].into(),
-            "a dead node's announcements do not count"
-        );
     }
 }

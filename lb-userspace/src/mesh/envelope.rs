@@ -301,24 +301,67 @@ mod tests {
         let kind_at = bad_kind_sealer.len() - TAG_LEN - 1;
         bad_kind_sealer[kind_at] = 9;
         bad_kind_sealer.truncate(bad_kind_sealer.len() - TAG_LEN);
-        let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, b"secret"), &bad_kind_sealer);
+        let tag = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, b"secret"),
+            &bad_kind_sealer,
+        );
         bad_kind_sealer.extend_from_slice(tag.as_ref());
         let cases: Vec<(&str, Vec<u8>, u64, Reject)> = vec![
             ("empty", vec![], NOW, Reject::Truncated),
             ("four bytes", b"SLM1".to_vec(), NOW, Reject::Truncated),
-            ("other magic", b"SLM2xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx".to_vec(), NOW, Reject::BadMagic),
-            ("truncated by one", good[..good.len() - 1].to_vec(), NOW, Reject::BadTag),
-            ("header only", good[..FIXED_LEN + 6].to_vec(), NOW, Reject::Truncated),
+            (
+                "other magic",
+                b"SLM2xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+                    .to_vec(),
+                NOW,
+                Reject::BadMagic,
+            ),
+            (
+                "truncated by one",
+                good[..good.len() - 1].to_vec(),
+                NOW,
+                Reject::BadTag,
+            ),
+            (
+                "header only",
+                good[..FIXED_LEN + 6].to_vec(),
+                NOW,
+                Reject::Truncated,
+            ),
             ("one bit flipped", flipped, NOW, Reject::BadTag),
-            ("wrong key", Sealer::new(b"other", "node-a", 7).seal(Kind::Swim, b"x", NOW), NOW, Reject::BadTag),
-            ("unknown node", Sealer::new(b"secret", "node-z", 7).seal(Kind::Swim, b"x", NOW), NOW, Reject::UnknownNode),
-            ("sent long ago", good.clone(), NOW + MAX_SKEW_MS + 1, Reject::Stale),
-            ("sent in the future", good.clone(), NOW - MAX_SKEW_MS - 1, Reject::Stale),
+            (
+                "wrong key",
+                Sealer::new(b"other", "node-a", 7).seal(Kind::Swim, b"x", NOW),
+                NOW,
+                Reject::BadTag,
+            ),
+            (
+                "unknown node",
+                Sealer::new(b"secret", "node-z", 7).seal(Kind::Swim, b"x", NOW),
+                NOW,
+                Reject::UnknownNode,
+            ),
+            (
+                "sent long ago",
+                good.clone(),
+                NOW + MAX_SKEW_MS + 1,
+                Reject::Stale,
+            ),
+            (
+                "sent in the future",
+                good.clone(),
+                NOW - MAX_SKEW_MS - 1,
+                Reject::Stale,
+            ),
             ("unknown kind", bad_kind_sealer, NOW, Reject::UnknownKind),
         ];
         for (name, datagram, now, want) in cases {
             let mut opener = Opener::new(b"secret");
-            assert_eq!(opener.open(&datagram, now, known).map(|_| ()), Err(want), "{name}");
+            assert_eq!(
+                opener.open(&datagram, now, known).map(|_| ()),
+                Err(want),
+                "{name}"
+            );
         }
     }
 
@@ -338,11 +381,15 @@ mod tests {
         assert!(opener.open(&sealed[70], NOW, known).is_ok());
         // The sender restarts: its new boot resets the window, its old boot is over.
         let mut again = Sealer::new(b"k", "node-a", 200);
-        assert!(opener.open(&again.seal(Kind::Swim, b"", NOW), NOW, known).is_ok());
+        assert!(opener
+            .open(&again.seal(Kind::Swim, b"", NOW), NOW, known)
+            .is_ok());
         assert_eq!(opener.open(&sealed[78], NOW, known), Err(Reject::Replayed));
         // Another node's sequence numbers are its own.
         let mut b = Sealer::new(b"k", "node-b", 100);
-        assert!(opener.open(&b.seal(Kind::Swim, b"", NOW), NOW, known).is_ok());
+        assert!(opener
+            .open(&b.seal(Kind::Swim, b"", NOW), NOW, known)
+            .is_ok());
     }
 
     #[test]

@@ -265,9 +265,8 @@ impl Mesh {
                             }
                             match opened.kind {
                                 Kind::Swim => {
-                                    let _ = tx.send(Input::Data(Bytes::copy_from_slice(
-                                        opened.body,
-                                    )));
+                                    let _ =
+                                        tx.send(Input::Data(Bytes::copy_from_slice(opened.body)));
                                 }
                                 Kind::Restarting => {
                                     let ms = opened
@@ -496,7 +495,8 @@ async fn drive(
                         if m.state != MemberState::Down {
                             m.state = MemberState::Down;
                             m.since = now;
-                            m.noticed_after = m.last_heard.map(|t| now.saturating_duration_since(t));
+                            m.noticed_after =
+                                m.last_heard.map(|t| now.saturating_duration_since(t));
                             warn!(node = %id.node,
                                   noticed_after_ms = m.noticed_after.map(|d| d.as_millis() as u64),
                                   "meshMemberDown");
