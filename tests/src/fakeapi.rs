@@ -61,12 +61,46 @@ struct Shared {
     state: Mutex<State>,
     changed: Condvar,
     stopping: AtomicBool,
+    outage: Mutex<Outage>,
+    /// Every connection accepted, to cut them when an outage refuses.
+    connections: Mutex<Vec<TcpStream>>,
+    /// The listening socket's descriptor (-1 while closed).
+    listening: std::sync::atomic::AtomicI32,
+}
+
+/// An outage of the API server, as a test makes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    /// Serving.
+    None,
+    /// Every connection is cut and new ones are refused (the listening socket stops
+    /// listening: connect gets ECONNREFUSED), as when the API server is down.
+    Refuse,
+    /// Connections are accepted and requests read, but nothing is answered and watches send
+    /// nothing until the outage ends, as when the API server or etcd hangs.
+    Hang,
 }
 
 /// The fake API server; stops serving watches when dropped.
 pub struct FakeApi {
     shared: Arc<Shared>,
     address: std::net::SocketAddr,
+}
+
+/// ioctl: a socket's network namespace, as a new file descriptor.
+const SIOCGSKNS: libc::c_ulong = 0x894C;
+
+/// Binds `address` again from a thread that entered `netns` (a file descriptor of it).
+fn listen_in(netns: libc::c_int, address: std::net::SocketAddr) -> Option<TcpListener> {
+    std::thread::spawn(move || {
+        if netns >= 0 && unsafe { libc::setns(netns, libc::CLONE_NEWNET) } != 0 {
+            return None;
+        }
+        TcpListener::bind(address).ok()
+    })
+    .join()
+    .ok()
+    .flatten()
 }
 
 /// An error as the API server reports it (a `Status` object).
@@ -403,19 +437,91 @@ impl FakeApi {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             stopping: AtomicBool::new(false),
+            outage: Mutex::new(Outage::None),
+            connections: Mutex::new(Vec::new()),
+            listening: std::sync::atomic::AtomicI32::new(-1),
         });
         let s = shared.clone();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        // The listener's network namespace, to listen again in it after an outage that refuses.
+        let netns = unsafe { libc::ioctl(fd, SIOCGSKNS) };
         std::thread::spawn(move || {
-            for stream in listener.incoming() {
+            let mut listener = Some(listener);
+            loop {
+                let accepted = match &listener {
+                    Some(l) => l.accept(),
+                    None => Err(std::io::ErrorKind::NotConnected.into()),
+                };
                 if s.stopping.load(Ordering::SeqCst) {
                     break;
                 }
-                let Ok(stream) = stream else { continue };
+                let Ok((stream, _)) = accepted else {
+                    if *s.outage.lock().unwrap() == Outage::Refuse {
+                        // Closed: connect is refused until the outage ends.
+                        listener = None;
+                        s.listening.store(-1, Ordering::SeqCst);
+                    } else if listener.is_none() {
+                        listener = listen_in(netns, address);
+                        s.listening.store(
+                            listener
+                                .as_ref()
+                                .map_or(-1, std::os::fd::AsRawFd::as_raw_fd),
+                            Ordering::SeqCst,
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                if let Ok(clone) = stream.try_clone() {
+                    s.connections.lock().unwrap().push(clone);
+                }
                 let s = s.clone();
                 std::thread::spawn(move || serve_connection(stream, &s));
             }
+            if netns >= 0 {
+                unsafe { libc::close(netns) };
+            }
         });
+        shared.listening.store(fd, Ordering::SeqCst);
         FakeApi { shared, address }
+    }
+
+    /// Starts or ends an outage (see [`Outage`]).
+    pub fn set_outage(&self, outage: Outage) {
+        let before = std::mem::replace(&mut *self.shared.outage.lock().unwrap(), outage);
+        if before == outage {
+            return;
+        }
+        if outage == Outage::Refuse {
+            // Wakes the accept loop, which closes the listener; it listens again (same
+            // address, same network namespace) when the outage ends.
+            let fd = self.shared.listening.load(Ordering::SeqCst);
+            if fd >= 0 {
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
+            for c in self.shared.connections.lock().unwrap().drain(..) {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while self.shared.listening.load(Ordering::SeqCst) >= 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        if before == Outage::Refuse {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while self.shared.listening.load(Ordering::SeqCst) < 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        self.shared.changed.notify_all();
+    }
+
+    fn wait_while_hanging(shared: &Shared) {
+        while *shared.outage.lock().unwrap() == Outage::Hang
+            && !shared.stopping.load(Ordering::SeqCst)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn url(&self) -> String {
@@ -672,6 +778,10 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
     let mut reader = BufReader::new(read_half);
     let mut stream = stream;
     while let Some(request) = read_request(&mut reader) {
+        FakeApi::wait_while_hanging(shared);
+        if *shared.outage.lock().unwrap() == Outage::Refuse {
+            return;
+        }
         let query: Vec<String> = request
             .query
             .iter()
@@ -787,6 +897,16 @@ fn stream_watch(
         if shared.stopping.load(Ordering::SeqCst) || Instant::now() >= deadline {
             break;
         }
+        match *shared.outage.lock().unwrap() {
+            Outage::None => {}
+            Outage::Refuse => return Err(std::io::ErrorKind::ConnectionAborted.into()),
+            Outage::Hang => {
+                drop(state);
+                FakeApi::wait_while_hanging(shared);
+                state = shared.state.lock().unwrap();
+                continue;
+            }
+        }
         let due: Vec<WatchEvent> = state
             .log
             .iter()
@@ -841,6 +961,31 @@ mod tests {
         let crd = parse_path("/apis/sluice.dev/v1alpha1/namespaces/x/ipaddresspools").unwrap();
         assert_eq!(crd.collection.0, "apis/sluice.dev/v1alpha1");
         assert!(parse_path("/version").is_err());
+    }
+
+    #[test]
+    fn an_outage_refuses_connections_then_hangs_them_then_serves_again() {
+        let api = FakeApi::start();
+        let get = |timeout: Duration| -> std::io::Result<String> {
+            let mut c = TcpStream::connect_timeout(&api.address, timeout)?;
+            c.set_read_timeout(Some(timeout))?;
+            write!(c, "GET /api/v1/namespaces HTTP/1.1\r\nHost: x\r\n\r\n")?;
+            let mut buf = [0u8; 12];
+            c.read_exact(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf).into_owned())
+        };
+        assert_eq!(get(Duration::from_secs(2)).unwrap(), "HTTP/1.1 200");
+        api.set_outage(Outage::Refuse);
+        let refused = get(Duration::from_secs(2)).unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+        api.set_outage(Outage::Hang);
+        let hung = get(Duration::from_millis(300)).unwrap_err();
+        assert!(
+            matches!(hung.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            "{hung:?}"
+        );
+        api.set_outage(Outage::None);
+        assert_eq!(get(Duration::from_secs(2)).unwrap(), "HTTP/1.1 200");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod lab;
 pub mod netns;
 pub mod rawsock;
 pub mod servers;
+pub mod speaker_lab;
 
 /// An HTTP/1.0 GET of `path` on `address`, from the calling thread's network namespace:
 /// (status code, body), or `None` when nothing answers there.

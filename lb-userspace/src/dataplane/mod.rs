@@ -38,7 +38,7 @@ use lb_common::{
 pub use error::{DataplaneError, Result};
 pub use services::{validate as validate_service, Backend, Protocol, Service, ServiceStats};
 pub use system::{
-    default_pin_dir, driver, format_mac, interface, interface_name, interfaces, require_root,
+    default_pin_dir, driver, format_mac, interface, interface_name, interfaces, link_up, require_root,
     Interface, BPFFS_ROOT,
 };
 

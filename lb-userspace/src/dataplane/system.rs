@@ -92,6 +92,23 @@ pub fn interface(name: &str) -> Result<Interface> {
     })
 }
 
+/// Is the interface up with a carrier (IFF_UP and IFF_RUNNING)? False when it is gone.
+pub fn link_up(name: &str) -> bool {
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return false;
+    }
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS fills ifr_flags of the request we own.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) };
+    unsafe { libc::close(fd) };
+    let flags = unsafe { req.ifr_ifru.ifru_flags } as libc::c_int;
+    rc == 0 && flags & libc::IFF_UP != 0 && flags & libc::IFF_RUNNING != 0
+}
+
 /// The name of an interface index in the current network namespace, if it exists.
 pub fn interface_name(ifindex: u32) -> Option<String> {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];

@@ -182,6 +182,8 @@ struct Stores {
 /// What our Lease should say.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct LeaseWish {
+    /// The interfaces that are up: a node is eligible for IPs on these only.
+    interfaces: Vec<String>,
     l2: BTreeSet<IpAddr>,
     bgp: BTreeSet<IpAddr>,
     mesh: Option<SocketAddr>,
@@ -297,6 +299,7 @@ async fn run_async(
     };
     let health = SharedHealth::default();
     let (wish_tx, wish_rx) = tokio::sync::watch::channel(LeaseWish {
+        interfaces: links_up(&interfaces),
         mesh: mesh_address,
         ..LeaseWish::default()
     });
@@ -305,7 +308,6 @@ async fn run_async(
         leases: Api::namespaced(client.clone(), ns),
         name: format!("{LEASE_PREFIX}{}", options.node_name),
         options: options.clone(),
-        interfaces: interfaces.iter().map(|i| i.name.clone()).collect(),
         wish: wish_rx,
         poke: poke.clone(),
         health: health.clone(),
@@ -410,7 +412,16 @@ async fn run_async(
 /// What liveness depends on besides watch events, which change with time: each mesh member
 /// counted alive or not, the API server out of reach or not, this node cut off or not. A pass
 /// runs when it changes.
-type Fingerprint = (Vec<(String, bool)>, bool, bool);
+type Fingerprint = (Vec<(String, bool)>, bool, bool, Vec<String>);
+
+/// The names of the interfaces that are up with a carrier.
+fn links_up(interfaces: &[dataplane::Interface]) -> Vec<String> {
+    interfaces
+        .iter()
+        .filter(|i| dataplane::link_up(&i.name))
+        .map(|i| i.name.clone())
+        .collect()
+}
 
 /// The first IPv4 address of an interface.
 fn first_ipv4(interface: &str) -> Option<IpAddr> {
@@ -452,7 +463,6 @@ struct LeaseWriter {
     leases: Api<Lease>,
     name: String,
     options: Options,
-    interfaces: Vec<String>,
     wish: tokio::sync::watch::Receiver<LeaseWish>,
     poke: Arc<Notify>,
     health: SharedHealth,
@@ -568,7 +578,7 @@ impl LeaseWriter {
                 .join(",")
         };
         let mut annotations = BTreeMap::new();
-        annotations.insert(INTERFACES_ANNOTATION.to_string(), self.interfaces.join(","));
+        annotations.insert(INTERFACES_ANNOTATION.to_string(), wish.interfaces.join(","));
         annotations.insert(ANNOUNCING_ANNOTATION.to_string(), list(&wish.l2));
         annotations.insert(BGP_ANNOTATION.to_string(), list(&wish.bgp));
         if let Some(addr) = wish.mesh {
@@ -756,7 +766,12 @@ impl Speaker {
             })
             .unwrap_or_default();
         let unreachable = self.health.lock().unwrap().unreachable_since.is_some();
-        (members, unreachable, self.cut_off(view.as_ref(), nodes))
+        (
+            members,
+            unreachable,
+            self.cut_off(view.as_ref(), nodes),
+            links_up(&self.interfaces),
+        )
     }
 
     async fn pass(&mut self, stores: &Stores) {
@@ -779,8 +794,17 @@ impl Speaker {
         });
         let verdicts = view.as_ref().map(|v| self.verdicts(v, &leases));
         let lease_clock = self.health.lock().unwrap().lease_clock();
-        let (nodes, announcers) =
+        let (mut nodes, announcers) =
             liveness::node_views(&node_objects, &leases, lease_clock, verdicts.as_ref());
+        // This node's interfaces as they are now (others read them from its Lease): a data
+        // link that went down makes it ineligible there at once.
+        let up = links_up(&self.interfaces);
+        if self.wish.borrow().interfaces != up {
+            info!(interfaces = ?up, "linksChanged");
+        }
+        if let Some(me) = nodes.iter_mut().find(|n| n.name == self.options.node_name) {
+            me.interfaces = up.iter().cloned().collect();
+        }
         let mut plan = announce::plan(announce::Input {
             me: &self.options.node_name,
             objects: &objects,
@@ -806,15 +830,15 @@ impl Speaker {
             plan.l2.clear();
         }
         self.update_readiness();
-        if plan == self.last {
-            return;
+        if plan != self.last {
+            let claims = liveness::claims(&leases);
+            self.apply(&plan);
+            self.record(&plan, &services, &claims, view.as_ref()).await;
+            self.last = plan;
         }
-        let claims = liveness::claims(&leases);
-        self.apply(&plan);
-        self.record(&plan, &services, &claims, view.as_ref()).await;
-        self.last = plan;
-        // Others learn who announces what from our Lease.
+        // Others learn which interfaces are up and who announces what from our Lease.
         let wish = LeaseWish {
+            interfaces: up,
             l2: self.last.l2.iter().map(|(ip, _)| *ip).collect(),
             bgp: if self.last.peers.is_empty() {
                 BTreeSet::new()
@@ -1106,7 +1130,6 @@ impl Speaker {
                     leases,
                     name: name.clone(),
                     options: self.options.clone(),
-                    interfaces: self.interfaces.iter().map(|i| i.name.clone()).collect(),
                     wish: self.wish.subscribe(),
                     poke: self.poke.clone(),
                     health: self.health.clone(),

@@ -1,0 +1,381 @@
+//! A lab for `sluice speaker` end to end: speaker processes as "nodes", each in its own network
+//! namespace with its own interfaces, against the fake API server; real ARP, real TCP, real XDP.
+//!
+//! ```text
+//!                       data segment (bridge br0 in `seg`)
+//!   client [c0 198.18.50.100] ── br0 ── [eth1 198.18.50.1] node-a [pa 10.244.1.1] ── pod-a 10.244.1.2
+//!                                 ├──── [eth1 198.18.50.2] node-b [pb 10.244.2.1] ── pod-b 10.244.2.2
+//!                                 └──── [eth1 198.18.50.3] node-c ... (with three nodes)
+//!                       management segment (bridge brm in `seg`)
+//!   api [m0 198.18.60.254] ── brm ── [eth0 198.18.60.1] node-a
+//!   (fake API server)         └───── [eth0 198.18.60.2] node-b
+//! ```
+//! The Service's IP 198.18.50.200 is announced on eth1 only (the L2Advertisement's interfaces),
+//! although each speaker's program is attached to eth0 too.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use lb_userspace::dataplane::Dataplane;
+use serde_json::{json, Value};
+use crate::{
+    fakeapi::FakeApi,
+    frames::{self, Mac},
+    lab::{napi_keeper, Conn},
+    netns::{veth, NetNs, Process},
+    rawsock::RawSocket,
+    require_root, servers, sluice_bin,
+};
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 50, 200);
+pub const VIP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd53, 0x50, 0, 0, 0, 0, 0, 0x200);
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 50, 100);
+pub const NS: &str = "sluice-system";
+pub const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/sluice-system/leases";
+pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+
+/// Fields drop in order: processes, programs, then namespaces.
+pub struct Lab {
+    pub speakers: Vec<Option<Process>>,
+    _keepers: Vec<Dataplane>,
+    pub api: FakeApi,
+    pub client: NetNs,
+    pub mgmt: NetNs,
+    pub nodes: Vec<NetNs>,
+    _pods: Vec<NetNs>,
+    pub seg: NetNs,
+    pin_dirs: Vec<PathBuf>,
+    pub kubeconfig: PathBuf,
+    logs: Vec<PathBuf>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.speakers.clear();
+        for dir in &self.pin_dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        let _ = std::fs::remove_file(&self.kubeconfig);
+        for log in &self.logs {
+            if std::thread::panicking() || std::env::var_os("SLUICE_KEEP_LOGS").is_some() {
+                eprintln!("speaker log kept: {}", log.display());
+            } else {
+                let _ = std::fs::remove_file(log);
+            }
+        }
+    }
+}
+
+/// A lab of `count` nodes (2 or 3), each with one pod serving its name on port 8080.
+pub fn lab(count: usize) -> Lab {
+    assert!((1..=NAMES.len()).contains(&count));
+    require_root();
+    let seg = NetNs::new("seg");
+    seg.ip(&["link", "add", "br0", "type", "bridge"]);
+    seg.ip(&["link", "add", "brm", "type", "bridge"]);
+    seg.ip(&["link", "set", "br0", "up"]);
+    seg.ip(&["link", "set", "brm", "up"]);
+    let client = NetNs::new("client");
+    let mgmt = NetNs::new("api");
+    let mut keepers = Vec::new();
+    let port = |ns: &NetNs, inside: &str, outside: &str, bridge: &str| {
+        veth(ns, inside, &seg, outside);
+        seg.ip(&["link", "set", outside, "master", bridge]);
+        // XDP_TX from `inside` reaches the bridge only when this end runs NAPI.
+        napi_keeper(&seg, outside)
+    };
+    keepers.push(port(&client, "c0", "cl", "br0"));
+    keepers.push(port(&mgmt, "m0", "ap", "brm"));
+    client.ip(&["addr", "add", "198.18.50.100/24", "dev", "c0"]);
+    client.ip(&["addr", "add", "fd53:50::100/64", "dev", "c0", "nodad"]);
+    client.exec(&["ethtool", "-K", "c0", "tx", "off"]);
+    mgmt.ip(&["addr", "add", "198.18.60.254/24", "dev", "m0"]);
+    keepers.push(napi_keeper(&client, "c0"));
+    keepers.push(napi_keeper(&mgmt, "m0"));
+    let mut nodes = Vec::new();
+    let mut pods = Vec::new();
+    for (i, name) in ["a", "b", "c"].iter().take(count).enumerate() {
+        let n = i + 1;
+        let node = NetNs::new(&format!("node-{name}"));
+        keepers.push(port(&node, "eth1", &format!("{name}1"), "br0"));
+        keepers.push(port(&node, "eth0", &format!("{name}0"), "brm"));
+        node.ip(&["addr", "add", &format!("198.18.50.{n}/24"), "dev", "eth1"]);
+        node.ip(&["addr", "add", &format!("198.18.60.{n}/24"), "dev", "eth0"]);
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("fd53:50::{n}/64"),
+            "dev",
+            "eth1",
+            "nodad",
+        ]);
+        node.exec(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
+        let pod = NetNs::new(&format!("pod-{name}"));
+        veth(&node, &format!("p{name}"), &pod, "eth0");
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("10.244.{n}.1/24"),
+            "dev",
+            &format!("p{name}"),
+        ]);
+        pod.ip(&["addr", "add", &format!("10.244.{n}.2/24"), "dev", "eth0"]);
+        pod.ip(&["route", "add", "default", "via", &format!("10.244.{n}.1")]);
+        servers::spawn_name_servers(&pod, &format!("pod-{name}"), 8080);
+        nodes.push(node);
+        pods.push(pod);
+    }
+    let listener =
+        mgmt.run(|| TcpListener::bind("198.18.60.254:0").expect("bind in the api namespace"));
+    let api = FakeApi::serve(listener);
+    // Unique per lab: tests run in parallel in one process.
+    let kubeconfig = std::env::temp_dir().join(format!("{}.kubeconfig", mgmt.name));
+    api.write_kubeconfig(&kubeconfig);
+    Lab {
+        speakers: (0..count).map(|_| None).collect(),
+        _keepers: keepers,
+        api,
+        client,
+        mgmt,
+        nodes,
+        _pods: pods,
+        seg,
+        pin_dirs: Vec::new(),
+        kubeconfig,
+        logs: Vec::new(),
+    }
+}
+
+pub const NAMES: [&str; 3] = ["node-a", "node-b", "node-c"];
+
+impl Lab {
+    pub fn objects(&self, policy: &str) {
+        self.objects_with(policy, &[VIP.to_string()]);
+    }
+
+    pub fn objects_with(&self, policy: &str, ips: &[String]) {
+        let ingress: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
+        let api = &self.api;
+        for ns in ["default", NS] {
+            api.create("/api/v1/namespaces", json!({"metadata": {"name": ns}}))
+                .unwrap();
+        }
+        let names = &NAMES[..self.nodes.len()];
+        for name in names {
+            api.create(
+                "/api/v1/nodes",
+                json!({"apiVersion": "v1", "kind": "Node",
+                       "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+                       "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+            )
+            .unwrap();
+        }
+        let crds = "/apis/sluice.dev/v1alpha1/namespaces/sluice-system";
+        api.create(
+            &format!("{crds}/ipaddresspools"),
+            json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "IPAddressPool",
+                   "metadata": {"name": "lab"}, "spec": {"addresses": ["198.18.50.200/29", "fd53:50::200/125"]}}),
+        )
+        .unwrap();
+        api.create(
+            &format!("{crds}/l2advertisements"),
+            json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "L2Advertisement",
+                   "metadata": {"name": "data"}, "spec": {"interfaces": ["eth1"]}}),
+        )
+        .unwrap();
+        api.create(
+            "/api/v1/namespaces/default/services",
+            json!({"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": "web"},
+                   "spec": {"type": "LoadBalancer", "externalTrafficPolicy": policy,
+                            "ports": [{"name": "tcp", "port": 80, "protocol": "TCP", "targetPort": 8080}]},
+                   "status": {"loadBalancer": {"ingress": ingress}}}),
+        )
+        .unwrap();
+        let endpoints: Vec<Value> = names
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                json!({"addresses": [format!("10.244.{}.2", i + 1)], "nodeName": node,
+                                     "conditions": {"ready": true}})
+            })
+            .collect();
+        api.create(
+            "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                   "metadata": {"name": "web-abc", "labels": {"kubernetes.io/service-name": "web"}},
+                   "addressType": "IPv4", "endpoints": endpoints,
+                   "ports": [{"name": "tcp", "port": 8080, "protocol": "TCP"}]}),
+        )
+        .unwrap();
+    }
+
+    /// Starts node i's speaker with liveness from the Leases alone (no mesh).
+    pub fn start_speaker(&mut self, i: usize) {
+        self.start_speaker_with(i, &["--no-mesh"]);
+    }
+
+    /// Node i's pin directory.
+    pub fn pin_dir(&self, i: usize) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{}", self.nodes[i].name))
+    }
+
+    /// Starts node i's speaker with `extra` arguments after the lab's own.
+    pub fn start_speaker_with(&mut self, i: usize, extra: &[&str]) {
+        let pin_dir = self.pin_dir(i);
+        if !self.pin_dirs.contains(&pin_dir) {
+            self.pin_dirs.push(pin_dir.clone());
+        }
+        let kubeconfig = format!("KUBECONFIG={}", self.kubeconfig.display());
+        let status = std::env::temp_dir().join(format!("{}.status.json", self.nodes[i].name));
+        let status = status.to_str().unwrap().to_string();
+        let bin = sluice_bin();
+        let mut args = vec![
+            "env",
+            &kubeconfig,
+            "RUST_LOG=info",
+            &bin,
+            "speaker",
+            "--node-name",
+            NAMES[i],
+            "--namespace",
+            NS,
+            "--interface",
+            "eth1",
+            "--interface",
+            "eth0",
+            "--pin-dir",
+            pin_dir.to_str().unwrap(),
+            "--lease-duration",
+            "3",
+            "--resync-seconds",
+            "1",
+            "--metrics-address",
+            "127.0.0.1:9465",
+            "--status-file",
+            &status,
+        ];
+        args.extend_from_slice(extra);
+        let mut p = self.nodes[i].spawn(&args);
+        let runs = self.logs.iter().filter(|l| l.to_string_lossy().contains(&self.nodes[i].name)).count();
+        let log = std::env::temp_dir().join(format!("{}.{runs}.log", self.nodes[i].name));
+        self.logs.push(log.clone());
+        p.wait_for_stderr_then_log("speakerStarting", Some(log));
+        self.speakers[i] = Some(p);
+    }
+
+    /// Does node i's Lease say it answers for the VIP?
+    pub fn announces(&self, i: usize) -> bool {
+        self.api
+            .get(&format!("{LEASES}/sluice-speaker-{}", NAMES[i]))
+            .and_then(|l| {
+                l["metadata"]["annotations"]["sluice.dev/announcing"]
+                    .as_str()
+                    .map(String::from)
+            })
+            .is_some_and(|a| a.split(',').any(|ip| ip == VIP.to_string()))
+    }
+
+    /// Which node's Lease says it answers for the VIP (while the others are alive).
+    pub fn announcer(&self) -> Option<usize> {
+        let holders: Vec<usize> = self
+            .api
+            .list(LEASES)
+            .iter()
+            .filter(|l| {
+                l["metadata"]["annotations"]["sluice.dev/announcing"]
+                    .as_str()
+                    .is_some_and(|a| a.split(',').any(|ip| ip == VIP.to_string()))
+            })
+            .filter_map(|l| NAMES.iter().position(|n| l["spec"]["holderIdentity"] == *n))
+            .collect();
+        (holders.len() == 1).then(|| holders[0])
+    }
+
+    pub fn node_mac(&self, i: usize, ifname: &str) -> Mac {
+        self.nodes[i].mac(ifname)
+    }
+}
+
+/// ARP replies for the VIP sent to this asker (gratuitous ARPs, broadcast, are not answers).
+pub fn ask_arp(ns: &NetNs, ifname: &'static str, sender: Ipv4Addr) -> Vec<Vec<u8>> {
+    let my_mac = ns.mac(ifname);
+    ns.run(move || {
+        let sock = RawSocket::open(ifname).unwrap();
+        sock.send(&frames::arp_request(my_mac, sender, VIP))
+            .unwrap();
+        sock.collect(Duration::from_millis(400), |f| {
+            f.len() >= 42
+                && f[12..14] == [0x08, 0x06]
+                && f[20..22] == [0, 2]
+                && f[28..32] == VIP.octets()
+                && f[0..6] == my_mac
+        })
+    })
+}
+
+/// Does `act`, then waits for the node with `new_mac` to send a gratuitous ARP for the VIP and
+/// to answer ARP for it alone; returns how long each took.
+pub fn takeover(lab: &Lab, new_mac: Mac, act: impl FnOnce()) -> (Duration, Duration) {
+    let seen: Arc<Mutex<Option<Instant>>> = Arc::default();
+    std::thread::scope(|scope| {
+        let listener = {
+            let seen = seen.clone();
+            let client = &lab.client;
+            scope.spawn(move || {
+                client.run(move || {
+                    let sock = RawSocket::open("c0").unwrap();
+                    sock.collect(Duration::from_secs(12), |f| {
+                        let gratuitous = f.len() >= 42
+                            && f[12..14] == [0x08, 0x06]
+                            && f[28..32] == VIP.octets()
+                            && f[38..42] == VIP.octets()
+                            && f[22..28] == new_mac;
+                        if gratuitous {
+                            seen.lock().unwrap().get_or_insert_with(Instant::now);
+                        }
+                        gratuitous
+                    })
+                })
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let start = Instant::now();
+        act();
+        let answered = wait_for(
+            "the new owner to answer ARP alone",
+            Duration::from_secs(15),
+            // When the request the new owner alone answered was sent (polled every ~0.5 s).
+            || {
+                let asked = Instant::now();
+                let r = ask_arp(&lab.client, "c0", CLIENT_IP);
+                (r.len() == 1 && r[0][6..12] == new_mac).then_some(asked)
+            },
+        );
+        let frames = listener.join().unwrap();
+        assert!(!frames.is_empty(), "no gratuitous ARP from the new owner");
+        let garp = seen.lock().unwrap().expect("seen");
+        (garp - start, answered - start)
+    })
+}
+
+pub fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn ask_vip(client: &NetNs) -> Option<String> {
+    Conn::open(client, SocketAddr::from((VIP, 80)))
+        .and_then(|mut c| c.ask())
+        .ok()
+}
