@@ -278,9 +278,17 @@ pub struct Conn {
 
 impl Conn {
     pub fn open(ns: &NetNs, to: std::net::SocketAddr) -> std::io::Result<Conn> {
-        let stream =
-            ns.run(move || std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)))?;
-        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        Self::open_within(ns, to, Duration::from_secs(3))
+    }
+
+    /// [`Self::open`], giving up on connecting and on each answer after `timeout`.
+    pub fn open_within(
+        ns: &NetNs,
+        to: std::net::SocketAddr,
+        timeout: Duration,
+    ) -> std::io::Result<Conn> {
+        let stream = ns.run(move || std::net::TcpStream::connect_timeout(&to, timeout))?;
+        stream.set_read_timeout(Some(timeout.max(Duration::from_secs(1))))?;
         Ok(Conn {
             writer: stream.try_clone()?,
             reader: BufReader::new(stream),

@@ -70,10 +70,36 @@ impl RawSocket {
     pub fn collect(&self, timeout: Duration, keep: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
         let deadline = Instant::now() + timeout;
         let mut kept = Vec::new();
+        while let Some(frame) = self.next_frame(deadline) {
+            if keep(&frame) {
+                kept.push(frame);
+            }
+        }
+        kept
+    }
+
+    /// The first incoming frame that satisfies `keep` and when it came, if one comes before
+    /// `timeout`.
+    pub fn first(
+        &self,
+        timeout: Duration,
+        keep: impl Fn(&[u8]) -> bool,
+    ) -> Option<(Instant, Vec<u8>)> {
+        let deadline = Instant::now() + timeout;
+        while let Some(frame) = self.next_frame(deadline) {
+            if keep(&frame) {
+                return Some((Instant::now(), frame));
+            }
+        }
+        None
+    }
+
+    /// The next incoming frame (not our own transmissions), or `None` at the deadline.
+    fn next_frame(&self, deadline: Instant) -> Option<Vec<u8>> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return kept;
+                return None;
             }
             let mut pfd = libc::pollfd {
                 fd: self.fd,
@@ -100,10 +126,7 @@ impl RawSocket {
             if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
-            let frame = &buf[..n as usize];
-            if keep(frame) {
-                kept.push(frame.to_vec());
-            }
+            return Some(buf[..n as usize].to_vec());
         }
     }
 }

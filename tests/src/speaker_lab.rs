@@ -50,6 +50,8 @@ pub struct Lab {
     pub seg: NetNs,
     pin_dirs: Vec<PathBuf>,
     pub kubeconfig: PathBuf,
+    /// The mesh's shared secret, as the Secret would be mounted.
+    pub mesh_secret: PathBuf,
     logs: Vec<PathBuf>,
 }
 
@@ -60,6 +62,10 @@ impl Drop for Lab {
             let _ = std::fs::remove_dir_all(dir);
         }
         let _ = std::fs::remove_file(&self.kubeconfig);
+        let _ = std::fs::remove_file(&self.mesh_secret);
+        for node in &self.nodes {
+            let _ = std::fs::remove_file(self.status_path_of(&node.name));
+        }
         for log in &self.logs {
             if std::thread::panicking() || std::env::var_os("SLUICE_KEEP_LOGS").is_some() {
                 eprintln!("speaker log kept: {}", log.display());
@@ -135,7 +141,10 @@ pub fn lab(count: usize) -> Lab {
     // Unique per lab: tests run in parallel in one process.
     let kubeconfig = std::env::temp_dir().join(format!("{}.kubeconfig", mgmt.name));
     api.write_kubeconfig(&kubeconfig);
+    let mesh_secret = std::env::temp_dir().join(format!("{}.mesh-secret", mgmt.name));
+    std::fs::write(&mesh_secret, "a shared secret for this lab\n").expect("write the mesh secret");
     Lab {
+        mesh_secret,
         speakers: (0..count).map(|_| None).collect(),
         _keepers: keepers,
         api,
@@ -214,9 +223,47 @@ impl Lab {
         .unwrap();
     }
 
-    /// Starts node i's speaker with liveness from the Leases alone (no mesh).
+    /// Starts node i's speaker with liveness from the Leases alone (no mesh), 3 s Leases.
     pub fn start_speaker(&mut self, i: usize) {
-        self.start_speaker_with(i, &["--no-mesh"]);
+        self.start_speaker_with(i, &["--no-mesh", "--lease-duration", "3"]);
+    }
+
+    /// Starts node i's speaker in the mesh, which runs over the management segment
+    /// (198.18.60.N:7947), with Leases of `lease_duration` seconds and the default failure
+    /// timeout, then `extra`.
+    pub fn start_mesh_speaker(&mut self, i: usize, lease_duration: &str, extra: &[&str]) {
+        let secret = self.mesh_secret.to_str().unwrap().to_string();
+        let address = format!("198.18.60.{}", i + 1);
+        let mut args = vec![
+            "--mesh-secret-file",
+            &secret,
+            "--mesh-address",
+            &address,
+            "--lease-duration",
+            lease_duration,
+        ];
+        args.extend_from_slice(extra);
+        self.start_speaker_with(i, &args);
+    }
+
+    fn status_path_of(&self, node: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("{node}.status.json"))
+    }
+
+    /// The status node i's speaker last wrote (mesh members, BGP sessions), `Null` if none.
+    pub fn status(&self, i: usize) -> Value {
+        std::fs::read_to_string(self.status_path_of(&self.nodes[i].name))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    /// How many other speakers node i's mesh counts alive.
+    pub fn mesh_alive(&self, i: usize) -> usize {
+        self.status(i)["mesh"]["members"]
+            .as_array()
+            .map(|m| m.iter().filter(|m| m["countedAlive"] == true).count())
+            .unwrap_or(0)
     }
 
     /// Node i's pin directory.
@@ -231,7 +278,7 @@ impl Lab {
             self.pin_dirs.push(pin_dir.clone());
         }
         let kubeconfig = format!("KUBECONFIG={}", self.kubeconfig.display());
-        let status = std::env::temp_dir().join(format!("{}.status.json", self.nodes[i].name));
+        let status = self.status_path_of(&self.nodes[i].name);
         let status = status.to_str().unwrap().to_string();
         let bin = sluice_bin();
         let mut args = vec![
@@ -250,8 +297,6 @@ impl Lab {
             "eth0",
             "--pin-dir",
             pin_dir.to_str().unwrap(),
-            "--lease-duration",
-            "3",
             "--resync-seconds",
             "1",
             "--metrics-address",
@@ -360,6 +405,96 @@ pub fn takeover(lab: &Lab, new_mac: Mac, act: impl FnOnce()) -> (Duration, Durat
         assert!(!frames.is_empty(), "no gratuitous ARP from the new owner");
         let garp = seen.lock().unwrap().expect("seen");
         (garp - start, answered - start)
+    })
+}
+
+/// What one failover took, from the act that caused it.
+#[derive(Debug, Clone, Copy)]
+pub struct Failover {
+    /// The node that took the VIP.
+    pub winner: usize,
+    /// Until the client's segment saw the winner's gratuitous ARP.
+    pub garp: Duration,
+    /// Until a new TCP connection through the VIP was answered by the winner's pod.
+    pub connected: Duration,
+}
+
+/// Does `act`, then waits for one of `candidates` to send a gratuitous ARP for the VIP, and for
+/// a new TCP connection from the client through the VIP to be answered by its pod.
+pub fn failover(lab: &Lab, candidates: &[usize], act: impl FnOnce()) -> Failover {
+    let macs: Vec<(usize, Mac)> = candidates
+        .iter()
+        .map(|&i| (i, lab.node_mac(i, "eth1")))
+        .collect();
+    std::thread::scope(|scope| {
+        let listener = {
+            let macs = macs.clone();
+            let client = &lab.client;
+            scope.spawn(move || {
+                client.run(move || {
+                    let sock = RawSocket::open("c0").unwrap();
+                    sock.first(Duration::from_secs(20), |f| {
+                        f.len() >= 42
+                            && f[12..14] == [0x08, 0x06]
+                            && f[28..32] == VIP.octets()
+                            && f[38..42] == VIP.octets()
+                            && macs.iter().any(|(_, m)| f[22..28] == *m)
+                    })
+                })
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let start = Instant::now();
+        act();
+        let (at, frame) = listener
+            .join()
+            .unwrap()
+            .expect("no gratuitous ARP from another node within 20 s");
+        let winner = macs
+            .iter()
+            .find(|(_, m)| frame[22..28] == *m)
+            .map(|(i, _)| *i)
+            .unwrap();
+        let pod = format!("pod-{}", ["a", "b", "c"][winner]);
+        let connected = wait_for(
+            "a connection through the VIP answered by the new owner's pod",
+            Duration::from_secs(20),
+            || {
+                let answered = Conn::open_within(&lab.client, SocketAddr::from((VIP, 80)), Duration::from_millis(300))
+                    .and_then(|mut c| c.ask())
+                    .ok()?;
+                (answered == pod).then(Instant::now)
+            },
+        );
+        Failover {
+            winner,
+            garp: at - start,
+            connected: connected - start,
+        }
+    })
+}
+
+/// The MACs that answer an ARP request for the VIP from the client within `within`.
+pub fn arp_answerers(lab: &Lab, within: Duration) -> Vec<Mac> {
+    let my_mac = lab.client.mac("c0");
+    lab.client.run(move || {
+        let sock = RawSocket::open("c0").unwrap();
+        sock.send(&frames::arp_request(my_mac, CLIENT_IP, VIP))
+            .unwrap();
+        sock.collect(within, |f| {
+            f.len() >= 42
+                && f[12..14] == [0x08, 0x06]
+                && f[20..22] == [0, 2]
+                && f[28..32] == VIP.octets()
+                && f[0..6] == my_mac
+        })
+        .into_iter()
+        .map(|f| {
+            let mut mac = [0u8; 6];
+            mac.copy_from_slice(&f[6..12]);
+            mac
+        })
+        .collect()
     })
 }
 

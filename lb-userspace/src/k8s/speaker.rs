@@ -197,6 +197,8 @@ struct ApiHealth {
     last_answer: Option<(Instant, Timestamp)>,
     /// The last request got no answer (refused, timed out): since when.
     unreachable_since: Option<Instant>,
+    /// A request under way: since when (a hanging API server is noticed before it times out).
+    in_flight_since: Option<Instant>,
     /// The last time our Lease was written.
     written: Option<Instant>,
     /// Why the last write failed.
@@ -208,9 +210,11 @@ struct ApiHealth {
 }
 
 impl ApiHealth {
-    /// Has the API server been out of reach for at least `d`?
+    /// Has the API server been out of reach (or silent on a request) for at least `d`?
     fn unreachable_for(&self, d: Duration) -> bool {
-        self.unreachable_since.is_some_and(|t| t.elapsed() >= d)
+        self.unreachable_since
+            .or(self.in_flight_since)
+            .is_some_and(|t| t.elapsed() >= d)
     }
 
     /// The clock Lease expiry is read on: now while the API server answers, the last moment it
@@ -298,11 +302,9 @@ async fn run_async(
         None => None,
     };
     let health = SharedHealth::default();
-    let (wish_tx, wish_rx) = tokio::sync::watch::channel(LeaseWish {
-        interfaces: links_up(&interfaces),
-        mesh: mesh_address,
-        ..LeaseWish::default()
-    });
+    // Nothing is written before the first pass has decided: the Lease still says what the
+    // previous run announced, and a restarted speaker must not take that back by mistake.
+    let (wish_tx, wish_rx) = tokio::sync::watch::channel(None);
     let poke = Arc::new(Notify::new());
     tokio::spawn(lease_writer(LeaseWriter {
         leases: Api::namespaced(client.clone(), ns),
@@ -337,6 +339,7 @@ async fn run_async(
         poke,
         health,
         isolated: false,
+        started: Instant::now(),
         options: options.clone(),
     };
 
@@ -463,7 +466,7 @@ struct LeaseWriter {
     leases: Api<Lease>,
     name: String,
     options: Options,
-    wish: tokio::sync::watch::Receiver<LeaseWish>,
+    wish: tokio::sync::watch::Receiver<Option<LeaseWish>>,
     poke: Arc<Notify>,
     health: SharedHealth,
     woke: Arc<Notify>,
@@ -474,11 +477,18 @@ struct LeaseWriter {
 async fn lease_writer(mut w: LeaseWriter) {
     let every = Duration::from_secs((w.options.lease_duration / 3).max(1) as u64);
     loop {
-        let wish = w.wish.borrow_and_update().clone();
+        let Some(wish) = w.wish.borrow_and_update().clone() else {
+            if w.wish.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        w.health.lock().unwrap().in_flight_since = Some(Instant::now());
         let result = tokio::time::timeout(API_TIMEOUT * 2, w.write(&wish)).await;
         let now = Instant::now();
         {
             let mut h = w.health.lock().unwrap();
+            h.in_flight_since = None;
             let before = (h.unreachable_since.is_some(), h.error.clone());
             match result {
                 Ok(Ok(deleted)) => {
@@ -639,11 +649,12 @@ struct Speaker {
     mesh_address: Option<SocketAddr>,
     /// Nodes the mesh declared down, with their Lease's renew time at that moment.
     down_renews: BTreeMap<String, Option<String>>,
-    wish: tokio::sync::watch::Sender<LeaseWish>,
+    wish: tokio::sync::watch::Sender<Option<LeaseWish>>,
     poke: Arc<Notify>,
     health: SharedHealth,
     /// Cut off from the API server and from every other speaker: answering nothing.
     isolated: bool,
+    started: Instant,
 }
 
 impl Speaker {
@@ -728,7 +739,9 @@ impl Speaker {
             .lock()
             .unwrap()
             .written
-            .is_none_or(|t| t.elapsed() >= valid)
+            .unwrap_or(self.started)
+            .elapsed()
+            >= valid
     }
 
     /// Is this node cut off from everything: the API server out of reach and no other speaker
@@ -765,7 +778,19 @@ impl Speaker {
                     .collect()
             })
             .unwrap_or_default();
-        let unreachable = self.health.lock().unwrap().unreachable_since.is_some();
+        let (unreachable, answered_lately) = {
+            let h = self.health.lock().unwrap();
+            let lately = h
+                .last_answer
+                .is_some_and(|(t, _)| t.elapsed() < self.options.failure_timeout);
+            (h.unreachable_since.is_some(), lately)
+        };
+        if nodes > 1 && !answered_lately && view.as_ref().is_some_and(|v| v.alive_peers(now) == 0)
+        {
+            // Alone in the mesh: is the API server still there? Ask now, not at the next
+            // renewal, so a node cut off from everything falls silent within seconds.
+            self.poke.notify_one();
+        }
         (
             members,
             unreachable,
@@ -799,7 +824,7 @@ impl Speaker {
         // This node's interfaces as they are now (others read them from its Lease): a data
         // link that went down makes it ineligible there at once.
         let up = links_up(&self.interfaces);
-        if self.wish.borrow().interfaces != up {
+        if self.wish.borrow().as_ref().is_some_and(|w| w.interfaces != up) {
             info!(interfaces = ?up, "linksChanged");
         }
         if let Some(me) = nodes.iter_mut().find(|n| n.name == self.options.node_name) {
@@ -848,8 +873,8 @@ impl Speaker {
             mesh: self.mesh_address,
         };
         self.wish.send_if_modified(|w| {
-            let changed = *w != wish;
-            *w = wish;
+            let changed = w.as_ref() != Some(&wish);
+            *w = Some(wish);
             changed
         });
     }

@@ -1,0 +1,343 @@
+//! The speaker mesh end to end (see `sluice_tests::speaker_lab`): speakers in node namespaces
+//! that talk to each other over the management segment, against the fake API server; real
+//! ARP, real TCP, real XDP. Each test proves one failure path once; `cargo xtask soak`
+//! repeats them and prints the figures.
+//!
+//! The tests of this file run one at a time: the mesh's timing is what they prove, and two labs
+//! on two cores would measure each other.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, Instant},
+};
+
+use lb_userspace::mesh::envelope::{Kind, Sealer};
+use sluice_tests::{
+    fakeapi::Outage,
+    lab::{napi_keeper, Conn},
+    netns::{veth, NetNs},
+    speaker_lab::{
+        arp_answerers, failover, lab, wait_for, Lab, EVENTS, LEASES, NAMES, VIP,
+    },
+};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A lab of `nodes` speakers in the mesh, Leases of `lease` seconds, a Local service with a pod
+/// on every node; returns it once the mesh has formed, with the VIP's owner.
+fn mesh_lab(nodes: usize, lease: &str) -> (Lab, usize) {
+    let mut lab = lab(nodes);
+    lab.objects("Local");
+    for i in 0..nodes {
+        lab.start_mesh_speaker(i, lease, &[]);
+    }
+    wait_for("the mesh to form", Duration::from_secs(20), || {
+        (0..nodes)
+            .all(|i| lab.mesh_alive(i) == nodes - 1)
+            .then_some(())
+    });
+    let owner = wait_for(
+        "one node to announce the VIP",
+        Duration::from_secs(20),
+        || lab.announcer(),
+    );
+    wait_for(
+        "the owner alone to answer ARP",
+        Duration::from_secs(10),
+        || (arp_answerers(&lab, Duration::from_millis(300)) == [lab.node_mac(owner, "eth1")]).then_some(()),
+    );
+    (lab, owner)
+}
+
+fn others(lab: &Lab, but: usize) -> Vec<usize> {
+    (0..lab.nodes.len()).filter(|&i| i != but).collect()
+}
+
+/// Polls ARP for the VIP every ~150 ms for `during`: the polls not answered by `mac` alone.
+fn answers_lost(lab: &Lab, mac: [u8; 6], during: Duration) -> (usize, usize) {
+    let end = Instant::now() + during;
+    let (mut polls, mut lost) = (0, 0);
+    while Instant::now() < end {
+        polls += 1;
+        if arp_answerers(lab, Duration::from_millis(150)) != [mac] {
+            lost += 1;
+        }
+    }
+    (polls, lost)
+}
+
+#[test]
+fn killing_the_owners_speaker_moves_its_ip_within_the_failure_timeout_whatever_the_lease() {
+    let _serial = one_at_a_time();
+    // Leases of 60 s: a failover seen within the 20 s the lab waits is the mesh's doing.
+    let (mut lab, owner) = mesh_lab(3, "60");
+    let victim = lab.speakers[owner].take();
+    let f = failover(&lab, &others(&lab, owner), move || drop(victim));
+    eprintln!(
+        "mesh failover (3 nodes, SIGKILL): gratuitous ARP from {} after {:.2} s, first TCP connection answered by its pod after {:.2} s",
+        NAMES[f.winner],
+        f.garp.as_secs_f64(),
+        f.connected.as_secs_f64()
+    );
+    // The dead speaker's node stops answering by itself (the deadline): one answer only.
+    let winner_mac = lab.node_mac(f.winner, "eth1");
+    wait_for("the new owner alone to answer", Duration::from_secs(5), || {
+        (arp_answerers(&lab, Duration::from_millis(300)) == [winner_mac]).then_some(())
+    });
+    // An Event on the Service names the dead node and how long the mesh took to notice.
+    let event = wait_for("the nodeFailedOver Event", Duration::from_secs(10), || {
+        lab.api
+            .list(EVENTS)
+            .into_iter()
+            .find(|e| e["reason"] == "nodeFailedOver")
+    });
+    let note = event["note"].as_str().unwrap();
+    assert!(
+        note.contains(&format!("from node {}", NAMES[owner]))
+            && note.contains("stopped answering the speaker mesh (noticed"),
+        "{note}"
+    );
+    // The survivors see it down in the mesh, with the time to notice, on their status.
+    let member = wait_for("the winner's view of the dead node", Duration::from_secs(5), || {
+        lab.status(f.winner)["mesh"]["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["node"] == NAMES[owner] && m["state"] == "down")
+            .cloned()
+    });
+    assert!(member["noticedAfterSeconds"].as_f64().is_some(), "{member}");
+}
+
+#[test]
+fn the_owners_data_link_going_down_moves_its_ip_and_nothing_moves_back_when_it_returns() {
+    let _serial = one_at_a_time();
+    let (lab, owner) = mesh_lab(2, "60");
+    let port = format!("{}1", ["a", "b"][owner]);
+    let f = failover(&lab, &others(&lab, owner), || {
+        lab.seg.ip(&["link", "set", &port, "down"]);
+    });
+    eprintln!(
+        "data link down (2 nodes): gratuitous ARP from {} after {:.2} s, first TCP connection answered by its pod after {:.2} s",
+        NAMES[f.winner],
+        f.garp.as_secs_f64(),
+        f.connected.as_secs_f64()
+    );
+    lab.seg.ip(&["link", "set", &port, "up"]);
+    let winner_mac = lab.node_mac(f.winner, "eth1");
+    std::thread::sleep(Duration::from_secs(2));
+    let (polls, lost) = answers_lost(&lab, winner_mac, Duration::from_secs(3));
+    assert_eq!(lost, 0, "{lost} of {polls} ARP polls not answered by the new owner alone");
+}
+
+#[test]
+fn an_api_server_outage_withdraws_nothing_and_a_speaker_killed_during_one_still_fails_over() {
+    let _serial = one_at_a_time();
+    // Leases of 3 s: an outage of 12 s lasts four of them.
+    let (mut lab, owner) = mesh_lab(2, "3");
+    let owner_mac = lab.node_mac(owner, "eth1");
+    for outage in [Outage::Refuse, Outage::Hang] {
+        lab.api.set_outage(outage);
+        let (polls, lost) = answers_lost(&lab, owner_mac, Duration::from_secs(12));
+        lab.api.set_outage(Outage::None);
+        assert_eq!(lost, 0, "{outage:?}: {lost} of {polls} ARP polls lost");
+        let (polls, lost) = answers_lost(&lab, owner_mac, Duration::from_secs(3));
+        assert_eq!(lost, 0, "after {outage:?}: {lost} of {polls} ARP polls lost");
+        eprintln!("API server outage ({outage:?}, 12 s): {polls} ARP polls after it, none lost; none lost during it either");
+    }
+    // The API server hangs again, and the owner's speaker dies meanwhile: the other node takes
+    // the IP over, on the mesh's word alone.
+    lab.api.set_outage(Outage::Hang);
+    std::thread::sleep(Duration::from_secs(4));
+    let victim = lab.speakers[owner].take();
+    let f = failover(&lab, &others(&lab, owner), move || drop(victim));
+    eprintln!(
+        "failover during an API outage (hang): gratuitous ARP after {:.2} s, first TCP connection after {:.2} s",
+        f.garp.as_secs_f64(),
+        f.connected.as_secs_f64()
+    );
+    lab.api.set_outage(Outage::None);
+    // When the API server is back, nothing moves.
+    let winner_mac = lab.node_mac(f.winner, "eth1");
+    let (polls, lost) = answers_lost(&lab, winner_mac, Duration::from_secs(5));
+    assert_eq!(lost, 0, "after the outage: {lost} of {polls} ARP polls moved");
+    wait_for(
+        "the new owner's Lease to say so once the API server is back",
+        Duration::from_secs(10),
+        || lab.announces(f.winner).then_some(()),
+    );
+}
+
+#[test]
+fn a_node_cut_off_from_everything_falls_silent_and_one_node_answers_after_it_rejoins() {
+    let _serial = one_at_a_time();
+    let (lab, owner) = mesh_lab(3, "3");
+    // Its management link goes: no API server, no mesh. Its data link stays up.
+    let port = format!("{}0", ["a", "b", "c"][owner]);
+    let f = failover(&lab, &others(&lab, owner), || {
+        lab.seg.ip(&["link", "set", &port, "down"]);
+    });
+    eprintln!(
+        "split brain: the others took the IP after {:.2} s (gratuitous ARP)",
+        f.garp.as_secs_f64()
+    );
+    let winner_mac = lab.node_mac(f.winner, "eth1");
+    let silent = Instant::now();
+    wait_for(
+        "the cut-off node to stop answering",
+        Duration::from_secs(15),
+        || (arp_answerers(&lab, Duration::from_millis(300)) == [winner_mac]).then_some(()),
+    );
+    eprintln!(
+        "split brain: the cut-off node stopped answering {:.2} s after the new owner's gratuitous ARP",
+        silent.elapsed().as_secs_f64()
+    );
+    lab.seg.ip(&["link", "set", &port, "up"]);
+    wait_for("the mesh to heal", Duration::from_secs(20), || {
+        (0..3).all(|i| lab.mesh_alive(i) == 2).then_some(())
+    });
+    let (polls, lost) = answers_lost(&lab, winner_mac, Duration::from_secs(4));
+    assert_eq!(
+        lost, 0,
+        "after the rejoin: {lost} of {polls} ARP polls not answered by one node (the new owner)"
+    );
+}
+
+#[test]
+fn forged_mesh_datagrams_are_dropped_counted_and_change_nothing() {
+    let _serial = one_at_a_time();
+    let (lab, owner) = mesh_lab(2, "60");
+    let forger = NetNs::new("forger");
+    veth(&forger, "f0", &lab.seg, "fg");
+    lab.seg.ip(&["link", "set", "fg", "master", "brm"]);
+    let _keeper = napi_keeper(&lab.seg, "fg");
+    forger.ip(&["addr", "add", "198.18.60.200/24", "dev", "f0"]);
+    let secret = std::fs::read(&lab.mesh_secret).unwrap();
+    let secret = secret.trim_ascii().to_vec();
+    let sent = forger.run(move || {
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let mut wrong_key = Sealer::new(b"not the secret", "node-b", now);
+        let mut unknown = Sealer::new(&secret, "node-z", now);
+        // A node's datagram from an older run of its speaker: a replay.
+        let mut replayed = Sealer::new(&secret, "node-b", 1);
+        let mut sent = 0;
+        for n in 1..=2 {
+            let to: SocketAddr = format!("198.18.60.{n}:7947").parse().unwrap();
+            for _ in 0..50 {
+                for d in [
+                    b"garbage that is no mesh datagram at all".to_vec(),
+                    b"SLM1".to_vec(),
+                    wrong_key.seal(Kind::Swim, b"node-a is down", now),
+                    unknown.seal(Kind::Swim, b"hello", now),
+                    replayed.seal(Kind::Restarting, &60_000u32.to_be_bytes(), now),
+                ] {
+                    sock.send_to(&d, to).unwrap();
+                    sent += 1;
+                }
+            }
+        }
+        sent
+    });
+    assert_eq!(sent, 500);
+    for i in 0..2 {
+        let dropped = wait_for("the drops on the status", Duration::from_secs(5), || {
+            let d = lab.status(i)["mesh"]["dropped"].clone();
+            ["bad_magic", "truncated", "bad_tag", "unknown_node", "replayed"]
+                .iter()
+                .all(|r| d[r].as_u64().unwrap_or(0) >= 50)
+                .then_some(d)
+        });
+        eprintln!("{}: forged datagrams dropped: {dropped}", NAMES[i]);
+    }
+    let (polls, lost) = answers_lost(&lab, lab.node_mac(owner, "eth1"), Duration::from_secs(3));
+    assert_eq!(lost, 0, "{lost} of {polls} ARP polls moved");
+    assert!((0..2).all(|i| lab.mesh_alive(i) == 1), "a member was declared down");
+    let lease = lab
+        .api
+        .get(&format!("{LEASES}/sluice-speaker-{}", NAMES[owner]))
+        .unwrap();
+    assert_eq!(
+        lease["metadata"]["annotations"]["sluice.dev/announcing"],
+        VIP.to_string()
+    );
+}
+
+#[test]
+fn a_rolling_restart_of_every_speaker_keeps_100_streaming_connections() {
+    let _serial = one_at_a_time();
+    let (mut lab, owner) = mesh_lab(2, "60");
+    let pod = format!("pod-{}", ["a", "b"][owner]);
+    let mut conns: Vec<Conn> = (0..100)
+        .map(|i| {
+            let mut c = Conn::open(&lab.client, SocketAddr::from((VIP, 80)))
+                .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            assert_eq!(c.ask().unwrap(), pod);
+            c
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let asked = Arc::new(AtomicU64::new(0));
+    let streaming = {
+        let (stop, asked, pod) = (stop.clone(), asked.clone(), pod.clone());
+        std::thread::spawn(move || {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                for (i, c) in conns.iter_mut().enumerate() {
+                    match c.ask() {
+                        Ok(name) if name == pod => {}
+                        other => failures.push(format!("connection {i}: {other:?}")),
+                    }
+                    asked.fetch_add(1, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            failures
+        })
+    };
+    // The DaemonSet's rolling update: each speaker in turn gets SIGTERM, and its pod comes back
+    // a second later; the owner last.
+    for i in [1 - owner, owner] {
+        let status = lab.speakers[i].take().unwrap().stop(libc::SIGTERM);
+        assert!(status.success(), "{}: {status}", NAMES[i]);
+        std::thread::sleep(Duration::from_secs(1));
+        lab.start_mesh_speaker(i, "60", &[]);
+        wait_for("the mesh to count it back", Duration::from_secs(20), || {
+            (lab.mesh_alive(1 - i) == 1 && lab.mesh_alive(i) == 1).then_some(())
+        });
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let failures = streaming.join().unwrap();
+    let asked = asked.load(Ordering::SeqCst);
+    eprintln!(
+        "rolling restart: {asked} requests on 100 connections, {} failed",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(asked > 1000, "the connections streamed ({asked} requests)");
+    assert_eq!(
+        arp_answerers(&lab, Duration::from_millis(300)),
+        [lab.node_mac(owner, "eth1")],
+        "the IP stayed where it was"
+    );
+    // The speaker that came back adopted the data plane and, once the grace is over, still
+    // counts its peer alive: nothing moves later either.
+    let (polls, lost) = answers_lost(&lab, lab.node_mac(owner, "eth1"), Duration::from_secs(2));
+    assert_eq!(lost, 0, "{lost} of {polls} ARP polls moved");
+    let restarted = lab.api.list(EVENTS);
+    assert!(
+        !restarted.iter().any(|e| e["reason"] == "nodeFailedOver"),
+        "a restart was taken for a failure"
+    );
+}
