@@ -897,7 +897,8 @@ fn stream_watch(
         if shared.stopping.load(Ordering::SeqCst) || Instant::now() >= deadline {
             break;
         }
-        match *shared.outage.lock().unwrap() {
+        let outage = *shared.outage.lock().unwrap();
+        match outage {
             Outage::None => {}
             Outage::Refuse => return Err(std::io::ErrorKind::ConnectionAborted.into()),
             Outage::Hang => {
@@ -981,7 +982,10 @@ mod tests {
         api.set_outage(Outage::Hang);
         let hung = get(Duration::from_millis(300)).unwrap_err();
         assert!(
-            matches!(hung.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            matches!(
+                hung.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
             "{hung:?}"
         );
         api.set_outage(Outage::None);

@@ -20,8 +20,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::dataplane::Dataplane;
-use serde_json::{json, Value};
 use crate::{
     fakeapi::FakeApi,
     frames::{self, Mac},
@@ -30,6 +28,8 @@ use crate::{
     rawsock::RawSocket,
     require_root, servers, sluice_bin,
 };
+use lb_userspace::dataplane::Dataplane;
+use serde_json::{json, Value};
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 50, 200);
 pub const VIP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd53, 0x50, 0, 0, 0, 0, 0, 0x200);
@@ -41,6 +41,9 @@ pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
 /// Fields drop in order: processes, programs, then namespaces.
 pub struct Lab {
     pub speakers: Vec<Option<Process>>,
+    /// Per node, a process that holds the node's mount namespace, and with it the bpffs the
+    /// speakers pin into, across speaker restarts (as a host's /sys/fs/bpf would).
+    holders: Vec<Option<Process>>,
     _keepers: Vec<Dataplane>,
     pub api: FakeApi,
     pub client: NetNs,
@@ -58,6 +61,7 @@ pub struct Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.speakers.clear();
+        self.holders.clear();
         for dir in &self.pin_dirs {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -146,6 +150,7 @@ pub fn lab(count: usize) -> Lab {
     Lab {
         mesh_secret,
         speakers: (0..count).map(|_| None).collect(),
+        holders: (0..count).map(|_| None).collect(),
         _keepers: keepers,
         api,
         client,
@@ -305,8 +310,21 @@ impl Lab {
             &status,
         ];
         args.extend_from_slice(extra);
-        let mut p = self.nodes[i].spawn(&args);
-        let runs = self.logs.iter().filter(|l| l.to_string_lossy().contains(&self.nodes[i].name)).count();
+        if self.holders[i].is_none() {
+            let mut holder =
+                self.nodes[i].spawn(&["sh", "-c", "echo holding >&2; exec sleep 3600"]);
+            holder.wait_for_stderr("holding");
+            self.holders[i] = Some(holder);
+        }
+        let target = self.holders[i].as_ref().unwrap().pid().to_string();
+        let mut command = vec!["nsenter", "--target", &target, "--mount", "--net"];
+        command.extend_from_slice(&args);
+        let mut p = crate::netns::spawn_command(&command);
+        let runs = self
+            .logs
+            .iter()
+            .filter(|l| l.to_string_lossy().contains(&self.nodes[i].name))
+            .count();
         let log = std::env::temp_dir().join(format!("{}.{runs}.log", self.nodes[i].name));
         self.logs.push(log.clone());
         p.wait_for_stderr_then_log("speakerStarting", Some(log));
@@ -460,9 +478,13 @@ pub fn failover(lab: &Lab, candidates: &[usize], act: impl FnOnce()) -> Failover
             "a connection through the VIP answered by the new owner's pod",
             Duration::from_secs(20),
             || {
-                let answered = Conn::open_within(&lab.client, SocketAddr::from((VIP, 80)), Duration::from_millis(300))
-                    .and_then(|mut c| c.ask())
-                    .ok()?;
+                let answered = Conn::open_within(
+                    &lab.client,
+                    SocketAddr::from((VIP, 80)),
+                    Duration::from_millis(300),
+                )
+                .and_then(|mut c| c.ask())
+                .ok()?;
                 (answered == pod).then(Instant::now)
             },
         );

@@ -15,8 +15,7 @@ use sluice_tests::{
     rawsock::RawSocket,
     sluice_bin,
     speaker_lab::{
-        ask_arp, ask_vip, lab, takeover, wait_for, CLIENT_IP, EVENTS, LEASES, NAMES, NS, VIP,
-        VIP6,
+        ask_arp, ask_vip, lab, takeover, wait_for, CLIENT_IP, EVENTS, LEASES, NAMES, NS, VIP, VIP6,
     },
 };
 

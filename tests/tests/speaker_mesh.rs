@@ -20,9 +20,7 @@ use sluice_tests::{
     fakeapi::Outage,
     lab::{napi_keeper, Conn},
     netns::{veth, NetNs},
-    speaker_lab::{
-        arp_answerers, failover, lab, wait_for, Lab, EVENTS, LEASES, NAMES, VIP,
-    },
+    speaker_lab::{arp_answerers, failover, lab, wait_for, Lab, EVENTS, LEASES, NAMES, VIP},
 };
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -52,7 +50,10 @@ fn mesh_lab(nodes: usize, lease: &str) -> (Lab, usize) {
     wait_for(
         "the owner alone to answer ARP",
         Duration::from_secs(10),
-        || (arp_answerers(&lab, Duration::from_millis(300)) == [lab.node_mac(owner, "eth1")]).then_some(()),
+        || {
+            (arp_answerers(&lab, Duration::from_millis(300)) == [lab.node_mac(owner, "eth1")])
+                .then_some(())
+        },
     );
     (lab, owner)
 }
@@ -89,9 +90,11 @@ fn killing_the_owners_speaker_moves_its_ip_within_the_failure_timeout_whatever_t
     );
     // The dead speaker's node stops answering by itself (the deadline): one answer only.
     let winner_mac = lab.node_mac(f.winner, "eth1");
-    wait_for("the new owner alone to answer", Duration::from_secs(5), || {
-        (arp_answerers(&lab, Duration::from_millis(300)) == [winner_mac]).then_some(())
-    });
+    wait_for(
+        "the new owner alone to answer",
+        Duration::from_secs(5),
+        || (arp_answerers(&lab, Duration::from_millis(300)) == [winner_mac]).then_some(()),
+    );
     // An Event on the Service names the dead node and how long the mesh took to notice.
     let event = wait_for("the nodeFailedOver Event", Duration::from_secs(10), || {
         lab.api
@@ -106,13 +109,17 @@ fn killing_the_owners_speaker_moves_its_ip_within_the_failure_timeout_whatever_t
         "{note}"
     );
     // The survivors see it down in the mesh, with the time to notice, on their status.
-    let member = wait_for("the winner's view of the dead node", Duration::from_secs(5), || {
-        lab.status(f.winner)["mesh"]["members"]
-            .as_array()?
-            .iter()
-            .find(|m| m["node"] == NAMES[owner] && m["state"] == "down")
-            .cloned()
-    });
+    let member = wait_for(
+        "the winner's view of the dead node",
+        Duration::from_secs(5),
+        || {
+            lab.status(f.winner)["mesh"]["members"]
+                .as_array()?
+                .iter()
+                .find(|m| m["node"] == NAMES[owner] && m["state"] == "down")
+                .cloned()
+        },
+    );
     assert!(member["noticedAfterSeconds"].as_f64().is_some(), "{member}");
 }
 
@@ -134,7 +141,10 @@ fn the_owners_data_link_going_down_moves_its_ip_and_nothing_moves_back_when_it_r
     let winner_mac = lab.node_mac(f.winner, "eth1");
     std::thread::sleep(Duration::from_secs(2));
     let (polls, lost) = answers_lost(&lab, winner_mac, Duration::from_secs(3));
-    assert_eq!(lost, 0, "{lost} of {polls} ARP polls not answered by the new owner alone");
+    assert_eq!(
+        lost, 0,
+        "{lost} of {polls} ARP polls not answered by the new owner alone"
+    );
 }
 
 #[test]
@@ -149,7 +159,10 @@ fn an_api_server_outage_withdraws_nothing_and_a_speaker_killed_during_one_still_
         lab.api.set_outage(Outage::None);
         assert_eq!(lost, 0, "{outage:?}: {lost} of {polls} ARP polls lost");
         let (polls, lost) = answers_lost(&lab, owner_mac, Duration::from_secs(3));
-        assert_eq!(lost, 0, "after {outage:?}: {lost} of {polls} ARP polls lost");
+        assert_eq!(
+            lost, 0,
+            "after {outage:?}: {lost} of {polls} ARP polls lost"
+        );
         eprintln!("API server outage ({outage:?}, 12 s): {polls} ARP polls after it, none lost; none lost during it either");
     }
     // The API server hangs again, and the owner's speaker dies meanwhile: the other node takes
@@ -167,7 +180,10 @@ fn an_api_server_outage_withdraws_nothing_and_a_speaker_killed_during_one_still_
     // When the API server is back, nothing moves.
     let winner_mac = lab.node_mac(f.winner, "eth1");
     let (polls, lost) = answers_lost(&lab, winner_mac, Duration::from_secs(5));
-    assert_eq!(lost, 0, "after the outage: {lost} of {polls} ARP polls moved");
+    assert_eq!(
+        lost, 0,
+        "after the outage: {lost} of {polls} ARP polls moved"
+    );
     wait_for(
         "the new owner's Lease to say so once the API server is back",
         Duration::from_secs(10),
@@ -227,13 +243,19 @@ fn forged_mesh_datagrams_are_dropped_counted_and_change_nothing() {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_millis() as u64;
-        let mut wrong_key = Sealer::new(b"not the secret", "node-b", now);
         let mut unknown = Sealer::new(&secret, "node-z", now);
-        // A node's datagram from an older run of its speaker: a replay.
-        let mut replayed = Sealer::new(&secret, "node-b", 1);
-        let mut sent = 0;
+        // Resolve both neighbours first: a burst to an unresolved one would be cut short.
         for n in 1..=2 {
+            sock.send_to(b"hello?", format!("198.18.60.{n}:7947"))
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let mut sent = 0;
+        for (n, other) in [(1, "node-b"), (2, "node-a")] {
             let to: SocketAddr = format!("198.18.60.{n}:7947").parse().unwrap();
+            let mut wrong_key = Sealer::new(b"not the secret", other, now);
+            // The other node's datagram from an older run of its speaker: a replay.
+            let mut replayed = Sealer::new(&secret, other, 1);
             for _ in 0..50 {
                 for d in [
                     b"garbage that is no mesh datagram at all".to_vec(),
@@ -244,25 +266,35 @@ fn forged_mesh_datagrams_are_dropped_counted_and_change_nothing() {
                 ] {
                     sock.send_to(&d, to).unwrap();
                     sent += 1;
+                    std::thread::sleep(Duration::from_micros(200));
                 }
             }
         }
         sent
     });
-    assert_eq!(sent, 500);
+    assert_eq!(sent, 500, "datagrams sent");
     for i in 0..2 {
         let dropped = wait_for("the drops on the status", Duration::from_secs(5), || {
             let d = lab.status(i)["mesh"]["dropped"].clone();
-            ["bad_magic", "truncated", "bad_tag", "unknown_node", "replayed"]
-                .iter()
-                .all(|r| d[r].as_u64().unwrap_or(0) >= 50)
-                .then_some(d)
+            [
+                "bad_magic",
+                "truncated",
+                "bad_tag",
+                "unknown_node",
+                "replayed",
+            ]
+            .iter()
+            .all(|r| d[r].as_u64().unwrap_or(0) >= 50)
+            .then_some(d)
         });
         eprintln!("{}: forged datagrams dropped: {dropped}", NAMES[i]);
     }
     let (polls, lost) = answers_lost(&lab, lab.node_mac(owner, "eth1"), Duration::from_secs(3));
     assert_eq!(lost, 0, "{lost} of {polls} ARP polls moved");
-    assert!((0..2).all(|i| lab.mesh_alive(i) == 1), "a member was declared down");
+    assert!(
+        (0..2).all(|i| lab.mesh_alive(i) == 1),
+        "a member was declared down"
+    );
     let lease = lab
         .api
         .get(&format!("{LEASES}/sluice-speaker-{}", NAMES[owner]))

@@ -63,6 +63,9 @@ use crate::{
 
 /// The event reporter name.
 pub const MANAGER: &str = "sluice-speaker";
+/// How long a node that was cut off waits, once the API server answers again, before it
+/// answers ARP/NDP again (its watches re-list meanwhile).
+const SETTLE: Duration = Duration::from_secs(3);
 /// Every request to the API server gives up after this.
 pub const API_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -199,6 +202,8 @@ struct ApiHealth {
     unreachable_since: Option<Instant>,
     /// A request under way: since when (a hanging API server is noticed before it times out).
     in_flight_since: Option<Instant>,
+    /// When the API server answered again after being out of reach.
+    back_at: Option<Instant>,
     /// The last time our Lease was written.
     written: Option<Instant>,
     /// Why the last write failed.
@@ -339,9 +344,18 @@ async fn run_async(
         poke,
         health,
         isolated: false,
+        rejoined: None,
         started: Instant::now(),
         options: options.clone(),
     };
+    // What a previous run left answering (kept above) is what this run starts from: no
+    // takeover to announce, no Event, unless the first pass changes it.
+    let kept = speaker.dp.l2_vips()?;
+    speaker.last.l2 = kept
+        .iter()
+        .map(|v| (v.ip, speaker.interface_name(v.ifindex)))
+        .filter(|(_, name)| !name.is_empty())
+        .collect();
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(SpeakerError::Runtime)?;
@@ -493,7 +507,9 @@ async fn lease_writer(mut w: LeaseWriter) {
             match result {
                 Ok(Ok(deleted)) => {
                     h.last_answer = Some((now, Timestamp::now()));
-                    h.unreachable_since = None;
+                    if h.unreachable_since.take().is_some() {
+                        h.back_at = Some(now);
+                    }
                     h.written = Some(now);
                     h.error = None;
                     h.published = Some(if deleted {
@@ -510,7 +526,9 @@ async fn lease_writer(mut w: LeaseWriter) {
                     let answered = matches!(e, kube::Error::Api(_));
                     if answered {
                         h.last_answer = Some((now, Timestamp::now()));
-                        h.unreachable_since = None;
+                        if h.unreachable_since.take().is_some() {
+                            h.back_at = Some(now);
+                        }
                     } else {
                         h.unreachable_since.get_or_insert(now);
                     }
@@ -654,6 +672,8 @@ struct Speaker {
     health: SharedHealth,
     /// Cut off from the API server and from every other speaker: answering nothing.
     isolated: bool,
+    /// When this node stopped being cut off (see [`Speaker::settling`]).
+    rejoined: Option<Instant>,
     started: Instant,
 }
 
@@ -731,6 +751,20 @@ impl Speaker {
         out
     }
 
+    /// After being cut off, a node's objects are stale (its own Lease still claims the IPs the
+    /// others took over meanwhile): it answers nothing until the API server has answered again
+    /// and its watches have had [`SETTLE`] to catch up, so exactly one node answers per IP.
+    fn settling(&self) -> bool {
+        self.rejoined.is_some_and(|t| {
+            let h = self.health.lock().unwrap();
+            if h.unreachable_since.is_some() {
+                return true;
+            }
+            let since = h.back_at.filter(|b| *b >= t).unwrap_or(t);
+            since.elapsed() < SETTLE
+        })
+    }
+
     /// Without the mesh (off, or never formed), a node whose Lease nobody has seen renewed for a
     /// whole duration is dead to the others: it stops answering rather than answer twice.
     fn lease_lapsed(&self) -> bool {
@@ -785,8 +819,7 @@ impl Speaker {
                 .is_some_and(|(t, _)| t.elapsed() < self.options.failure_timeout);
             (h.unreachable_since.is_some(), lately)
         };
-        if nodes > 1 && !answered_lately && view.as_ref().is_some_and(|v| v.alive_peers(now) == 0)
-        {
+        if nodes > 1 && !answered_lately && view.as_ref().is_some_and(|v| v.alive_peers(now) == 0) {
             // Alone in the mesh: is the API server still there? Ask now, not at the next
             // renewal, so a node cut off from everything falls silent within seconds.
             self.poke.notify_one();
@@ -794,7 +827,7 @@ impl Speaker {
         (
             members,
             unreachable,
-            self.cut_off(view.as_ref(), nodes),
+            self.cut_off(view.as_ref(), nodes) || self.settling(),
             links_up(&self.interfaces),
         )
     }
@@ -824,7 +857,12 @@ impl Speaker {
         // This node's interfaces as they are now (others read them from its Lease): a data
         // link that went down makes it ineligible there at once.
         let up = links_up(&self.interfaces);
-        if self.wish.borrow().as_ref().is_some_and(|w| w.interfaces != up) {
+        if self
+            .wish
+            .borrow()
+            .as_ref()
+            .is_some_and(|w| w.interfaces != up)
+        {
             info!(interfaces = ?up, "linksChanged");
         }
         if let Some(me) = nodes.iter_mut().find(|n| n.name == self.options.node_name) {
@@ -847,11 +885,16 @@ impl Speaker {
                     "isolated: neither the API server nor any other speaker answers; answering ARP/NDP for nothing"
                 );
             } else {
-                info!("rejoined: answering for the IPs this node is elected for");
+                info!("rejoined: answering again once the watches have caught up");
+                self.rejoined = Some(Instant::now());
             }
             self.isolated = isolated;
         }
-        if isolated {
+        let settling = self.settling();
+        if !settling {
+            self.rejoined = None;
+        }
+        if isolated || settling {
             plan.l2.clear();
         }
         self.update_readiness();

@@ -210,7 +210,20 @@ impl Mesh {
     /// Binds the socket and starts the mesh; `changed` is woken whenever a member's state
     /// changes.
     pub async fn start(options: MeshOptions, changed: Arc<Notify>) -> std::io::Result<Mesh> {
-        let socket = Arc::new(UdpSocket::bind(options.bind).await?);
+        let socket = UdpSocket::bind(options.bind).await?;
+        // Room for bursts (a flood of forged datagrams must not crowd out the real ones).
+        let size: libc::c_int = 1 << 20;
+        // SAFETY: setsockopt reads an int we own, on a socket we own.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                &size as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        let socket = Arc::new(socket);
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (tx, rx) = mpsc::unbounded_channel();
         let boot = now_ms();
