@@ -150,3 +150,56 @@ fn the_controller_runs_as_its_service_account_with_pod_name_and_namespace() {
     let env: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
     assert!(env.contains(&"POD_NAME") && env.contains(&"POD_NAMESPACE"));
 }
+
+#[test]
+fn the_speaker_daemonset_opens_the_mesh_port_and_mounts_the_secret_the_controller_creates() {
+    let docs = documents(&deploy().join("speaker/daemonset.yaml"));
+    let d: k8s_openapi::api::apps::v1::DaemonSet = serde_json::from_value(docs[0].clone()).unwrap();
+    let pod = d.spec.template.spec.unwrap();
+    let c = &pod.containers[0];
+    let args = c.args.clone().unwrap_or_default();
+    let port = lb_userspace::mesh::DEFAULT_PORT;
+    assert!(args.contains(&format!("--mesh-port={port}")), "{args:?}");
+    let ports = c.ports.clone().unwrap_or_default();
+    assert!(
+        ports
+            .iter()
+            .any(|p| p.container_port == i32::from(port) && p.protocol.as_deref() == Some("UDP")),
+        "{ports:?}"
+    );
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.secret.is_some())
+        .expect("a Secret volume");
+    let secret = volume.secret.as_ref().unwrap();
+    assert_eq!(
+        secret.secret_name.as_deref(),
+        Some(lb_userspace::k8s::controller::MESH_SECRET)
+    );
+    assert_eq!(
+        secret.optional,
+        Some(true),
+        "the speakers start before the controller made it"
+    );
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == volume.name)
+        .expect("mounted");
+    assert!(args.contains(&format!(
+        "--mesh-secret-file={}/{}",
+        mount.mount_path,
+        lb_userspace::k8s::controller::MESH_SECRET_KEY
+    )));
+    let node_ip = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_IP")
+        .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+        .map(|f| f.field_path.clone());
+    assert_eq!(node_ip.as_deref(), Some("status.hostIP"));
+}

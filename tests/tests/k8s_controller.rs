@@ -386,6 +386,12 @@ fn controller_gives_services_ips_records_events_marks_pools_and_a_restart_renumb
         (out_of_pool(&api, "pinned")? == "False").then_some(())
     });
     assert_eq!(ingress(&api, "pinned"), ["198.51.100.5"]);
+    // The speaker mesh's key: created once, as the speakers' DaemonSet mounts it.
+    let secret = wait_for("the mesh Secret", c, || {
+        api.get("/api/v1/namespaces/sluice-system/secrets/sluice-mesh")
+    });
+    let key = secret["stringData"]["secret"].as_str().unwrap_or_default();
+    assert_eq!(key.len(), 64, "32 random bytes in hex: {secret}");
     second.stop();
     api.assert_rbac_allows_every_request("controller");
     let _ = std::fs::remove_dir_all(&dir);

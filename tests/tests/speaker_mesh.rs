@@ -176,9 +176,16 @@ fn an_api_server_outage_withdraws_nothing_and_a_speaker_killed_during_one_still_
         f.garp.as_secs_f64(),
         f.connected.as_secs_f64()
     );
+    // The dead speaker's node falls silent by itself within the failure timeout (its answers'
+    // deadline), API server or not.
+    let winner_mac = lab.node_mac(f.winner, "eth1");
+    wait_for(
+        "the new owner alone to answer",
+        Duration::from_secs(5),
+        || (arp_answerers(&lab, Duration::from_millis(300)) == [winner_mac]).then_some(()),
+    );
     lab.api.set_outage(Outage::None);
     // When the API server is back, nothing moves.
-    let winner_mac = lab.node_mac(f.winner, "eth1");
     let (polls, lost) = answers_lost(&lab, winner_mac, Duration::from_secs(5));
     assert_eq!(
         lost, 0,
@@ -273,7 +280,7 @@ fn forged_mesh_datagrams_are_dropped_counted_and_change_nothing() {
         sent
     });
     assert_eq!(sent, 500, "datagrams sent");
-    for i in 0..2 {
+    for (i, name) in NAMES.iter().enumerate().take(2) {
         let dropped = wait_for("the drops on the status", Duration::from_secs(5), || {
             let d = lab.status(i)["mesh"]["dropped"].clone();
             [
@@ -287,7 +294,7 @@ fn forged_mesh_datagrams_are_dropped_counted_and_change_nothing() {
             .all(|r| d[r].as_u64().unwrap_or(0) >= 50)
             .then_some(d)
         });
-        eprintln!("{}: forged datagrams dropped: {dropped}", NAMES[i]);
+        eprintln!("{name}: forged datagrams dropped: {dropped}");
     }
     let (polls, lost) = answers_lost(&lab, lab.node_mac(owner, "eth1"), Duration::from_secs(3));
     assert_eq!(lost, 0, "{lost} of {polls} ARP polls moved");

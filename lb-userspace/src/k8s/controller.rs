@@ -115,6 +115,70 @@ pub fn run(options: Options) -> Result<(), ControllerError> {
     runtime.block_on(run_async(options))
 }
 
+/// The Secret holding the speaker mesh's shared key (key [`MESH_SECRET_KEY`]), in Sluice's
+/// namespace; the speakers mount it.
+pub const MESH_SECRET: &str = "sluice-mesh";
+pub const MESH_SECRET_KEY: &str = "secret";
+
+/// Creates the mesh Secret when it is missing (32 random bytes, hex), so that installing Sluice
+/// stays one `kubectl apply -k`. Never changes an existing one: an operator may set their own
+/// key. Tries until the Secret exists (every request with a timeout).
+async fn keep_mesh_secret(secrets: Api<k8s_openapi::api::core::v1::Secret>) {
+    loop {
+        let attempt = tokio::time::timeout(Duration::from_secs(5), ensure_mesh_secret(&secrets));
+        match attempt.await {
+            Ok(Ok(created)) => {
+                if created {
+                    info!(secret = MESH_SECRET, "meshSecretCreated");
+                }
+                return;
+            }
+            Ok(Err(e)) => warn!(secret = MESH_SECRET, error = %e, "meshSecretNotEnsured"),
+            Err(_) => warn!(
+                secret = MESH_SECRET,
+                "meshSecretNotEnsured: the API server did not answer"
+            ),
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// `Ok(true)`: created now; `Ok(false)`: it was there (or another replica made it first).
+async fn ensure_mesh_secret(
+    secrets: &Api<k8s_openapi::api::core::v1::Secret>,
+) -> Result<bool, kube::Error> {
+    if secrets.get_opt(MESH_SECRET).await?.is_some() {
+        return Ok(false);
+    }
+    let mut key = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| kube::Error::Service("no randomness for the mesh secret".into()))?;
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(MESH_SECRET.into()),
+            labels: Some(
+                [(
+                    "app.kubernetes.io/part-of".to_string(),
+                    "sluice".to_string(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        string_data: Some([(MESH_SECRET_KEY.to_string(), hex)].into()),
+        ..Default::default()
+    };
+    match secrets
+        .create(&kube::api::PostParams::default(), &secret)
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 async fn run_async(options: Options) -> Result<(), ControllerError> {
     let status = SharedControllerStatus::default();
     crate::metrics::serve_controller(options.metrics_address, status.clone()).map_err(
@@ -155,6 +219,7 @@ async fn run_async(options: Options) -> Result<(), ControllerError> {
         classless_is_ours = options.classless_is_ours,
         "controllerStarting"
     );
+    tokio::spawn(keep_mesh_secret(Api::namespaced(client.clone(), ns)));
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(ControllerError::Runtime)?;
