@@ -520,6 +520,52 @@ pub fn arp_answerers(lab: &Lab, within: Duration) -> Vec<Mac> {
     })
 }
 
+/// A lab of `nodes` speakers in the mesh, Leases of `lease` seconds, a Local service with a pod
+/// on every node; returns it once the mesh has formed, with the VIP's owner.
+pub fn mesh_lab(nodes: usize, lease: &str) -> (Lab, usize) {
+    let mut lab = lab(nodes);
+    lab.objects("Local");
+    for i in 0..nodes {
+        lab.start_mesh_speaker(i, lease, &[]);
+    }
+    wait_for("the mesh to form", Duration::from_secs(20), || {
+        (0..nodes)
+            .all(|i| lab.mesh_alive(i) == nodes - 1)
+            .then_some(())
+    });
+    let owner = wait_for(
+        "one node to announce the VIP",
+        Duration::from_secs(20),
+        || lab.announcer(),
+    );
+    wait_for(
+        "the owner alone to answer ARP",
+        Duration::from_secs(10),
+        || {
+            (arp_answerers(&lab, Duration::from_millis(300)) == [lab.node_mac(owner, "eth1")])
+                .then_some(())
+        },
+    );
+    (lab, owner)
+}
+
+pub fn others(lab: &Lab, but: usize) -> Vec<usize> {
+    (0..lab.nodes.len()).filter(|&i| i != but).collect()
+}
+
+/// Polls ARP for the VIP every ~150 ms for `during`: the polls not answered by `mac` alone.
+pub fn answers_lost(lab: &Lab, mac: [u8; 6], during: Duration) -> (usize, usize) {
+    let end = Instant::now() + during;
+    let (mut polls, mut lost) = (0, 0);
+    while Instant::now() < end {
+        polls += 1;
+        if arp_answerers(lab, Duration::from_millis(150)) != [mac] {
+            lost += 1;
+        }
+    }
+    (polls, lost)
+}
+
 pub fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + within;
     loop {

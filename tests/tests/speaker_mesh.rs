@@ -20,59 +20,16 @@ use sluice_tests::{
     fakeapi::Outage,
     lab::{napi_keeper, Conn},
     netns::{veth, NetNs},
-    speaker_lab::{arp_answerers, failover, lab, wait_for, Lab, EVENTS, LEASES, NAMES, VIP},
+    speaker_lab::{
+        answers_lost, arp_answerers, failover, mesh_lab, others, wait_for, EVENTS, LEASES, NAMES,
+        VIP,
+    },
 };
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn one_at_a_time() -> MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A lab of `nodes` speakers in the mesh, Leases of `lease` seconds, a Local service with a pod
-/// on every node; returns it once the mesh has formed, with the VIP's owner.
-fn mesh_lab(nodes: usize, lease: &str) -> (Lab, usize) {
-    let mut lab = lab(nodes);
-    lab.objects("Local");
-    for i in 0..nodes {
-        lab.start_mesh_speaker(i, lease, &[]);
-    }
-    wait_for("the mesh to form", Duration::from_secs(20), || {
-        (0..nodes)
-            .all(|i| lab.mesh_alive(i) == nodes - 1)
-            .then_some(())
-    });
-    let owner = wait_for(
-        "one node to announce the VIP",
-        Duration::from_secs(20),
-        || lab.announcer(),
-    );
-    wait_for(
-        "the owner alone to answer ARP",
-        Duration::from_secs(10),
-        || {
-            (arp_answerers(&lab, Duration::from_millis(300)) == [lab.node_mac(owner, "eth1")])
-                .then_some(())
-        },
-    );
-    (lab, owner)
-}
-
-fn others(lab: &Lab, but: usize) -> Vec<usize> {
-    (0..lab.nodes.len()).filter(|&i| i != but).collect()
-}
-
-/// Polls ARP for the VIP every ~150 ms for `during`: the polls not answered by `mac` alone.
-fn answers_lost(lab: &Lab, mac: [u8; 6], during: Duration) -> (usize, usize) {
-    let end = Instant::now() + during;
-    let (mut polls, mut lost) = (0, 0);
-    while Instant::now() < end {
-        polls += 1;
-        if arp_answerers(lab, Duration::from_millis(150)) != [mac] {
-            lost += 1;
-        }
-    }
-    (polls, lost)
 }
 
 #[test]

@@ -4,6 +4,8 @@
 //! - `build-ebpf` builds lb-ebpf (nightly, -Z build-std=core, bpfel-unknown-none, bpf-linker)
 //! - `test`       setup, build-ebpf, fmt and clippy checks, then every test (needs root)
 //! - `bench`      setup, build-ebpf, then the XDP benchmark report (needs root)
+//! - `soak`       setup, build-ebpf, then the speaker mesh's failovers, 10 runs each, figures
+//!                printed (needs root; `cargo xtask soak -- RUNS` for another count)
 //! - `manifests`  writes deploy/crds/ from the Rust CRD types (a test fails when they differ)
 //! - `demo`       Sluice in network namespaces: a client, a node, three backends (needs root)
 
@@ -44,6 +46,11 @@ fn main() -> Result<()> {
             build_ebpf()?;
             bench()
         }
+        "soak" => {
+            setup()?;
+            build_ebpf()?;
+            soak(&rest)
+        }
         "manifests" => manifests(),
         "demo" => {
             setup()?;
@@ -51,7 +58,7 @@ fn main() -> Result<()> {
             demo()
         }
         _ => {
-            eprintln!("usage: cargo xtask <setup | build-ebpf | test [-- cargo test args] | bench | manifests | demo>");
+            eprintln!("usage: cargo xtask <setup | build-ebpf | test [-- cargo test args] | bench | soak [-- RUNS] | manifests | demo>");
             std::process::exit(2);
         }
     }
@@ -316,6 +323,13 @@ fn demo() -> Result<()> {
         "--bin",
         "demo",
     ]))
+}
+
+fn soak(extra: &[String]) -> Result<()> {
+    run(cargo().args(["build", "--package", "lb-userspace", "--bin", "sluice"]))?;
+    run(cargo()
+        .args(["run", "--package", "sluice-tests", "--bin", "mesh-soak", "--"])
+        .args(extra.iter().filter(|a| *a != "--")))
 }
 
 fn bench() -> Result<()> {
