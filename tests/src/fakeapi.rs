@@ -16,6 +16,10 @@
 //!   when `spec` changes;
 //! - one resourceVersion counter for everything, `uid` and `creationTimestamp` on create.
 //!
+//! - outages on demand ([`FakeApi::set_outage`]): refusing connections (every open connection
+//!   cut, connect refused) or hanging (requests read and never answered, watches silent) until
+//!   the test ends them.
+//!
 //! What it does not do: authentication, RBAC, admission, validation against schemas, label or
 //! field selectors, pagination (`limit` is ignored: every list is one page).
 //!

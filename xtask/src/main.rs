@@ -328,7 +328,14 @@ fn demo() -> Result<()> {
 fn soak(extra: &[String]) -> Result<()> {
     run(cargo().args(["build", "--package", "lb-userspace", "--bin", "sluice"]))?;
     run(cargo()
-        .args(["run", "--package", "sluice-tests", "--bin", "mesh-soak", "--"])
+        .args([
+            "run",
+            "--package",
+            "sluice-tests",
+            "--bin",
+            "mesh-soak",
+            "--",
+        ])
         .args(extra.iter().filter(|a| *a != "--")))
 }
 

@@ -34,6 +34,27 @@ fn run(nodes: usize, failure: Failure) -> Failover {
     }
 }
 
+/// Datagrams per second one node sends and receives on a quiet mesh of `nodes`, over 10 s.
+fn rate(nodes: usize) -> (f64, f64) {
+    let (lab, _) = mesh_lab(nodes, "60");
+    let read = |i: usize| {
+        let m = &lab.status(i)["mesh"];
+        (
+            m["sent"].as_u64().unwrap_or(0),
+            m["received"].as_u64().unwrap_or(0),
+        )
+    };
+    let before: Vec<(u64, u64)> = (0..nodes).map(read).collect();
+    let window = Duration::from_secs(10);
+    std::thread::sleep(window);
+    let after: Vec<(u64, u64)> = (0..nodes).map(read).collect();
+    let per = |f: fn(&(u64, u64)) -> u64| {
+        let total: u64 = after.iter().zip(&before).map(|(a, b)| f(a) - f(b)).sum();
+        total as f64 / nodes as f64 / window.as_secs_f64()
+    };
+    (per(|x| x.0), per(|x| x.1))
+}
+
 fn summary(mut d: Vec<Duration>) -> String {
     d.sort();
     let s = |x: Duration| format!("{:.2}", x.as_secs_f64());
@@ -50,6 +71,12 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(10);
+    for nodes in [2, 3] {
+        let (sent, received) = rate(nodes);
+        println!(
+            "mesh traffic, {nodes} nodes, quiet: {sent:.1} datagrams/s sent and {received:.1} received per node"
+        );
+    }
     println!("speaker mesh failover, {runs} runs each (failure timeout 1 s, Leases 60 s)");
     for (nodes, failure, what) in [
         (2, Failure::Kill, "SIGKILL of the owner's speaker"),
