@@ -523,8 +523,14 @@ pub fn arp_answerers(lab: &Lab, within: Duration) -> Vec<Mac> {
 /// A lab of `nodes` speakers in the mesh, Leases of `lease` seconds, a Local service with a pod
 /// on every node; returns it once the mesh has formed, with the VIP's owner.
 pub fn mesh_lab(nodes: usize, lease: &str) -> (Lab, usize) {
+    mesh_lab_with(nodes, lease, |_| {})
+}
+
+/// [`mesh_lab`], with `before` run once the objects exist and before the speakers start.
+pub fn mesh_lab_with(nodes: usize, lease: &str, before: impl FnOnce(&Lab)) -> (Lab, usize) {
     let mut lab = lab(nodes);
     lab.objects("Local");
+    before(&lab);
     for i in 0..nodes {
         lab.start_mesh_speaker(i, lease, &[]);
     }

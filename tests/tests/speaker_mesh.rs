@@ -16,13 +16,15 @@ use std::{
 };
 
 use lb_userspace::mesh::envelope::{Kind, Sealer};
+use serde_json::json;
 use sluice_tests::{
+    bird::{Neighbor, Router},
     fakeapi::Outage,
     lab::{napi_keeper, Conn},
     netns::{veth, NetNs},
     speaker_lab::{
-        answers_lost, arp_answerers, failover, mesh_lab, others, wait_for, EVENTS, LEASES, NAMES,
-        VIP,
+        answers_lost, arp_answerers, failover, mesh_lab, mesh_lab_with, others, wait_for, EVENTS,
+        LEASES, NAMES, VIP,
     },
 };
 
@@ -107,14 +109,76 @@ fn the_owners_data_link_going_down_moves_its_ip_and_nothing_moves_back_when_it_r
 #[test]
 fn an_api_server_outage_withdraws_nothing_and_a_speaker_killed_during_one_still_fails_over() {
     let _serial = one_at_a_time();
-    // Leases of 3 s: an outage of 12 s lasts four of them.
-    let (mut lab, owner) = mesh_lab(2, "3");
+    // Leases of 3 s: an outage of 12 s lasts four of them. BIRD peers with both nodes, which
+    // both announce the VIP (a pod on each, policy Local).
+    let mut router = None;
+    let (mut lab, owner) = mesh_lab_with(2, "3", |lab| {
+        let ns = NetNs::new("router");
+        veth(&ns, "r0", &lab.seg, "rt");
+        lab.seg.ip(&["link", "set", "rt", "master", "br0"]);
+        ns.ip(&["addr", "add", "198.18.50.254/24", "dev", "r0"]);
+        let neighbors: Vec<Neighbor> = ["198.18.50.1", "198.18.50.2"]
+            .iter()
+            .map(|address| Neighbor {
+                local: "198.18.50.254",
+                router_as: 64512,
+                address,
+                peer_as: 64513,
+                password: None,
+            })
+            .collect();
+        router = Some((Router::start(&ns, "outage", &neighbors), ns));
+        let crds = "/apis/sluice.dev/v1alpha1/namespaces/sluice-system";
+        lab.api
+            .create(
+                &format!("{crds}/bgppeers"),
+                json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "tor"},
+                       "spec": {"peerAddress": "198.18.50.254", "peerASN": 64512, "myASN": 64513,
+                                "connectTime": "1s"}}),
+            )
+            .unwrap();
+        lab.api
+            .create(
+                &format!("{crds}/bgpadvertisements"),
+                json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "BGPAdvertisement",
+                       "metadata": {"name": "all"}, "spec": {}}),
+            )
+            .unwrap();
+    });
+    let (router, _router_ns) = router.as_ref().unwrap();
+    let prefix = format!("{VIP}/32");
+    let both = |t: &str| t.contains("via 198.18.50.1") && t.contains("via 198.18.50.2");
+    router.wait_route(&prefix, Duration::from_secs(30), both);
     let owner_mac = lab.node_mac(owner, "eth1");
     for outage in [Outage::Refuse, Outage::Hang] {
         lab.api.set_outage(outage);
-        let (polls, lost) = answers_lost(&lab, owner_mac, Duration::from_secs(12));
+        // The route, every ~100 ms, while the ARP polls run.
+        let stop = AtomicBool::new(false);
+        let ((polls, lost), (checks, missing)) = std::thread::scope(|scope| {
+            let routes = scope.spawn(|| {
+                let (mut checks, mut missing) = (0, 0);
+                while !stop.load(Ordering::SeqCst) {
+                    checks += 1;
+                    if !both(&router.birdc(&format!("show route {prefix} all"))) {
+                        missing += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                (checks, missing)
+            });
+            let arp = answers_lost(&lab, owner_mac, Duration::from_secs(12));
+            stop.store(true, Ordering::SeqCst);
+            (arp, routes.join().unwrap())
+        });
         lab.api.set_outage(Outage::None);
         assert_eq!(lost, 0, "{outage:?}: {lost} of {polls} ARP polls lost");
+        assert_eq!(
+            missing, 0,
+            "{outage:?}: BIRD lacked a node's route in {missing} of {checks} checks"
+        );
+        eprintln!(
+            "API server outage ({outage:?}, 12 s): BIRD had both routes in all {checks} checks"
+        );
         let (polls, lost) = answers_lost(&lab, owner_mac, Duration::from_secs(3));
         assert_eq!(
             lost, 0,
