@@ -251,6 +251,25 @@ impl Lab {
         self.start_speaker_with(i, &args);
     }
 
+    /// `sluice inspect --json` on node i, as an operator runs it there (its speaker's status
+    /// file and pinned maps).
+    pub fn inspect(&self, i: usize) -> Value {
+        let status = self.status_path_of(&self.nodes[i].name);
+        let pin_dir = self.pin_dir(i);
+        self.speakers[i]
+            .as_ref()
+            .expect("a running speaker")
+            .inspect_json_with(
+                &sluice_bin(),
+                &[
+                    "--status-file",
+                    status.to_str().unwrap(),
+                    "--pin-dir",
+                    pin_dir.to_str().unwrap(),
+                ],
+            )
+    }
+
     fn status_path_of(&self, node: &str) -> PathBuf {
         std::env::temp_dir().join(format!("{node}.status.json"))
     }

@@ -80,6 +80,26 @@ fn killing_the_owners_speaker_moves_its_ip_within_the_failure_timeout_whatever_t
         },
     );
     assert!(member["noticedAfterSeconds"].as_f64().is_some(), "{member}");
+    // And `sluice inspect` on the winner's node says so too, beside the VIP it now answers for.
+    let doc = lab.inspect(f.winner);
+    let members = doc["mesh"]["members"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        members
+            .iter()
+            .any(|m| m["node"] == NAMES[owner] && m["state"] == "down"),
+        "{doc}"
+    );
+    assert!(
+        doc["l2Vips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["ip"] == VIP.to_string()),
+        "{doc}"
+    );
 }
 
 #[test]
