@@ -4,8 +4,8 @@
 //! - `build-ebpf` builds lb-ebpf (nightly, -Z build-std=core, bpfel-unknown-none, bpf-linker)
 //! - `test`       setup, build-ebpf, fmt and clippy checks, then every test (needs root)
 //! - `bench`      setup, build-ebpf, then the XDP benchmark report (needs root)
-//! - `soak`       setup, build-ebpf, then the speaker mesh's failovers, 10 runs each, figures
-//!                printed (needs root; `cargo xtask soak -- RUNS` for another count)
+//! - `soak`       setup, build-ebpf, then the speaker mesh's failovers, 10 runs each, with the
+//!   figures (needs root; `cargo xtask soak -- RUNS` for another count)
 //! - `manifests`  writes deploy/crds/ from the Rust CRD types (a test fails when they differ)
 //! - `demo`       Sluice in network namespaces: a client, a node, three backends (needs root)
 
