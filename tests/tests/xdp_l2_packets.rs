@@ -64,7 +64,7 @@ fn tx(name: &str, frame: Vec<u8>, reply: Vec<u8>, counted: Counted) -> Case {
 }
 
 fn with_dataplane<T: Send + 'static>(
-    f: impl FnOnce(&Dataplane, [u32; 2]) -> T + Send + 'static,
+    f: impl FnOnce(&mut Dataplane, [u32; 2]) -> T + Send + 'static,
 ) -> T {
     require_root();
     in_private_netns_with_veth(|vip_if, other_if| {
@@ -86,7 +86,7 @@ fn with_dataplane<T: Send + 'static>(
             },
         ])
         .expect("set VIPs");
-        f(&dp, [vip_if, other_if])
+        f(&mut dp, [vip_if, other_if])
     })
 }
 
@@ -457,5 +457,35 @@ fn truncated_frames_of_every_length_are_never_answered() {
             );
         }
         run_table(dp, [vip_if, other_if], &cases);
+    });
+}
+
+#[test]
+fn answers_stop_at_their_deadline_and_come_back_when_it_is_pushed_forward() {
+    with_dataplane(|dp, [vip_if, _]| {
+        let ns = neighbor_solicitation(CLIENT_MAC, client6(), vip6());
+        let answers = |dp: &Dataplane| {
+            [arp_request_for_vip(), ns.clone()]
+                .iter()
+                .map(|f| dp.run_ingress(vip_if, f).unwrap().action)
+                .collect::<Vec<_>>()
+        };
+        // No deadline (`sluice run`): answered.
+        assert_eq!(dp.l2_time_left().unwrap(), None);
+        assert_eq!(answers(dp), [XdpAction::Tx, XdpAction::Tx]);
+        // A deadline ahead: answered.
+        dp.set_l2_deadline(Some(std::time::Duration::from_secs(60)))
+            .unwrap();
+        assert!(dp.l2_time_left().unwrap().unwrap() > std::time::Duration::from_secs(50));
+        assert_eq!(answers(dp), [XdpAction::Tx, XdpAction::Tx]);
+        // Past it (the speaker died and nothing renewed it): left to the kernel, unanswered.
+        dp.set_l2_deadline(Some(std::time::Duration::ZERO)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert_eq!(dp.l2_time_left().unwrap(), Some(std::time::Duration::ZERO));
+        assert_eq!(answers(dp), [XdpAction::Pass, XdpAction::Pass]);
+        // Renewed: answered again.
+        dp.set_l2_deadline(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        assert_eq!(answers(dp), [XdpAction::Tx, XdpAction::Tx]);
     });
 }
