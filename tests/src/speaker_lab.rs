@@ -21,6 +21,7 @@ use std::{
 };
 
 use crate::{
+    bird::{Neighbor, Router},
     fakeapi::FakeApi,
     frames::{self, Mac},
     lab::{napi_keeper, Conn},
@@ -226,6 +227,57 @@ impl Lab {
                    "ports": [{"name": "tcp", "port": 8080, "protocol": "TCP"}]}),
         )
         .unwrap();
+    }
+
+    /// BIRD as the router on the data segment (198.18.50.254, AS 64512), peering with every
+    /// node (AS 64513), and the BGPPeer and BGPAdvertisement that make the speakers peer with it
+    /// and announce every service IP. The router's namespace comes with it.
+    pub fn start_bird(&self, tag: &str) -> (Router, NetNs) {
+        let ns = NetNs::new("router");
+        veth(&ns, "r0", &self.seg, "rt");
+        self.seg.ip(&["link", "set", "rt", "master", "br0"]);
+        ns.ip(&["addr", "add", "198.18.50.254/24", "dev", "r0"]);
+        let addresses: Vec<String> = (1..=self.nodes.len())
+            .map(|n| format!("198.18.50.{n}"))
+            .collect();
+        let neighbors: Vec<Neighbor> = addresses
+            .iter()
+            .map(|address| Neighbor {
+                local: "198.18.50.254",
+                router_as: 64512,
+                address,
+                peer_as: 64513,
+                password: None,
+            })
+            .collect();
+        let router = Router::start(&ns, tag, &neighbors);
+        let crds = "/apis/sluice.dev/v1alpha1/namespaces/sluice-system";
+        self.api
+            .create(
+                &format!("{crds}/bgppeers"),
+                json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "tor"},
+                       "spec": {"peerAddress": "198.18.50.254", "peerASN": 64512, "myASN": 64513,
+                                "connectTime": "1s"}}),
+            )
+            .unwrap();
+        self.api
+            .create(
+                &format!("{crds}/bgpadvertisements"),
+                json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "BGPAdvertisement",
+                       "metadata": {"name": "all"}, "spec": {}}),
+            )
+            .unwrap();
+        (router, ns)
+    }
+
+    /// Waits until node i alone answers ARP for the VIP.
+    pub fn wait_answered_by(&self, i: usize, within: Duration) {
+        let mac = self.node_mac(i, "eth1");
+        wait_for(
+            &format!("{} alone to answer ARP for the VIP", NAMES[i]),
+            within,
+            || (arp_answerers(self, Duration::from_millis(300)) == [mac]).then_some(()),
+        );
     }
 
     /// Starts node i's speaker with liveness from the Leases alone (no mesh), 3 s Leases.

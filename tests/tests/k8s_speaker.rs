@@ -9,9 +9,8 @@ use std::{
 
 use serde_json::json;
 use sluice_tests::{
-    bird::{Neighbor, Router},
     frames,
-    netns::{veth, NetNs},
+    netns::NetNs,
     rawsock::RawSocket,
     sluice_bin,
     speaker_lab::{
@@ -137,38 +136,8 @@ fn one_elected_speaker_answers_arp_on_the_chosen_interface_balances_to_its_pod_a
 #[test]
 fn with_bird_as_the_router_both_nodes_announce_a_local_service_until_one_loses_its_endpoint() {
     let mut lab = lab(2);
-    let router_ns = NetNs::new("router");
-    veth(&router_ns, "r0", &lab.seg, "rt");
-    lab.seg.ip(&["link", "set", "rt", "master", "br0"]);
-    router_ns.ip(&["addr", "add", "198.18.50.254/24", "dev", "r0"]);
-    let neighbors: Vec<Neighbor> = ["198.18.50.1", "198.18.50.2"]
-        .iter()
-        .map(|address| Neighbor {
-            local: "198.18.50.254",
-            router_as: 64512,
-            address,
-            peer_as: 64513,
-            password: None,
-        })
-        .collect();
-    let router = Router::start(&router_ns, "speaker", &neighbors);
     lab.objects("Local");
-    let crds = "/apis/sluice.dev/v1alpha1/namespaces/sluice-system";
-    lab.api
-        .create(
-            &format!("{crds}/bgppeers"),
-            json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "tor"},
-                   "spec": {"peerAddress": "198.18.50.254", "peerASN": 64512, "myASN": 64513,
-                            "connectTime": "1s"}}),
-        )
-        .unwrap();
-    lab.api
-        .create(
-            &format!("{crds}/bgpadvertisements"),
-            json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "BGPAdvertisement",
-                   "metadata": {"name": "all"}, "spec": {}}),
-        )
-        .unwrap();
+    let (router, _router_ns) = lab.start_bird("speaker");
     lab.start_speaker(0);
     lab.start_speaker(1);
     let prefix = format!("{VIP}/32");

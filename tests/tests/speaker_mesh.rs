@@ -16,9 +16,7 @@ use std::{
 };
 
 use lb_userspace::mesh::envelope::{Kind, Sealer};
-use serde_json::json;
 use sluice_tests::{
-    bird::{Neighbor, Router},
     fakeapi::Outage,
     lab::{napi_keeper, Conn},
     netns::{veth, NetNs},
@@ -48,12 +46,7 @@ fn killing_the_owners_speaker_moves_its_ip_within_the_failure_timeout_whatever_t
         f.connected.as_secs_f64()
     );
     // The dead speaker's node stops answering by itself (the deadline): one answer only.
-    let winner_mac = lab.node_mac(f.winner, "eth1");
-    wait_for(
-        "the new owner alone to answer",
-        Duration::from_secs(5),
-        || (arp_answerers(&lab, Duration::from_millis(300)) == [winner_mac]).then_some(()),
-    );
+    lab.wait_answered_by(f.winner, Duration::from_secs(5));
     // An Event on the Service names the dead node and how long the mesh took to notice.
     let event = wait_for("the nodeFailedOver Event", Duration::from_secs(10), || {
         lab.api
@@ -132,39 +125,7 @@ fn an_api_server_outage_withdraws_nothing_and_a_speaker_killed_during_one_still_
     // Leases of 3 s: an outage of 12 s lasts four of them. BIRD peers with both nodes, which
     // both announce the VIP (a pod on each, policy Local).
     let mut router = None;
-    let (mut lab, owner) = mesh_lab_with(2, "3", |lab| {
-        let ns = NetNs::new("router");
-        veth(&ns, "r0", &lab.seg, "rt");
-        lab.seg.ip(&["link", "set", "rt", "master", "br0"]);
-        ns.ip(&["addr", "add", "198.18.50.254/24", "dev", "r0"]);
-        let neighbors: Vec<Neighbor> = ["198.18.50.1", "198.18.50.2"]
-            .iter()
-            .map(|address| Neighbor {
-                local: "198.18.50.254",
-                router_as: 64512,
-                address,
-                peer_as: 64513,
-                password: None,
-            })
-            .collect();
-        router = Some((Router::start(&ns, "outage", &neighbors), ns));
-        let crds = "/apis/sluice.dev/v1alpha1/namespaces/sluice-system";
-        lab.api
-            .create(
-                &format!("{crds}/bgppeers"),
-                json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "tor"},
-                       "spec": {"peerAddress": "198.18.50.254", "peerASN": 64512, "myASN": 64513,
-                                "connectTime": "1s"}}),
-            )
-            .unwrap();
-        lab.api
-            .create(
-                &format!("{crds}/bgpadvertisements"),
-                json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "BGPAdvertisement",
-                       "metadata": {"name": "all"}, "spec": {}}),
-            )
-            .unwrap();
-    });
+    let (mut lab, owner) = mesh_lab_with(2, "3", |lab| router = Some(lab.start_bird("outage")));
     let (router, _router_ns) = router.as_ref().unwrap();
     let prefix = format!("{VIP}/32");
     let both = |t: &str| t.contains("via 198.18.50.1") && t.contains("via 198.18.50.2");
@@ -219,12 +180,8 @@ fn an_api_server_outage_withdraws_nothing_and_a_speaker_killed_during_one_still_
     );
     // The dead speaker's node falls silent by itself within the failure timeout (its answers'
     // deadline), API server or not.
+    lab.wait_answered_by(f.winner, Duration::from_secs(5));
     let winner_mac = lab.node_mac(f.winner, "eth1");
-    wait_for(
-        "the new owner alone to answer",
-        Duration::from_secs(5),
-        || (arp_answerers(&lab, Duration::from_millis(300)) == [winner_mac]).then_some(()),
-    );
     lab.api.set_outage(Outage::None);
     // When the API server is back, nothing moves.
     let (polls, lost) = answers_lost(&lab, winner_mac, Duration::from_secs(5));
