@@ -378,3 +378,31 @@ fn a_rolling_restart_of_every_speaker_keeps_100_streaming_connections() {
         "a restart was taken for a failure"
     );
 }
+
+#[test]
+fn a_speaker_stopped_for_handover_gives_its_ip_away_at_once_and_detaches() {
+    let _serial = one_at_a_time();
+    let (mut lab, owner) = mesh_lab(2, "60");
+    // The owner is restarted with --on-stop handover (a restart keeps its IP where it is).
+    let first = lab.speakers[owner].take().unwrap();
+    assert!(first.stop(libc::SIGTERM).success(), "a clean stop");
+    lab.start_mesh_speaker(owner, "60", &["--on-stop", "handover"]);
+    wait_for("the mesh to count it back", Duration::from_secs(20), || {
+        (lab.mesh_alive(0) == 1 && lab.mesh_alive(1) == 1).then_some(())
+    });
+    lab.wait_answered_by(owner, Duration::from_secs(5));
+    assert!(lab.nodes[owner].has_xdp("eth1"));
+    let victim = lab.speakers[owner].take().unwrap();
+    let f = failover(&lab, &others(&lab, owner), move || {
+        assert!(victim.stop(libc::SIGTERM).success());
+    });
+    eprintln!(
+        "handover on SIGTERM: gratuitous ARP from the other node after {:.2} s",
+        f.garp.as_secs_f64()
+    );
+    lab.wait_answered_by(f.winner, Duration::from_secs(5));
+    assert!(
+        !lab.nodes[owner].has_xdp("eth1"),
+        "the programs were detached"
+    );
+}
