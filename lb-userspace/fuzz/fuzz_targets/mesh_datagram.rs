@@ -42,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut swim = Foca::new(
         me,
-        swim_config(std::time::Duration::from_secs(1)),
+        swim_config(std::time::Duration::from_secs(1), 32),
         StdRng::seed_from_u64(0),
         PostcardCodec,
     );
