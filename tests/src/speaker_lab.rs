@@ -69,7 +69,9 @@ impl Drop for Lab {
         let _ = std::fs::remove_file(&self.kubeconfig);
         let _ = std::fs::remove_file(&self.mesh_secret);
         for node in &self.nodes {
-            let _ = std::fs::remove_file(self.status_path_of(&node.name));
+            let status = self.status_path_of(&node.name);
+            let _ = std::fs::remove_file(status.with_extension("mesh-peers.json"));
+            let _ = std::fs::remove_file(status);
         }
         for log in &self.logs {
             if std::thread::panicking() || std::env::var_os("SLUICE_KEEP_LOGS").is_some() {
@@ -594,16 +596,22 @@ pub fn arp_answerers(lab: &Lab, within: Duration) -> Vec<Mac> {
 /// A lab of `nodes` speakers in the mesh, Leases of `lease` seconds, a Local service with a pod
 /// on every node; returns it once the mesh has formed, with the VIP's owner.
 pub fn mesh_lab(nodes: usize, lease: &str) -> (Lab, usize) {
-    mesh_lab_with(nodes, lease, |_| {})
+    mesh_lab_with(nodes, lease, &[], |_| {})
 }
 
-/// [`mesh_lab`], with `before` run once the objects exist and before the speakers start.
-pub fn mesh_lab_with(nodes: usize, lease: &str, before: impl FnOnce(&Lab)) -> (Lab, usize) {
+/// [`mesh_lab`], the speakers started with `extra` arguments, and `before` run once the objects
+/// exist and before the speakers start.
+pub fn mesh_lab_with(
+    nodes: usize,
+    lease: &str,
+    extra: &[&str],
+    before: impl FnOnce(&Lab),
+) -> (Lab, usize) {
     let mut lab = lab(nodes);
     lab.objects("Local");
     before(&lab);
     for i in 0..nodes {
-        lab.start_mesh_speaker(i, lease, &[]);
+        lab.start_mesh_speaker(i, lease, extra);
     }
     wait_for("the mesh to form", Duration::from_secs(20), || {
         (0..nodes)

@@ -125,7 +125,8 @@ fn an_api_server_outage_withdraws_nothing_and_a_speaker_killed_during_one_still_
     // Leases of 3 s: an outage of 12 s lasts four of them. BIRD peers with both nodes, which
     // both announce the VIP (a pod on each, policy Local).
     let mut router = None;
-    let (mut lab, owner) = mesh_lab_with(2, "3", |lab| router = Some(lab.start_bird("outage")));
+    let (mut lab, owner) =
+        mesh_lab_with(2, "3", &[], |lab| router = Some(lab.start_bird("outage")));
     let (router, _router_ns) = router.as_ref().unwrap();
     let prefix = format!("{VIP}/32");
     let both = |t: &str| t.contains("via 198.18.50.1") && t.contains("via 198.18.50.2");
@@ -404,5 +405,33 @@ fn a_speaker_stopped_for_handover_gives_its_ip_away_at_once_and_detaches() {
     assert!(
         !lab.nodes[owner].has_xdp("eth1"),
         "the programs were detached"
+    );
+}
+
+#[test]
+fn a_speaker_restarted_while_the_api_server_is_away_rejoins_the_mesh_and_keeps_its_ip() {
+    let _serial = one_at_a_time();
+    let grace = ["--restart-grace-seconds", "3"];
+    let (mut lab, owner) = mesh_lab_with(2, "60", &grace, |_| {});
+    let owner_mac = lab.node_mac(owner, "eth1");
+    lab.api.set_outage(Outage::Refuse);
+    let first = lab.speakers[owner].take().unwrap();
+    assert!(first.stop(libc::SIGTERM).success());
+    lab.start_mesh_speaker(owner, "60", &grace);
+    // No API server: it finds its peers in what the previous run saved, and rejoins.
+    wait_for("the mesh to count it back", Duration::from_secs(20), || {
+        (lab.mesh_alive(0) == 1 && lab.mesh_alive(1) == 1).then_some(())
+    });
+    // Past the restart grace, it keeps its IP: the mesh holds it alive, and it answers.
+    let (polls, lost) = answers_lost(&lab, owner_mac, Duration::from_secs(6));
+    assert_eq!(
+        lost, 0,
+        "{lost} of {polls} ARP polls not answered by the owner alone"
+    );
+    lab.api.set_outage(Outage::None);
+    let (polls, lost) = answers_lost(&lab, owner_mac, Duration::from_secs(3));
+    assert_eq!(
+        lost, 0,
+        "after the outage: {lost} of {polls} ARP polls moved"
     );
 }

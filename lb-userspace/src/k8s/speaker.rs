@@ -345,6 +345,7 @@ async fn run_async(
         health,
         isolated: false,
         rejoined: None,
+        saved_peers: BTreeMap::new(),
         started: Instant::now(),
         options: options.clone(),
     };
@@ -466,6 +467,11 @@ fn first_ipv4(interface: &str) -> Option<IpAddr> {
     }
     unsafe { libc::freeifaddrs(list) };
     found
+}
+
+/// Reads the peers a previous run saved (node → mesh address); `None` when there are none.
+fn read_peers(path: &std::path::Path) -> Option<BTreeMap<String, SocketAddr>> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
 
 /// Reads the mesh secret: the file's bytes, surrounding whitespace trimmed. `None` while the
@@ -674,6 +680,8 @@ struct Speaker {
     isolated: bool,
     /// When this node stopped being cut off (see [`Speaker::settling`]).
     rejoined: Option<Instant>,
+    /// The mesh peers last written to the peers file.
+    saved_peers: BTreeMap<String, SocketAddr>,
     started: Instant,
 }
 
@@ -713,6 +721,12 @@ impl Speaker {
             source,
         })?;
         self.status.lock().unwrap().mesh_enabled = true;
+        // The peers the previous run knew: a speaker restarting while the API server is away
+        // rejoins the mesh with them (the Leases would tell it only once the API is back).
+        if let Some(saved) = self.peers_file().and_then(|p| read_peers(&p)) {
+            info!(peers = saved.len(), "meshPeersRestored");
+            mesh.set_peers(saved);
+        }
         self.mesh = Some(mesh);
         Ok(())
     }
@@ -763,6 +777,14 @@ impl Speaker {
             let since = h.back_at.filter(|b| *b >= t).unwrap_or(t);
             since.elapsed() < SETTLE
         })
+    }
+
+    /// Where the mesh's peers are kept between runs: beside the status file.
+    fn peers_file(&self) -> Option<PathBuf> {
+        self.options
+            .status_file
+            .as_ref()
+            .map(|p| p.with_extension("mesh-peers.json"))
     }
 
     /// Without the mesh (off, or never formed), a node whose Lease nobody has seen renewed for a
@@ -846,8 +868,18 @@ impl Speaker {
             .filter(|l| l.name_any().starts_with(LEASE_PREFIX))
             .collect();
         let node_objects = watch::sorted(&stores.nodes);
+        let peers = liveness::mesh_addresses(&leases);
+        if self.mesh.is_some() && peers != self.saved_peers {
+            if let Some(path) = self.peers_file() {
+                let text = serde_json::to_string(&peers).unwrap_or_default();
+                if let Err(e) = std::fs::write(&path, text) {
+                    tracing::debug!(error = %e, "meshPeersNotSaved");
+                }
+            }
+            self.saved_peers = peers.clone();
+        }
         let view = self.mesh.as_ref().map(|m| {
-            m.set_peers(liveness::mesh_addresses(&leases));
+            m.set_peers(peers);
             m.view()
         });
         let verdicts = view.as_ref().map(|v| self.verdicts(v, &leases));
