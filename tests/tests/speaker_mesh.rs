@@ -435,3 +435,35 @@ fn a_speaker_restarted_while_the_api_server_is_away_rejoins_the_mesh_and_keeps_i
         "after the outage: {lost} of {polls} ARP polls moved"
     );
 }
+
+#[test]
+fn a_node_cut_off_during_an_api_outage_rejoins_without_taking_its_ip_back() {
+    let _serial = one_at_a_time();
+    let (lab, owner) = mesh_lab(3, "3");
+    // The API server is away for everyone; then the owner is cut off from the others too.
+    lab.api.set_outage(Outage::Refuse);
+    std::thread::sleep(Duration::from_secs(2));
+    let port = format!("{}0", ["a", "b", "c"][owner]);
+    let f = failover(&lab, &others(&lab, owner), || {
+        lab.seg.ip(&["link", "set", &port, "down"]);
+    });
+    lab.wait_answered_by(f.winner, Duration::from_secs(15));
+    // It comes back while the API server is still away: nobody can read the Leases, and its own
+    // still claims the IP. The IP stays with the node that took it, one answer at a time.
+    lab.seg.ip(&["link", "set", &port, "up"]);
+    wait_for("the mesh to heal", Duration::from_secs(20), || {
+        (0..3).all(|i| lab.mesh_alive(i) == 2).then_some(())
+    });
+    let winner_mac = lab.node_mac(f.winner, "eth1");
+    let (polls, lost) = answers_lost(&lab, winner_mac, Duration::from_secs(5));
+    assert_eq!(
+        lost, 0,
+        "during the outage: {lost} of {polls} ARP polls not the new owner alone"
+    );
+    lab.api.set_outage(Outage::None);
+    let (polls, lost) = answers_lost(&lab, winner_mac, Duration::from_secs(5));
+    assert_eq!(
+        lost, 0,
+        "after it: {lost} of {polls} ARP polls not the new owner alone"
+    );
+}

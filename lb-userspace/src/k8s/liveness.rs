@@ -46,6 +46,11 @@ pub const LEASE_PREFIX: &str = "sluice-speaker-";
 pub enum MeshVerdict {
     /// Active in the mesh, or restarting within its grace.
     Alive,
+    /// Active again after the mesh declared it down, when its Lease's renew time was
+    /// `renew_at_down`. Alive; but while its Lease has not been renewed since, what the Lease
+    /// says it announces is from before (a node back from a partition, its IPs taken over
+    /// meanwhile) and counts for nothing.
+    Returned { renew_at_down: Option<String> },
     /// Declared down; `renew_at_down` is its Lease's renew time when the speaker first saw it
     /// down (a later renew time proves it alive after all).
     Down { renew_at_down: Option<String> },
@@ -58,7 +63,7 @@ pub fn alive(lease_live: bool, renew: Option<&str>, verdict: Option<&MeshVerdict
         None => lease_live,
         // The Lease is the record of the node's interfaces and announcements: a node without
         // one (deleted by an operator to move its IPs away) is out, whatever the mesh says.
-        Some(MeshVerdict::Alive) => renew.is_some(),
+        Some(MeshVerdict::Alive | MeshVerdict::Returned { .. }) => renew.is_some(),
         Some(MeshVerdict::Down { renew_at_down }) => {
             lease_live && renew.is_some() && renew != renew_at_down.as_deref()
         }
@@ -116,13 +121,13 @@ pub fn node_views(
             .and_then(|l| l.spec.as_ref())
             .and_then(|s| lease::expiry(s, 15))
             .is_some_and(|end| lease_clock < end);
-        let live = alive(
-            lease_live,
-            lease.and_then(renew_time).as_deref(),
-            mesh.and_then(|m| m.get(&name)),
-        );
+        let renew = lease.and_then(renew_time);
+        let verdict = mesh.and_then(|m| m.get(&name));
+        let live = alive(lease_live, renew.as_deref(), verdict);
+        let stale_claims = matches!(verdict, Some(MeshVerdict::Returned { renew_at_down })
+            if *renew_at_down == renew);
         let annotations = lease.map(|l| l.annotations().clone()).unwrap_or_default();
-        if live {
+        if live && !stale_claims {
             for ip in split(annotations.get(ANNOUNCING_ANNOTATION)) {
                 if let Ok(ip) = ip.parse() {
                     announcers.insert(ip, name.clone());
@@ -319,6 +324,36 @@ mod tests {
         assert!(
             views[0].alive,
             "the mesh holds it alive whatever the Lease says"
+        );
+    }
+
+    #[test]
+    fn a_node_back_from_a_partition_is_alive_but_its_old_claims_count_once_it_renews() {
+        let nodes = [node("a", "True")];
+        let leases = [lease("a", 2, "198.51.100.1")];
+        let renew = renew_time(&leases[0]);
+        let back: BTreeMap<String, MeshVerdict> = [(
+            "a".to_string(),
+            MeshVerdict::Returned {
+                renew_at_down: renew.clone(),
+            },
+        )]
+        .into();
+        let (views, announcers) = node_views(&nodes, &leases, now(), Some(&back));
+        assert!(views[0].alive);
+        assert!(announcers.is_empty(), "claims from before it went down");
+        let renewed_since: BTreeMap<String, MeshVerdict> = [(
+            "a".to_string(),
+            MeshVerdict::Returned {
+                renew_at_down: Some("an older renew time".into()),
+            },
+        )]
+        .into();
+        let (_, announcers) = node_views(&nodes, &leases, now(), Some(&renewed_since));
+        assert_eq!(
+            announcers.len(),
+            1,
+            "its Lease was renewed since: its claims count"
         );
     }
 

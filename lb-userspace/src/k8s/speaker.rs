@@ -340,6 +340,7 @@ async fn run_async(
         mesh: None,
         mesh_address,
         down_renews: BTreeMap::new(),
+        last_down: BTreeMap::new(),
         wish: wish_tx,
         poke,
         health,
@@ -394,6 +395,10 @@ async fn run_async(
         if synced {
             let now = speaker.fingerprint(stores.nodes.state().len());
             let deleted = speaker.take_deleted();
+            if deleted {
+                // An operator moved our IPs away: claim none of them (the others have them).
+                speaker.drop_l2();
+            }
             if seen.as_ref() != Some(&now) || deleted || last_pass.elapsed() >= due_every {
                 speaker.pass(&stores).await;
                 last_pass = Instant::now();
@@ -673,6 +678,8 @@ struct Speaker {
     mesh_address: Option<SocketAddr>,
     /// Nodes the mesh declared down, with their Lease's renew time at that moment.
     down_renews: BTreeMap<String, Option<String>>,
+    /// The same, kept after they come back, until their Lease is renewed.
+    last_down: BTreeMap<String, Option<String>>,
     wish: tokio::sync::watch::Sender<Option<LeaseWish>>,
     poke: Arc<Notify>,
     health: SharedHealth,
@@ -731,6 +738,13 @@ impl Speaker {
         Ok(())
     }
 
+    fn drop_l2(&mut self) {
+        self.last.l2.clear();
+        if let Err(e) = self.dp.set_l2_vips(&[]) {
+            warn!(error = %e, "l2ClearFailed");
+        }
+    }
+
     fn take_deleted(&mut self) -> bool {
         std::mem::take(&mut self.health.lock().unwrap().deleted)
     }
@@ -743,13 +757,29 @@ impl Speaker {
         for (node, member) in &view.members {
             if member.counts_alive(now) {
                 self.down_renews.remove(node);
-                out.insert(node.clone(), MeshVerdict::Alive);
+                // Back after being declared down: its Lease's claims are stale until renewed.
+                let renew = liveness::renew_time_of(leases, node);
+                match self.last_down.get(node) {
+                    Some(at_down) if *at_down == renew => {
+                        out.insert(
+                            node.clone(),
+                            MeshVerdict::Returned {
+                                renew_at_down: at_down.clone(),
+                            },
+                        );
+                    }
+                    _ => {
+                        self.last_down.remove(node);
+                        out.insert(node.clone(), MeshVerdict::Alive);
+                    }
+                }
             } else {
                 let renew = self
                     .down_renews
                     .entry(node.clone())
                     .or_insert_with(|| liveness::renew_time_of(leases, node))
                     .clone();
+                self.last_down.insert(node.clone(), renew.clone());
                 out.insert(
                     node.clone(),
                     MeshVerdict::Down {
@@ -884,8 +914,17 @@ impl Speaker {
         });
         let verdicts = view.as_ref().map(|v| self.verdicts(v, &leases));
         let lease_clock = self.health.lock().unwrap().lease_clock();
-        let (mut nodes, announcers) =
+        let (mut nodes, mut announcers) =
             liveness::node_views(&node_objects, &leases, lease_clock, verdicts.as_ref());
+        // An IP no Lease claims (its owner could not write its Lease: the API server is away)
+        // stays where the last pass put it, if that node is still alive: every speaker made the
+        // same decision then, so every speaker keeps it now.
+        for (ip, owner) in &self.last.l2_owners {
+            let Some(owner) = owner else { continue };
+            if !announcers.contains_key(ip) && nodes.iter().any(|n| &n.name == owner && n.alive) {
+                announcers.insert(*ip, owner.clone());
+            }
+        }
         // This node's interfaces as they are now (others read them from its Lease): a data
         // link that went down makes it ineligible there at once.
         let up = links_up(&self.interfaces);
@@ -927,7 +966,9 @@ impl Speaker {
             self.rejoined = None;
         }
         if isolated || settling {
+            // Its view of who owns what is wrong too (everyone else looks dead).
             plan.l2.clear();
+            plan.l2_owners.clear();
         }
         self.update_readiness();
         if plan != self.last {

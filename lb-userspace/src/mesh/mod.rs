@@ -124,10 +124,21 @@ pub struct Member {
     pub restarting_until: Option<Instant>,
 }
 
+/// A member heard from this recently is alive, whatever the gossip says: a node back from a
+/// partition spreads its stale verdicts ("everyone else is down") until they are refuted, and
+/// those must not move anything. A really dead member has been silent for longer than this
+/// by the time it is declared down (the probe and the suspicion take 0.6 × the timeout).
+pub const HEARD_LATELY: Duration = Duration::from_millis(300);
+
 impl Member {
-    /// Alive for the election: active in the mesh, or restarting within its grace.
+    /// Alive for the election: active in the mesh, heard from lately, or restarting within its
+    /// grace.
     pub fn counts_alive(&self, now: Instant) -> bool {
-        self.state != MemberState::Down || self.restarting_until.is_some_and(|t| now < t)
+        self.state != MemberState::Down
+            || self.restarting_until.is_some_and(|t| now < t)
+            || self
+                .last_heard
+                .is_some_and(|t| now.saturating_duration_since(t) < HEARD_LATELY)
     }
 }
 
@@ -617,6 +628,15 @@ mod tests {
         assert!(member(MemberState::Alive, None).counts_alive(now));
         assert!(member(MemberState::Suspect, None).counts_alive(now));
         assert!(!member(MemberState::Down, None).counts_alive(now));
+        let heard = Member {
+            last_heard: Some(now),
+            ..member(MemberState::Down, None)
+        };
+        assert!(
+            heard.counts_alive(now),
+            "heard from just now: gossip is stale"
+        );
+        assert!(!heard.counts_alive(now + HEARD_LATELY));
         let later = now + Duration::from_secs(5);
         assert!(member(MemberState::Down, Some(later)).counts_alive(now));
         assert!(!member(MemberState::Down, Some(now)).counts_alive(later));
