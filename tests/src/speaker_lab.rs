@@ -336,6 +336,31 @@ impl Lab {
             .unwrap_or(Value::Null)
     }
 
+    /// Waits until every node's mesh counts every other node alive.
+    pub fn wait_mesh_whole(&self) {
+        let n = self.nodes.len();
+        wait_for("the mesh to be whole", Duration::from_secs(20), || {
+            (0..n).all(|i| self.mesh_alive(i) == n - 1).then_some(())
+        });
+    }
+
+    /// Restarts node i's speaker as a rolling update does: SIGTERM (a clean exit), `pause`,
+    /// then a new speaker with `lease_duration` and `extra`; returns once the mesh is whole.
+    pub fn restart_mesh_speaker(
+        &mut self,
+        i: usize,
+        pause: Duration,
+        lease_duration: &str,
+        extra: &[&str],
+    ) {
+        let old = self.speakers[i].take().expect("a running speaker");
+        let status = old.stop(libc::SIGTERM);
+        assert!(status.success(), "{}: {status}", NAMES[i]);
+        std::thread::sleep(pause);
+        self.start_mesh_speaker(i, lease_duration, extra);
+        self.wait_mesh_whole();
+    }
+
     /// How many other speakers node i's mesh counts alive.
     pub fn mesh_alive(&self, i: usize) -> usize {
         self.status(i)["mesh"]["members"]
@@ -613,11 +638,7 @@ pub fn mesh_lab_with(
     for i in 0..nodes {
         lab.start_mesh_speaker(i, lease, extra);
     }
-    wait_for("the mesh to form", Duration::from_secs(20), || {
-        (0..nodes)
-            .all(|i| lab.mesh_alive(i) == nodes - 1)
-            .then_some(())
-    });
+    lab.wait_mesh_whole();
     let owner = wait_for(
         "one node to announce the VIP",
         Duration::from_secs(20),

@@ -99,27 +99,11 @@ pub fn default_router_id(source: Option<IpAddr>) -> Ipv4Addr {
     if let Some(IpAddr::V4(v4)) = source {
         return v4;
     }
-    let mut found = Ipv4Addr::UNSPECIFIED;
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    if unsafe { libc::getifaddrs(&mut list) } == 0 {
-        let mut cursor = list;
-        while !cursor.is_null() {
-            let entry = unsafe { &*cursor };
-            if !entry.ifa_addr.is_null()
-                && unsafe { (*entry.ifa_addr).sa_family } as i32 == libc::AF_INET
-            {
-                let sin = entry.ifa_addr as *const libc::sockaddr_in;
-                let ip = Ipv4Addr::from(unsafe { (*sin).sin_addr.s_addr }.to_ne_bytes());
-                if !ip.is_loopback() {
-                    found = ip;
-                    break;
-                }
-            }
-            cursor = entry.ifa_next;
-        }
-        unsafe { libc::freeifaddrs(list) };
-    }
-    found
+    crate::dataplane::ipv4_addresses()
+        .into_iter()
+        .map(|(_, ip)| ip)
+        .find(|ip| !ip.is_loopback())
+        .unwrap_or(Ipv4Addr::UNSPECIFIED)
 }
 
 /// A configured peer as a session.

@@ -92,6 +92,31 @@ pub fn interface(name: &str) -> Result<Interface> {
     })
 }
 
+/// Every IPv4 address of this network namespace, with its interface, in the kernel's order.
+pub fn ipv4_addresses() -> Vec<(String, std::net::Ipv4Addr)> {
+    let mut found = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we walk read-only and free once.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return found;
+    }
+    let mut cursor = list;
+    while !cursor.is_null() {
+        let entry = unsafe { &*cursor };
+        if !entry.ifa_addr.is_null()
+            && unsafe { (*entry.ifa_addr).sa_family } as i32 == libc::AF_INET
+        {
+            let name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) };
+            let sin = entry.ifa_addr as *const libc::sockaddr_in;
+            let ip = std::net::Ipv4Addr::from(unsafe { (*sin).sin_addr.s_addr }.to_ne_bytes());
+            found.push((name.to_string_lossy().into_owned(), ip));
+        }
+        cursor = entry.ifa_next;
+    }
+    unsafe { libc::freeifaddrs(list) };
+    found
+}
+
 /// Is the interface up with a carrier (IFF_UP and IFF_RUNNING)? False when it is gone.
 pub fn link_up(name: &str) -> bool {
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };

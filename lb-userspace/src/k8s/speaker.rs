@@ -311,10 +311,15 @@ async fn run_async(
     // previous run announced, and a restarted speaker must not take that back by mistake.
     let (wish_tx, wish_rx) = tokio::sync::watch::channel(None);
     let poke = Arc::new(Notify::new());
-    tokio::spawn(lease_writer(LeaseWriter {
+    let record = LeaseRecord {
         leases: Api::namespaced(client.clone(), ns),
         name: format!("{LEASE_PREFIX}{}", options.node_name),
-        options: options.clone(),
+        namespace: options.namespace.clone(),
+        node: options.node_name.clone(),
+    };
+    tokio::spawn(lease_writer(LeaseWriter {
+        record: record.clone(),
+        lease_duration: options.lease_duration,
         wish: wish_rx,
         poke: poke.clone(),
         health: health.clone(),
@@ -323,7 +328,7 @@ async fn run_async(
     info!(node = %options.node_name, interfaces = ?options.interfaces, mesh = ?mesh_address, "speakerStarting");
 
     let mut speaker = Speaker {
-        client: client.clone(),
+        lease: record,
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -339,7 +344,6 @@ async fn run_async(
         status: status.clone(),
         mesh: None,
         mesh_address,
-        down_renews: BTreeMap::new(),
         last_down: BTreeMap::new(),
         wish: wish_tx,
         poke,
@@ -393,7 +397,9 @@ async fn run_async(
             speaker.start_mesh(&notify).await?;
         }
         if synced {
-            let now = speaker.fingerprint(stores.nodes.state().len());
+            let nodes = stores.nodes.state().len();
+            speaker.probe_api_when_alone(nodes);
+            let now = speaker.fingerprint(nodes);
             let deleted = speaker.take_deleted();
             if deleted {
                 // An operator moved our IPs away: claim none of them (the others have them).
@@ -448,30 +454,10 @@ fn links_up(interfaces: &[dataplane::Interface]) -> Vec<String> {
 
 /// The first IPv4 address of an interface.
 fn first_ipv4(interface: &str) -> Option<IpAddr> {
-    let mut found = None;
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a list we walk read-only and free once.
-    if unsafe { libc::getifaddrs(&mut list) } != 0 {
-        return None;
-    }
-    let mut cursor = list;
-    while !cursor.is_null() {
-        let entry = unsafe { &*cursor };
-        let name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) };
-        if name.to_str() == Ok(interface)
-            && !entry.ifa_addr.is_null()
-            && unsafe { (*entry.ifa_addr).sa_family } as i32 == libc::AF_INET
-        {
-            let sin = entry.ifa_addr as *const libc::sockaddr_in;
-            found = Some(IpAddr::from(
-                unsafe { (*sin).sin_addr.s_addr }.to_ne_bytes(),
-            ));
-            break;
-        }
-        cursor = entry.ifa_next;
-    }
-    unsafe { libc::freeifaddrs(list) };
-    found
+    dataplane::ipv4_addresses()
+        .into_iter()
+        .find(|(name, _)| name == interface)
+        .map(|(_, ip)| IpAddr::V4(ip))
 }
 
 /// Reads the peers a previous run saved (node → mesh address); `None` when there are none.
@@ -487,10 +473,18 @@ pub fn read_secret(path: &std::path::Path) -> Option<Vec<u8>> {
     (!text.is_empty()).then(|| text.to_vec())
 }
 
-struct LeaseWriter {
+/// This node's Lease: where it is and whose it is.
+#[derive(Clone)]
+struct LeaseRecord {
     leases: Api<Lease>,
     name: String,
-    options: Options,
+    namespace: String,
+    node: String,
+}
+
+struct LeaseWriter {
+    record: LeaseRecord,
+    lease_duration: i32,
     wish: tokio::sync::watch::Receiver<Option<LeaseWish>>,
     poke: Arc<Notify>,
     health: SharedHealth,
@@ -500,7 +494,7 @@ struct LeaseWriter {
 /// Renews our Lease every third of its duration, and at once when what it should say changes
 /// or the loop asks; never blocks the loop (a task of its own, each request with a timeout).
 async fn lease_writer(mut w: LeaseWriter) {
-    let every = Duration::from_secs((w.options.lease_duration / 3).max(1) as u64);
+    let every = Duration::from_secs((w.lease_duration / 3).max(1) as u64);
     loop {
         let Some(wish) = w.wish.borrow_and_update().clone() else {
             if w.wish.changed().await.is_err() {
@@ -560,7 +554,7 @@ async fn lease_writer(mut w: LeaseWriter) {
                 }
             }
             if let Some(e) = &h.error {
-                warn!(lease = %w.name, error = %e, "leaseUpdateFailed");
+                warn!(lease = %w.record.name, error = %e, "leaseUpdateFailed");
             }
             if before != (h.unreachable_since.is_some(), h.error.clone()) || h.deleted {
                 w.woke.notify_one();
@@ -583,11 +577,11 @@ async fn lease_writer(mut w: LeaseWriter) {
 impl LeaseWriter {
     /// Writes our Lease; `Ok(true)` when it had been deleted (recreated claiming no L2 IP).
     async fn write(&self, wish: &LeaseWish) -> Result<bool, kube::Error> {
-        let current = self.leases.get_opt(&self.name).await?;
+        let current = self.record.get().await?;
         let written_before = self.health.lock().unwrap().written.is_some();
         let deleted = current.is_none() && written_before;
         if deleted {
-            warn!(lease = %self.name, "leaseDeleted");
+            warn!(lease = %self.record.name, "leaseDeleted");
         }
         let wish = if deleted {
             LeaseWish {
@@ -597,9 +591,14 @@ impl LeaseWriter {
         } else {
             wish.clone()
         };
-        self.put(current, &wish, self.options.lease_duration)
-            .await?;
+        self.record.put(current, &wish, self.lease_duration).await?;
         Ok(deleted)
+    }
+}
+
+impl LeaseRecord {
+    async fn get(&self) -> Result<Option<Lease>, kube::Error> {
+        self.leases.get_opt(&self.name).await
     }
 
     /// Writes our Lease over `current` (as just read; `None`: create it).
@@ -627,7 +626,7 @@ impl LeaseWriter {
         let mut lease = current.unwrap_or_else(|| Lease {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
-                namespace: Some(self.options.namespace.clone()),
+                namespace: Some(self.namespace.clone()),
                 labels: Some(
                     [(
                         "app.kubernetes.io/name".to_string(),
@@ -645,7 +644,7 @@ impl LeaseWriter {
             .get_or_insert_with(Default::default)
             .extend(annotations);
         let spec = lease.spec.get_or_insert_with(Default::default);
-        spec.holder_identity = Some(self.options.node_name.clone());
+        spec.holder_identity = Some(self.node.clone());
         spec.lease_duration_seconds = Some(duration);
         spec.renew_time = Some(now.clone());
         if spec.acquire_time.is_none() {
@@ -664,7 +663,7 @@ impl LeaseWriter {
 
 struct Speaker {
     options: Options,
-    client: Client,
+    lease: LeaseRecord,
     recorder: Recorder,
     interfaces: Vec<dataplane::Interface>,
     dp: Dataplane,
@@ -676,9 +675,8 @@ struct Speaker {
     status: crate::metrics::SharedStatus,
     mesh: Option<Mesh>,
     mesh_address: Option<SocketAddr>,
-    /// Nodes the mesh declared down, with their Lease's renew time at that moment.
-    down_renews: BTreeMap<String, Option<String>>,
-    /// The same, kept after they come back, until their Lease is renewed.
+    /// Nodes the mesh declared down, with their Lease's renew time at that moment; kept after
+    /// they come back, until their Lease is renewed.
     last_down: BTreeMap<String, Option<String>>,
     wish: tokio::sync::watch::Sender<Option<LeaseWish>>,
     poke: Arc<Notify>,
@@ -756,7 +754,6 @@ impl Speaker {
         let mut out = BTreeMap::new();
         for (node, member) in &view.members {
             if member.counts_alive(now) {
-                self.down_renews.remove(node);
                 // Back after being declared down: its Lease's claims are stale until renewed.
                 let renew = liveness::renew_time_of(leases, node);
                 match self.last_down.get(node) {
@@ -775,11 +772,10 @@ impl Speaker {
                 }
             } else {
                 let renew = self
-                    .down_renews
+                    .last_down
                     .entry(node.clone())
                     .or_insert_with(|| liveness::renew_time_of(leases, node))
                     .clone();
-                self.last_down.insert(node.clone(), renew.clone());
                 out.insert(
                     node.clone(),
                     MeshVerdict::Down {
@@ -851,6 +847,24 @@ impl Speaker {
                 .unreachable_for(self.options.failure_timeout)
     }
 
+    /// Alone in the mesh: is the API server still there? Asks now, not at the next renewal
+    /// (at most once per failure timeout), so a node cut off from everything falls silent
+    /// within seconds.
+    fn probe_api_when_alone(&self, nodes: usize) {
+        let Some(view) = self.mesh.as_ref().map(|m| m.view()) else {
+            return;
+        };
+        let answered_lately = self
+            .health
+            .lock()
+            .unwrap()
+            .last_answer
+            .is_some_and(|(t, _)| t.elapsed() < self.options.failure_timeout);
+        if nodes > 1 && !answered_lately && view.alive_peers(Instant::now()) == 0 {
+            self.poke.notify_one();
+        }
+    }
+
     /// What liveness depends on now (see [`Fingerprint`]).
     fn fingerprint(&self, nodes: usize) -> Fingerprint {
         let view = self.mesh.as_ref().map(|m| m.view());
@@ -864,18 +878,7 @@ impl Speaker {
                     .collect()
             })
             .unwrap_or_default();
-        let (unreachable, answered_lately) = {
-            let h = self.health.lock().unwrap();
-            let lately = h
-                .last_answer
-                .is_some_and(|(t, _)| t.elapsed() < self.options.failure_timeout);
-            (h.unreachable_since.is_some(), lately)
-        };
-        if nodes > 1 && !answered_lately && view.as_ref().is_some_and(|v| v.alive_peers(now) == 0) {
-            // Alone in the mesh: is the API server still there? Ask now, not at the next
-            // renewal, so a node cut off from everything falls silent within seconds.
-            self.poke.notify_one();
-        }
+        let unreachable = self.health.lock().unwrap().unreachable_since.is_some();
         (
             members,
             unreachable,
@@ -1086,14 +1089,9 @@ impl Speaker {
             s.mesh = crate::metrics::MeshStatus::from_view(&view);
         }
         if let Some(path) = &self.options.status_file {
-            if let Ok(text) = serde_json::to_string_pretty(&*s) {
-                let tmp = path.with_extension("tmp");
-                let written = std::fs::create_dir_all(path.parent().unwrap_or(path))
-                    .and_then(|_| std::fs::write(&tmp, text))
-                    .and_then(|_| std::fs::rename(&tmp, path));
-                if let Err(e) = written {
-                    tracing::debug!(error = %e, "statusNotWritten");
-                }
+            let text = serde_json::to_string_pretty(&*s).unwrap_or_default();
+            if let Err(e) = crate::standalone::write_atomically(path, &text) {
+                tracing::debug!(error = %format!("{e:#}"), "statusNotWritten");
             }
         }
     }
@@ -1264,21 +1262,9 @@ impl Speaker {
                 }
                 // An expired Lease (duration 1 s, nothing announced) makes the others re-elect
                 // now.
-                let leases: Api<Lease> =
-                    Api::namespaced(self.client.clone(), &self.options.namespace);
-                let name = format!("{LEASE_PREFIX}{}", self.options.node_name);
-                let writer = LeaseWriter {
-                    leases,
-                    name: name.clone(),
-                    options: self.options.clone(),
-                    wish: self.wish.subscribe(),
-                    poke: self.poke.clone(),
-                    health: self.health.clone(),
-                    woke: Arc::new(Notify::new()),
-                };
                 let released = tokio::time::timeout(API_TIMEOUT, async {
-                    let current = writer.leases.get_opt(&name).await?;
-                    writer
+                    let current = self.lease.get().await?;
+                    self.lease
                         .put(
                             current,
                             &LeaseWish {

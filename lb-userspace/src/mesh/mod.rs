@@ -596,7 +596,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn swim_settings_declare_a_silent_member_down_within_the_failure_timeout() {
+    fn swim_settings_put_the_worst_case_detection_within_the_failure_timeout() {
         for (ms, size) in [(500u64, 32), (1000, 32), (3000, 32), (1000, 1024)] {
             let timeout = Duration::from_millis(ms);
             let c = swim_config(timeout, size);
