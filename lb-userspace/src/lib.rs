@@ -3,6 +3,7 @@
 //! One module per concern (see DESIGN.md): `config` is the model and its validation (pure),
 //! `dataplane` is the only code that touches the kernel's BPF subsystem.
 
+pub mod bfd;
 pub mod bgp;
 pub mod config;
 pub mod dataplane;

@@ -43,6 +43,11 @@ enum Command {
         /// This node's name (used in logs; BGP and elections use it later).
         #[arg(long)]
         node: Option<String>,
+        /// What SIGTERM and SIGINT do to the BGP sessions: `stop` withdraws the routes (BFD
+        /// AdminDown, Cease); `restart` keeps them on the routers while the next `sluice run`
+        /// starts (graceful restart). SIGUSR2 always means restart.
+        #[arg(long, value_enum, default_value_t = lb_userspace::standalone::OnStop::Stop)]
+        on_stop: lb_userspace::standalone::OnStop,
     },
     /// Check config files without touching the kernel: parse, validate, allocate.
     Validate {
@@ -250,10 +255,13 @@ fn check_manifests(files: &[PathBuf]) -> anyhow::Result<()> {
         all.l2_advertisements.extend(objects.l2_advertisements);
         all.peers.extend(objects.peers);
         all.bgp_advertisements.extend(objects.bgp_advertisements);
+        all.bfd_profiles.extend(objects.bfd_profiles);
     }
     let verdict = validity::validate(&all);
     if verdict.problems.is_empty() {
-        anyhow::bail!("no IPAddressPool, L2Advertisement, BGPPeer or BGPAdvertisement found");
+        anyhow::bail!(
+            "no IPAddressPool, L2Advertisement, BGPPeer, BGPAdvertisement or BFDProfile found"
+        );
     }
     let mut invalid = 0;
     for (object, problems) in &verdict.problems {
@@ -409,11 +417,15 @@ fn main() -> ExitCode {
             json,
             status_file,
         } => inspect(pin_dir, &configs, status_file, json),
-        Command::Run { configs, node } => {
+        Command::Run {
+            configs,
+            node,
+            on_stop,
+        } => {
             if let Some(node) = &node {
                 tracing::info!(event = "starting", node = %node);
             }
-            lb_userspace::standalone::run(configs)
+            lb_userspace::standalone::run(configs, on_stop)
         }
         Command::Detach { pin_dir, configs } => detach(pin_dir, &configs),
         Command::Crds { out_dir } => crds(out_dir),
@@ -670,6 +682,7 @@ fn inspect(
             "pools": status.pools.iter().map(|(p, used, total)| serde_json::json!({"pool": p, "inUse": used, "total": total})).collect::<Vec<_>>(),
             "bgpSessions": status.bgp,
             "mesh": status.mesh_enabled.then_some(&status.mesh),
+            "bfd": (!status.bfd.sessions.is_empty()).then_some(&status.bfd),
             "services": services,
             "trackedFlows": flows,
             "counters": {
@@ -763,6 +776,45 @@ fn inspect(
                     .map(|e| format!("  last error: {e}"))
                     .unwrap_or_default()
             );
+        }
+    }
+    if !status.bfd.sessions.is_empty() {
+        println!();
+        println!(
+            "BFD sessions ({} packets dropped)",
+            status.bfd.dropped.values().sum::<u64>()
+        );
+        for s in &status.bfd.sessions {
+            let downs: u64 = s
+                .transitions
+                .iter()
+                .filter(|(to, _, _)| to == "Down")
+                .map(|(_, _, n)| n)
+                .sum();
+            println!(
+                "  {:<40} {:<9} for {:.1} s  (peer says {}) {}, sends every {} ms, detection {} ms, profile {}, {} down{}{}",
+                s.peer,
+                s.state,
+                s.since_seconds,
+                s.remote_state,
+                if s.multihop { "multi-hop" } else { "single-hop" },
+                s.transmit_interval_ms,
+                s.detection_time_ms,
+                s.profile,
+                downs,
+                if s.last_down_reason != "none" {
+                    format!(", last: {}", s.last_down_reason)
+                } else {
+                    String::new()
+                },
+                s.error
+                    .as_ref()
+                    .map(|e| format!("  error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        for (reason, n) in &status.bfd.dropped {
+            println!("  dropped ({reason}): {n}");
         }
     }
     if status.mesh_enabled {

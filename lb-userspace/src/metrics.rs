@@ -48,6 +48,63 @@ pub struct Status {
     pub mesh_enabled: bool,
     #[serde(default)]
     pub mesh: MeshStatus,
+    #[serde(default)]
+    pub bfd: BfdStatus,
+}
+
+/// BFD with the BGP peers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BfdStatus {
+    pub sessions: Vec<BfdSessionStatus>,
+    /// Packets dropped, by reason (`bfd::packet::Drop`).
+    pub dropped: std::collections::BTreeMap<String, u64>,
+}
+
+/// One BFD session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BfdSessionStatus {
+    pub peer: String,
+    pub profile: String,
+    pub multihop: bool,
+    /// AdminDown, Down, Init or Up.
+    pub state: String,
+    pub remote_state: String,
+    /// Why the session last left Up ("none" when it never did).
+    pub last_down_reason: String,
+    pub since_seconds: f64,
+    pub detection_time_ms: u64,
+    pub transmit_interval_ms: u64,
+    pub local_discriminator: u32,
+    pub remote_discriminator: u32,
+    /// Transitions so far: (to state, reason, count).
+    pub transitions: Vec<(String, String, u64)>,
+    pub error: Option<String>,
+}
+
+impl BfdSessionStatus {
+    pub fn from_view(peer: std::net::IpAddr, v: &crate::bfd::agent::View) -> Self {
+        Self {
+            peer: peer.to_string(),
+            profile: v.profile.clone(),
+            multihop: v.multihop,
+            state: v.state.name().to_string(),
+            remote_state: v.remote_state.name().to_string(),
+            last_down_reason: v.diag.reason().to_string(),
+            since_seconds: v.since.elapsed().unwrap_or_default().as_secs_f64(),
+            detection_time_ms: v.detection_time.as_millis() as u64,
+            transmit_interval_ms: v.transmit_interval.as_millis() as u64,
+            local_discriminator: v.local_discriminator,
+            remote_discriminator: v.remote_discriminator,
+            transitions: v
+                .transitions
+                .iter()
+                .map(|((to, reason), n)| (to.to_string(), reason.to_string(), *n))
+                .collect(),
+            error: v.error.clone(),
+        }
+    }
 }
 
 /// The speaker mesh as this node sees it.
@@ -357,6 +414,7 @@ pub fn render(
         }
     }
     render_mesh(&mut out, status);
+    render_bfd(&mut out, &status.bfd);
     if let Some(n) = flows {
         family(
             &mut out,
@@ -367,6 +425,89 @@ pub fn render(
         let _ = writeln!(out, "sluice_tracked_flows {n}");
     }
     out
+}
+
+fn render_bfd(out: &mut String, bfd: &BfdStatus) {
+    if bfd.sessions.is_empty() && bfd.dropped.is_empty() {
+        return;
+    }
+    family(
+        out,
+        "sluice_bfd_session_up",
+        "gauge",
+        "1 while the BFD session with the peer is Up.",
+    );
+    for s in &bfd.sessions {
+        let _ = writeln!(
+            out,
+            "sluice_bfd_session_up{{peer=\"{}\",profile=\"{}\"}} {}",
+            escape(&s.peer),
+            escape(&s.profile),
+            u8::from(s.state == "Up")
+        );
+    }
+    family(
+        out,
+        "sluice_bfd_session_state",
+        "gauge",
+        "The BFD session's state: 0 AdminDown, 1 Down, 2 Init, 3 Up (RFC 5880).",
+    );
+    for s in &bfd.sessions {
+        let code = match s.state.as_str() {
+            "AdminDown" => 0,
+            "Down" => 1,
+            "Init" => 2,
+            _ => 3,
+        };
+        let _ = writeln!(
+            out,
+            "sluice_bfd_session_state{{peer=\"{}\"}} {code}",
+            escape(&s.peer)
+        );
+    }
+    family(
+        out,
+        "sluice_bfd_detection_time_seconds",
+        "gauge",
+        "How long the peer may stay silent before the session goes down.",
+    );
+    for s in &bfd.sessions {
+        let _ = writeln!(
+            out,
+            "sluice_bfd_detection_time_seconds{{peer=\"{}\"}} {:.3}",
+            escape(&s.peer),
+            s.detection_time_ms as f64 / 1000.0
+        );
+    }
+    family(
+        out,
+        "sluice_bfd_transitions_total",
+        "counter",
+        "BFD session state changes, by new state and reason.",
+    );
+    for s in &bfd.sessions {
+        for (to, reason, n) in &s.transitions {
+            let _ = writeln!(
+                out,
+                "sluice_bfd_transitions_total{{peer=\"{}\",to=\"{to}\",reason=\"{reason}\"}} {n}",
+                escape(&s.peer)
+            );
+        }
+    }
+    family(
+        out,
+        "sluice_bfd_packets_dropped_total",
+        "counter",
+        "BFD packets dropped (bad length, version, discriminator, TTL, authentication, unknown session).",
+    );
+    for reason in crate::bfd::packet::Drop::ALL {
+        let label = reason.label();
+        let _ = writeln!(
+            out,
+            "sluice_bfd_packets_dropped_total{{reason=\"{label}\"}} {}",
+            bfd.dropped.get(label).copied().unwrap_or(0)
+        );
+    }
 }
 
 fn render_mesh(out: &mut String, status: &Status) {
@@ -680,6 +821,27 @@ mod tests {
                 received: 10,
                 sent: 12,
             },
+            bfd: BfdStatus {
+                sessions: vec![BfdSessionStatus {
+                    peer: "192.0.2.1".into(),
+                    profile: "fast".into(),
+                    multihop: false,
+                    state: "Down".into(),
+                    remote_state: "Down".into(),
+                    last_down_reason: "detection time expired".into(),
+                    since_seconds: 2.0,
+                    detection_time_ms: 300,
+                    transmit_interval_ms: 100,
+                    local_discriminator: 7,
+                    remote_discriminator: 0,
+                    transitions: vec![
+                        ("Up".into(), "none".into(), 1),
+                        ("Down".into(), "detection time expired".into(), 1),
+                    ],
+                    error: None,
+                }],
+                dropped: [("ttl".to_string(), 2)].into(),
+            },
         };
         let services = vec![ServiceStats {
             service: Service {
@@ -722,6 +884,12 @@ mod tests {
             "sluice_mesh_datagrams_dropped_total{reason=\"bad_tag\"} 4",
             "sluice_mesh_datagrams_dropped_total{reason=\"replayed\"} 0",
             "sluice_mesh_datagrams_received_total 10",
+            "sluice_bfd_session_up{peer=\"192.0.2.1\",profile=\"fast\"} 0",
+            "sluice_bfd_session_state{peer=\"192.0.2.1\"} 1",
+            "sluice_bfd_detection_time_seconds{peer=\"192.0.2.1\"} 0.300",
+            "sluice_bfd_transitions_total{peer=\"192.0.2.1\",to=\"Down\",reason=\"detection time expired\"} 1",
+            "sluice_bfd_packets_dropped_total{reason=\"ttl\"} 2",
+            "sluice_bfd_packets_dropped_total{reason=\"version\"} 0",
             "# TYPE sluice_backend_healthy gauge",
             "# TYPE sluice_service_packets_total counter",
         ] {

@@ -173,7 +173,20 @@ enum Event {
     Probe(ProbeResult),
     /// Once a second: publish what changed asynchronously (BGP sessions).
     Tick,
+    Stop(OnStop),
+}
+
+/// What `sluice run` does when it stops. The data plane keeps forwarding either way (pinned
+/// links; `sluice detach` ends it); what differs is what the BGP routers are told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnStop {
+    /// BFD AdminDown, then Cease: the routers withdraw this host's routes now.
     Stop,
+    /// A planned restart: BFD asks the routers to wait (30 s) and the next `sluice run` carries
+    /// the BFD sessions on; the BGP sessions close without Cease, so routers with graceful
+    /// restart keep the routes until the next process sends them again. SIGUSR2 always means
+    /// this.
+    Restart,
 }
 
 /// Checks a configuration end to end without touching the kernel: parse, validate, allocate
@@ -275,7 +288,8 @@ impl Daemon {
             return;
         }
         if self.bgp.is_none() {
-            match crate::bgp::speaker::Speaker::new() {
+            let bfd_state = bfd_state_file(&config.dataplane.state_file);
+            match crate::bgp::speaker::Speaker::new(self.dp.adopted_links(), Some(bfd_state)) {
                 Ok(speaker) => self.bgp = Some(speaker),
                 Err(error) => {
                     tracing::error!(event = "bgpNotStarted", %error);
@@ -329,6 +343,13 @@ impl Daemon {
         speaker.session_statuses()
     }
 
+    fn bfd_status(&self) -> metrics::BfdStatus {
+        self.bgp
+            .as_ref()
+            .map(|s| s.bfd_statuses())
+            .unwrap_or_default()
+    }
+
     /// Publishes BGP state when it changed (state, counters, errors; not the uptime alone).
     fn tick(&mut self) {
         let bgp = self.bgp_status();
@@ -340,8 +361,22 @@ impl Daemon {
                 })
                 .collect::<Vec<_>>()
         };
-        let changed = strip(&self.status.lock().unwrap().bgp) != strip(&bgp);
-        self.status.lock().unwrap().bgp = bgp;
+        let bfd = self.bfd_status();
+        let states = |b: &metrics::BfdStatus| {
+            b.sessions
+                .iter()
+                .map(|s| (s.peer.clone(), s.state.clone(), s.transitions.clone()))
+                .collect::<Vec<_>>()
+        };
+        let changed = {
+            let status = self.status.lock().unwrap();
+            strip(&status.bgp) != strip(&bgp) || states(&status.bfd) != states(&bfd)
+        };
+        {
+            let mut status = self.status.lock().unwrap();
+            status.bgp = bgp;
+            status.bfd = bfd;
+        }
         if changed {
             self.publish();
         }
@@ -349,8 +384,10 @@ impl Daemon {
 
     fn publish(&self) {
         let bgp = self.bgp_status();
+        let bfd = self.bfd_status();
         let mut status = self.status.lock().unwrap();
         status.bgp = bgp;
+        status.bfd = bfd;
         status.services = self
             .config
             .services
@@ -513,10 +550,38 @@ fn fingerprint(paths: &[PathBuf]) -> u64 {
     hasher.finish()
 }
 
-/// Runs until SIGINT/SIGTERM. Errors at startup (bad config, missing interface, no root) end it
+/// How long routers wait for `sluice run` to come back after a planned restart before BFD
+/// declares this host down (and BGP withdraws its routes).
+pub const RESTART_WINDOW: Duration = Duration::from_secs(30);
+
+/// Where BFD sessions held for a planned restart wait for the next process: beside the state
+/// file.
+pub fn bfd_state_file(state_file: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.bfd-sessions.json", state_file.display()))
+}
+
+fn stop_bgp(speaker: Option<crate::bgp::speaker::Speaker>, how: OnStop) {
+    let Some(speaker) = speaker else {
+        return;
+    };
+    match how {
+        OnStop::Stop => speaker.shutdown(),
+        OnStop::Restart => {
+            speaker.prepare_restart(RESTART_WINDOW);
+            // The sessions stay open until the process ends: no Cease.
+            std::mem::forget(speaker);
+            tracing::info!(
+                event = "stoppedForRestart",
+                "BGP sessions closed without Cease; routers keep the routes for the restart time"
+            );
+        }
+    }
+}
+
+/// Runs until SIGINT/SIGTERM (or SIGUSR2, a planned restart). Errors at startup (bad config, missing interface, no root) end it
 /// with every problem listed; after startup, a bad reload only logs and keeps serving.
-pub fn run(paths: Vec<PathBuf>) -> Result<()> {
-    let signals = SignalSet::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
+pub fn run(paths: Vec<PathBuf>, on_stop: OnStop) -> Result<()> {
+    let signals = SignalSet::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR2])?;
     let config = config::load(&paths)?;
     let previous = read_state(&config.dataplane.state_file);
     let allocations = allocate(&config, &previous)?;
@@ -569,8 +634,12 @@ pub fn run(paths: Vec<PathBuf>) -> Result<()> {
                     return;
                 }
             }
+            Ok(libc::SIGUSR2) => {
+                let _ = signal_tx.send(Event::Stop(OnStop::Restart));
+                return;
+            }
             _ => {
-                let _ = signal_tx.send(Event::Stop);
+                let _ = signal_tx.send(Event::Stop(on_stop));
                 return;
             }
         }
@@ -608,11 +677,11 @@ pub fn run(paths: Vec<PathBuf>) -> Result<()> {
             Event::Reload(trigger) => daemon.reload(trigger),
             Event::Probe(result) => daemon.on_probe(result),
             Event::Tick => daemon.tick(),
-            Event::Stop => break,
+            Event::Stop(how) => {
+                stop_bgp(daemon.bgp.take(), how);
+                break;
+            }
         }
-    }
-    if let Some(speaker) = daemon.bgp.take() {
-        speaker.shutdown();
     }
     tracing::info!(
         event = "stopped",

@@ -184,6 +184,7 @@ fn list_kind(c: &Collection) -> String {
         "l2advertisements" => "L2Advertisement",
         "bgppeers" => "BGPPeer",
         "bgpadvertisements" => "BGPAdvertisement",
+        "bfdprofiles" => "BFDProfile",
         "endpointslices" => "EndpointSlice",
         "nodes" => "Node",
         other => other,

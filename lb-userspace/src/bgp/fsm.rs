@@ -50,6 +50,8 @@ pub enum Event {
         code: u8,
         subcode: u8,
     },
+    /// BFD with the peer went from Up to Down for a failure (the reason says which).
+    BfdDown(String),
 }
 
 /// What the driver must do, in order.
@@ -258,6 +260,17 @@ impl Fsm {
                 Vec::new(),
             ),
             (_, TcpFailed) => self.fail(now, "connection lost".into(), Vec::new()),
+            // RFC 9384: Cease / BFD Down. Before OPEN there is no session to take down.
+            (State::OpenSent | State::OpenConfirm | State::Established, BfdDown(reason)) => self
+                .fail(
+                    now,
+                    format!("BFD down: {reason}"),
+                    vec![Action::SendNotification {
+                        code: 6,
+                        subcode: 10,
+                    }],
+                ),
+            (_, BfdDown(_)) => Vec::new(),
             // Anything else out of order is a finite state machine error (RFC 6608 subcodes).
             (state, event) => {
                 let subcode = match state {

@@ -40,6 +40,12 @@ pub struct SessionConfig {
     pub ebgp_multi_hop: bool,
     /// Next hop of IPv6 routes when the session runs over IPv4 (the node's IPv6 address).
     pub ipv6_next_hop: Option<std::net::Ipv6Addr>,
+    /// This process took over a data plane that kept forwarding (pinned links adopted): the
+    /// first OPEN says so (graceful restart R and F bits), and the peer keeps our routes until
+    /// our End-of-RIB. A fresh start says the opposite, and the peer drops stale routes at once.
+    pub restarted: bool,
+    /// BFD runs with this peer.
+    pub bfd: bool,
 }
 
 /// What the daemon sees of a session.
@@ -123,8 +129,13 @@ pub async fn run(
     status: watch::Sender<SessionStatus>,
     mut stop: watch::Receiver<bool>,
     mut incoming: tokio::sync::mpsc::Receiver<TcpStream>,
+    mut bfd: Option<watch::Receiver<crate::bfd::agent::View>>,
 ) {
     let mut fsm = Fsm::new(config.timing);
+    let mut established_once = false;
+    let mut bfd_up = bfd
+        .as_ref()
+        .is_some_and(|b| b.borrow().state == crate::bfd::packet::State::Up);
     let mut conn: Option<Conn> = None;
     // A connection the peer opened while ours was in OpenSent: kept until the peer's BGP
     // identifier (from its OPEN on our connection) decides the collision (RFC 4271 §6.8).
@@ -135,6 +146,10 @@ pub async fn run(
         while !pending.is_empty() {
             let actions = std::mem::take(&mut pending);
             for action in actions {
+                let restart = Restart {
+                    restarting: config.restarted && !established_once,
+                    forwarding_preserved: config.restarted || established_once,
+                };
                 let events = perform(
                     &config,
                     password.as_deref(),
@@ -142,6 +157,7 @@ pub async fn run(
                     &routes,
                     &status,
                     action,
+                    restart,
                 )
                 .await;
                 for event in events {
@@ -150,6 +166,7 @@ pub async fn run(
             }
         }
         status.send_modify(|s| s.state = fsm.state());
+        established_once |= fsm.state() == State::Established;
         if *stop.borrow() {
             for action in fsm.handle(Event::Stop, std::time::Instant::now()) {
                 let _ = perform(
@@ -159,6 +176,7 @@ pub async fn run(
                     &routes,
                     &status,
                     action,
+                    Restart::default(),
                 )
                 .await;
             }
@@ -189,6 +207,26 @@ pub async fn run(
                 pending.extend(fsm.tick(std::time::Instant::now()));
             }
             _ = stop.changed() => {}
+            changed = async {
+                match bfd.as_mut() {
+                    Some(view) => view.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                match changed {
+                    Err(_) => bfd = None,
+                    Ok(()) => {
+                        let view = bfd.as_mut().expect("watching BFD").borrow_and_update().clone();
+                        let up = view.state == crate::bfd::packet::State::Up;
+                        if bfd_up && view.failed() {
+                            let reason = view.diag.reason().to_string();
+                            tracing::warn!(event = "bgpDownByBfd", peer = %config.peer, %reason);
+                            pending.extend(fsm.handle(Event::BfdDown(reason), std::time::Instant::now()));
+                        }
+                        bfd_up = up;
+                    }
+                }
+            }
             Some(stream) = incoming.recv() => {
                 match fsm.state() {
                     State::Established => {
@@ -420,6 +458,13 @@ async fn sync_routes(
     Ok(())
 }
 
+/// What the next OPEN says about graceful restart.
+#[derive(Debug, Clone, Copy, Default)]
+struct Restart {
+    restarting: bool,
+    forwarding_preserved: bool,
+}
+
 async fn perform(
     config: &SessionConfig,
     password: Option<&str>,
@@ -427,6 +472,7 @@ async fn perform(
     routes: &watch::Receiver<Routes>,
     status: &watch::Sender<SessionStatus>,
     action: Action,
+    restart: Restart,
 ) -> Vec<Event> {
     match action {
         Action::Connect => match connect(config, password).await {
@@ -447,6 +493,8 @@ async fn perform(
                 hold_time: config.timing.hold_time.as_secs() as u16,
                 router_id: config.router_id,
                 restart_time: config.restart_time,
+                restarting: restart.restarting,
+                forwarding_preserved: restart.forwarding_preserved,
             });
             send_or_fail(conn, &open).await
         }

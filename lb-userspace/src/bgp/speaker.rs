@@ -1,6 +1,17 @@
 //! The BGP speaker: one session per configured peer, on a tokio runtime of its own thread. The
 //! daemon tells it which peers exist ([`Speaker::configure`]) and what each should be told
-//! ([`Speaker::advertise`]); stopping it sends Cease on every session.
+//! ([`Speaker::advertise`]); stopping it says BFD AdminDown and then Cease on every session.
+//! Peers with a BFD profile get a BFD session (`bfd::agent`) that takes the BGP session down
+//! with it.
+//!
+//! Graceful restart (RFC 4724) is advertised to every peer with a restart time of 120 s. A
+//! planned restart ([`Speaker::prepare_restart`]) asks the BFD peers to wait for the next
+//! process, which carries the BFD sessions on Up, and closes the BGP sessions without Cease:
+//! routers keep the routes while the next process starts, and forwarding goes on in the pinned
+//! data plane. That process says in its first OPEN that it restarted with forwarding kept (R and
+//! F bits). A process that dies unplanned stops sending BFD, and routers withdraw its routes
+//! after the detection time, whatever graceful restart says; a fresh start (no data plane
+//! adopted) clears the F bit, so routers drop stale routes at once.
 
 use std::{
     collections::BTreeMap,
@@ -91,6 +102,46 @@ pub struct Speaker {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     sessions: BTreeMap<IpAddr, Handle>,
+    /// BFD, while some peer has a profile.
+    bfd: Option<crate::bfd::agent::Agent>,
+    /// This process adopted a data plane that kept forwarding.
+    restarted: bool,
+    /// Where BFD sessions held for a planned restart are kept for the next process.
+    bfd_state: Option<std::path::PathBuf>,
+    /// Read from `bfd_state` at start: sessions to resume.
+    carried: Vec<crate::bfd::agent::Carried>,
+}
+
+/// The file of BFD sessions held for a restart.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CarriedFile {
+    /// Unix milliseconds after which the peers no longer wait.
+    until_unix_ms: u64,
+    sessions: Vec<crate::bfd::agent::Carried>,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Takes (reads and deletes) the sessions a previous process held, if they are still waited for.
+fn take_carried(path: &std::path::Path) -> Vec<crate::bfd::agent::Carried> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let _ = std::fs::remove_file(path);
+    match serde_json::from_str::<CarriedFile>(&text) {
+        Ok(f) if f.until_unix_ms > unix_ms() => f.sessions,
+        Ok(_) => Vec::new(),
+        Err(error) => {
+            tracing::warn!(event = "bfdStateUnreadable", path = %path.display(), %error);
+            Vec::new()
+        }
+    }
 }
 
 /// The router ID to use when the config names none: the source address if it is IPv4, else
@@ -107,7 +158,11 @@ pub fn default_router_id(source: Option<IpAddr>) -> Ipv4Addr {
 }
 
 /// A configured peer as a session.
-pub fn session_config(peer: &Peer, ipv6_next_hop: Option<std::net::Ipv6Addr>) -> SessionConfig {
+pub fn session_config(
+    peer: &Peer,
+    ipv6_next_hop: Option<std::net::Ipv6Addr>,
+    restarted: bool,
+) -> SessionConfig {
     SessionConfig {
         peer: SocketAddr::new(peer.peer_address, peer.peer_port),
         source: peer.source_address,
@@ -124,11 +179,34 @@ pub fn session_config(peer: &Peer, ipv6_next_hop: Option<std::net::Ipv6Addr>) ->
         restart_time: 120,
         ebgp_multi_hop: peer.ebgp_multi_hop,
         ipv6_next_hop,
+        restarted,
+        bfd: peer.bfd.is_some(),
     }
 }
 
+/// A configured peer's BFD session, if its BGPPeer names a profile. `ebgpMultiHop` peers get
+/// multi-hop BFD (RFC 5883), the others single-hop (RFC 5881).
+pub fn peer_bfd(peer: &Peer) -> Option<crate::bfd::agent::PeerBfd> {
+    let profile = peer.bfd.as_ref()?;
+    Some(crate::bfd::agent::PeerBfd {
+        peer: peer.peer_address,
+        local: peer.source_address,
+        multihop: peer.ebgp_multi_hop,
+        minimum_ttl: profile.minimum_ttl,
+        settings: crate::bfd::session::Settings {
+            desired_min_tx: profile.transmit_interval,
+            required_min_rx: profile.receive_interval,
+            detect_mult: profile.detect_multiplier,
+            passive: profile.passive_mode,
+        },
+        profile: profile.name.clone(),
+    })
+}
+
 impl Speaker {
-    pub fn new() -> std::io::Result<Self> {
+    /// `restarted`: this process adopted a data plane that kept forwarding (see the module
+    /// documentation). `bfd_state`: where BFD sessions are kept across a planned restart.
+    pub fn new(restarted: bool, bfd_state: Option<std::path::PathBuf>) -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -167,6 +245,10 @@ impl Speaker {
             shutdown: Some(shutdown),
             thread: Some(thread),
             sessions: BTreeMap::new(),
+            bfd: None,
+            restarted,
+            carried: bfd_state.as_deref().map(take_carried).unwrap_or_default(),
+            bfd_state,
         })
     }
 
@@ -178,10 +260,28 @@ impl Speaker {
             .map(|p| {
                 (
                     p.peer_address,
-                    (session_config(p, ipv6_next_hop), p.password.clone()),
+                    (
+                        session_config(p, ipv6_next_hop, self.restarted),
+                        p.password.clone(),
+                    ),
                 )
             })
             .collect();
+        let bfd: Vec<_> = peers.iter().filter_map(peer_bfd).collect();
+        if bfd.is_empty() {
+            if let Some(agent) = self.bfd.take() {
+                agent.admin_down();
+            }
+        } else {
+            self.bfd
+                .get_or_insert_with(|| {
+                    crate::bfd::agent::Agent::start(
+                        &self.runtime,
+                        std::mem::take(&mut self.carried),
+                    )
+                })
+                .set(bfd);
+        }
         let stale: Vec<IpAddr> = self
             .sessions
             .iter()
@@ -219,8 +319,9 @@ impl Speaker {
             }
             let session = config.clone();
             let key = password.clone();
+            let bfd = self.bfd.as_ref().and_then(|b| b.subscribe(ip));
             self.runtime.spawn(async move {
-                session::run(session, key, routes_rx, status_tx, stop_rx, inbox_rx).await;
+                session::run(session, key, routes_rx, status_tx, stop_rx, inbox_rx, bfd).await;
                 let _ = done_tx.send(());
             });
             self.sessions.insert(
@@ -257,7 +358,46 @@ impl Speaker {
             .collect()
     }
 
-    /// Stops every session (Cease), waiting up to 2 s for them to say it.
+    /// Every BFD session's state, as /metrics and `sluice inspect` show it.
+    pub fn bfd_statuses(&self) -> crate::metrics::BfdStatus {
+        let Some(agent) = &self.bfd else {
+            return Default::default();
+        };
+        crate::metrics::BfdStatus {
+            sessions: agent
+                .views()
+                .into_iter()
+                .map(|(peer, v)| crate::metrics::BfdSessionStatus::from_view(peer, &v))
+                .collect(),
+            dropped: agent
+                .dropped()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        }
+    }
+
+    /// Before a planned restart: BFD asks the routers to wait `window` for this node, and the
+    /// sessions are saved for the next process, which carries them on Up. The caller then leaves
+    /// the BGP sessions open until the process ends (no Cease).
+    pub fn prepare_restart(&self, window: Duration) {
+        let Some(agent) = &self.bfd else {
+            return;
+        };
+        let sessions = agent.hold_for_restart(window);
+        let Some(path) = &self.bfd_state else {
+            return;
+        };
+        let file = CarriedFile {
+            until_unix_ms: unix_ms() + window.as_millis() as u64,
+            sessions,
+        };
+        let text = serde_json::to_string(&file).unwrap_or_default();
+        if let Err(error) = crate::standalone::write_atomically(path, &text) {
+            tracing::warn!(event = "bfdStateNotSaved", path = %path.display(), error = %format!("{error:#}"));
+        }
+    }
+
     /// Every session's state, as /metrics and `sluice inspect` show it.
     pub fn session_statuses(&self) -> Vec<crate::metrics::BgpSessionStatus> {
         self.status()
@@ -278,7 +418,11 @@ impl Speaker {
             .collect()
     }
 
+    /// Stops every session: BFD AdminDown, then Cease, waiting up to 2 s for each to say it.
     pub fn shutdown(mut self) {
+        if let Some(agent) = self.bfd.take() {
+            agent.admin_down();
+        }
         for (_, handle) in std::mem::take(&mut self.sessions) {
             stop_session(handle);
         }

@@ -42,6 +42,11 @@ pub struct OpenParams {
     /// Graceful restart (RFC 4724): advertised with this restart time, so peers keep our routes
     /// while we restart.
     pub restart_time: u16,
+    /// The R bit: this OPEN is the first after a restart.
+    pub restarting: bool,
+    /// The F bit of both families: forwarding went on through the restart (the data plane's
+    /// links are pinned and were adopted). Without it, the peer drops our stale routes at once.
+    pub forwarding_preserved: bool,
 }
 
 /// What a peer said about itself in OPEN.
@@ -110,12 +115,12 @@ pub fn open(params: &OpenParams) -> BgpMessage {
         BgpCapability::RouteRefresh,
         BgpCapability::FourOctetAs(FourOctetAsCapability::new(params.asn)),
         BgpCapability::GracefulRestartCapability(GracefulRestartCapability::new(
-            false,
+            params.restarting,
             false,
             params.restart_time,
             families
                 .iter()
-                .map(|f| GracefulRestartAddressFamily::new(false, *f))
+                .map(|f| GracefulRestartAddressFamily::new(params.forwarding_preserved, *f))
                 .collect::<Vec<_>>(),
         )),
     ];
@@ -431,6 +436,36 @@ mod tests {
     }
 
     #[test]
+    fn after_a_restart_that_kept_forwarding_open_sets_the_r_and_f_bits() {
+        let params = |restarting, forwarding_preserved| OpenParams {
+            asn: 64512,
+            hold_time: 90,
+            router_id: Ipv4Addr::new(192, 0, 2, 10),
+            restart_time: 120,
+            restarting,
+            forwarding_preserved,
+        };
+        let gr = |p: OpenParams| {
+            let bytes = encode(&open(&p), true).unwrap();
+            let at = bytes
+                .windows(2)
+                .position(|w| w == [64, 10])
+                .expect("a graceful restart capability");
+            bytes[at + 2..at + 12].to_vec()
+        };
+        // Restart flags and time (R = 0x80 of the first byte), then AFI, SAFI, flags (F = 0x80).
+        assert_eq!(gr(params(false, false)), [0, 120, 0, 1, 1, 0, 0, 2, 1, 0]);
+        assert_eq!(
+            gr(params(true, true)),
+            [0x80, 120, 0, 1, 1, 0x80, 0, 2, 1, 0x80]
+        );
+        assert_eq!(
+            gr(params(false, true)),
+            [0, 120, 0, 1, 1, 0x80, 0, 2, 1, 0x80]
+        );
+    }
+
+    #[test]
     fn our_open_carries_every_capability_in_rfc_order_of_fields() {
         let bytes = encode(
             &open(&OpenParams {
@@ -438,6 +473,8 @@ mod tests {
                 hold_time: 90,
                 router_id: Ipv4Addr::new(192, 0, 2, 10),
                 restart_time: 120,
+                restarting: false,
+                forwarding_preserved: false,
             }),
             true,
         )
@@ -593,6 +630,8 @@ mod tests {
                 hold_time: 9,
                 router_id: Ipv4Addr::new(10, 0, 0, 2),
                 restart_time: 120,
+                restarting: false,
+                forwarding_preserved: false,
             }),
             announce(&["2001:db8::10/128".parse().unwrap()], &attrs).unwrap(),
             withdraw(&[
@@ -622,6 +661,8 @@ mod tests {
             hold_time: hold,
             router_id: Ipv4Addr::from(id),
             restart_time: 120,
+            restarting: false,
+            forwarding_preserved: false,
         }) {
             BgpMessage::Open(o) => o,
             _ => unreachable!(),

@@ -22,6 +22,29 @@ pub struct SluiceFile {
     pub peers: Vec<PeerSpec>,
     #[serde(default)]
     pub bgp_advertisements: Vec<BgpAdvertisementSpec>,
+    #[serde(default)]
+    pub bfd_profiles: Vec<BfdProfileSpec>,
+}
+
+/// MetalLB's BFDProfile fields; intervals in milliseconds.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BfdProfileSpec {
+    pub name: String,
+    #[serde(default)]
+    pub receive_interval: Option<i64>,
+    #[serde(default)]
+    pub transmit_interval: Option<i64>,
+    #[serde(default)]
+    pub detect_multiplier: Option<i64>,
+    #[serde(default)]
+    pub echo_interval: Option<i64>,
+    #[serde(default)]
+    pub echo_mode: Option<bool>,
+    #[serde(default)]
+    pub passive_mode: Option<bool>,
+    #[serde(default)]
+    pub minimum_ttl: Option<i64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -156,6 +179,9 @@ pub struct PeerSpec {
     pub password: Option<String>,
     #[serde(default)]
     pub ebgp_multi_hop: bool,
+    /// The name of a BFD profile: BFD runs with this peer and takes the session down with it.
+    #[serde(default)]
+    pub bfd_profile: Option<String>,
 }
 
 /// MetalLB's BGPAdvertisement fields.
@@ -237,6 +263,28 @@ pub struct LegacyConfig {
     pub address_pools: Vec<LegacyPool>,
     #[serde(default)]
     pub bgp_communities: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub bfd_profiles: Vec<LegacyBfdProfile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LegacyBfdProfile {
+    pub name: String,
+    #[serde(default)]
+    pub receive_interval: Option<i64>,
+    #[serde(default)]
+    pub transmit_interval: Option<i64>,
+    #[serde(default)]
+    pub detect_multiplier: Option<i64>,
+    #[serde(default)]
+    pub echo_interval: Option<i64>,
+    #[serde(default)]
+    pub echo_mode: Option<bool>,
+    #[serde(default)]
+    pub passive_mode: Option<bool>,
+    #[serde(default)]
+    pub minimum_ttl: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -260,6 +308,8 @@ pub struct LegacyPeer {
     /// Accepted for compatibility; Sluice's standalone mode has no nodes to select.
     #[serde(default)]
     pub node_selectors: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub bfd_profile: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -349,6 +399,19 @@ pub fn from_legacy(legacy: LegacyConfig) -> SluiceFile {
             router_id: peer.router_id,
             password: peer.password,
             ebgp_multi_hop: peer.ebgp_multihop,
+            bfd_profile: peer.bfd_profile,
+        });
+    }
+    for profile in legacy.bfd_profiles {
+        file.bfd_profiles.push(BfdProfileSpec {
+            name: profile.name,
+            receive_interval: profile.receive_interval,
+            transmit_interval: profile.transmit_interval,
+            detect_multiplier: profile.detect_multiplier,
+            echo_interval: profile.echo_interval,
+            echo_mode: profile.echo_mode,
+            passive_mode: profile.passive_mode,
+            minimum_ttl: profile.minimum_ttl,
         });
     }
     for pool in legacy.address_pools {

@@ -116,6 +116,29 @@ pub struct Peer {
     pub router_id: Option<std::net::Ipv4Addr>,
     pub password: Option<String>,
     pub ebgp_multi_hop: bool,
+    /// BFD with this peer, from the named profile.
+    pub bfd: Option<BfdProfile>,
+}
+
+/// A BFD profile (MetalLB's BFDProfile): how fast BFD detects that a peer is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BfdProfile {
+    pub name: String,
+    /// The slowest rate at which we accept the peer's packets.
+    pub receive_interval: Duration,
+    /// The rate at which we would like to send.
+    pub transmit_interval: Duration,
+    pub detect_multiplier: u8,
+    /// Wait for the peer to start the session.
+    pub passive_mode: bool,
+    /// Multi-hop sessions: the lowest TTL accepted.
+    pub minimum_ttl: u8,
+}
+
+impl BfdProfile {
+    pub fn detection_time(&self) -> Duration {
+        self.receive_interval * u32::from(self.detect_multiplier)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -215,6 +238,7 @@ pub fn build_for(
         merged.services.extend(f.services);
         merged.peers.extend(f.peers);
         merged.bgp_advertisements.extend(f.bgp_advertisements);
+        merged.bfd_profiles.extend(f.bfd_profiles);
     }
     let section = dataplane_section.map(|(_, s)| s).unwrap_or_default();
 
@@ -377,11 +401,23 @@ pub fn build_for(
     }
 
     // BGP
+    let mut bfd_profiles: BTreeMap<String, BfdProfile> = BTreeMap::new();
+    for (i, spec) in merged.bfd_profiles.iter().enumerate() {
+        if let Some(profile) = bfd_profile(&mut p, i, spec) {
+            if bfd_profiles.contains_key(&profile.name) {
+                p.add(
+                    format!("bfdProfiles[{i}].name"),
+                    format!("{:?} is defined twice", profile.name),
+                );
+            }
+            bfd_profiles.insert(profile.name.clone(), profile);
+        }
+    }
     let peers: Vec<Peer> = merged
         .peers
         .iter()
         .enumerate()
-        .filter_map(|(i, spec)| peer(&mut p, i, spec))
+        .filter_map(|(i, spec)| peer(&mut p, i, spec, &bfd_profiles))
         .collect();
     let bgp_advertisements = merged
         .bgp_advertisements
@@ -662,9 +698,89 @@ fn duration(
     }
 }
 
-fn peer(p: &mut Problems, i: usize, spec: &file::PeerSpec) -> Option<Peer> {
+/// MetalLB's BFDProfile limits and defaults (milliseconds).
+fn bfd_profile(p: &mut Problems, i: usize, spec: &file::BfdProfileSpec) -> Option<BfdProfile> {
+    let path = format!("bfdProfiles[{i}]");
+    let before = p.0.len();
+    if spec.name.trim().is_empty() {
+        p.add(format!("{path}.name"), "a BFD profile needs a name");
+    }
+    let mut ms = |field: &str, value: Option<i64>, default: i64| {
+        ranged(
+            p,
+            &format!("{path}.{field}"),
+            value.unwrap_or(default),
+            10,
+            60_000,
+        )
+        .map(|v| Duration::from_millis(v as u64))
+    };
+    let receive_interval = ms("receiveInterval", spec.receive_interval, 300);
+    let transmit_interval = ms("transmitInterval", spec.transmit_interval, 300);
+    let _echo_interval = ms("echoInterval", spec.echo_interval, 50);
+    let detect_multiplier = ranged(
+        p,
+        &format!("{path}.detectMultiplier"),
+        spec.detect_multiplier.unwrap_or(3),
+        2,
+        255,
+    );
+    let minimum_ttl = ranged(
+        p,
+        &format!("{path}.minimumTtl"),
+        spec.minimum_ttl.unwrap_or(254),
+        1,
+        254,
+    );
+    if spec.echo_mode == Some(true) {
+        p.add(
+            format!("{path}.echoMode"),
+            "true: Sluice runs BFD in asynchronous mode only (RFC 5880 §6.1), without echo; \
+             set echoMode: false (detection is transmitInterval × detectMultiplier either way)",
+        );
+    }
+    if p.0.len() > before {
+        return None;
+    }
+    Some(BfdProfile {
+        name: spec.name.clone(),
+        receive_interval: receive_interval?,
+        transmit_interval: transmit_interval?,
+        detect_multiplier: detect_multiplier? as u8,
+        passive_mode: spec.passive_mode.unwrap_or(false),
+        minimum_ttl: minimum_ttl? as u8,
+    })
+}
+
+fn peer(
+    p: &mut Problems,
+    i: usize,
+    spec: &file::PeerSpec,
+    bfd_profiles: &BTreeMap<String, BfdProfile>,
+) -> Option<Peer> {
     let path = format!("peers[{i}]");
     let before = p.0.len();
+    let bfd = match spec.bfd_profile.as_deref() {
+        None | Some("") => None,
+        Some(name) => match bfd_profiles.get(name) {
+            Some(profile) => Some(profile.clone()),
+            None => {
+                let known: Vec<&str> = bfd_profiles.keys().map(String::as_str).collect();
+                p.add(
+                    format!("{path}.bfdProfile"),
+                    format!(
+                        "{name:?} names no BFD profile (defined: {})",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+                None
+            }
+        },
+    };
     let peer_address = ip(p, &format!("{path}.peerAddress"), &spec.peer_address);
     let asn = |p: &mut Problems, field: &str, value: i64| {
         let v = ranged(p, &format!("{path}.{field}"), value, 1, u32::MAX as i64)?;
@@ -746,6 +862,7 @@ fn peer(p: &mut Problems, i: usize, spec: &file::PeerSpec) -> Option<Peer> {
         router_id,
         password: spec.password.clone(),
         ebgp_multi_hop: spec.ebgp_multi_hop,
+        bfd,
     })
 }
 

@@ -201,6 +201,8 @@ pub struct Dataplane {
     registry: services::Registry,
     /// Where links are pinned, when they are.
     link_dir: Option<PathBuf>,
+    /// Some link was adopted from an earlier process: forwarding went on through its restart.
+    adopted: bool,
 }
 
 /// The XDP ingress and TC egress programs on one interface.
@@ -276,6 +278,7 @@ impl Dataplane {
                 (Some(dir), true) => Some(dir.join("links")),
                 _ => None,
             },
+            adopted: false,
         };
         if options.pin_dir.is_some() {
             dataplane.recover_registry()?;
@@ -383,6 +386,7 @@ impl Dataplane {
         if let Some((xdp_path, tc_path)) = &link_paths {
             if let Some(attachment) = self.adopt(iface, xdp_path, tc_path) {
                 self.attached.insert(iface.ifindex, attachment);
+                self.adopted = true;
                 tracing::info!(event = "xdpAdopted", interface = %iface.name, ifindex = iface.ifindex);
                 return Ok(());
             }
@@ -541,6 +545,12 @@ impl Dataplane {
     }
 
     /// The interfaces the ingress program is attached to, by ifindex.
+    /// This process took over pinned links from an earlier one, which kept forwarding while it
+    /// restarted (BGP graceful restart says so to the routers).
+    pub fn adopted_links(&self) -> bool {
+        self.adopted
+    }
+
     pub fn attached(&self) -> impl Iterator<Item = (u32, &str)> {
         self.attached
             .iter()

@@ -40,7 +40,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use super::{
-    crd::{BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement},
+    crd::{BFDProfile, BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement},
     lease::{self, Decision},
     reconcile::{self, service_key, Plan},
     validity::{self, ObjectRef, Objects},
@@ -199,6 +199,7 @@ async fn run_async(options: Options) -> Result<(), ControllerError> {
         l2: watch::store(Api::namespaced(client.clone(), ns), &notify),
         peers: watch::store(Api::namespaced(client.clone(), ns), &notify),
         bgp_ads: watch::store(Api::namespaced(client.clone(), ns), &notify),
+        bfd: watch::store(Api::namespaced(client.clone(), ns), &notify),
     };
     let ctx = Context {
         recorder: Recorder::new(
@@ -279,6 +280,7 @@ struct Stores {
     l2: Store<L2Advertisement>,
     peers: Store<BGPPeer>,
     bgp_ads: Store<BGPAdvertisement>,
+    bfd: Store<BFDProfile>,
 }
 
 impl Stores {
@@ -290,6 +292,7 @@ impl Stores {
             self.l2.wait_until_ready(),
             self.peers.wait_until_ready(),
             self.bgp_ads.wait_until_ready(),
+            self.bfd.wait_until_ready(),
         );
     }
 }
@@ -433,6 +436,7 @@ async fn pass(ctx: &Context, stores: &Stores, memory: &mut Memory) {
         l2_advertisements: watch::sorted(&stores.l2),
         peers: watch::sorted(&stores.peers),
         bgp_advertisements: watch::sorted(&stores.bgp_ads),
+        bfd_profiles: watch::sorted(&stores.bfd),
     };
     let plan = reconcile::plan(
         &objects,
@@ -766,6 +770,10 @@ async fn write_object_statuses(ctx: &Context, objects: &Objects, plan: &Plan) {
         plan,
         |o| o.status.as_ref().map(|s| s.conditions.clone()),
     )
+    .await;
+    write_conditions(ctx, "BFDProfile", &objects.bfd_profiles, plan, |o| {
+        o.status.as_ref().map(|s| s.conditions.clone())
+    })
     .await;
 }
 

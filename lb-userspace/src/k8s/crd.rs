@@ -156,6 +156,51 @@ pub struct BGPPeerSpec {
     /// Nodes that peer with this router (none: every node).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub node_selectors: Vec<LabelSelector>,
+    /// The name of a BFDProfile in the same namespace: BFD runs with this router, and the
+    /// session goes down when BFD does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bfd_profile: Option<String>,
+}
+
+/// How BFD runs with the BGP peers that name this profile (MetalLB's BFDProfile fields;
+/// intervals in milliseconds).
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "sluice.dev",
+    version = "v1alpha1",
+    kind = "BFDProfile",
+    namespaced,
+    status = "Conditions",
+    shortname = "bfdp",
+    printcolumn = r#"{"name":"Receive","type":"integer","jsonPath":".spec.receiveInterval"}"#,
+    printcolumn = r#"{"name":"Transmit","type":"integer","jsonPath":".spec.transmitInterval"}"#,
+    printcolumn = r#"{"name":"Multiplier","type":"integer","jsonPath":".spec.detectMultiplier"}"#,
+    printcolumn = r#"{"name":"Valid","type":"string","jsonPath":".status.conditions[?(@.type==\"Valid\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BFDProfileSpec {
+    /// The slowest rate (ms) at which this node accepts the router's packets (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receive_interval: Option<i64>,
+    /// The rate (ms) at which this node would like to send (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transmit_interval: Option<i64>,
+    /// Packets missed before the session is down (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_multiplier: Option<i64>,
+    /// Accepted for MetalLB manifests; echo is not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo_interval: Option<i64>,
+    /// Must be false: Sluice runs BFD in asynchronous mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo_mode: Option<bool>,
+    /// Wait for the router to start the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passive_mode: Option<bool>,
+    /// Multi-hop sessions: the lowest TTL accepted (default 254).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_ttl: Option<i64>,
 }
 
 /// Announces pools' addresses to BGP peers.
@@ -208,6 +253,7 @@ pub fn definitions() -> Vec<CustomResourceDefinition> {
         L2Advertisement::crd(),
         BGPPeer::crd(),
         BGPAdvertisement::crd(),
+        BFDProfile::crd(),
     ]
 }
 
@@ -289,6 +335,7 @@ mod tests {
             "routerID",
             "ebgpMultiHop",
             "nodeSelectors",
+            "bfdProfile",
         ] {
             assert!(spec.get(field).is_some(), "BGPPeer lacks {field}");
         }

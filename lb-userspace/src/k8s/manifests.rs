@@ -5,7 +5,7 @@
 use serde::Deserialize;
 
 use super::{
-    crd::{BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement},
+    crd::{BFDProfile, BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement},
     validity::Objects,
 };
 
@@ -54,6 +54,9 @@ pub fn parse(name: &str, text: &str) -> Result<(Objects, usize), String> {
             "BGPAdvertisement" => objects
                 .bgp_advertisements
                 .push(typed::<BGPAdvertisement>(&at, kind, value)?),
+            "BFDProfile" => objects
+                .bfd_profiles
+                .push(typed::<BFDProfile>(&at, kind, value)?),
             _ => skipped += 1,
         }
     }

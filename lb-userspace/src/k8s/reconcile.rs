@@ -103,6 +103,9 @@ pub fn valid_subset(
         current
             .bgp_advertisements
             .retain(|o| keep("BGPAdvertisement", o.name_any()));
+        current
+            .bfd_profiles
+            .retain(|o| keep("BFDProfile", o.name_any()));
     }
 }
 

@@ -51,7 +51,7 @@ pub use super::liveness::{
 };
 use super::{
     announce::{self, NodePlan},
-    crd::{BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement},
+    crd::{BFDProfile, BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement},
     liveness::{self, MeshVerdict},
     validity::Objects,
     watch,
@@ -180,6 +180,7 @@ struct Stores {
     l2: Store<L2Advertisement>,
     peers: Store<BGPPeer>,
     bgp_ads: Store<BGPAdvertisement>,
+    bfd: Store<BFDProfile>,
 }
 
 /// What our Lease should say.
@@ -287,6 +288,7 @@ async fn run_async(
         l2: watch::store(Api::namespaced(client.clone(), ns), &notify),
         peers: watch::store(Api::namespaced(client.clone(), ns), &notify),
         bgp_ads: watch::store(Api::namespaced(client.clone(), ns), &notify),
+        bfd: watch::store(Api::namespaced(client.clone(), ns), &notify),
     };
     // Attach at once (or adopt the pinned links of the previous run): an interface that cannot
     // take the program fails the start, not a later pass.
@@ -375,6 +377,7 @@ async fn run_async(
             stores.l2.wait_until_ready(),
             stores.peers.wait_until_ready(),
             stores.bgp_ads.wait_until_ready(),
+            stores.bfd.wait_until_ready(),
         );
     };
     tokio::pin!(sync);
@@ -893,6 +896,7 @@ impl Speaker {
             l2_advertisements: watch::sorted(&stores.l2),
             peers: watch::sorted(&stores.peers),
             bgp_advertisements: watch::sorted(&stores.bgp_ads),
+            bfd_profiles: watch::sorted(&stores.bfd),
         };
         let services = watch::sorted(&stores.services);
         let slices = watch::sorted(&stores.slices);
@@ -1062,7 +1066,15 @@ impl Speaker {
             return;
         }
         if self.bgp.is_none() {
-            match tokio::task::block_in_place(crate::bgp::speaker::Speaker::new) {
+            let restarted = self.dp.adopted_links();
+            let bfd_state = self
+                .options
+                .status_file
+                .as_ref()
+                .map(|f| crate::standalone::bfd_state_file(f));
+            match tokio::task::block_in_place(|| {
+                crate::bgp::speaker::Speaker::new(restarted, bfd_state)
+            }) {
                 Ok(s) => self.bgp = Some(s),
                 Err(e) => {
                     warn!(error = %e, "bgpNotStarted");
@@ -1083,6 +1095,11 @@ impl Speaker {
             .bgp
             .as_ref()
             .map(|b| b.session_statuses())
+            .unwrap_or_default();
+        s.bfd = self
+            .bgp
+            .as_ref()
+            .map(|b| b.bfd_statuses())
             .unwrap_or_default();
         if let Some(mesh) = &self.mesh {
             let view = mesh.view();
@@ -1238,9 +1255,12 @@ impl Speaker {
                 if let Err(e) = self.dp.set_l2_deadline(Some(self.options.restart_grace)) {
                     warn!(error = %e, "l2DeadlineNotSet");
                 }
-                // Closing the sessions without Cease: peers that negotiated graceful restart
-                // keep the routes while the speaker is away.
+                // BFD AdminDown (not a failure to the routers), then closing the sessions without
+                // Cease: peers that negotiated graceful restart keep the routes while the
+                // speaker is away.
                 if let Some(bgp) = self.bgp.take() {
+                    let window = self.options.restart_grace;
+                    tokio::task::block_in_place(|| bgp.prepare_restart(window));
                     std::mem::forget(bgp);
                 }
                 info!(

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::ResourceExt;
 
-use super::crd::{BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement};
+use super::crd::{BFDProfile, BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement};
 use crate::config::{
     self,
     file::{self, SluiceFile},
@@ -21,6 +21,7 @@ pub struct Objects {
     pub l2_advertisements: Vec<L2Advertisement>,
     pub peers: Vec<BGPPeer>,
     pub bgp_advertisements: Vec<BGPAdvertisement>,
+    pub bfd_profiles: Vec<BFDProfile>,
 }
 
 /// Which object: kind and name.
@@ -105,7 +106,7 @@ impl Ledger {
             return;
         };
         let field = match rest.strip_prefix('.') {
-            Some("name") if list == "pools" => "metadata.name".to_string(),
+            Some("name") if list == "pools" || list == "bfdProfiles" => "metadata.name".to_string(),
             Some(field) => format!("spec.{field}"),
             None => "spec".to_string(),
         };
@@ -123,6 +124,7 @@ pub fn validate(objects: &Objects) -> Verdict {
     let l2s = by_name(&objects.l2_advertisements);
     let peers = by_name(&objects.peers);
     let advs = by_name(&objects.bgp_advertisements);
+    let bfds = by_name(&objects.bfd_profiles);
     let mut ledger = Ledger::default();
     let mut f = SluiceFile::default();
 
@@ -190,6 +192,22 @@ pub fn validate(objects: &Objects) -> Verdict {
             router_id: s.router_id.clone(),
             password: s.password.clone(),
             ebgp_multi_hop: s.ebgp_multi_hop,
+            bfd_profile: s.bfd_profile.clone(),
+        });
+    }
+    for b in &bfds {
+        let name = b.name_any();
+        ledger.add("bfdProfiles", "BFDProfile", &name, Vec::new());
+        let s = &b.spec;
+        f.bfd_profiles.push(file::BfdProfileSpec {
+            name,
+            receive_interval: s.receive_interval,
+            transmit_interval: s.transmit_interval,
+            detect_multiplier: s.detect_multiplier,
+            echo_interval: s.echo_interval,
+            echo_mode: s.echo_mode,
+            passive_mode: s.passive_mode,
+            minimum_ttl: s.minimum_ttl,
         });
     }
     for a in &advs {
