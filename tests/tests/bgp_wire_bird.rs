@@ -64,6 +64,8 @@ impl Session {
             hold_time: 9,
             router_id: Ipv4Addr::new(198, 18, 179, 2),
             restart_time: 120,
+            restarting: false,
+            forwarding_preserved: false,
         }));
         let BgpMessage::Open(peer) = session.receive() else {
             panic!("BIRD did not answer with OPEN");
