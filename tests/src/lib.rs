@@ -2,6 +2,7 @@
 //! from the RFCs, network namespaces that clean up after themselves, and a raw-socket
 //! ARP/NDP client.
 
+pub mod bfd_lab;
 pub mod bird;
 pub mod fakeapi;
 pub mod frames;

@@ -1,0 +1,492 @@
+//! A BGP router with BFD (BIRD's `protocol bfd`, or FRR's bgpd + bfdd + zebra) and one Sluice
+//! node (`sluice run`) behind a switch, with a backend behind the node and a steady UDP flow from
+//! the router to the service: what `tests/tests/bfd_interop.rs` and `cargo xtask soak bfd` use.
+//!
+//! ```text
+//! router [r1 198.18.179.1] ── switch (bridge: s1, s2) ── [n1 198.18.179.2] node [n2 198.18.200.1] ── [b0 198.18.200.2] backend
+//! ```
+//!
+//! The switch lets a test cut the node's link without the router seeing its own link go down,
+//! as a failed node or cable behind a real switch looks. The node's mount namespace is held by a
+//! process of its own, so the pinned data plane outlives a `sluice run` that restarts.
+
+use std::{
+    net::UdpSocket,
+    path::PathBuf,
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use crate::{
+    netns::{spawn_command, veth, NetNs, Process},
+    sluice_bin,
+};
+
+pub const VIP: &str = "198.51.100.10";
+pub const PORT: u16 = 9000;
+pub const NODE: &str = "198.18.179.2";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterKind {
+    Bird,
+    Frr,
+}
+
+pub struct BfdLab {
+    pub kind: RouterKind,
+    pub node_proc: Option<Process>,
+    _router: Vec<Process>,
+    holder: Process,
+    pub dir: PathBuf,
+    config: PathBuf,
+    pub backend: NetNs,
+    pub node: NetNs,
+    pub switch: NetNs,
+    pub router: NetNs,
+}
+
+impl Drop for BfdLab {
+    fn drop(&mut self) {
+        self.node_proc = None;
+        self._router.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn bird_conf(interval_ms: u32) -> String {
+    format!(
+        "log stderr all;
+router id 198.18.179.1;
+protocol device {{ scan time 10; }}
+protocol direct {{ ipv4; }}
+protocol kernel {{ ipv4 {{ export all; }}; }}
+protocol bfd {{
+  interface \"r1\" {{ min rx interval {interval_ms} ms; min tx interval {interval_ms} ms; multiplier 3; }};
+}}
+protocol bgp speaker {{
+  local 198.18.179.1 as 64500;
+  neighbor {NODE} as 64512;
+  hold time 9; keepalive time 3;
+  connect delay time 1; connect retry time 1; error wait time 1, 5;
+  graceful restart on;
+  bfd on;
+  ipv4 {{ import all; export none; }};
+}}
+"
+    )
+}
+
+fn frr_confs(interval_ms: u32) -> [(&'static str, String); 4] {
+    [
+        ("vtysh.conf", String::new()),
+        ("zebra.conf", "hostname router\n".into()),
+        (
+            "bfdd.conf",
+            format!(
+                "bfd\n profile fast\n  receive-interval {interval_ms}\n  transmit-interval {interval_ms}\n  detect-multiplier 3\n !\n!\n"
+            ),
+        ),
+        (
+            "bgpd.conf",
+            format!(
+                "frr defaults traditional
+hostname router
+log stdout informational
+router bgp 64500
+ bgp router-id 198.18.179.1
+ no bgp ebgp-requires-policy
+ no bgp default ipv4-unicast
+ bgp graceful-restart
+ neighbor {NODE} remote-as 64512
+ neighbor {NODE} timers 3 9
+ neighbor {NODE} timers connect 1
+ neighbor {NODE} bfd
+ neighbor {NODE} bfd profile fast
+ address-family ipv4 unicast
+  neighbor {NODE} activate
+ exit-address-family
+"
+            ),
+        ),
+    ]
+}
+
+impl BfdLab {
+    /// Builds the namespaces, starts the router and the node; BFD at `interval_ms` × 3 on both
+    /// sides. Waits until the router has the service's route and BFD is up.
+    pub fn new(kind: RouterKind, interval_ms: u32) -> BfdLab {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "sluice-bfd-{}-{kind:?}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let router = NetNs::new("rtr");
+        let switch = NetNs::new("sw");
+        let node = NetNs::new("node");
+        let backend = NetNs::new("be");
+        veth(&router, "r1", &switch, "s1");
+        veth(&switch, "s2", &node, "n1");
+        veth(&node, "n2", &backend, "b0");
+        switch.ip(&["link", "add", "br0", "type", "bridge"]);
+        for port in ["s1", "s2"] {
+            switch.ip(&["link", "set", port, "master", "br0"]);
+            switch.ip(&["link", "set", port, "up"]);
+        }
+        switch.ip(&["link", "set", "br0", "up"]);
+        router.ip(&["addr", "add", "198.18.179.1/24", "dev", "r1"]);
+        router.ip(&["link", "set", "r1", "up"]);
+        node.ip(&["addr", "add", "198.18.179.2/24", "dev", "n1"]);
+        node.ip(&["addr", "add", "198.18.200.1/24", "dev", "n2"]);
+        node.ip(&["link", "set", "n1", "up"]);
+        node.ip(&["link", "set", "n2", "up"]);
+        node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        backend.ip(&["addr", "add", "198.18.200.2/24", "dev", "b0"]);
+        backend.ip(&["link", "set", "b0", "up"]);
+        backend.ip(&["route", "add", "default", "via", "198.18.200.1"]);
+
+        let router_procs = match kind {
+            RouterKind::Bird => {
+                let conf = dir.join("bird.conf");
+                std::fs::write(&conf, bird_conf(interval_ms)).unwrap();
+                let socket = dir.join("bird.ctl");
+                let log = dir.join("bird.log");
+                let p = router.spawn(&[
+                    "sh",
+                    "-c",
+                    &format!(
+                        "exec bird -f -c {} -s {} > {} 2>&1",
+                        conf.display(),
+                        socket.display(),
+                        log.display()
+                    ),
+                ]);
+                vec![p]
+            }
+            RouterKind::Frr => {
+                let frr = dir.join("frr");
+                std::fs::create_dir_all(&frr).unwrap();
+                for (name, text) in frr_confs(interval_ms) {
+                    std::fs::write(frr.join(name), text).unwrap();
+                }
+                Command::new("chown")
+                    .args(["-R", "frr:frr", frr.to_str().unwrap()])
+                    .status()
+                    .expect("chown (FRR runs as the frr user)");
+                Command::new("chmod")
+                    .args(["755", dir.to_str().unwrap(), frr.to_str().unwrap()])
+                    .status()
+                    .unwrap();
+                let f = frr.display().to_string();
+                let daemon = |name: &str, extra: &str| {
+                    router.spawn(&[
+                        "sh",
+                        "-c",
+                        &format!(
+                            "exec /usr/lib/frr/{name} -f {f}/{name}.conf -i {f}/{name}.pid --vty_socket {f} \
+                             -z {f}/zserv.api -u frr -g frr {extra} > {f}/{name}.log 2>&1"
+                        ),
+                    ])
+                };
+                let zebra = daemon("zebra", "");
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !frr.join("zserv.api").exists() {
+                    assert!(Instant::now() < deadline, "FRR zebra did not start");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let bfdd = daemon("bfdd", &format!("--bfdctl {f}/bfdd.sock"));
+                let bgpd = daemon("bgpd", "-P 0");
+                vec![zebra, bfdd, bgpd]
+            }
+        };
+        let config = dir.join("node.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "dataplane:
+  interfaces: [n1]
+  maglevTableSize: 1009
+  stateFile: {state}
+  metricsAddress: 127.0.0.1:9120
+pools:
+- {{name: bgp, addresses: [{VIP}/32]}}
+services:
+- {{name: sink, ports: [{{port: {PORT}, protocol: UDP}}], backends: [{{ip: 198.18.200.2}}]}}
+bfdProfiles:
+- {{name: fast, receiveInterval: {interval_ms}, transmitInterval: {interval_ms}, detectMultiplier: 3}}
+peers:
+- peerAddress: 198.18.179.1
+  peerASN: 64500
+  myASN: 64512
+  holdTime: 9s
+  connectTime: 1s
+  bfdProfile: fast
+bgpAdvertisements:
+- {{ipAddressPools: [bgp]}}
+",
+                state = dir.join("allocations.json").display()
+            ),
+        )
+        .unwrap();
+        let mut holder = node.spawn(&["sh", "-c", "echo holding >&2; exec sleep 3600"]);
+        holder.wait_for_stderr("holding");
+        let mut lab = BfdLab {
+            kind,
+            node_proc: None,
+            _router: router_procs,
+            holder,
+            dir,
+            config,
+            backend,
+            node,
+            switch,
+            router,
+        };
+        lab.start_node();
+        lab.wait_route(true, Duration::from_secs(60));
+        lab.wait_bfd_up(Duration::from_secs(30));
+        lab
+    }
+
+    /// Starts `sluice run` in the node (its mount namespace held across restarts).
+    pub fn start_node(&mut self) {
+        let bin = sluice_bin();
+        let target = self.holder.pid().to_string();
+        let log = self.dir.join("node.log");
+        let mut p = spawn_command(&[
+            "nsenter",
+            "--target",
+            &target,
+            "--mount",
+            "--net",
+            &bin,
+            "run",
+            "--config",
+            self.config.to_str().unwrap(),
+        ]);
+        p.wait_for_stderr_then_log("ready", Some(log));
+        self.node_proc = Some(p);
+    }
+
+    /// Sends `signal` to `sluice run` and waits for it to end.
+    pub fn stop_node(&mut self, signal: i32) {
+        if let Some(p) = self.node_proc.take() {
+            p.stop(signal);
+        }
+    }
+
+    /// Cuts (or restores) the node's port on the switch: the router's own link stays up.
+    pub fn set_link(&self, up: bool) {
+        self.switch
+            .ip(&["link", "set", "s2", if up { "up" } else { "down" }]);
+    }
+
+    fn vtysh(&self, command: &str) -> String {
+        let f = self.dir.join("frr");
+        let out =
+            self.router
+                .exec_output(&["vtysh", "--vty_socket", f.to_str().unwrap(), "-c", command]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn birdc(&self, command: &str) -> String {
+        let out = Command::new("birdc")
+            .args(["-s", self.dir.join("bird.ctl").to_str().unwrap(), command])
+            .output()
+            .expect("birdc (cargo xtask setup installs bird2)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The router forwards to the service through the node (its kernel FIB, which both
+    /// routers program from BGP).
+    pub fn route_present(&self) -> bool {
+        let out = self
+            .router
+            .exec_output(&["ip", "route", "show", &format!("{VIP}/32")]);
+        String::from_utf8_lossy(&out.stdout).contains(NODE)
+    }
+
+    /// Polls until the route is (or is not) there; how long that took.
+    pub fn wait_route(&self, present: bool, within: Duration) -> Duration {
+        let start = Instant::now();
+        while self.route_present() != present {
+            assert!(
+                start.elapsed() < within,
+                "{:?}: the route to {VIP} never became {}:\n{}",
+                self.kind,
+                if present { "present" } else { "absent" },
+                self.router_bgp_state()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        start.elapsed()
+    }
+
+    /// The router's BFD session with the node is Up.
+    pub fn bfd_up(&self) -> bool {
+        match self.kind {
+            RouterKind::Bird => self
+                .birdc("show bfd sessions")
+                .lines()
+                .any(|l| l.contains(NODE) && l.contains(" Up ")),
+            RouterKind::Frr => self
+                .vtysh("show bfd peers brief")
+                .lines()
+                .any(|l| l.contains(NODE) && l.contains(" up")),
+        }
+    }
+
+    pub fn wait_bfd_up(&self, within: Duration) {
+        let start = Instant::now();
+        while !self.bfd_up() {
+            assert!(
+                start.elapsed() < within,
+                "{:?}: BFD never came up:\n{}",
+                self.kind,
+                self.router_bgp_state()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What the router says of the BGP session (state, last error or reset reason).
+    pub fn router_bgp_state(&self) -> String {
+        match self.kind {
+            RouterKind::Bird => {
+                self.birdc("show protocols all speaker") + &self.birdc("show bfd sessions")
+            }
+            RouterKind::Frr => {
+                self.vtysh(&format!("show bgp neighbors {NODE}"))
+                    + &self.vtysh("show bfd peers brief")
+            }
+        }
+    }
+
+    /// `sluice inspect --json` in the node.
+    pub fn inspect(&self) -> serde_json::Value {
+        let out = Command::new("nsenter")
+            .args([
+                "--target",
+                &self.holder.pid().to_string(),
+                "--mount",
+                "--net",
+            ])
+            .args([sluice_bin().as_str(), "inspect", "--json", "--config"])
+            .arg(&self.config)
+            .output()
+            .expect("nsenter");
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("inspect --json: {}", String::from_utf8_lossy(&out.stderr)))
+    }
+
+    /// The node's /metrics.
+    pub fn metrics(&self) -> String {
+        self.node
+            .run(|| crate::http_get("127.0.0.1:9120".parse().unwrap(), "/metrics"))
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+}
+
+/// A steady UDP flow from the router to the service, one numbered datagram per millisecond,
+/// counted by a sink on the backend: what a restart must not interrupt.
+pub struct Flow {
+    stop: Arc<AtomicBool>,
+    sender: Option<std::thread::JoinHandle<u64>>,
+    sink: Option<std::thread::JoinHandle<Vec<u64>>>,
+}
+
+impl Flow {
+    pub fn start(lab: &BfdLab) -> Flow {
+        let stop = Arc::new(AtomicBool::new(false));
+        let path = format!("/var/run/netns/{}", lab.backend.name);
+        let sink_stop = stop.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let sink = std::thread::spawn(move || {
+            enter(&path);
+            let socket = UdpSocket::bind(("198.18.200.2", PORT)).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let _ = ready_tx.send(());
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 64];
+            let mut quiet_since: Option<Instant> = None;
+            loop {
+                match socket.recv(&mut buf) {
+                    Ok(n) if n >= 8 => {
+                        seen.push(u64::from_be_bytes(buf[..8].try_into().unwrap()));
+                        quiet_since = None;
+                    }
+                    _ => {
+                        if sink_stop.load(Ordering::Relaxed) {
+                            let since = *quiet_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() > Duration::from_millis(300) {
+                                return seen;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        ready_rx.recv().unwrap();
+        let path = format!("/var/run/netns/{}", lab.router.name);
+        let send_stop = stop.clone();
+        let sender = std::thread::spawn(move || {
+            enter(&path);
+            let socket = UdpSocket::bind("198.18.179.1:0").unwrap();
+            let mut n = 0u64;
+            let start = Instant::now();
+            while !send_stop.load(Ordering::Relaxed) {
+                let _ = socket.send_to(&n.to_be_bytes(), (VIP, PORT));
+                n += 1;
+                let next = start + Duration::from_millis(n);
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            n
+        });
+        Flow {
+            stop,
+            sender: Some(sender),
+            sink: Some(sink),
+        }
+    }
+
+    /// Stops the flow: (datagrams sent, datagrams received, the longest run of missing ones).
+    pub fn finish(mut self) -> (u64, usize, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = self.sender.take().unwrap().join().unwrap();
+        let mut seen = self.sink.take().unwrap().join().unwrap();
+        seen.sort_unstable();
+        seen.dedup();
+        let mut longest = 0;
+        let mut expected = 0;
+        for s in &seen {
+            longest = longest.max(s.saturating_sub(expected));
+            expected = s + 1;
+        }
+        longest = longest.max(sent.saturating_sub(expected));
+        (sent, seen.len(), longest)
+    }
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn enter(path: &str) {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {path}");
+}
