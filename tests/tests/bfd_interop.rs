@@ -100,3 +100,92 @@ fn bird_keeps_the_route_and_the_traffic_through_a_planned_restart() {
 fn frr_keeps_the_route_and_the_traffic_through_a_planned_restart() {
     planned_restart_keeps_route_and_traffic(RouterKind::Frr);
 }
+
+/// Bad BFD packets from the router's segment: each is dropped and counted under its reason, and
+/// the session with the real router never leaves Up.
+#[test]
+fn malformed_bfd_packets_are_counted_by_reason_and_never_flap_the_session() {
+    require_root();
+    let lab = BfdLab::new(RouterKind::Bird, 100);
+    let good = |state_bits: u8, your: u32| {
+        let mut p = vec![0x20, state_bits << 6, 3, 24];
+        p.extend(0x1234_5678u32.to_be_bytes());
+        p.extend(your.to_be_bytes());
+        p.extend(100_000u32.to_be_bytes());
+        p.extend(100_000u32.to_be_bytes());
+        p.extend(0u32.to_be_bytes());
+        p
+    };
+    let with = |mut p: Vec<u8>, at: usize, value: u8| {
+        p[at] = value;
+        p
+    };
+    // (bytes, TTL, reason)
+    let cases: Vec<(Vec<u8>, u32, &str)> = vec![
+        (good(1, 0), 64, "ttl"),
+        (with(good(1, 0), 0, 0x40), 255, "version"),
+        (good(1, 0)[..10].to_vec(), 255, "length"),
+        (with(good(1, 0), 3, 200), 255, "length"),
+        (with(good(1, 0), 2, 0), 255, "detect_mult"),
+        (with(good(1, 0), 1, 0x41), 255, "multipoint"),
+        (with(good(3, 0), 1, 0xc0), 255, "discriminator"),
+        (
+            {
+                let mut p = with(good(1, 0), 1, 0x44);
+                p[3] = 26;
+                p.extend([1, 2]);
+                p
+            },
+            255,
+            "authentication",
+        ),
+        (good(3, 0xdead_beef), 255, "unknown_session"),
+    ];
+    let sent: Vec<(Vec<u8>, u32)> = cases.iter().map(|(b, t, _)| (b.clone(), *t)).collect();
+    lab.router.run(move || {
+        for (bytes, ttl) in sent {
+            let socket = std::net::UdpSocket::bind("198.18.179.1:0").unwrap();
+            socket.set_ttl(ttl).unwrap();
+            for _ in 0..5 {
+                socket.send_to(&bytes, ("198.18.179.2", 3784)).unwrap();
+            }
+        }
+    });
+    // The counters reach /metrics with the daemon's next status tick (once a second).
+    let count = |metrics: &str, reason: &str| -> u64 {
+        let line = format!("sluice_bfd_packets_dropped_total{{reason=\"{reason}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = lab.metrics();
+        let short: Vec<_> = cases
+            .iter()
+            .filter(|(_, _, reason)| count(&metrics, reason) < 5)
+            .map(|(_, _, reason)| *reason)
+            .collect();
+        if short.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fewer than 5 dropped for {short:?}:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(lab.bfd_up());
+    let doc = lab.inspect();
+    let session = &doc["bfd"]["sessions"][0];
+    assert_eq!(session["state"], "Up", "{doc}");
+    let downs: Vec<_> = session["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t[0] == "Down")
+        .collect();
+    assert!(downs.is_empty(), "the session flapped: {doc}");
+}

@@ -344,6 +344,28 @@ mod tests {
     }
 
     #[test]
+    fn bfd_down_takes_an_established_session_down_with_cease_bfd_down_and_nothing_else() {
+        let t0 = Instant::now();
+        let mut fsm = established(t0, 90);
+        let actions = fsm.handle(Event::BfdDown("detection time expired".into()), t0);
+        assert_eq!(
+            actions[0],
+            Action::SendNotification {
+                code: 6,
+                subcode: 10
+            }
+        );
+        assert!(actions.contains(&Action::CloseConnection));
+        assert!(
+            matches!(actions.last(), Some(Action::Down(r)) if r == "BFD down: detection time expired")
+        );
+        assert_eq!(fsm.state(), State::Active);
+        // Before a connection there is no session to take down.
+        assert!(fsm.handle(Event::BfdDown("x".into()), t0).is_empty());
+        assert_eq!(fsm.state(), State::Active);
+    }
+
+    #[test]
     fn keepalives_go_out_every_min_of_configured_and_a_third_of_hold() {
         let t0 = Instant::now();
         let mut fsm = established(t0, 6); // hold 6 s → keepalive 2 s (< configured 3 s)

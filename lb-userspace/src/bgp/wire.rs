@@ -431,6 +431,18 @@ mod tests {
     }
 
     #[test]
+    fn a_cease_bfd_down_from_a_router_reads_as_a_notification() {
+        // RFC 9384: FRR sends Cease / BFD Down (6/10) when BFD takes the session down.
+        let mut reader = Reader::new(true);
+        reader.feed(&notification_bytes(6, 10));
+        let message = reader.next_message();
+        assert!(
+            matches!(message, Ok(Some(BgpMessage::Notification(_)))),
+            "{message:?}"
+        );
+    }
+
+    #[test]
     fn keepalive_is_the_19_byte_header() {
         assert_eq!(encode(&BgpMessage::KeepAlive, true).unwrap(), header(19, 4));
     }

@@ -1042,6 +1042,15 @@ bgpAdvertisements:
             ("dataplane: {maglevTableSize: 1000}", "dataplane.maglevTableSize: table size 1000 is not prime"),
             ("dataplane: {metricsAddress: localhost}", "dataplane.metricsAddress: \"localhost\" is not an address:port"),
             ("services: [{name: s, ports: [{port: 80}], helthCheck: {type: tcp}}]", "did you mean `healthCheck`?"),
+            ("peers: [{peerAddress: 192.0.2.1, peerASN: 64501, myASN: 64500, bfdProfile: fast}]", "peers[0].bfdProfile: \"fast\" names no BFD profile (defined: none)"),
+            ("bfdProfiles: [{name: slow}]\npeers: [{peerAddress: 192.0.2.1, peerASN: 64501, myASN: 64500, bfdProfile: fast}]", "(defined: slow)"),
+            ("bfdProfiles: [{name: a, receiveInterval: 5}]", "bfdProfiles[0].receiveInterval: 5 is out of range (10..=60000)"),
+            ("bfdProfiles: [{name: a, transmitInterval: 60001}]", "bfdProfiles[0].transmitInterval: 60001 is out of range (10..=60000)"),
+            ("bfdProfiles: [{name: a, detectMultiplier: 1}]", "bfdProfiles[0].detectMultiplier: 1 is out of range (2..=255)"),
+            ("bfdProfiles: [{name: a, minimumTtl: 255}]", "bfdProfiles[0].minimumTtl: 255 is out of range (1..=254)"),
+            ("bfdProfiles: [{name: a, echoMode: true}]", "bfdProfiles[0].echoMode: true: Sluice runs BFD in asynchronous mode only"),
+            ("bfdProfiles: [{name: a}, {name: a}]", "bfdProfiles[1].name: \"a\" is defined twice"),
+            ("bfdProfiles: [{name: a, recieveInterval: 100}]", "did you mean `receiveInterval`?"),
         ];
         for (text, expected) in cases {
             let errors = build_one(text).unwrap_err();
@@ -1050,6 +1059,77 @@ bgpAdvertisements:
                 "{text}\n  expected {expected:?}\n  got {errors:#?}"
             );
         }
+    }
+
+    #[test]
+    fn a_peer_naming_a_bfd_profile_gets_its_timers_and_metallb_defaults_fill_the_rest() {
+        let c = build_one(
+            "bfdProfiles:\n- {name: fast, receiveInterval: 100, transmitInterval: 150, detectMultiplier: 5, passiveMode: true, echoMode: false, echoInterval: 50}\n- {name: defaults}\npeers:\n- {peerAddress: 192.0.2.1, peerASN: 64501, myASN: 64500, bfdProfile: fast}\n- {peerAddress: 192.0.2.2, peerASN: 64501, myASN: 64500, bfdProfile: defaults, ebgpMultiHop: true}\n- {peerAddress: 192.0.2.3, peerASN: 64501, myASN: 64500}\n",
+        )
+        .unwrap();
+        let fast = c.peers[0].bfd.as_ref().unwrap();
+        assert_eq!(
+            (
+                fast.receive_interval,
+                fast.transmit_interval,
+                fast.detect_multiplier,
+                fast.passive_mode
+            ),
+            (
+                Duration::from_millis(100),
+                Duration::from_millis(150),
+                5,
+                true
+            )
+        );
+        assert_eq!(fast.detection_time(), Duration::from_millis(500));
+        let defaults = c.peers[1].bfd.as_ref().unwrap();
+        assert_eq!(
+            (
+                defaults.receive_interval,
+                defaults.transmit_interval,
+                defaults.detect_multiplier,
+                defaults.minimum_ttl
+            ),
+            (
+                Duration::from_millis(300),
+                Duration::from_millis(300),
+                3,
+                254
+            )
+        );
+        assert!(c.peers[2].bfd.is_none());
+    }
+
+    #[test]
+    fn a_legacy_configmap_with_bfd_profiles_gives_the_same_peers() {
+        let legacy = "peers:\n- peer-address: 192.0.2.1\n  peer-asn: 64501\n  my-asn: 64500\n  bfd-profile: full1\nbfd-profiles:\n- name: full1\n  receive-interval: 179\n  transmit-interval: 180\n  detect-multiplier: 4\n  echo-interval: 62\n  echo-mode: false\n  passive-mode: false\n  minimum-ttl: 254\n";
+        let c = build(vec![(
+            "metallb.yaml".into(),
+            parse_text("metallb.yaml", legacy).unwrap(),
+        )])
+        .unwrap();
+        let p = c.peers[0].bfd.as_ref().unwrap();
+        assert_eq!(p.name, "full1");
+        assert_eq!(
+            (p.receive_interval, p.transmit_interval, p.detect_multiplier),
+            (Duration::from_millis(179), Duration::from_millis(180), 4)
+        );
+        let err = build(vec![(
+            "metallb.yaml".into(),
+            parse_text(
+                "metallb.yaml",
+                &legacy.replace("bfd-profile: full1", "bfd-profile: nope"),
+            )
+            .unwrap(),
+        )])
+        .unwrap_err();
+        assert!(
+            err[0]
+                .to_string()
+                .contains("bfdProfile: \"nope\" names no BFD profile"),
+            "{err:?}"
+        );
     }
 
     #[test]

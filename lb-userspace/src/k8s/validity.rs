@@ -365,6 +365,68 @@ mod tests {
     }
 
     #[test]
+    fn a_bfd_profile_is_validated_on_its_own_object_and_reaches_the_peer_naming_it() {
+        use crate::k8s::crd::{BFDProfile, BFDProfileSpec};
+        let peer = |profile: &str| {
+            BGPPeer::new(
+                "router",
+                BGPPeerSpec {
+                    peer_address: "192.0.2.1".into(),
+                    peer_asn: 64512,
+                    my_asn: 64513,
+                    bfd_profile: Some(profile.into()),
+                    ..Default::default()
+                },
+            )
+        };
+        let profile = |name: &str, rx: i64| {
+            BFDProfile::new(
+                name,
+                BFDProfileSpec {
+                    receive_interval: Some(rx),
+                    transmit_interval: Some(100),
+                    ..Default::default()
+                },
+            )
+        };
+        let v = validate(&Objects {
+            peers: vec![peer("fast")],
+            bfd_profiles: vec![profile("fast", 100)],
+            ..Default::default()
+        });
+        assert!(
+            v.problems.values().all(|p| p.is_empty()),
+            "{:?}",
+            v.problems
+        );
+        let config = v.config.unwrap();
+        let bfd = config.peers[0].bfd.as_ref().unwrap();
+        assert_eq!(bfd.receive_interval, std::time::Duration::from_millis(100));
+
+        let v = validate(&Objects {
+            peers: vec![peer("fast")],
+            bfd_profiles: vec![profile("fast", 5)],
+            ..Default::default()
+        });
+        let own = problems_of(&v, "BFDProfile", "fast");
+        assert!(
+            own[0].starts_with("spec.receiveInterval: 5 is out of range"),
+            "{own:?}"
+        );
+
+        let v = validate(&Objects {
+            peers: vec![peer("slow")],
+            bfd_profiles: vec![profile("fast", 100)],
+            ..Default::default()
+        });
+        let own = problems_of(&v, "BGPPeer", "router");
+        assert!(
+            own[0].starts_with("spec.bfdProfile: \"slow\" names no BFD profile (defined: fast)"),
+            "{own:?}"
+        );
+    }
+
+    #[test]
     fn overlapping_pools_mark_the_later_one_and_name_the_other() {
         let objects = Objects {
             pools: vec![pool("z", &["192.0.2.8/29"]), pool("a", &["192.0.2.0/28"])],
