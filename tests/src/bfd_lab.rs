@@ -57,7 +57,7 @@ impl Drop for BfdLab {
     }
 }
 
-fn bird_conf(interval_ms: u32) -> String {
+fn bird_conf(interval_ms: u32, bfd: bool) -> String {
     format!(
         "log stderr all;
 router id 198.18.179.1;
@@ -73,14 +73,20 @@ protocol bgp speaker {{
   hold time 9; keepalive time 3;
   connect delay time 1; connect retry time 1; error wait time 1, 5;
   graceful restart on;
-  bfd on;
+  bfd {bfd};
   ipv4 {{ import all; export none; }};
 }}
-"
+",
+        bfd = if bfd { "on" } else { "off" }
     )
 }
 
-fn frr_confs(interval_ms: u32) -> [(&'static str, String); 4] {
+fn frr_confs(interval_ms: u32, bfd: bool) -> [(&'static str, String); 4] {
+    let bfd = if bfd {
+        format!(" neighbor {NODE} bfd\n neighbor {NODE} bfd profile fast\n")
+    } else {
+        String::new()
+    };
     [
         ("vtysh.conf", String::new()),
         ("zebra.conf", "hostname router\n".into()),
@@ -104,9 +110,7 @@ router bgp 64500
  neighbor {NODE} remote-as 64512
  neighbor {NODE} timers 3 9
  neighbor {NODE} timers connect 1
- neighbor {NODE} bfd
- neighbor {NODE} bfd profile fast
- address-family ipv4 unicast
+{bfd} address-family ipv4 unicast
   neighbor {NODE} activate
  exit-address-family
 "
@@ -119,6 +123,11 @@ impl BfdLab {
     /// Builds the namespaces, starts the router and the node; BFD at `interval_ms` × 3 on both
     /// sides. Waits until the router has the service's route and BFD is up.
     pub fn new(kind: RouterKind, interval_ms: u32) -> BfdLab {
+        Self::new_with(kind, interval_ms, true)
+    }
+
+    /// [`BfdLab::new`], with BFD configured on both sides or on neither (a baseline).
+    pub fn new_with(kind: RouterKind, interval_ms: u32, bfd: bool) -> BfdLab {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "sluice-bfd-{}-{kind:?}-{}",
@@ -154,7 +163,7 @@ impl BfdLab {
         let router_procs = match kind {
             RouterKind::Bird => {
                 let conf = dir.join("bird.conf");
-                std::fs::write(&conf, bird_conf(interval_ms)).unwrap();
+                std::fs::write(&conf, bird_conf(interval_ms, bfd)).unwrap();
                 let socket = dir.join("bird.ctl");
                 let log = dir.join("bird.log");
                 let p = router.spawn(&[
@@ -172,7 +181,7 @@ impl BfdLab {
             RouterKind::Frr => {
                 let frr = dir.join("frr");
                 std::fs::create_dir_all(&frr).unwrap();
-                for (name, text) in frr_confs(interval_ms) {
+                for (name, text) in frr_confs(interval_ms, bfd) {
                     std::fs::write(frr.join(name), text).unwrap();
                 }
                 Command::new("chown")
@@ -226,11 +235,11 @@ peers:
   myASN: 64512
   holdTime: 9s
   connectTime: 1s
-  bfdProfile: fast
-bgpAdvertisements:
+{peer_bfd}bgpAdvertisements:
 - {{ipAddressPools: [bgp]}}
 ",
-                state = dir.join("allocations.json").display()
+                state = dir.join("allocations.json").display(),
+                peer_bfd = if bfd { "  bfdProfile: fast\n" } else { "" },
             ),
         )
         .unwrap();
@@ -250,7 +259,9 @@ bgpAdvertisements:
         };
         lab.start_node();
         lab.wait_route(true, Duration::from_secs(60));
-        lab.wait_bfd_up(Duration::from_secs(30));
+        if bfd {
+            lab.wait_bfd_up(Duration::from_secs(30));
+        }
         lab
     }
 

@@ -34,6 +34,7 @@ fn the_shipped_example_manifests_are_all_valid() {
         "IPAddressPool lab: Valid",
         "L2Advertisement lab-on-eth1: Valid",
         "BGPPeer tor: Valid",
+        "BFDProfile fast: Valid",
         "BGPAdvertisement prod-to-tor: Valid",
     ] {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");

@@ -5,7 +5,8 @@
 //! - `test`       setup, build-ebpf, fmt and clippy checks, then every test (needs root)
 //! - `bench`      setup, build-ebpf, then the XDP benchmark report (needs root)
 //! - `soak`       setup, build-ebpf, then the speaker mesh's failovers, 10 runs each, with the
-//!   figures (needs root; `cargo xtask soak -- RUNS` for another count)
+//!   figures (needs root; `cargo xtask soak -- RUNS` for another count); `soak bfd` does the
+//!   same for BGP with BFD against BIRD and FRR
 //! - `manifests`  writes deploy/crds/ from the Rust CRD types (a test fails when they differ)
 //! - `demo`       Sluice in network namespaces: a client, a node, three backends (needs root)
 
@@ -58,7 +59,7 @@ fn main() -> Result<()> {
             demo()
         }
         _ => {
-            eprintln!("usage: cargo xtask <setup | build-ebpf | test [-- cargo test args] | bench | soak [-- RUNS] | manifests | demo>");
+            eprintln!("usage: cargo xtask <setup | build-ebpf | test [-- cargo test args] | bench | soak [mesh|bfd] [-- RUNS] | manifests | demo>");
             std::process::exit(2);
         }
     }
@@ -325,18 +326,17 @@ fn demo() -> Result<()> {
     ]))
 }
 
+/// `soak [mesh|bfd] [-- RUNS]`: the speaker mesh's failovers (the default) or BGP's with BFD.
 fn soak(extra: &[String]) -> Result<()> {
+    let (bin, rest) = match extra.first().map(String::as_str) {
+        Some("bfd") => ("bfd-soak", &extra[1..]),
+        Some("mesh") => ("mesh-soak", &extra[1..]),
+        _ => ("mesh-soak", extra),
+    };
     run(cargo().args(["build", "--package", "lb-userspace", "--bin", "sluice"]))?;
     run(cargo()
-        .args([
-            "run",
-            "--package",
-            "sluice-tests",
-            "--bin",
-            "mesh-soak",
-            "--",
-        ])
-        .args(extra.iter().filter(|a| *a != "--")))
+        .args(["run", "--package", "sluice-tests", "--bin", bin, "--"])
+        .args(rest.iter().filter(|a| *a != "--")))
 }
 
 fn bench() -> Result<()> {

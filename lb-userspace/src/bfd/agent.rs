@@ -261,6 +261,20 @@ async fn run(
                 }
                 Some(Command::Set(peers)) => {
                     let now = std::time::Instant::now();
+                    // Same peer, addresses and kind: new timers go in by a Poll Sequence.
+                    let same_path = |a: &PeerBfd, b: &PeerBfd| {
+                        (a.peer, a.local, a.multihop) == (b.peer, b.local, b.multihop)
+                    };
+                    for spec in &peers {
+                        if let Some(entry) = sessions.get_mut(&spec.peer) {
+                            if same_path(spec, &entry.spec) && *spec != entry.spec {
+                                entry.session.reconfigure(spec.settings);
+                                entry.spec = spec.clone();
+                                tracing::info!(event = "bfdSessionReconfigured", peer = %spec.peer, profile = %spec.profile);
+                                publish(entry, &views, |_| {});
+                            }
+                        }
+                    }
                     let stale: Vec<IpAddr> = sessions
                         .iter()
                         .filter(|(ip, e)| !peers.iter().any(|p| p.peer == **ip && *p == e.spec))
@@ -429,10 +443,16 @@ fn perform(
             Output::Changed { from, to, diag } => {
                 let peer = entry.spec.peer;
                 let (from, to_name, reason) = (from.name(), to.name(), diag.reason());
-                if to == State::Up {
-                    tracing::info!(event = "bfdSessionUp", %peer, from, detection_ms = entry.session.detection_time().as_millis() as u64);
-                } else {
-                    tracing::warn!(event = "bfdSessionDown", %peer, from, to = to_name, reason);
+                match to {
+                    State::Up => {
+                        tracing::info!(event = "bfdSessionUp", %peer, from)
+                    }
+                    State::Init => {
+                        tracing::info!(event = "bfdSessionInit", %peer, from)
+                    }
+                    State::Down | State::AdminDown => {
+                        tracing::warn!(event = "bfdSessionDown", %peer, from, to = to_name, reason)
+                    }
                 }
                 publish(entry, views, |v| {
                     v.since = SystemTime::now();

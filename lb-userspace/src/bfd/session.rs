@@ -71,6 +71,8 @@ pub struct Session {
     detect_mult: u8,
     detect_at: Option<Instant>,
     send_at: Option<Instant>,
+    /// When the peer's last packet arrived.
+    last_rx: Option<Instant>,
 }
 
 fn micros(d: Duration) -> u32 {
@@ -96,6 +98,7 @@ impl Session {
             detect_mult: settings.detect_mult,
             detect_at: None,
             send_at: (!settings.passive).then_some(now),
+            last_rx: None,
         }
     }
 
@@ -113,6 +116,29 @@ impl Session {
         s.detect_at = Some(now + s.detection_time().max(SLOW));
         s.send_at = Some(now);
         s
+    }
+
+    /// New timers for a running session (a profile changed): announced by a Poll Sequence
+    /// (RFC 5880 §6.8.3), with no change of state, so the peer's BGP sees nothing.
+    pub fn reconfigure(&mut self, settings: Settings) {
+        if settings == self.settings {
+            return;
+        }
+        self.settings = settings;
+        self.detect_mult = settings.detect_mult;
+        self.desired_min_tx = if self.state == State::Up {
+            settings.desired_min_tx
+        } else {
+            settings.desired_min_tx.max(SLOW)
+        };
+        self.polling = self.state == State::Up;
+        // A longer detection time applies at once; a shorter one only from the next packet.
+        if let (Some(at), Some(last)) = (self.detect_at, self.last_rx) {
+            self.detect_at = Some(at.max(last + self.detection_time()));
+        }
+        if !settings.passive || self.remote_discriminator != 0 {
+            self.send_at.get_or_insert_with(Instant::now);
+        }
     }
 
     /// Before a planned restart: asks the peer to wait at least `window` before declaring us
@@ -195,7 +221,8 @@ impl Session {
     /// May we transmit at all? Not in passive mode before the peer spoke, and not to a peer
     /// that asks for no packets (RequiredMinRx 0).
     fn may_send(&self) -> bool {
-        !(self.settings.passive && self.remote_discriminator == 0) && !self.remote_min_rx.is_zero()
+        let waiting = self.settings.passive && self.remote_discriminator == 0;
+        !waiting && !self.remote_min_rx.is_zero()
     }
 
     /// The next periodic transmission: the interval less 0–25 % jitter, or 10–25 % with a
@@ -262,6 +289,7 @@ impl Session {
             return out;
         }
         self.detect_at = Some(now + self.detection_time());
+        self.last_rx = Some(now);
         match (self.state, packet.state) {
             (State::Down, State::AdminDown) => {}
             (_, State::AdminDown) => {
@@ -590,6 +618,31 @@ mod tests {
             changes(&out),
             [(State::Up, State::Down, Diag::DetectionTimeExpired)]
         );
+    }
+
+    #[test]
+    fn new_timers_are_announced_by_a_poll_without_leaving_up() {
+        let (mut s, t0) = up_session();
+        s.reconfigure(Settings {
+            desired_min_tx: Duration::from_millis(300),
+            required_min_rx: Duration::from_millis(300),
+            detect_mult: 5,
+            passive: false,
+        });
+        assert_eq!(s.state(), State::Up);
+        let p = s.current_packet();
+        assert_eq!(
+            (
+                p.poll,
+                p.desired_min_tx_us,
+                p.required_min_rx_us,
+                p.detect_mult
+            ),
+            (true, 300_000, 300_000, 5)
+        );
+        // The detection time follows our new RequiredMinRx at once.
+        assert_eq!(s.detection_time(), Duration::from_millis(900));
+        assert!(changes(&s.tick(t0 + Duration::from_millis(400), 0.0)).is_empty());
     }
 
     #[test]
