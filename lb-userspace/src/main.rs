@@ -217,7 +217,7 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
     },
-    /// Check IPAddressPool, L2Advertisement, BGPPeer and BGPAdvertisement manifests (Sluice's,
+    /// Check IPAddressPool, L2Advertisement, BGPPeer, BGPAdvertisement and BFDProfile manifests (Sluice's,
     /// or MetalLB's metallb.io ones) offline: prints each object's Valid verdict, with the field
     /// and value of every problem; exits non-zero when one is invalid.
     CheckManifests {

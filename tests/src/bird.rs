@@ -34,6 +34,20 @@ impl Router {
     /// Starts BIRD in `ns` with one `protocol bgp speaker` per neighbour (named speaker,
     /// speaker2, ...), importing everything, graceful-restart helper on.
     pub fn start(ns: &NetNs, tag: &str, neighbors: &[Neighbor]) -> Router {
+        Self::start_with(ns, tag, neighbors, None)
+    }
+
+    /// [`Router::start`] with BFD (300 ms × 3) on `interface` for every neighbour (`bfd on`).
+    pub fn start_with_bfd(
+        ns: &NetNs,
+        tag: &str,
+        neighbors: &[Neighbor],
+        interface: &str,
+    ) -> Router {
+        Self::start_with(ns, tag, neighbors, Some(interface))
+    }
+
+    fn start_with(ns: &NetNs, tag: &str, neighbors: &[Neighbor], bfd: Option<&str>) -> Router {
         let dir = std::env::temp_dir().join(format!("sluice-bird-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -41,6 +55,12 @@ impl Router {
             "log stderr all;\nrouter id {};\nprotocol device {{ scan time 10; }}\nprotocol direct {{ ipv4; ipv6; }}\n",
             neighbors[0].local
         );
+        if let Some(interface) = bfd {
+            conf.push_str(&format!(
+                "protocol bfd {{\n  interface \"{interface}\" {{ min rx interval 300 ms; min tx interval 300 ms; multiplier 3; }};\n}}\n"
+            ));
+        }
+        let bfd_on = if bfd.is_some() { "  bfd on;\n" } else { "" };
         for (i, n) in neighbors.iter().enumerate() {
             let name = if i == 0 {
                 "speaker".to_string()
@@ -54,7 +74,7 @@ impl Router {
             conf.push_str(&format!(
                 "protocol bgp {name} {{\n  local {} as {};\n  neighbor {} as {};\n{password}  \
                  hold time 9; keepalive time 3;\n  connect delay time 1; connect retry time 1; \
-                 error wait time 1, 5;\n  graceful restart on;\n  \
+                 error wait time 1, 5;\n  graceful restart on;\n{bfd_on}  \
                  ipv4 {{ import all; export none; }};\n  ipv6 {{ import all; export none; }};\n}}\n",
                 n.local, n.router_as, n.address, n.peer_as
             ));

@@ -235,6 +235,16 @@ impl Lab {
     /// node (AS 64513), and the BGPPeer and BGPAdvertisement that make the speakers peer with it
     /// and announce every service IP. The router's namespace comes with it.
     pub fn start_bird(&self, tag: &str) -> (Router, NetNs) {
+        self.start_bird_with(tag, false)
+    }
+
+    /// [`Lab::start_bird`] with BFD on both sides: BIRD's `protocol bfd` (300 ms × 3) and a
+    /// BFDProfile `fast` the BGPPeer names.
+    pub fn start_bird_with_bfd(&self, tag: &str) -> (Router, NetNs) {
+        self.start_bird_with(tag, true)
+    }
+
+    fn start_bird_with(&self, tag: &str, bfd: bool) -> (Router, NetNs) {
         let ns = NetNs::new("router");
         veth(&ns, "r0", &self.seg, "rt");
         self.seg.ip(&["link", "set", "rt", "master", "br0"]);
@@ -252,14 +262,30 @@ impl Lab {
                 password: None,
             })
             .collect();
-        let router = Router::start(&ns, tag, &neighbors);
+        let router = if bfd {
+            Router::start_with_bfd(&ns, tag, &neighbors, "r0")
+        } else {
+            Router::start(&ns, tag, &neighbors)
+        };
         let crds = "/apis/sluice.dev/v1alpha1/namespaces/sluice-system";
+        let mut spec = json!({"peerAddress": "198.18.50.254", "peerASN": 64512, "myASN": 64513,
+                              "connectTime": "1s"});
+        if bfd {
+            spec["bfdProfile"] = json!("fast");
+            self.api
+                .create(
+                    &format!("{crds}/bfdprofiles"),
+                    json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "BFDProfile",
+                           "metadata": {"name": "fast"},
+                           "spec": {"receiveInterval": 300, "transmitInterval": 300, "detectMultiplier": 3}}),
+                )
+                .unwrap();
+        }
         self.api
             .create(
                 &format!("{crds}/bgppeers"),
                 json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "tor"},
-                       "spec": {"peerAddress": "198.18.50.254", "peerASN": 64512, "myASN": 64513,
-                                "connectTime": "1s"}}),
+                       "spec": spec}),
             )
             .unwrap();
         self.api

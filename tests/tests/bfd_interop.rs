@@ -10,13 +10,25 @@ use sluice_tests::{
     require_root,
 };
 
-/// Longer than BFD needs (0.3 s) and far shorter than what BGP alone would take (9 s hold time,
-/// 120 s graceful restart).
+/// Longer than BFD needs (0.9 s here) and far shorter than what BGP alone would take (9 s hold
+/// time, 120 s graceful restart).
 const WITHDRAWN_WITHIN: Duration = Duration::from_secs(5);
+
+/// MetalLB's default (300 ms × 3): loose enough that a loaded CI machine never flaps a session
+/// (the soak measures 100 ms × 3).
+const INTERVAL_MS: u32 = 300;
+
+/// One lab at a time: several routers and nodes at once would compete for two cores.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn link_failure_is_withdrawn_by_bfd(kind: RouterKind) {
     require_root();
-    let lab = BfdLab::new(kind, 100);
+    let _serial = serial();
+    let lab = BfdLab::new(kind, INTERVAL_MS);
     lab.set_link(false);
     lab.wait_route(false, WITHDRAWN_WITHIN);
     let said = lab.router_bgp_state();
@@ -44,7 +56,8 @@ fn frr_withdraws_a_node_whose_link_fails_by_bfd() {
 #[test]
 fn bird_withdraws_a_killed_node_by_bfd_despite_graceful_restart() {
     require_root();
-    let mut lab = BfdLab::new(RouterKind::Bird, 100);
+    let _serial = serial();
+    let mut lab = BfdLab::new(RouterKind::Bird, INTERVAL_MS);
     lab.stop_node(libc::SIGKILL);
     lab.wait_route(false, WITHDRAWN_WITHIN);
     let said = lab.router_bgp_state();
@@ -53,7 +66,8 @@ fn bird_withdraws_a_killed_node_by_bfd_despite_graceful_restart() {
 
 fn planned_restart_keeps_route_and_traffic(kind: RouterKind) {
     require_root();
-    let mut lab = BfdLab::new(kind, 100);
+    let _serial = serial();
+    let mut lab = BfdLab::new(kind, INTERVAL_MS);
     let flow = Flow::start(&lab);
     std::thread::sleep(Duration::from_millis(300));
     lab.stop_node(libc::SIGUSR2);
@@ -106,7 +120,8 @@ fn frr_keeps_the_route_and_the_traffic_through_a_planned_restart() {
 #[test]
 fn malformed_bfd_packets_are_counted_by_reason_and_never_flap_the_session() {
     require_root();
-    let lab = BfdLab::new(RouterKind::Bird, 100);
+    let _serial = serial();
+    let lab = BfdLab::new(RouterKind::Bird, INTERVAL_MS);
     let good = |state_bits: u8, your: u32| {
         let mut p = vec![0x20, state_bits << 6, 3, 24];
         p.extend(0x1234_5678u32.to_be_bytes());

@@ -70,7 +70,7 @@ fn a_broken_metallb_manifest_is_reported_by_object_and_field_with_a_failing_exit
 }
 
 #[test]
-fn sluice_crds_prints_the_four_definitions_as_yaml_documents() {
+fn sluice_crds_prints_the_five_definitions_as_yaml_documents() {
     let out = Command::new(sluice_bin()).arg("crds").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
@@ -84,6 +84,7 @@ fn sluice_crds_prints_the_four_definitions_as_yaml_documents() {
     assert_eq!(
         names,
         [
+            "bfdprofiles.sluice.dev",
             "bgpadvertisements.sluice.dev",
             "bgppeers.sluice.dev",
             "ipaddresspools.sluice.dev",

@@ -344,3 +344,80 @@ fn the_controller_gives_a_new_service_its_ip_and_the_elected_speaker_serves_it()
     );
     drop(controller);
 }
+
+#[test]
+fn a_bfdprofile_makes_speakers_run_bfd_so_a_cut_link_is_withdrawn_by_bfd_and_a_rolling_restart_keeps_the_route(
+) {
+    let mut lab = lab(2);
+    lab.objects("Local");
+    let (router, _router_ns) = lab.start_bird_with_bfd("speaker-bfd");
+    lab.start_speaker(0);
+    lab.start_speaker(1);
+    let prefix = format!("{VIP}/32");
+    let via = |n: usize| format!("via 198.18.50.{n}");
+    router.wait_route(&prefix, Duration::from_secs(30), |t| {
+        t.contains(&via(1)) && t.contains(&via(2))
+    });
+    wait_for("BFD up with both nodes", Duration::from_secs(30), || {
+        (router.birdc("show bfd sessions").matches(" Up ").count() == 2).then_some(())
+    });
+    let status = wait_for(
+        "node-b's status to show BFD up",
+        Duration::from_secs(5),
+        || {
+            let s = lab.status(1);
+            (s["bfd"]["sessions"][0]["state"] == "Up").then_some(s)
+        },
+    );
+    assert_eq!(status["bfd"]["sessions"][0]["profile"], "fast", "{status}");
+
+    // A rolling update: node-b's speaker gets SIGTERM (--on-stop restart, the default) and a new
+    // one starts. BIRD keeps node-b's route and its BFD session all along.
+    let old = lab.speakers[1].take().unwrap();
+    old.stop(libc::SIGTERM);
+    for _ in 0..50 {
+        let t = router.birdc(&format!("show route {prefix} all"));
+        assert!(
+            t.contains(&via(2)),
+            "node-b's route left during its restart:\n{t}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    lab.start_speaker(1);
+    // The new speaker carries the BFD session on (BIRD's timeout for it is back to 3 × 300 ms)
+    // and its BGP session is back.
+    router.wait_protocol("speaker2", "Established", Duration::from_secs(10));
+    wait_for(
+        "node-b's BFD session carried on at its own pace",
+        Duration::from_secs(10),
+        || {
+            let t = router.birdc("show bfd sessions");
+            t.lines()
+                .any(|l| l.contains("198.18.50.2 ") && l.contains(" Up ") && l.ends_with("0.900"))
+                .then_some(())
+        },
+    );
+    let s = lab.status(1);
+    assert_eq!(s["bfd"]["sessions"][0]["state"], "Up", "{s}");
+    let t = router.birdc(&format!("show route {prefix} all"));
+    assert!(t.contains(&via(2)), "{t}");
+    assert_eq!(
+        router.birdc("show bfd sessions").matches(" Up ").count(),
+        2,
+        "{}",
+        router.birdc("show bfd sessions")
+    );
+
+    // node-b's link is cut at the switch: BFD takes its session, and its route, away.
+    lab.seg.ip(&["link", "set", "b1", "down"]);
+    router.wait_route(&prefix, Duration::from_secs(5), |t| {
+        t.contains(&via(1)) && !t.contains(&via(2))
+    });
+    assert!(
+        router
+            .birdc("show protocols all speaker2")
+            .contains("BFD session down"),
+        "{}",
+        router.birdc("show protocols all speaker2")
+    );
+}

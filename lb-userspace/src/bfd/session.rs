@@ -141,18 +141,25 @@ impl Session {
         }
     }
 
-    /// Before a planned restart: asks the peer to wait at least `window` before declaring us
-    /// down (Detect Mult 255; a slower DesiredMinTx, by Poll Sequence, when 255 × the current
-    /// one is not enough). `None` unless the session is Up.
+    /// Before a planned restart: asks the peer to wait about `window` before declaring us
+    /// down: its detection time for us is our Detect Mult × max(its RequiredMinRx, our
+    /// DesiredMinTx), so the Detect Mult we send grows to cover the window (and, past 255, a
+    /// slower DesiredMinTx by Poll Sequence). `None` unless the session is Up.
     pub fn hold_for(&mut self, window: Duration) -> Option<(Saved, Packet)> {
         if self.state != State::Up {
             return None;
         }
-        self.detect_mult = 255;
-        let needed = Duration::from_micros(window.as_micros().div_ceil(255) as u64);
-        if needed > self.desired_min_tx {
-            self.desired_min_tx = needed;
+        let unit = self
+            .remote_min_rx
+            .max(self.desired_min_tx)
+            .max(Duration::from_micros(1));
+        let mult = window.as_micros().div_ceil(unit.as_micros());
+        if mult > 255 {
+            self.detect_mult = 255;
+            self.desired_min_tx = Duration::from_micros(window.as_micros().div_ceil(255) as u64);
             self.polling = true;
+        } else {
+            self.detect_mult = (mult as u8).max(self.settings.detect_mult);
         }
         let saved = Saved {
             local_discriminator: self.local_discriminator,
@@ -573,14 +580,22 @@ mod tests {
     fn holding_for_a_restart_makes_the_peer_wait_the_window_and_resuming_carries_on_up() {
         let (mut s, t0) = up_session();
         let (saved, packet) = s.hold_for(Duration::from_secs(30)).unwrap();
-        // The peer's detection time for us: 255 × max(its RequiredMinRx 100 ms, our DesiredMinTx).
-        assert_eq!(packet.detect_mult, 255);
-        assert!(packet.poll);
-        let peer_detection =
-            Duration::from_micros(packet.desired_min_tx_us.max(100_000).into()) * 255;
+        // The peer's detection time for us: Detect Mult × max(its RequiredMinRx 100 ms, our
+        // DesiredMinTx): the window, not more.
+        let peer_detection = Duration::from_micros(packet.desired_min_tx_us.max(100_000).into())
+            * u32::from(packet.detect_mult);
         assert!(
-            peer_detection >= Duration::from_secs(30),
+            peer_detection >= Duration::from_secs(30)
+                && peer_detection < Duration::from_millis(30_010),
             "{peer_detection:?}"
+        );
+        // Past what 255 × the interval covers, a slower interval, by Poll Sequence.
+        let (mut long, _) = up_session();
+        let (_, p) = long.hold_for(Duration::from_secs(120)).unwrap();
+        assert_eq!(p.detect_mult, 255);
+        assert!(p.poll);
+        assert!(
+            Duration::from_micros(p.desired_min_tx_us.into()) * 255 >= Duration::from_secs(120)
         );
         assert_eq!(
             (saved.local_discriminator, saved.remote_discriminator),
