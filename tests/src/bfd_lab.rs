@@ -7,7 +7,9 @@
 //! ```
 //!
 //! The switch lets a test cut the node's link without the router seeing its own link go down,
-//! as a failed node or cable behind a real switch looks. The node's mount namespace is held by a
+//! as a failed node or cable behind a real switch looks. [`BfdLab::new_multihop`] makes the
+//! switch a router instead (r1 198.18.178.1 ── 198.18.178.2 hop 198.18.179.1 ── n1), for eBGP
+//! multi-hop and multi-hop BFD (RFC 5883). The node's mount namespace is held by a
 //! process of its own, so the pinned data plane outlives a `sluice run` that restarts.
 
 use std::{
@@ -38,6 +40,10 @@ pub enum RouterKind {
 
 pub struct BfdLab {
     pub kind: RouterKind,
+    /// The router's address on the BGP session.
+    pub router_ip: &'static str,
+    /// The next hop the router's kernel route to the service goes through.
+    next_hop: &'static str,
     pub node_proc: Option<Process>,
     _router: Vec<Process>,
     holder: Process,
@@ -57,19 +63,35 @@ impl Drop for BfdLab {
     }
 }
 
-fn bird_conf(interval_ms: u32, bfd: bool) -> String {
+fn bird_conf(interval_ms: u32, bfd: bool, multihop: bool) -> String {
+    let timers = format!(
+        "min rx interval {interval_ms} ms; min tx interval {interval_ms} ms; multiplier 3;"
+    );
+    let (local, hop) = if multihop {
+        (
+            "198.18.178.1",
+            "protocol static {{ ipv4; route 198.18.179.0/24 via 198.18.178.2; }}\n"
+                .replace("{{", "{")
+                .replace("}}", "}"),
+        )
+    } else {
+        ("198.18.179.1", String::new())
+    };
+    let multihop_bgp = if multihop { "  multihop 2;\n" } else { "" };
     format!(
         "log stderr all;
-router id 198.18.179.1;
+router id {local};
 protocol device {{ scan time 10; }}
 protocol direct {{ ipv4; }}
 protocol kernel {{ ipv4 {{ export all; }}; }}
-protocol bfd {{
-  interface \"r1\" {{ min rx interval {interval_ms} ms; min tx interval {interval_ms} ms; multiplier 3; }};
+{hop}protocol bfd {{
+  interface \"r1\" {{ {timers} }};
+  multihop {{ {timers} }};
 }}
 protocol bgp speaker {{
-  local 198.18.179.1 as 64500;
+  local {local} as 64500;
   neighbor {NODE} as 64512;
+{multihop_bgp}
   hold time 9; keepalive time 3;
   connect delay time 1; connect retry time 1; error wait time 1, 5;
   graceful restart on;
@@ -128,6 +150,15 @@ impl BfdLab {
 
     /// [`BfdLab::new`], with BFD configured on both sides or on neither (a baseline).
     pub fn new_with(kind: RouterKind, interval_ms: u32, bfd: bool) -> BfdLab {
+        Self::build(kind, interval_ms, bfd, false)
+    }
+
+    /// BIRD one routed hop away: eBGP multi-hop and multi-hop BFD (UDP 4784, RFC 5883).
+    pub fn new_multihop(interval_ms: u32) -> BfdLab {
+        Self::build(RouterKind::Bird, interval_ms, true, true)
+    }
+
+    fn build(kind: RouterKind, interval_ms: u32, bfd: bool, multihop: bool) -> BfdLab {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "sluice-bfd-{}-{kind:?}-{}",
@@ -143,18 +174,35 @@ impl BfdLab {
         veth(&router, "r1", &switch, "s1");
         veth(&switch, "s2", &node, "n1");
         veth(&node, "n2", &backend, "b0");
-        switch.ip(&["link", "add", "br0", "type", "bridge"]);
-        for port in ["s1", "s2"] {
-            switch.ip(&["link", "set", port, "master", "br0"]);
-            switch.ip(&["link", "set", port, "up"]);
-        }
-        switch.ip(&["link", "set", "br0", "up"]);
-        router.ip(&["addr", "add", "198.18.179.1/24", "dev", "r1"]);
-        router.ip(&["link", "set", "r1", "up"]);
+        let router_ip = if multihop {
+            switch.ip(&["addr", "add", "198.18.178.2/24", "dev", "s1"]);
+            switch.ip(&["addr", "add", "198.18.179.1/24", "dev", "s2"]);
+            for port in ["s1", "s2"] {
+                switch.ip(&["link", "set", port, "up"]);
+            }
+            switch.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            router.ip(&["addr", "add", "198.18.178.1/24", "dev", "r1"]);
+            router.ip(&["link", "set", "r1", "up"]);
+            router.ip(&["route", "add", "198.18.179.0/24", "via", "198.18.178.2"]);
+            "198.18.178.1"
+        } else {
+            switch.ip(&["link", "add", "br0", "type", "bridge"]);
+            for port in ["s1", "s2"] {
+                switch.ip(&["link", "set", port, "master", "br0"]);
+                switch.ip(&["link", "set", port, "up"]);
+            }
+            switch.ip(&["link", "set", "br0", "up"]);
+            router.ip(&["addr", "add", "198.18.179.1/24", "dev", "r1"]);
+            router.ip(&["link", "set", "r1", "up"]);
+            "198.18.179.1"
+        };
         node.ip(&["addr", "add", "198.18.179.2/24", "dev", "n1"]);
         node.ip(&["addr", "add", "198.18.200.1/24", "dev", "n2"]);
         node.ip(&["link", "set", "n1", "up"]);
         node.ip(&["link", "set", "n2", "up"]);
+        if multihop {
+            node.ip(&["route", "add", "198.18.178.0/24", "via", "198.18.179.1"]);
+        }
         node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         backend.ip(&["addr", "add", "198.18.200.2/24", "dev", "b0"]);
         backend.ip(&["link", "set", "b0", "up"]);
@@ -163,7 +211,7 @@ impl BfdLab {
         let router_procs = match kind {
             RouterKind::Bird => {
                 let conf = dir.join("bird.conf");
-                std::fs::write(&conf, bird_conf(interval_ms, bfd)).unwrap();
+                std::fs::write(&conf, bird_conf(interval_ms, bfd, multihop)).unwrap();
                 let socket = dir.join("bird.ctl");
                 let log = dir.join("bird.log");
                 let p = router.spawn(&[
@@ -228,9 +276,10 @@ pools:
 services:
 - {{name: sink, ports: [{{port: {PORT}, protocol: UDP}}], backends: [{{ip: 198.18.200.2}}]}}
 bfdProfiles:
-- {{name: fast, receiveInterval: {interval_ms}, transmitInterval: {interval_ms}, detectMultiplier: 3}}
+- {{name: fast, receiveInterval: {interval_ms}, transmitInterval: {interval_ms}, detectMultiplier: 3{min_ttl}}}
 peers:
-- peerAddress: 198.18.179.1
+- peerAddress: {router_ip}
+  ebgpMultiHop: {multihop}
   peerASN: 64500
   myASN: 64512
   holdTime: 9s
@@ -240,6 +289,8 @@ peers:
 ",
                 state = dir.join("allocations.json").display(),
                 peer_bfd = if bfd { "  bfdProfile: fast\n" } else { "" },
+                // BIRD sends multi-hop BFD with the system's default TTL (64), not 255.
+                min_ttl = if multihop { ", minimumTtl: 60" } else { "" },
             ),
         )
         .unwrap();
@@ -247,6 +298,8 @@ peers:
         holder.wait_for_stderr("holding");
         let mut lab = BfdLab {
             kind,
+            router_ip,
+            next_hop: if multihop { "198.18.178.2" } else { NODE },
             node_proc: None,
             _router: router_procs,
             holder,
@@ -320,7 +373,7 @@ peers:
         let out = self
             .router
             .exec_output(&["ip", "route", "show", &format!("{VIP}/32")]);
-        String::from_utf8_lossy(&out.stdout).contains(NODE)
+        String::from_utf8_lossy(&out.stdout).contains(self.next_hop)
     }
 
     /// Polls until the route is (or is not) there; how long that took.
@@ -449,9 +502,10 @@ impl Flow {
         ready_rx.recv().unwrap();
         let path = format!("/var/run/netns/{}", lab.router.name);
         let send_stop = stop.clone();
+        let source = lab.router_ip;
         let sender = std::thread::spawn(move || {
             enter(&path);
-            let socket = UdpSocket::bind("198.18.179.1:0").unwrap();
+            let socket = UdpSocket::bind((source, 0)).unwrap();
             let mut n = 0u64;
             let start = Instant::now();
             while !send_stop.load(Ordering::Relaxed) {

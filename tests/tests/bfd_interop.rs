@@ -204,3 +204,28 @@ fn malformed_bfd_packets_are_counted_by_reason_and_never_flap_the_session() {
         .collect();
     assert!(downs.is_empty(), "the session flapped: {doc}");
 }
+
+/// eBGP multi-hop: BFD runs multi-hop (UDP 4784, RFC 5883), its packets arriving with TTL 254
+/// (at least the profile's `minimumTtl`), and withdraws a node cut off behind the routed hop.
+#[test]
+fn bird_one_hop_away_runs_multihop_bfd_and_withdraws_a_node_cut_off_behind_the_hop() {
+    require_root();
+    let _serial = serial();
+    let lab = BfdLab::new_multihop(INTERVAL_MS);
+    // The status reaches `sluice inspect` with the daemon's next tick (once a second).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let doc = lab.inspect();
+        let session = &doc["bfd"]["sessions"][0];
+        if session["state"] == "Up" {
+            assert_eq!(session["multihop"], true, "{doc}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{doc}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lab.set_link(false);
+    lab.wait_route(false, WITHDRAWN_WITHIN);
+    let said = lab.router_bgp_state();
+    assert!(said.contains("BFD session down"), "{said}");
+}
