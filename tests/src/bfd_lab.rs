@@ -44,6 +44,10 @@ pub struct BfdLab {
     pub router_ip: &'static str,
     /// The next hop the router's kernel route to the service goes through.
     next_hop: &'static str,
+    /// The node's address on the BGP session (as the router shows its BFD session).
+    node_ip: &'static str,
+    /// The service's prefix the router learns.
+    prefix: &'static str,
     pub node_proc: Option<Process>,
     _router: Vec<Process>,
     holder: Process,
@@ -63,7 +67,17 @@ impl Drop for BfdLab {
     }
 }
 
-fn bird_conf(interval_ms: u32, bfd: bool, multihop: bool) -> String {
+/// How the router reaches the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Switched,
+    RoutedHop,
+    SwitchedIpv6,
+}
+
+fn bird_conf(interval_ms: u32, bfd: bool, shape: Shape) -> String {
+    let multihop = shape == Shape::RoutedHop;
+    let v6 = shape == Shape::SwitchedIpv6;
     let timers = format!(
         "min rx interval {interval_ms} ms; min tx interval {interval_ms} ms; multiplier 3;"
     );
@@ -78,25 +92,31 @@ fn bird_conf(interval_ms: u32, bfd: bool, multihop: bool) -> String {
         ("198.18.179.1", String::new())
     };
     let multihop_bgp = if multihop { "  multihop 2;\n" } else { "" };
+    let (router_id, local, neighbor, channel) = if v6 {
+        ("198.18.179.1", "fd53:179::1", "fd53:179::2", "ipv6")
+    } else {
+        (local, local, NODE, "ipv4")
+    };
     format!(
         "log stderr all;
-router id {local};
+router id {router_id};
 protocol device {{ scan time 10; }}
-protocol direct {{ ipv4; }}
-protocol kernel {{ ipv4 {{ export all; }}; }}
+protocol direct {{ ipv4; ipv6; }}
+protocol kernel kernel4 {{ ipv4 {{ export all; }}; }}
+protocol kernel kernel6 {{ ipv6 {{ export all; }}; }}
 {hop}protocol bfd {{
   interface \"r1\" {{ {timers} }};
   multihop {{ {timers} }};
 }}
 protocol bgp speaker {{
   local {local} as 64500;
-  neighbor {NODE} as 64512;
+  neighbor {neighbor} as 64512;
 {multihop_bgp}
   hold time 9; keepalive time 3;
   connect delay time 1; connect retry time 1; error wait time 1, 5;
   graceful restart on;
   bfd {bfd};
-  ipv4 {{ import all; export none; }};
+  {channel} {{ import all; export none; }};
 }}
 ",
         bfd = if bfd { "on" } else { "off" }
@@ -150,15 +170,22 @@ impl BfdLab {
 
     /// [`BfdLab::new`], with BFD configured on both sides or on neither (a baseline).
     pub fn new_with(kind: RouterKind, interval_ms: u32, bfd: bool) -> BfdLab {
-        Self::build(kind, interval_ms, bfd, false)
+        Self::build(kind, interval_ms, bfd, Shape::Switched)
     }
 
     /// BIRD one routed hop away: eBGP multi-hop and multi-hop BFD (UDP 4784, RFC 5883).
     pub fn new_multihop(interval_ms: u32) -> BfdLab {
-        Self::build(RouterKind::Bird, interval_ms, true, true)
+        Self::build(RouterKind::Bird, interval_ms, true, Shape::RoutedHop)
     }
 
-    fn build(kind: RouterKind, interval_ms: u32, bfd: bool, multihop: bool) -> BfdLab {
+    /// BIRD over IPv6 (fd53:179::1 ── fd53:179::2), announcing the service's /128.
+    pub fn new_ipv6(interval_ms: u32) -> BfdLab {
+        Self::build(RouterKind::Bird, interval_ms, true, Shape::SwitchedIpv6)
+    }
+
+    fn build(kind: RouterKind, interval_ms: u32, bfd: bool, shape: Shape) -> BfdLab {
+        let multihop = shape == Shape::RoutedHop;
+        let v6 = shape == Shape::SwitchedIpv6;
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "sluice-bfd-{}-{kind:?}-{}",
@@ -203,6 +230,13 @@ impl BfdLab {
         if multihop {
             node.ip(&["route", "add", "198.18.178.0/24", "via", "198.18.179.1"]);
         }
+        if v6 {
+            router.ip(&["addr", "add", "fd53:179::1/64", "dev", "r1", "nodad"]);
+            node.ip(&["addr", "add", "fd53:179::2/64", "dev", "n1", "nodad"]);
+            node.ip(&["addr", "add", "fd53:200::1/64", "dev", "n2", "nodad"]);
+            backend.ip(&["addr", "add", "fd53:200::2/64", "dev", "b0", "nodad"]);
+            node.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+        }
         node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         backend.ip(&["addr", "add", "198.18.200.2/24", "dev", "b0"]);
         backend.ip(&["link", "set", "b0", "up"]);
@@ -211,7 +245,7 @@ impl BfdLab {
         let router_procs = match kind {
             RouterKind::Bird => {
                 let conf = dir.join("bird.conf");
-                std::fs::write(&conf, bird_conf(interval_ms, bfd, multihop)).unwrap();
+                std::fs::write(&conf, bird_conf(interval_ms, bfd, shape)).unwrap();
                 let socket = dir.join("bird.ctl");
                 let log = dir.join("bird.log");
                 let p = router.spawn(&[
@@ -272,13 +306,14 @@ impl BfdLab {
   stateFile: {state}
   metricsAddress: 127.0.0.1:9120
 pools:
-- {{name: bgp, addresses: [{VIP}/32]}}
+- {{name: bgp, addresses: [{VIP}/32, \"2001:db8::10/128\"]}}
 services:
 - {{name: sink, ports: [{{port: {PORT}, protocol: UDP}}], backends: [{{ip: 198.18.200.2}}]}}
+- {{name: sink6, ports: [{{port: {PORT}, protocol: UDP}}], backends: [{{ip: \"fd53:200::2\"}}]}}
 bfdProfiles:
 - {{name: fast, receiveInterval: {interval_ms}, transmitInterval: {interval_ms}, detectMultiplier: 3{min_ttl}}}
 peers:
-- peerAddress: {router_ip}
+- peerAddress: \"{peer_address}\"
   ebgpMultiHop: {multihop}
   peerASN: 64500
   myASN: 64512
@@ -289,6 +324,7 @@ peers:
 ",
                 state = dir.join("allocations.json").display(),
                 peer_bfd = if bfd { "  bfdProfile: fast\n" } else { "" },
+                peer_address = if v6 { "fd53:179::1" } else { router_ip },
                 // BIRD sends multi-hop BFD with the system's default TTL (64), not 255.
                 min_ttl = if multihop { ", minimumTtl: 60" } else { "" },
             ),
@@ -299,7 +335,17 @@ peers:
         let mut lab = BfdLab {
             kind,
             router_ip,
-            next_hop: if multihop { "198.18.178.2" } else { NODE },
+            next_hop: match shape {
+                Shape::Switched => NODE,
+                Shape::RoutedHop => "198.18.178.2",
+                Shape::SwitchedIpv6 => "fd53:179::2",
+            },
+            node_ip: if v6 { "fd53:179::2" } else { NODE },
+            prefix: if v6 {
+                "2001:db8::10/128"
+            } else {
+                "198.51.100.10/32"
+            },
             node_proc: None,
             _router: router_procs,
             holder,
@@ -370,9 +416,9 @@ peers:
     /// The router forwards to the service through the node (its kernel FIB, which both
     /// routers program from BGP).
     pub fn route_present(&self) -> bool {
-        let out = self
-            .router
-            .exec_output(&["ip", "route", "show", &format!("{VIP}/32")]);
+        let out =
+            self.router
+                .exec_output(&["ip", family(self.prefix), "route", "show", self.prefix]);
         String::from_utf8_lossy(&out.stdout).contains(self.next_hop)
     }
 
@@ -382,10 +428,12 @@ peers:
         while self.route_present() != present {
             assert!(
                 start.elapsed() < within,
-                "{:?}: the route to {VIP} never became {}:\n{}",
+                "{:?}: the route to {} never became {}:\n{}{}",
                 self.kind,
+                self.prefix,
                 if present { "present" } else { "absent" },
-                self.router_bgp_state()
+                self.router_bgp_state(),
+                self.birdc("show route all")
             );
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -398,11 +446,11 @@ peers:
             RouterKind::Bird => self
                 .birdc("show bfd sessions")
                 .lines()
-                .any(|l| l.contains(NODE) && l.contains(" Up ")),
+                .any(|l| l.contains(self.node_ip) && l.contains(" Up ")),
             RouterKind::Frr => self
                 .vtysh("show bfd peers brief")
                 .lines()
-                .any(|l| l.contains(NODE) && l.contains(" up")),
+                .any(|l| l.contains(self.node_ip) && l.contains(" up")),
         }
     }
 
@@ -546,6 +594,14 @@ impl Flow {
 impl Drop for Flow {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn family(prefix: &str) -> &'static str {
+    if prefix.contains(':') {
+        "-6"
+    } else {
+        "-4"
     }
 }
 

@@ -103,6 +103,17 @@ fn planned_restart_keeps_route_and_traffic(kind: RouterKind) {
     let doc = lab.inspect();
     let session = &doc["bfd"]["sessions"][0];
     assert_eq!(session["state"], "Up", "{doc}");
+    if kind == RouterKind::Bird {
+        // The new process took the data plane over: its OPEN says it restarted (R) with
+        // forwarding kept (F), as BIRD shows under the neighbour's graceful-restart capability.
+        let said = lab.router_bgp_state();
+        let preserved = said
+            .lines()
+            .filter(|l| l.contains("AF preserved:"))
+            .any(|l| l.contains("ipv4"));
+        assert!(preserved, "{said}");
+        assert!(said.contains("Restart recovery"), "{said}");
+    }
 }
 
 #[test]
@@ -224,6 +235,19 @@ fn bird_one_hop_away_runs_multihop_bfd_and_withdraws_a_node_cut_off_behind_the_h
         assert!(std::time::Instant::now() < deadline, "{doc}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    lab.set_link(false);
+    lab.wait_route(false, WITHDRAWN_WITHIN);
+    let said = lab.router_bgp_state();
+    assert!(said.contains("BFD session down"), "{said}");
+}
+
+/// BGP and BFD over IPv6: packets leave and must arrive with hop limit 255, and a node cut off
+/// behind the switch loses its /128 by BFD.
+#[test]
+fn bird_over_ipv6_runs_bfd_and_withdraws_a_cut_node() {
+    require_root();
+    let _serial = serial();
+    let lab = BfdLab::new_ipv6(INTERVAL_MS);
     lab.set_link(false);
     lab.wait_route(false, WITHDRAWN_WITHIN);
     let said = lab.router_bgp_state();
