@@ -134,10 +134,13 @@ impl Agent {
         runtime.spawn(run(
             rx,
             packets_rx,
-            views.clone(),
-            dropped.clone(),
-            socket_errors,
-            carried,
+            Task {
+                sessions: BTreeMap::new(),
+                views: views.clone(),
+                dropped: dropped.clone(),
+                socket_errors,
+                carried,
+            },
         ));
         Self {
             commands,
@@ -231,20 +234,24 @@ struct Entry {
     socket: Option<UdpSocket>,
 }
 
-async fn run(
-    mut commands: mpsc::UnboundedReceiver<Command>,
-    mut packets: mpsc::Receiver<Received>,
+/// Everything the task owns: the sessions and what they publish.
+struct Task {
+    sessions: BTreeMap<IpAddr, Entry>,
     views: Arc<Mutex<BTreeMap<IpAddr, watch::Sender<View>>>>,
     dropped: Dropped,
     socket_errors: BTreeMap<(bool, bool), String>,
-    mut carried: Vec<Carried>,
+    /// Sessions held by the previous process, not yet taken back.
+    carried: Vec<Carried>,
+}
+
+async fn run(
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    mut packets: mpsc::Receiver<Received>,
+    mut task: Task,
 ) {
-    let mut sessions: BTreeMap<IpAddr, Entry> = BTreeMap::new();
-    let count = |reason: Drop| {
-        *dropped.lock().unwrap().entry(reason.label()).or_insert(0) += 1;
-    };
     loop {
-        let deadline = sessions
+        let deadline = task
+            .sessions
             .values()
             .filter_map(|e| e.session.next_deadline())
             .min()
@@ -252,153 +259,206 @@ async fn run(
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             command = commands.recv() => match command {
+                // The handle is gone (the speaker stopped without saying how): AdminDown.
                 None => {
-                    for entry in sessions.values_mut() {
-                        let out = entry.session.admin_down(std::time::Instant::now(), 0.0);
-                        perform(entry, out, &views);
-                    }
+                    task.admin_down(1).await;
                     return;
                 }
-                Some(Command::Set(peers)) => {
-                    let now = std::time::Instant::now();
-                    // Same peer, addresses and kind: new timers go in by a Poll Sequence.
-                    let same_path = |a: &PeerBfd, b: &PeerBfd| {
-                        (a.peer, a.local, a.multihop) == (b.peer, b.local, b.multihop)
-                    };
-                    for spec in &peers {
-                        if let Some(entry) = sessions.get_mut(&spec.peer) {
-                            if same_path(spec, &entry.spec) && *spec != entry.spec {
-                                entry.session.reconfigure(spec.settings);
-                                entry.spec = spec.clone();
-                                tracing::info!(event = "bfdSessionReconfigured", peer = %spec.peer, profile = %spec.profile);
-                                publish(entry, &views, |_| {});
-                            }
-                        }
-                    }
-                    let stale: Vec<IpAddr> = sessions
-                        .iter()
-                        .filter(|(ip, e)| !peers.iter().any(|p| p.peer == **ip && *p == e.spec))
-                        .map(|(ip, _)| *ip)
-                        .collect();
-                    for ip in stale {
-                        if let Some(mut entry) = sessions.remove(&ip) {
-                            let out = entry.session.admin_down(now, 0.0);
-                            perform(&mut entry, out, &views);
-                        }
-                    }
-                    for spec in peers {
-                        if sessions.contains_key(&spec.peer) {
-                            continue;
-                        }
-                        let discriminator = loop {
-                            let d = random_u32();
-                            if d != 0 && !sessions.values().any(|e| e.session.local_discriminator() == d) {
-                                break d;
-                            }
-                        };
-                        let socket_error = socket_errors.get(&(spec.peer.is_ipv4(), spec.multihop)).cloned();
-                        let (socket, error) = match send_socket(&spec) {
-                            Ok(s) => (Some(s), socket_error),
-                            Err(e) => (None, Some(format!("send socket: {e}"))),
-                        };
-                        if let Some(error) = &error {
-                            tracing::warn!(event = "bfdSocketFailed", peer = %spec.peer, %error);
-                        }
-                        let resumed = carried
-                            .iter()
-                            .position(|c| c.peer == spec.peer && c.multihop == spec.multihop)
-                            .map(|i| carried.swap_remove(i));
-                        let session = match resumed {
-                            Some(c) => {
-                                tracing::info!(event = "bfdSessionResumed", peer = %spec.peer, profile = %spec.profile, discriminator = c.saved.local_discriminator);
-                                Session::resume(spec.settings, c.saved, now)
-                            }
-                            None => {
-                                tracing::info!(event = "bfdSessionAdded", peer = %spec.peer, profile = %spec.profile, multihop = spec.multihop);
-                                Session::new(spec.settings, discriminator, now)
-                            }
-                        };
-                        let entry = Entry {
-                            session,
-                            spec,
-                            socket,
-                        };
-                        publish(&entry, &views, |v| v.error = error.clone());
-                        sessions.insert(entry.spec.peer, entry);
-                    }
-                }
+                Some(Command::Set(peers)) => task.set(peers),
                 Some(Command::AdminDown(done)) => {
-                    for round in 0..3 {
-                        for entry in sessions.values_mut() {
-                            let now = std::time::Instant::now();
-                            if round == 0 {
-                                let out = entry.session.admin_down(now, 0.0);
-                                perform(entry, out, &views);
-                            } else {
-                                let packet = entry.session.current_packet();
-                                perform(entry, vec![Output::Send(packet)], &views);
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
+                    task.admin_down(3).await;
                     let _ = done.send(());
                 }
                 Some(Command::Hold(window, done)) => {
-                    let mut kept = Vec::new();
-                    let mut packets = Vec::new();
-                    for (ip, entry) in sessions.iter_mut() {
-                        if let Some((saved, packet)) = entry.session.hold_for(window) {
-                            kept.push(Carried { peer: *ip, multihop: entry.spec.multihop, saved });
-                            packets.push((*ip, packet));
-                        }
-                    }
-                    for _ in 0..3 {
-                        for (ip, packet) in &packets {
-                            if let Some(entry) = sessions.get_mut(ip) {
-                                perform(entry, vec![Output::Send(*packet)], &views);
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    tracing::info!(event = "bfdHeldForRestart", sessions = kept.len(), window_s = window.as_secs_f64());
-                    let _ = done.send(kept);
+                    let _ = done.send(task.hold(window).await);
                     // Nothing more is sent: the process is about to end.
                     return;
                 }
             },
-            _ = tokio::time::sleep_until(deadline) => {
-                let now = std::time::Instant::now();
-                for entry in sessions.values_mut() {
-                    if entry.session.next_deadline().is_some_and(|t| t <= now) {
-                        let out = entry.session.tick(now, jitter());
-                        perform(entry, out, &views);
-                    }
+            _ = tokio::time::sleep_until(deadline) => task.tick(),
+            Some(received) = packets.recv() => task.receive(received),
+        }
+    }
+}
+
+impl Task {
+    fn count(&self, reason: Drop) {
+        *self
+            .dropped
+            .lock()
+            .unwrap()
+            .entry(reason.label())
+            .or_insert(0) += 1;
+    }
+
+    /// Makes the sessions match `peers` (see [`Agent::set`]).
+    fn set(&mut self, peers: Vec<PeerBfd>) {
+        let now = std::time::Instant::now();
+        // Same peer, addresses and kind: new timers go in by a Poll Sequence.
+        for spec in &peers {
+            if let Some(entry) = self.sessions.get_mut(&spec.peer) {
+                let same_path =
+                    (spec.local, spec.multihop) == (entry.spec.local, entry.spec.multihop);
+                if same_path && *spec != entry.spec {
+                    entry.session.reconfigure(spec.settings);
+                    entry.spec = spec.clone();
+                    tracing::info!(event = "bfdSessionReconfigured", peer = %spec.peer, profile = %spec.profile);
+                    publish(entry, &self.views, |_| {});
                 }
-            }
-            Some(received) = packets.recv() => {
-                let packet = match packet::decode(&received.bytes) {
-                    Ok(p) => p,
-                    Err(reason) => {
-                        count(reason);
-                        continue;
-                    }
-                };
-                let Some(entry) = find(&mut sessions, &packet, &received) else {
-                    count(Drop::UnknownSession);
-                    continue;
-                };
-                let ttl_ok = match (received.multihop, received.ttl) {
-                    (false, ttl) => ttl == Some(255),
-                    (true, ttl) => ttl.is_some_and(|t| t >= entry.spec.minimum_ttl),
-                };
-                if !ttl_ok {
-                    count(Drop::Ttl);
-                    continue;
-                }
-                let out = entry.session.receive(&packet, std::time::Instant::now(), jitter());
-                perform(entry, out, &views);
             }
         }
+        let stale: Vec<IpAddr> = self
+            .sessions
+            .iter()
+            .filter(|(ip, e)| !peers.iter().any(|p| p.peer == **ip && *p == e.spec))
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in stale {
+            if let Some(mut entry) = self.sessions.remove(&ip) {
+                let out = entry.session.admin_down(now, 0.0);
+                perform(&mut entry, out, &self.views);
+            }
+        }
+        for spec in peers {
+            if !self.sessions.contains_key(&spec.peer) {
+                self.add(spec, now);
+            }
+        }
+    }
+
+    fn add(&mut self, spec: PeerBfd, now: std::time::Instant) {
+        let socket_error = self
+            .socket_errors
+            .get(&(spec.peer.is_ipv4(), spec.multihop))
+            .cloned();
+        let (socket, error) = match send_socket(&spec) {
+            Ok(s) => (Some(s), socket_error),
+            Err(e) => (None, Some(format!("send socket: {e}"))),
+        };
+        if let Some(error) = &error {
+            tracing::warn!(event = "bfdSocketFailed", peer = %spec.peer, %error);
+        }
+        let resumed = self
+            .carried
+            .iter()
+            .position(|c| c.peer == spec.peer && c.multihop == spec.multihop)
+            .map(|i| self.carried.swap_remove(i));
+        let session = match resumed {
+            Some(c) => {
+                tracing::info!(event = "bfdSessionResumed", peer = %spec.peer, profile = %spec.profile, discriminator = c.saved.local_discriminator);
+                Session::resume(spec.settings, c.saved, now)
+            }
+            None => {
+                tracing::info!(event = "bfdSessionAdded", peer = %spec.peer, profile = %spec.profile, multihop = spec.multihop);
+                Session::new(spec.settings, self.new_discriminator(), now)
+            }
+        };
+        let entry = Entry {
+            session,
+            spec,
+            socket,
+        };
+        publish(&entry, &self.views, |v| v.error = error.clone());
+        self.sessions.insert(entry.spec.peer, entry);
+    }
+
+    /// A random non-zero discriminator no session uses, nor one still to be resumed.
+    fn new_discriminator(&self) -> u32 {
+        loop {
+            let d = random_u32();
+            let taken = self
+                .sessions
+                .values()
+                .any(|e| e.session.local_discriminator() == d)
+                || self
+                    .carried
+                    .iter()
+                    .any(|c| c.saved.local_discriminator == d);
+            if d != 0 && !taken {
+                return d;
+            }
+        }
+    }
+
+    /// Every session to AdminDown, said `times` times 20 ms apart.
+    async fn admin_down(&mut self, times: usize) {
+        for round in 0..times {
+            for entry in self.sessions.values_mut() {
+                let out = if round == 0 {
+                    entry.session.admin_down(std::time::Instant::now(), 0.0)
+                } else {
+                    vec![Output::Send(entry.session.current_packet())]
+                };
+                perform(entry, out, &self.views);
+            }
+            if round + 1 < times {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// Every Up session asks its peer to wait `window` (said three times 20 ms apart); what the
+    /// next process needs to carry them on.
+    async fn hold(&mut self, window: Duration) -> Vec<Carried> {
+        let mut kept = Vec::new();
+        let mut packets = Vec::new();
+        for (ip, entry) in self.sessions.iter_mut() {
+            if let Some((saved, packet)) = entry.session.hold_for(window) {
+                kept.push(Carried {
+                    peer: *ip,
+                    multihop: entry.spec.multihop,
+                    saved,
+                });
+                packets.push((*ip, packet));
+            }
+        }
+        for _ in 0..3 {
+            for (ip, packet) in &packets {
+                if let Some(entry) = self.sessions.get_mut(ip) {
+                    perform(entry, vec![Output::Send(*packet)], &self.views);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!(
+            event = "bfdHeldForRestart",
+            sessions = kept.len(),
+            window_s = window.as_secs_f64()
+        );
+        kept
+    }
+
+    /// The timers that are due.
+    fn tick(&mut self) {
+        let now = std::time::Instant::now();
+        for entry in self.sessions.values_mut() {
+            if entry.session.next_deadline().is_some_and(|t| t <= now) {
+                let out = entry.session.tick(now, jitter());
+                perform(entry, out, &self.views);
+            }
+        }
+    }
+
+    /// A datagram: decoded, matched to its session, its TTL checked, then the state machine's.
+    fn receive(&mut self, received: Received) {
+        let packet = match packet::decode(&received.bytes) {
+            Ok(p) => p,
+            Err(reason) => return self.count(reason),
+        };
+        let Some(entry) = find(&mut self.sessions, &packet, &received) else {
+            return self.count(Drop::UnknownSession);
+        };
+        let ttl_ok = match (received.multihop, received.ttl) {
+            (false, ttl) => ttl == Some(255),
+            (true, ttl) => ttl.is_some_and(|t| t >= entry.spec.minimum_ttl),
+        };
+        if !ttl_ok {
+            return self.count(Drop::Ttl);
+        }
+        let out = entry
+            .session
+            .receive(&packet, std::time::Instant::now(), jitter());
+        perform(entry, out, &self.views);
     }
 }
 
