@@ -123,12 +123,15 @@ protocol bgp speaker {{
     )
 }
 
-fn frr_confs(interval_ms: u32, bfd: bool) -> [(&'static str, String); 4] {
-    let bfd = if bfd {
+fn frr_confs(interval_ms: u32, bfd: bool, graceful_restart: bool) -> [(&'static str, String); 4] {
+    let mut bfd = if bfd {
         format!(" neighbor {NODE} bfd\n neighbor {NODE} bfd profile fast\n")
     } else {
         String::new()
     };
+    if !graceful_restart {
+        bfd.push_str(&format!(" neighbor {NODE} graceful-restart-disable\n"));
+    }
     [
         ("vtysh.conf", String::new()),
         ("zebra.conf", "hostname router\n".into()),
@@ -170,20 +173,37 @@ impl BfdLab {
 
     /// [`BfdLab::new`], with BFD configured on both sides or on neither (a baseline).
     pub fn new_with(kind: RouterKind, interval_ms: u32, bfd: bool) -> BfdLab {
-        Self::build(kind, interval_ms, bfd, Shape::Switched)
+        Self::build(kind, interval_ms, bfd, Shape::Switched, true)
+    }
+
+    /// FRR with its graceful-restart helper off for the node (`neighbor … graceful-restart-disable`).
+    pub fn new_frr_without_graceful_restart(interval_ms: u32) -> BfdLab {
+        Self::build(RouterKind::Frr, interval_ms, true, Shape::Switched, false)
     }
 
     /// BIRD one routed hop away: eBGP multi-hop and multi-hop BFD (UDP 4784, RFC 5883).
     pub fn new_multihop(interval_ms: u32) -> BfdLab {
-        Self::build(RouterKind::Bird, interval_ms, true, Shape::RoutedHop)
+        Self::build(RouterKind::Bird, interval_ms, true, Shape::RoutedHop, true)
     }
 
     /// BIRD over IPv6 (fd53:179::1 ── fd53:179::2), announcing the service's /128.
     pub fn new_ipv6(interval_ms: u32) -> BfdLab {
-        Self::build(RouterKind::Bird, interval_ms, true, Shape::SwitchedIpv6)
+        Self::build(
+            RouterKind::Bird,
+            interval_ms,
+            true,
+            Shape::SwitchedIpv6,
+            true,
+        )
     }
 
-    fn build(kind: RouterKind, interval_ms: u32, bfd: bool, shape: Shape) -> BfdLab {
+    fn build(
+        kind: RouterKind,
+        interval_ms: u32,
+        bfd: bool,
+        shape: Shape,
+        graceful_restart: bool,
+    ) -> BfdLab {
         let multihop = shape == Shape::RoutedHop;
         let v6 = shape == Shape::SwitchedIpv6;
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -263,7 +283,7 @@ impl BfdLab {
             RouterKind::Frr => {
                 let frr = dir.join("frr");
                 std::fs::create_dir_all(&frr).unwrap();
-                for (name, text) in frr_confs(interval_ms, bfd) {
+                for (name, text) in frr_confs(interval_ms, bfd, graceful_restart) {
                     std::fs::write(frr.join(name), text).unwrap();
                 }
                 Command::new("chown")
@@ -382,6 +402,26 @@ peers:
         ]);
         p.wait_for_stderr_then_log("ready", Some(log));
         self.node_proc = Some(p);
+    }
+
+    /// Rewrites the node's config file (`sluice run` reloads it when it changes).
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let new = edit(text.clone());
+        assert_ne!(new, text, "the test's edit changes the file");
+        std::fs::write(&self.config, new).unwrap();
+    }
+
+    /// The router's line for its BFD session with the node.
+    pub fn router_bfd_line(&self) -> String {
+        let text = match self.kind {
+            RouterKind::Bird => self.birdc("show bfd sessions"),
+            RouterKind::Frr => self.vtysh("show bfd peers brief"),
+        };
+        text.lines()
+            .find(|l| l.contains(self.node_ip))
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// Sends `signal` to `sluice run` and waits for it to end.

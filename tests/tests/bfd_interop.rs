@@ -253,3 +253,48 @@ fn bird_over_ipv6_runs_bfd_and_withdraws_a_cut_node() {
     let said = lab.router_bgp_state();
     assert!(said.contains("BFD session down"), "{said}");
 }
+
+/// A profile changed in a running `sluice run` (the file is reloaded): the new intervals reach
+/// the router by a Poll Sequence, and the session never leaves Up.
+#[test]
+fn new_bfd_timers_reach_bird_without_taking_the_session_down() {
+    require_root();
+    let _serial = serial();
+    let lab = BfdLab::new(RouterKind::Bird, INTERVAL_MS);
+    // BIRD: "Interval" is its transmit interval (max of its own and our receive interval),
+    // "Timeout" its detection time for us (our multiplier × max(its receive, our transmit)).
+    assert!(
+        lab.router_bfd_line().ends_with("0.300    0.900"),
+        "{}",
+        lab.router_bfd_line()
+    );
+    lab.edit_config(|t| {
+        t.replace(
+            "receiveInterval: 300, transmitInterval: 300, detectMultiplier: 3",
+            "receiveInterval: 400, transmitInterval: 400, detectMultiplier: 5",
+        )
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !lab.router_bfd_line().ends_with("0.400    2.000") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "BIRD never took the new timers: {}",
+            lab.router_bfd_line()
+        );
+        assert!(
+            lab.bfd_up(),
+            "the session went down: {}",
+            lab.router_bfd_line()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let doc = lab.inspect();
+    let session = &doc["bfd"]["sessions"][0];
+    let downs = session["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t[0] == "Down" || t[0] == "AdminDown")
+        .count();
+    assert_eq!(downs, 0, "{doc}");
+}

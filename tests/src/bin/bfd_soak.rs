@@ -55,8 +55,7 @@ fn link_cuts(kind: RouterKind, runs: usize) -> Vec<Duration> {
 }
 
 /// (times to withdrawal, runs where the route outlived GIVE_UP)
-fn kills(kind: RouterKind, runs: usize) -> (Vec<Duration>, usize) {
-    let mut lab = BfdLab::new(kind, 100);
+fn kills(mut lab: BfdLab, runs: usize) -> (Vec<Duration>, usize) {
     let mut out = Vec::new();
     let mut kept = 0;
     for _ in 0..runs {
@@ -77,11 +76,11 @@ fn kills(kind: RouterKind, runs: usize) -> (Vec<Duration>, usize) {
 }
 
 /// (datagrams lost per restart, runs where the route went away)
-fn restarts(kind: RouterKind, runs: usize) -> (Vec<u64>, usize) {
-    let mut lab = BfdLab::new(kind, 100);
+fn restarts(mut lab: BfdLab, runs: usize) -> (Vec<u64>, usize) {
     let mut lost = Vec::new();
     let mut dropped = 0;
     for _ in 0..runs {
+        lab.wait_route(true, Duration::from_secs(60));
         let flow = Flow::start(&lab);
         std::thread::sleep(Duration::from_millis(200));
         lab.stop_node(libc::SIGUSR2);
@@ -116,7 +115,7 @@ fn main() {
             "  link cut behind the switch → route gone: {}",
             summary(link_cuts(kind, runs))
         );
-        let (times, kept) = kills(kind, runs);
+        let (times, kept) = kills(BfdLab::new(kind, 100), runs);
         if kept > 0 {
             println!(
                 "  kill -9 of sluice run → route kept by graceful restart (> {} s); the data plane keeps forwarding",
@@ -125,12 +124,27 @@ fn main() {
         } else {
             println!("  kill -9 of sluice run → route gone: {}", summary(times));
         }
-        let (lost, gone) = restarts(kind, runs);
+        let (lost, gone) = restarts(BfdLab::new(kind, 100), runs);
         println!(
             "  planned restart (SIGUSR2, 0.5 s away) → route withdrawn in {gone} of {runs} runs; datagrams lost of ~1200 per run: {:?}",
             lost
         );
     }
+    println!("Frr with `neighbor … graceful-restart-disable`");
+    let (times, kept) = kills(BfdLab::new_frr_without_graceful_restart(100), runs);
+    if kept > 0 {
+        println!(
+            "  kill -9 of sluice run → route kept (> {} s)",
+            GIVE_UP.as_secs()
+        );
+    } else {
+        println!("  kill -9 of sluice run → route gone: {}", summary(times));
+    }
+    let (lost, gone) = restarts(BfdLab::new_frr_without_graceful_restart(100), runs);
+    println!(
+        "  planned restart (SIGUSR2, 0.5 s away) → route withdrawn in {gone} of {runs} runs; datagrams lost of ~1200 per run: {:?}",
+        lost
+    );
     let baseline = BfdLab::new_with(RouterKind::Bird, 100, false);
     baseline.set_link(false);
     let gone = until_gone(&baseline);
