@@ -298,3 +298,38 @@ fn new_bfd_timers_reach_bird_without_taking_the_session_down() {
         .count();
     assert_eq!(downs, 0, "{doc}");
 }
+
+/// A reload that drops a peer's profile stops BFD (the sockets close); one that brings it back
+/// starts it again on the same ports.
+#[test]
+fn a_peer_that_loses_and_regains_its_bfd_profile_on_reload_gets_bfd_back() {
+    require_root();
+    let _serial = serial();
+    let lab = BfdLab::new(RouterKind::Bird, INTERVAL_MS);
+    let sessions = |lab: &BfdLab| lab.inspect()["bfd"]["sessions"].clone();
+    lab.edit_config(|t| t.replace("  bfdProfile: fast\n", ""));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sessions(&lab).is_null() {
+        assert!(std::time::Instant::now() < deadline, "{}", sessions(&lab));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!lab.bfd_up());
+    lab.edit_config(|t| {
+        t.replace(
+            "  connectTime: 1s\n",
+            "  connectTime: 1s\n  bfdProfile: fast\n",
+        )
+    });
+    lab.wait_bfd_up(Duration::from_secs(30));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = sessions(&lab);
+        if s[0]["state"] == "Up" {
+            assert!(s[0]["error"].is_null(), "{s}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lab.wait_route(true, Duration::from_secs(30));
+}

@@ -607,7 +607,7 @@ fn udp_socket(v4: bool) -> io::Result<UdpSocket> {
 fn receive_socket(v4: bool, port: u16) -> io::Result<tokio::net::UdpSocket> {
     let socket = udp_socket(v4)?;
     let fd = socket.as_raw_fd();
-    set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    // No SO_REUSEADDR: another BFD daemon on the port is an error to report, not a silent share.
     if v4 {
         set_int(fd, libc::IPPROTO_IP, libc::IP_RECVTTL, 1)?;
     } else {
@@ -695,8 +695,10 @@ async fn receive_loop(
 ) {
     let mut buf = [0u8; 512];
     loop {
-        if socket.readable().await.is_err() {
-            return;
+        // Ends (closing the socket) as soon as the agent is gone.
+        tokio::select! {
+            ready = socket.readable() => if ready.is_err() { return },
+            _ = packets.closed() => return,
         }
         let fd = socket.as_raw_fd();
         match socket.try_io(tokio::io::Interest::READABLE, || {
