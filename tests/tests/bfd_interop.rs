@@ -100,9 +100,12 @@ fn planned_restart_keeps_route_and_traffic(kind: RouterKind) {
         "{kind:?}: datagrams lost during the restart"
     );
     assert_eq!(received as u64, sent);
-    let doc = lab.inspect();
-    let session = &doc["bfd"]["sessions"][0];
-    assert_eq!(session["state"], "Up", "{doc}");
+    // The status reaches `sluice inspect` with the daemon's next tick (once a second).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while lab.inspect()["bfd"]["sessions"][0]["state"] != "Up" {
+        assert!(std::time::Instant::now() < deadline, "{}", lab.inspect());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     if kind == RouterKind::Bird {
         // The new process took the data plane over: its OPEN says it restarted (R) with
         // forwarding kept (F), as BIRD shows under the neighbour's graceful-restart capability.

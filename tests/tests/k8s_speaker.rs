@@ -397,8 +397,12 @@ fn a_bfdprofile_makes_speakers_run_bfd_so_a_cut_link_is_withdrawn_by_bfd_and_a_r
                 .then_some(())
         },
     );
-    let s = lab.status(1);
-    assert_eq!(s["bfd"]["sessions"][0]["state"], "Up", "{s}");
+    // The new speaker's status file says so at its next write.
+    wait_for(
+        "node-b's status to show BFD up again",
+        Duration::from_secs(5),
+        || (lab.status(1)["bfd"]["sessions"][0]["state"] == "Up").then_some(()),
+    );
     let t = router.birdc(&format!("show route {prefix} all"));
     assert!(t.contains(&via(2)), "{t}");
     assert_eq!(

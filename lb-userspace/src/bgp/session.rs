@@ -20,7 +20,7 @@ use tokio::{
 use super::{
     advertise::RouteAttributes,
     fsm::{Action, Event, Fsm, State, Timing},
-    wire::{self, Attributes, BgpMessage, OpenParams, Reader},
+    wire::{self, Attributes, BgpMessage, Families, OpenParams, Reader},
 };
 
 /// The routes owed to one peer.
@@ -119,6 +119,8 @@ struct Conn {
     next_hop: IpAddr,
     /// What the peer has from us now.
     sent: Routes,
+    /// The families the peer's OPEN negotiated; nothing else is sent to it.
+    families: Families,
 }
 
 /// Runs a session until `stop` turns true; then sends Cease and returns.
@@ -275,7 +277,10 @@ pub async fn run(
                                 Ok(Some(message)) => {
                                     let event = match message {
                                         BgpMessage::Open(open) => match wire::check_open(&open, config.peer_asn) {
-                                            Ok(peer) => Event::OpenReceived(peer),
+                                            Ok(peer) => {
+                                                c.families = Families::of(&peer);
+                                                Event::OpenReceived(peer)
+                                            }
                                             Err(n) => Event::ProtocolError { code: n.code, subcode: n.subcode },
                                         },
                                         BgpMessage::KeepAlive => Event::KeepaliveReceived,
@@ -312,8 +317,7 @@ pub async fn run(
                                 let wanted = routes.borrow().clone();
                                 let resent = async {
                                     sync_routes(&config, c, &wanted, &status).await?;
-                                    send(c, &wire::end_of_rib(false)).await?;
-                                    send(c, &wire::end_of_rib(true)).await
+                                    send_end_of_ribs(c).await
                                 }
                                 .await;
                                 if resent.is_err() {
@@ -362,6 +366,10 @@ fn new_conn(stream: TcpStream) -> Conn {
         reader: Reader::new(true),
         next_hop,
         sent: Routes::new(),
+        families: Families {
+            ipv4: true,
+            ipv6: true,
+        },
     }
 }
 
@@ -385,6 +393,13 @@ async fn resolve_collision(
     }
     tracing::info!(event = "collisionResolved", peer = %config.peer, kept = "theirs");
     Some(adopt(config, fsm, conn, theirs))
+}
+
+async fn send_end_of_ribs(conn: &mut Conn) -> Result<(), String> {
+    for message in wire::end_of_ribs(conn.families) {
+        send(conn, &message).await?;
+    }
+    Ok(())
 }
 
 async fn send(conn: &mut Conn, message: &BgpMessage) -> Result<(), String> {
@@ -422,8 +437,8 @@ async fn sync_routes(
     let wanted: Routes = wanted
         .iter()
         .filter(|(p, _)| match p {
-            IpNet::V4(_) => conn.next_hop.is_ipv4(),
-            IpNet::V6(_) => v6_next_hop.is_some(),
+            IpNet::V4(_) => conn.families.ipv4 && conn.next_hop.is_ipv4(),
+            IpNet::V6(_) => conn.families.ipv6 && v6_next_hop.is_some(),
         })
         .map(|(p, a)| (*p, a.clone()))
         .collect();
@@ -506,8 +521,7 @@ async fn perform(
             let wanted = routes.borrow().clone();
             let result = async {
                 sync_routes(config, c, &wanted, status).await?;
-                send(c, &wire::end_of_rib(false)).await?;
-                send(c, &wire::end_of_rib(true)).await
+                send_end_of_ribs(c).await
             }
             .await;
             match result {

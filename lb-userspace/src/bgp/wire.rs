@@ -306,6 +306,37 @@ pub fn withdraw(prefixes: &[IpNet]) -> Result<BgpMessage, String> {
 }
 
 /// End-of-RIB (RFC 4724 §2): an empty UPDATE for IPv4, an empty MP_UNREACH_NLRI for IPv6.
+/// The address families a session may carry: those the peer's OPEN offers (we offer IPv4 and
+/// IPv6 unicast). RFC 4760 §8: a peer that offers no multiprotocol capability speaks IPv4
+/// unicast only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Families {
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+impl Families {
+    pub fn of(peer: &PeerOpen) -> Self {
+        Self {
+            ipv4: peer.ipv4_unicast,
+            ipv6: peer.ipv6_unicast,
+        }
+    }
+}
+
+/// End-of-RIB (RFC 4724 §2) for each family of the session, IPv4 first: never for a family the
+/// peer did not negotiate (RFC 4760 §6 forbids sending it UPDATEs of that family).
+pub fn end_of_ribs(families: Families) -> Vec<BgpMessage> {
+    let mut out = Vec::new();
+    if families.ipv4 {
+        out.push(end_of_rib(false));
+    }
+    if families.ipv6 {
+        out.push(end_of_rib(true));
+    }
+    out
+}
+
 pub fn end_of_rib(ipv6: bool) -> BgpMessage {
     let path = if ipv6 {
         vec![attribute(
@@ -439,6 +470,51 @@ mod tests {
         assert!(
             matches!(message, Ok(Some(BgpMessage::Notification(_)))),
             "{message:?}"
+        );
+    }
+
+    #[test]
+    fn end_of_rib_goes_only_to_the_families_the_peer_negotiated() {
+        let bytes = |f: Families| -> Vec<Vec<u8>> {
+            end_of_ribs(f)
+                .iter()
+                .map(|m| encode(m, true).unwrap())
+                .collect()
+        };
+        // IPv4: an empty UPDATE (23 bytes); IPv6: MP_UNREACH_NLRI with AFI 2, SAFI 1 and no
+        // prefixes (RFC 4724 §2).
+        let v4 = [header(23, 2), vec![0, 0, 0, 0]].concat();
+        let v6 = [header(29, 2), vec![0, 0, 0, 6, 0x80, 15, 3, 0, 2, 1]].concat();
+        assert_eq!(
+            bytes(Families {
+                ipv4: true,
+                ipv6: true
+            }),
+            [v4.clone(), v6.clone()]
+        );
+        assert_eq!(
+            bytes(Families {
+                ipv4: true,
+                ipv6: false
+            }),
+            [v4]
+        );
+        assert_eq!(
+            bytes(Families {
+                ipv4: false,
+                ipv6: true
+            }),
+            [v6]
+        );
+        // A peer that offers no multiprotocol capability: IPv4 unicast only.
+        let open = BgpOpenMessage::new(64500, 90, Ipv4Addr::new(10, 0, 0, 1), vec![]);
+        let peer = check_open(&open, 64500).unwrap();
+        assert_eq!(
+            Families::of(&peer),
+            Families {
+                ipv4: true,
+                ipv6: false
+            }
         );
     }
 
