@@ -446,8 +446,10 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: logs written to a file, a pipe or a journal stay plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -594,6 +596,16 @@ fn detach(pin_dir: Option<PathBuf>, configs: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
+/// A count as JSON: an integer while it is one (pool sizes are kept as f64, for IPv6 pools
+/// past 2^64), a float past 2^53.
+fn whole(count: f64) -> serde_json::Value {
+    if count.fract() == 0.0 && (0.0..=9_007_199_254_740_992.0).contains(&count) {
+        serde_json::json!(count as u64)
+    } else {
+        serde_json::json!(count)
+    }
+}
+
 fn inspect(
     pin_dir: Option<PathBuf>,
     configs: &[PathBuf],
@@ -679,7 +691,7 @@ fn inspect(
         let doc = serde_json::json!({
             "l2Vips": vips,
             "unhealthyBackends": unhealthy,
-            "pools": status.pools.iter().map(|(p, used, total)| serde_json::json!({"pool": p, "inUse": used, "total": total})).collect::<Vec<_>>(),
+            "pools": status.pools.iter().map(|(p, used, total)| serde_json::json!({"pool": p, "inUse": used, "total": whole(*total)})).collect::<Vec<_>>(),
             "bgpSessions": status.bgp,
             "mesh": status.mesh_enabled.then_some(&status.mesh),
             "bfd": (!status.bfd.sessions.is_empty()).then_some(&status.bfd),

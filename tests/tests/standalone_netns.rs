@@ -194,6 +194,9 @@ fn run_allocates_ips_answers_arp_only_where_configured_and_balances_tcp_udp_ipv6
             .any(|s| s["name"] == "web" && s["service"] == "198.18.1.100:80/tcp"),
         "{doc}"
     );
+    // Pool sizes are whole numbers in JSON (not 32.0).
+    let total = &doc["pools"][0]["total"];
+    assert!(total.is_u64(), "{doc}");
 
     // The allocation is remembered: a restart gives the same IPs.
     let status = run.process.take().stop(libc::SIGTERM);

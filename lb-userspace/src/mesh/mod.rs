@@ -122,13 +122,20 @@ pub struct Member {
     pub noticed_after: Option<Duration>,
     /// It said it is restarting: count it alive until then.
     pub restarting_until: Option<Instant>,
+    /// Heard from within this, it counts alive whatever the gossip says ([`heard_lately`]).
+    pub heard_lately: Duration,
 }
 
 /// A member heard from this recently is alive, whatever the gossip says: a node back from a
 /// partition spreads its stale verdicts ("everyone else is down") until they are refuted, and
 /// those must not move anything. A really dead member has been silent for longer than this
-/// by the time it is declared down (the probe and the suspicion take 0.6 × the timeout).
-pub const HEARD_LATELY: Duration = Duration::from_millis(300);
+/// by the time it is declared down: its next probe, the indirect probes and the suspicion take
+/// at least 0.6 × the timeout. Live members of a small mesh are normally heard from every two
+/// or three probe periods (0.4–0.6 × the timeout): less than that (0.3 × at first) let a stale
+/// verdict take a live member's IP now and then.
+pub fn heard_lately(failure_timeout: Duration) -> Duration {
+    failure_timeout.mul_f64(0.6)
+}
 
 impl Member {
     /// Alive for the election: active in the mesh, heard from lately, or restarting within its
@@ -138,7 +145,7 @@ impl Member {
             || self.restarting_until.is_some_and(|t| now < t)
             || self
                 .last_heard
-                .is_some_and(|t| now.saturating_duration_since(t) < HEARD_LATELY)
+                .is_some_and(|t| now.saturating_duration_since(t) < self.heard_lately)
     }
 }
 
@@ -174,6 +181,8 @@ enum Input {
 #[derive(Default)]
 struct Shared {
     view: MeshView,
+    /// [`heard_lately`] of the failure timeout.
+    heard_lately: Duration,
     /// Nodes of the cluster and where their speakers listen (from their Leases).
     peers: BTreeMap<String, SocketAddr>,
 }
@@ -243,7 +252,10 @@ impl Mesh {
             )
         };
         let socket = Arc::new(socket);
-        let shared = Arc::new(Mutex::new(Shared::default()));
+        let shared = Arc::new(Mutex::new(Shared {
+            heard_lately: heard_lately(options.failure_timeout),
+            ..Shared::default()
+        }));
         let (tx, rx) = mpsc::unbounded_channel();
         let boot = now_ms();
         let identity = Id {
@@ -307,6 +319,7 @@ impl Mesh {
                                         .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
                                         .unwrap_or(0);
                                     let addr = s.peers.get(&node).copied().unwrap_or(from);
+                                    let heard_lately = s.heard_lately;
                                     let m = s.view.members.entry(node.clone()).or_insert(Member {
                                         addr,
                                         state: MemberState::Down,
@@ -314,6 +327,7 @@ impl Mesh {
                                         last_heard: Some(now),
                                         noticed_after: None,
                                         restarting_until: None,
+                                        heard_lately,
                                     });
                                     m.restarting_until =
                                         Some(now + Duration::from_millis(ms.into()));
@@ -526,6 +540,7 @@ async fn drive(
             match n {
                 OwnedNotification::MemberUp(id) | OwnedNotification::Rename(_, id) => {
                     any = true;
+                    let heard_lately = s.heard_lately;
                     let m = s.view.members.entry(id.node.clone()).or_insert(Member {
                         addr: id.addr,
                         state: MemberState::Down,
@@ -533,6 +548,7 @@ async fn drive(
                         last_heard: None,
                         noticed_after: None,
                         restarting_until: None,
+                        heard_lately,
                     });
                     m.addr = id.addr;
                     m.restarting_until = None;
@@ -624,6 +640,7 @@ mod tests {
             last_heard: None,
             noticed_after: None,
             restarting_until,
+            heard_lately: heard_lately(DEFAULT_FAILURE_TIMEOUT),
         };
         assert!(member(MemberState::Alive, None).counts_alive(now));
         assert!(member(MemberState::Suspect, None).counts_alive(now));
@@ -636,7 +653,8 @@ mod tests {
             heard.counts_alive(now),
             "heard from just now: gossip is stale"
         );
-        assert!(!heard.counts_alive(now + HEARD_LATELY));
+        assert!(heard.counts_alive(now + Duration::from_millis(599)));
+        assert!(!heard.counts_alive(now + Duration::from_millis(600)));
         let later = now + Duration::from_secs(5);
         assert!(member(MemberState::Down, Some(later)).counts_alive(now));
         assert!(!member(MemberState::Down, Some(now)).counts_alive(later));
