@@ -207,6 +207,9 @@ pub fn validate(paths: &[PathBuf]) -> Result<String> {
         config.services.len(),
         config.peers.len()
     );
+    for w in &config.warnings {
+        summary.push_str(&format!("\n  warning: {w}"));
+    }
     for s in &config.services {
         if let Some(a) = allocations.get(&s.name) {
             summary.push_str(&format!("\n  {} → {} (pool {})", s.name, a.ip, a.pool));
@@ -461,6 +464,7 @@ impl Daemon {
                     services = self.config.services.len(),
                     changed
                 );
+                log_warnings(&self.config);
                 self.publish();
             }
             Err(error) => {
@@ -560,6 +564,13 @@ pub fn bfd_state_file(state_file: &Path) -> PathBuf {
     PathBuf::from(format!("{}.bfd-sessions.json", state_file.display()))
 }
 
+/// What the configuration reads differently from how it is written, once per load.
+fn log_warnings(config: &Config) {
+    for w in &config.warnings {
+        tracing::warn!(event = "configWarning", path = %w.path, message = %w.message);
+    }
+}
+
 fn stop_bgp(speaker: Option<crate::bgp::speaker::Speaker>, how: OnStop) {
     let Some(speaker) = speaker else {
         return;
@@ -583,6 +594,7 @@ fn stop_bgp(speaker: Option<crate::bgp::speaker::Speaker>, how: OnStop) {
 pub fn run(paths: Vec<PathBuf>, on_stop: OnStop) -> Result<()> {
     let signals = SignalSet::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR2])?;
     let config = config::load(&paths)?;
+    log_warnings(&config);
     let previous = read_state(&config.dataplane.state_file);
     let allocations = allocate(&config, &previous)?;
     // Links are pinned: forwarding goes on while this process restarts or is upgraded, and the

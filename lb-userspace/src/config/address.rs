@@ -71,6 +71,36 @@ impl AddrRange {
         })
     }
 
+    /// [`AddrRange::parse`] as MetalLB reads a CIDR (Go's `net.ParseCIDR`): host bits are
+    /// ignored (`192.168.122.1/24` is `192.168.122.0/24`). The second value says so when it
+    /// happened.
+    pub fn parse_masking_host_bits(text: &str) -> Result<(Self, Option<String>), String> {
+        match Self::parse(text) {
+            Ok(r) => Ok((r, None)),
+            Err(e) if e.contains("has host bits set") => {
+                let (addr, len) = text.trim().split_once('/').ok_or(e.clone())?;
+                let ip = IpAddr::from_str(addr).map_err(|_| e.clone())?;
+                let len: u32 = len.parse().map_err(|_| e.clone())?;
+                let bits: u32 = if ip.is_ipv4() { 32 } else { 128 };
+                let mask: u128 = if bits - len == 128 {
+                    u128::MAX
+                } else {
+                    (1u128 << (bits - len)) - 1
+                };
+                let network = from_u128(to_u128(ip) & !mask, ip.is_ipv4());
+                let range = Self::parse(&format!("{network}/{len}"))?;
+                Ok((
+                    range,
+                    Some(format!(
+                        "{:?} has host bits set; read as {network}/{len}, as MetalLB does",
+                        text.trim()
+                    )),
+                ))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn is_ipv4(&self) -> bool {
         self.start.is_ipv4()
     }

@@ -78,6 +78,10 @@ pub struct PoolSpec {
     pub avoid_buggy_ips: bool,
     #[serde(default = "yes")]
     pub auto_assign: bool,
+    /// Where a pool of MetalLB's legacy ConfigMap was (`data.config.address-pools[1]`): its
+    /// CIDRs are read as MetalLB reads them, and warnings name this path.
+    #[serde(skip)]
+    pub legacy_path: Option<String>,
 }
 
 fn yes() -> bool {
@@ -379,7 +383,11 @@ fn parse_legacy(text: &str, prefix: &str) -> Result<SluiceFile, FileError> {
         message: format!("not valid YAML: {e}"),
     })?;
     let legacy: LegacyConfig = deserialize(value, prefix)?;
-    Ok(from_legacy(legacy))
+    let mut file = from_legacy(legacy);
+    for (i, pool) in file.pools.iter_mut().enumerate() {
+        pool.legacy_path = Some(format!("{prefix}address-pools[{i}]"));
+    }
+    Ok(file)
 }
 
 /// MetalLB's legacy configuration in Sluice's terms: layer2 pools get an L2 advertisement on the
@@ -453,6 +461,7 @@ pub fn from_legacy(legacy: LegacyConfig) -> SluiceFile {
             addresses: pool.addresses,
             avoid_buggy_ips: pool.avoid_buggy_ips,
             auto_assign: pool.auto_assign,
+            legacy_path: None,
         });
     }
     file

@@ -26,6 +26,9 @@ pub struct Config {
     pub services: Vec<ServiceDef>,
     pub peers: Vec<Peer>,
     pub bgp_advertisements: Vec<BgpAdvertisement>,
+    /// What was read differently from how it is written (a legacy CIDR with host bits), each
+    /// with its path in the file's own terms and what Sluice made of it.
+    pub warnings: Vec<FileError>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -233,7 +236,11 @@ pub fn build_for(
                 dataplane_section = Some((name.clone(), section));
             }
         }
-        merged.pools.extend(f.pools);
+        // A legacy pool's path names its file: warnings point there.
+        merged.pools.extend(f.pools.into_iter().map(|mut pool| {
+            pool.legacy_path = pool.legacy_path.map(|at| format!("{name}: {at}"));
+            pool
+        }));
         merged.l2_advertisements.extend(f.l2_advertisements);
         merged.services.extend(f.services);
         merged.peers.extend(f.peers);
@@ -288,6 +295,7 @@ pub fn build_for(
 
     // pools
     let mut pools: Vec<Pool> = Vec::new();
+    let mut warnings: Vec<FileError> = Vec::new();
     let mut seen_pools = BTreeSet::new();
     for (i, spec) in merged.pools.iter().enumerate() {
         let path = format!("pools[{i}]");
@@ -307,8 +315,20 @@ pub fn build_for(
         }
         let mut ranges = Vec::new();
         for (j, text) in spec.addresses.iter().enumerate() {
-            match AddrRange::parse(text) {
-                Ok(r) => ranges.push(r),
+            let parsed = match &spec.legacy_path {
+                None => AddrRange::parse(text).map(|r| (r, None)),
+                Some(_) => AddrRange::parse_masking_host_bits(text),
+            };
+            match parsed {
+                Ok((r, note)) => {
+                    ranges.push(r);
+                    if let (Some(note), Some(at)) = (note, &spec.legacy_path) {
+                        warnings.push(FileError {
+                            path: format!("{at}.addresses[{j}]"),
+                            message: note,
+                        });
+                    }
+                }
                 Err(e) => p.add(format!("{path}.addresses[{j}]"), format!("{text:?}: {e}")),
             }
         }
@@ -453,6 +473,7 @@ pub fn build_for(
         services,
         peers,
         bgp_advertisements,
+        warnings,
     })
 }
 
@@ -1129,6 +1150,34 @@ bgpAdvertisements:
                 .to_string()
                 .contains("bfdProfile: \"nope\" names no BFD profile"),
             "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_legacy_cidr_with_host_bits_is_read_as_metallb_reads_it_with_a_warning_naming_its_path() {
+        let configmap = "apiVersion: v1\nkind: ConfigMap\ndata:\n  config: |\n    address-pools:\n    - name: a\n      protocol: bgp\n      addresses: [198.51.100.0/28]\n    - name: b\n      protocol: bgp\n      addresses: [192.168.122.1/24, \"2001:db8::1/64\"]\n";
+        let c = build(vec![(
+            "metallb.yaml".into(),
+            parse_text("metallb.yaml", configmap).unwrap(),
+        )])
+        .unwrap();
+        assert_eq!(
+            c.pools[1].ranges[0].to_string(),
+            "192.168.122.0-192.168.122.255"
+        );
+        let warnings: Vec<String> = c.warnings.iter().map(|w| w.to_string()).collect();
+        assert_eq!(
+            warnings,
+            [
+                "metallb.yaml: data.config.address-pools[1].addresses[0]: \"192.168.122.1/24\" has host bits set; read as 192.168.122.0/24, as MetalLB does",
+                "metallb.yaml: data.config.address-pools[1].addresses[1]: \"2001:db8::1/64\" has host bits set; read as 2001:db8::/64, as MetalLB does",
+            ]
+        );
+        // Sluice's own format stays strict: the same CIDR is an error there.
+        let errors = build_one("pools: [{name: b, addresses: [192.168.122.1/24]}]").unwrap_err();
+        assert!(
+            errors[0].contains("did you mean 192.168.122.0/24?"),
+            "{errors:?}"
         );
     }
 

@@ -156,6 +156,7 @@ pub fn validate(objects: &Objects) -> Verdict {
             addresses: p.spec.addresses.clone(),
             avoid_buggy_ips: p.spec.avoid_buggy_ips.unwrap_or(false),
             auto_assign: p.spec.auto_assign.unwrap_or(true),
+            legacy_path: None,
         });
     }
     for a in &l2s {
