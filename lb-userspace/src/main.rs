@@ -628,6 +628,9 @@ fn inspect(
         Some(path) => std::fs::read_to_string(&path)
             .ok()
             .and_then(|text| serde_json::from_str(&text).ok()),
+        // Without --config: what the daemon serving this pin directory says, else the default.
+        None if config.is_none() => lb_userspace::standalone::read_status_of(&pin_dir)
+            .or_else(|| lb_userspace::standalone::read_status(&state_file)),
         None => lb_userspace::standalone::read_status(&state_file),
     }
     .unwrap_or_default();

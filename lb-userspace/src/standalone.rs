@@ -148,6 +148,24 @@ pub fn status_path(state_file: &Path) -> PathBuf {
     state_file.with_file_name("status.json")
 }
 
+/// Where `sluice run` leaves the path of its status file, so that `sluice inspect` without
+/// `--config` finds it from the pin directory alone: one small file per pin directory.
+pub fn status_pointer(pin_dir: &Path) -> PathBuf {
+    let key = pin_dir
+        .display()
+        .to_string()
+        .trim_matches('/')
+        .replace('/', "_");
+    PathBuf::from("/run/sluice").join(format!("{key}.status-path"))
+}
+
+/// The status of the daemon serving `pin_dir`, found through [`status_pointer`].
+pub fn read_status_of(pin_dir: &Path) -> Option<Status> {
+    let path = std::fs::read_to_string(status_pointer(pin_dir)).ok()?;
+    let text = std::fs::read_to_string(path.trim()).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
 /// Reads the status a daemon wrote, if any.
 pub fn read_status(state_file: &Path) -> Option<Status> {
     let text = std::fs::read_to_string(status_path(state_file)).ok()?;
@@ -595,6 +613,12 @@ pub fn run(paths: Vec<PathBuf>, on_stop: OnStop) -> Result<()> {
     let signals = SignalSet::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR2])?;
     let config = config::load(&paths)?;
     log_warnings(&config);
+    let status_file = std::path::absolute(status_path(&config.dataplane.state_file))
+        .unwrap_or_else(|_| status_path(&config.dataplane.state_file));
+    let pointer = status_pointer(&config.dataplane.pin_dir);
+    if let Err(error) = write_atomically(&pointer, &status_file.display().to_string()) {
+        tracing::debug!(event = "statusPointerNotWritten", path = %pointer.display(), error = %format!("{error:#}"));
+    }
     let previous = read_state(&config.dataplane.state_file);
     let allocations = allocate(&config, &previous)?;
     // Links are pinned: forwarding goes on while this process restarts or is upgraded, and the

@@ -522,6 +522,11 @@ peers:
 
     /// `sluice inspect --json` in the node.
     pub fn inspect(&self) -> serde_json::Value {
+        self.inspect_with(&["--config", self.config.to_str().unwrap()])
+    }
+
+    /// `sluice inspect --json ARGS` in the node.
+    pub fn inspect_with(&self, args: &[&str]) -> serde_json::Value {
         let out = Command::new("nsenter")
             .args([
                 "--target",
@@ -529,8 +534,8 @@ peers:
                 "--mount",
                 "--net",
             ])
-            .args([sluice_bin().as_str(), "inspect", "--json", "--config"])
-            .arg(&self.config)
+            .args([sluice_bin().as_str(), "inspect", "--json"])
+            .args(args)
             .output()
             .expect("nsenter");
         serde_json::from_slice(&out.stdout)
