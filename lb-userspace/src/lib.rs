@@ -16,4 +16,5 @@ pub mod maglev;
 pub mod mesh;
 pub mod metrics;
 pub mod signals;
+pub mod sockopt;
 pub mod standalone;

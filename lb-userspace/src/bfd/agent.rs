@@ -26,6 +26,8 @@ use std::{
 
 use tokio::sync::{mpsc, watch};
 
+use crate::sockopt::{set_int, set_ttl, sockaddr};
+
 use super::{
     packet::{self, Diag, Drop, Packet, State},
     session::{Output, Saved, Session, Settings},
@@ -562,27 +564,6 @@ fn jitter() -> f64 {
     f64::from(random_u32()) / 4_294_967_296.0
 }
 
-fn set_int(
-    fd: RawFd,
-    level: libc::c_int,
-    option: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            option,
-            &value as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 fn udp_socket(v4: bool) -> io::Result<UdpSocket> {
     let family = if v4 { libc::AF_INET } else { libc::AF_INET6 };
     let fd = unsafe {
@@ -637,41 +618,12 @@ fn bind(socket: &UdpSocket, addr: SocketAddr) -> io::Result<()> {
     Ok(())
 }
 
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    match addr {
-        SocketAddr::V4(a) => {
-            let sin = &mut storage as *mut _ as *mut libc::sockaddr_in;
-            unsafe {
-                (*sin).sin_family = libc::AF_INET as u16;
-                (*sin).sin_port = a.port().to_be();
-                (*sin).sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
-            }
-            (storage, std::mem::size_of::<libc::sockaddr_in>() as u32)
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = &mut storage as *mut _ as *mut libc::sockaddr_in6;
-            unsafe {
-                (*sin6).sin6_family = libc::AF_INET6 as u16;
-                (*sin6).sin6_port = a.port().to_be();
-                (*sin6).sin6_addr.s6_addr = a.ip().octets();
-                (*sin6).sin6_scope_id = a.scope_id();
-            }
-            (storage, std::mem::size_of::<libc::sockaddr_in6>() as u32)
-        }
-    }
-}
-
 /// A session's sending socket: source port in 49152–65535 (RFC 5881 §4), TTL 255.
 fn send_socket(spec: &PeerBfd) -> io::Result<UdpSocket> {
     let v4 = spec.peer.is_ipv4();
     let socket = udp_socket(v4)?;
     let fd = socket.as_raw_fd();
-    if v4 {
-        set_int(fd, libc::IPPROTO_IP, libc::IP_TTL, 255)?;
-    } else {
-        set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, 255)?;
-    }
+    set_ttl(fd, v4, 255)?;
     let local = spec.local.filter(|l| l.is_ipv4() == v4).unwrap_or(if v4 {
         Ipv4Addr::UNSPECIFIED.into()
     } else {

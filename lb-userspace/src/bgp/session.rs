@@ -86,24 +86,7 @@ async fn connect(config: &SessionConfig, password: Option<&str>) -> std::io::Res
     }
     if config.local_asn != config.peer_asn && !config.ebgp_multi_hop {
         use std::os::fd::AsRawFd;
-        let ttl: libc::c_int = 1;
-        let (level, option) = if config.peer.is_ipv4() {
-            (libc::IPPROTO_IP, libc::IP_TTL)
-        } else {
-            (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS)
-        };
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                level,
-                option,
-                &ttl as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as u32,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        crate::sockopt::set_ttl(socket.as_raw_fd(), config.peer.is_ipv4(), 1)?;
     }
     if let Some(source) = config.source {
         socket.bind(SocketAddr::new(source, 0))?;

@@ -47,22 +47,7 @@ pub fn set_md5(fd: i32, peer: IpAddr, key: &str) -> std::io::Result<()> {
         return Err(std::io::Error::other("a TCP-MD5 key has 1 to 80 bytes"));
     }
     let mut sig: TcpMd5Sig = unsafe { std::mem::zeroed() };
-    match peer {
-        IpAddr::V4(v4) => {
-            let sin = &mut sig.addr as *mut _ as *mut libc::sockaddr_in;
-            unsafe {
-                (*sin).sin_family = libc::AF_INET as u16;
-                (*sin).sin_addr.s_addr = u32::from_ne_bytes(v4.octets());
-            }
-        }
-        IpAddr::V6(v6) => {
-            let sin6 = &mut sig.addr as *mut _ as *mut libc::sockaddr_in6;
-            unsafe {
-                (*sin6).sin6_family = libc::AF_INET6 as u16;
-                (*sin6).sin6_addr.s6_addr = v6.octets();
-            }
-        }
-    }
+    sig.addr = crate::sockopt::sockaddr(SocketAddr::new(peer, 0)).0;
     sig.keylen = key.len() as u16;
     sig.key[..key.len()].copy_from_slice(key.as_bytes());
     let rc = unsafe {
@@ -121,13 +106,6 @@ struct CarriedFile {
     sessions: Vec<crate::bfd::agent::Carried>,
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Takes (reads and deletes) the sessions a previous process held, if they are still waited for.
 fn take_carried(path: &std::path::Path) -> Vec<crate::bfd::agent::Carried> {
     let Ok(text) = std::fs::read_to_string(path) else {
@@ -135,7 +113,7 @@ fn take_carried(path: &std::path::Path) -> Vec<crate::bfd::agent::Carried> {
     };
     let _ = std::fs::remove_file(path);
     match serde_json::from_str::<CarriedFile>(&text) {
-        Ok(f) if f.until_unix_ms > unix_ms() => f.sessions,
+        Ok(f) if f.until_unix_ms > crate::mesh::now_ms() => f.sessions,
         Ok(_) => Vec::new(),
         Err(error) => {
             tracing::warn!(event = "bfdStateUnreadable", path = %path.display(), %error);
@@ -389,7 +367,7 @@ impl Speaker {
             return;
         };
         let file = CarriedFile {
-            until_unix_ms: unix_ms() + window.as_millis() as u64,
+            until_unix_ms: crate::mesh::now_ms() + window.as_millis() as u64,
             sessions,
         };
         let text = serde_json::to_string(&file).unwrap_or_default();

@@ -26,24 +26,25 @@ pub struct SluiceFile {
     pub bfd_profiles: Vec<BfdProfileSpec>,
 }
 
-/// MetalLB's BFDProfile fields; intervals in milliseconds.
+/// MetalLB's BFDProfile fields; intervals in milliseconds. The legacy ConfigMap's
+/// `bfd-profiles` use the same fields in kebab-case (the aliases).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BfdProfileSpec {
     pub name: String,
-    #[serde(default)]
+    #[serde(default, alias = "receive-interval")]
     pub receive_interval: Option<i64>,
-    #[serde(default)]
+    #[serde(default, alias = "transmit-interval")]
     pub transmit_interval: Option<i64>,
-    #[serde(default)]
+    #[serde(default, alias = "detect-multiplier")]
     pub detect_multiplier: Option<i64>,
-    #[serde(default)]
+    #[serde(default, alias = "echo-interval")]
     pub echo_interval: Option<i64>,
-    #[serde(default)]
+    #[serde(default, alias = "echo-mode")]
     pub echo_mode: Option<bool>,
-    #[serde(default)]
+    #[serde(default, alias = "passive-mode")]
     pub passive_mode: Option<bool>,
-    #[serde(default)]
+    #[serde(default, alias = "minimum-ttl")]
     pub minimum_ttl: Option<i64>,
 }
 
@@ -268,27 +269,7 @@ pub struct LegacyConfig {
     #[serde(default)]
     pub bgp_communities: std::collections::BTreeMap<String, String>,
     #[serde(default)]
-    pub bfd_profiles: Vec<LegacyBfdProfile>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct LegacyBfdProfile {
-    pub name: String,
-    #[serde(default)]
-    pub receive_interval: Option<i64>,
-    #[serde(default)]
-    pub transmit_interval: Option<i64>,
-    #[serde(default)]
-    pub detect_multiplier: Option<i64>,
-    #[serde(default)]
-    pub echo_interval: Option<i64>,
-    #[serde(default)]
-    pub echo_mode: Option<bool>,
-    #[serde(default)]
-    pub passive_mode: Option<bool>,
-    #[serde(default)]
-    pub minimum_ttl: Option<i64>,
+    pub bfd_profiles: Vec<BfdProfileSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -410,18 +391,7 @@ pub fn from_legacy(legacy: LegacyConfig) -> SluiceFile {
             bfd_profile: peer.bfd_profile,
         });
     }
-    for profile in legacy.bfd_profiles {
-        file.bfd_profiles.push(BfdProfileSpec {
-            name: profile.name,
-            receive_interval: profile.receive_interval,
-            transmit_interval: profile.transmit_interval,
-            detect_multiplier: profile.detect_multiplier,
-            echo_interval: profile.echo_interval,
-            echo_mode: profile.echo_mode,
-            passive_mode: profile.passive_mode,
-            minimum_ttl: profile.minimum_ttl,
-        });
-    }
+    file.bfd_profiles = legacy.bfd_profiles;
     for pool in legacy.address_pools {
         match pool.protocol.as_str() {
             "bgp" => {

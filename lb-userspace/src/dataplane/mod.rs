@@ -544,13 +544,13 @@ impl Dataplane {
         }
     }
 
-    /// The interfaces the ingress program is attached to, by ifindex.
     /// This process took over pinned links from an earlier one, which kept forwarding while it
     /// restarted (BGP graceful restart says so to the routers).
     pub fn adopted_links(&self) -> bool {
         self.adopted
     }
 
+    /// The interfaces the ingress program is attached to, by ifindex.
     pub fn attached(&self) -> impl Iterator<Item = (u32, &str)> {
         self.attached
             .iter()
