@@ -15,6 +15,7 @@ pub mod l2;
 pub mod maglev;
 pub mod mesh;
 pub mod metrics;
+pub mod onlink;
 pub mod signals;
 pub mod sockopt;
 pub mod standalone;

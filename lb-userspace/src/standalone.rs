@@ -24,6 +24,7 @@ use crate::{
     health::{self, Checker, Health, ProbeResult},
     ipam::{self, Allocation},
     metrics::{self, BackendHealth, SharedStatus, Status},
+    onlink::{self, Subnet},
     signals::SignalSet,
 };
 
@@ -33,19 +34,24 @@ pub type HealthKey = (String, IpAddr, u16);
 /// What the data plane should hold.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Desired {
+    /// `dataplane.interfaces`, the L2 advertisements' and the on-link interfaces of the L2 IPs.
     pub interfaces: Vec<String>,
     /// (VIP, interface to answer ARP/NDP on).
     pub l2: Vec<(IpAddr, String)>,
+    /// IPs of on-link advertisements that no interface's subnet holds: answered nowhere.
+    pub off_link: Vec<IpAddr>,
     pub services: BTreeMap<Service, Vec<Backend>>,
     /// Backends to probe, with their check.
     pub checks: Vec<(HealthKey, HealthCheck)>,
 }
 
-/// The decision: pure.
+/// The decision: pure. `subnets`: this host's interfaces' own subnets, where advertisements
+/// that name no interface answer (see `onlink`).
 pub fn desired(
     config: &Config,
     allocations: &BTreeMap<String, Allocation>,
     health: &BTreeMap<HealthKey, Health>,
+    subnets: &[Subnet],
 ) -> Desired {
     let mut services = BTreeMap::new();
     let mut checks = Vec::new();
@@ -95,9 +101,19 @@ pub fn desired(
         }
     }
     let mut l2 = Vec::new();
+    let mut off_link = BTreeSet::new();
     for adv in &config.l2_advertisements {
         for allocation in allocations.values() {
-            if adv.pools.contains(&allocation.pool) {
+            if !adv.pools.contains(&allocation.pool) {
+                continue;
+            }
+            if adv.interfaces.is_empty() {
+                let on = onlink::interfaces_for(allocation.ip, subnets);
+                if on.is_empty() {
+                    off_link.insert(allocation.ip);
+                }
+                l2.extend(on.into_iter().map(|i| (allocation.ip, i)));
+            } else {
                 for interface in &adv.interfaces {
                     l2.push((allocation.ip, interface.clone()));
                 }
@@ -106,9 +122,18 @@ pub fn desired(
     }
     l2.sort();
     l2.dedup();
+    // An IP answered on-link somewhere is not off-link because another advertisement is.
+    off_link.retain(|ip| !l2.iter().any(|(x, _)| x == ip));
+    let mut interfaces = config.dataplane.interfaces.clone();
+    for (_, name) in &l2 {
+        if !interfaces.contains(name) {
+            interfaces.push(name.clone());
+        }
+    }
     Desired {
-        interfaces: config.dataplane.interfaces.clone(),
+        interfaces,
         l2,
+        off_link: off_link.into_iter().collect(),
         services,
         checks,
     }
@@ -214,7 +239,8 @@ pub fn validate(paths: &[PathBuf]) -> Result<String> {
     let config = config::load(paths)?;
     let previous = read_state(&config.dataplane.state_file);
     let allocations = allocate(&config, &previous)?;
-    let plan = desired(&config, &allocations, &BTreeMap::new());
+    let subnets = dataplane::subnets();
+    let plan = desired(&config, &allocations, &BTreeMap::new(), &subnets);
     for (service, backends) in &plan.services {
         dataplane::validate_service(service, backends, config.dataplane.maglev_table_size)?;
     }
@@ -228,12 +254,45 @@ pub fn validate(paths: &[PathBuf]) -> Result<String> {
     for w in &config.warnings {
         summary.push_str(&format!("\n  warning: {w}"));
     }
+    for w in off_link_ranges(&config, &subnets) {
+        summary.push_str(&format!("\n  warning: {w}"));
+    }
     for s in &config.services {
         if let Some(a) = allocations.get(&s.name) {
             summary.push_str(&format!("\n  {} → {} (pool {})", s.name, a.ip, a.pool));
         }
     }
     Ok(summary)
+}
+
+/// The ranges of pools advertised on-link (L2 advertisements naming no interface) that no
+/// interface's subnet holds whole, on this host: addresses there would be answered nowhere.
+pub fn off_link_ranges(config: &Config, subnets: &[Subnet]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
+    for adv in config
+        .l2_advertisements
+        .iter()
+        .filter(|a| a.interfaces.is_empty())
+    {
+        for pool in config.pools.iter().filter(|p| adv.pools.contains(&p.name)) {
+            for range in &pool.ranges {
+                let (first, last) = (range.start, range.end);
+                let held = onlink::interfaces_for(first, subnets)
+                    .intersection(&onlink::interfaces_for(last, subnets))
+                    .next()
+                    .is_some();
+                if !held && seen.insert((pool.name.clone(), range.to_string())) {
+                    out.push(format!(
+                        "pool {:?}: {range} is announced in L2 on the interfaces whose subnets hold its addresses, and no interface here holds it whole (subnets: {}); name interfaces in the L2 advertisement to answer elsewhere",
+                        pool.name,
+                        onlink::describe(subnets)
+                    ));
+                }
+            }
+        }
+    }
+    out
 }
 
 struct Daemon {
@@ -249,13 +308,33 @@ struct Daemon {
     announced: BTreeSet<(IpAddr, u32)>,
     /// BGP sessions, when the config has peers.
     bgp: Option<crate::bgp::speaker::Speaker>,
+    /// This host's subnets when the data plane was last made to match (on-link answering).
+    subnets: Vec<Subnet>,
+    /// On-link IPs no subnet held then (logged when that changes).
+    off_link: Vec<IpAddr>,
 }
 
 impl Daemon {
     /// Makes the data plane match `config` + `allocations` + health. Everything that can be
     /// checked is checked before the first change.
     fn apply(&mut self, config: &Config, allocations: &BTreeMap<String, Allocation>) -> Result<()> {
-        let plan = desired(config, allocations, &self.health);
+        self.subnets = dataplane::subnets();
+        let plan = desired(config, allocations, &self.health, &self.subnets);
+        if plan.off_link != self.off_link {
+            for ip in plan
+                .off_link
+                .iter()
+                .filter(|ip| !self.off_link.contains(ip))
+            {
+                tracing::warn!(
+                    event = "l2OffLink",
+                    %ip,
+                    subnets = %onlink::describe(&self.subnets),
+                    "no interface's subnet holds this IP: not answered in L2 (name interfaces in its L2 advertisement to answer elsewhere)"
+                );
+            }
+            self.off_link = plan.off_link.clone();
+        }
         let interfaces = plan
             .interfaces
             .iter()
@@ -373,6 +452,15 @@ impl Daemon {
 
     /// Publishes BGP state when it changed (state, counters, errors; not the uptime alone).
     fn tick(&mut self) {
+        // An address added to or removed from an interface moves on-link answering with it.
+        if dataplane::subnets() != self.subnets {
+            let (config, allocations) = (self.config.clone(), self.allocations.clone());
+            tracing::info!(event = "subnetsChanged", subnets = %onlink::describe(&dataplane::subnets()));
+            if let Err(error) = self.apply(&config, &allocations) {
+                tracing::error!(event = "applyFailed", error = %format!("{error:#}"));
+            }
+            self.publish();
+        }
         let bgp = self.bgp_status();
         let strip = |v: &[metrics::BgpSessionStatus]| {
             v.iter()
@@ -654,8 +742,13 @@ pub fn run(paths: Vec<PathBuf>, on_stop: OnStop) -> Result<()> {
         events: tx.clone(),
         announced: BTreeSet::new(),
         bgp: None,
+        subnets: Vec::new(),
+        off_link: Vec::new(),
     };
     daemon.apply(&config, &allocations)?;
+    for w in off_link_ranges(&config, &daemon.subnets) {
+        tracing::warn!(event = "configWarning", message = %w);
+    }
     status.lock().unwrap().ready = true;
     daemon.publish();
     for (name, a) in &daemon.allocations {
@@ -754,7 +847,7 @@ services:
 
     fn plan(c: &Config, health: &BTreeMap<HealthKey, Health>) -> Desired {
         let allocations = ipam::allocate(&c.pools, &c.services, &BTreeMap::new()).unwrap();
-        desired(c, &allocations, health)
+        desired(c, &allocations, health, &[])
     }
 
     #[test]
@@ -815,10 +908,40 @@ services:
             &c,
             &ipam::allocate(&c.pools, &c.services, &previous).unwrap(),
             &BTreeMap::new(),
+            &[],
         );
         for (s, b) in &before.services {
             assert_eq!(after.services.get(s), Some(b), "{s} must not be touched");
         }
         assert_eq!(after.services.len(), before.services.len() + 1);
+    }
+
+    #[test]
+    fn an_advertisement_naming_no_interface_answers_only_where_a_subnet_holds_the_ip() {
+        let c = config(
+            "pools:\n- {name: lan, addresses: [192.0.2.100-192.0.2.101]}\n- {name: far, addresses: [203.0.113.5/32]}\nl2Advertisements: [{}]\nservices:\n- {name: a, pool: lan, ports: [{port: 80}], backends: [{ip: 10.0.0.1}]}\n- {name: b, pool: far, ports: [{port: 80}], backends: [{ip: 10.0.0.1}]}\n",
+        );
+        let subnets = onlink::parse("lo=127.0.0.0/8,eth0=192.0.2.0/24,eth1=198.51.100.0/24");
+        let allocations = ipam::allocate(&c.pools, &c.services, &BTreeMap::new()).unwrap();
+        let d = desired(&c, &allocations, &BTreeMap::new(), &subnets);
+        assert_eq!(
+            d.l2,
+            [("192.0.2.100".parse().unwrap(), "eth0".to_string())],
+            "not on eth1, not on lo"
+        );
+        assert_eq!(
+            d.interfaces,
+            ["eth0"],
+            "the data plane goes where it answers"
+        );
+        assert_eq!(d.off_link, ["203.0.113.5".parse::<IpAddr>().unwrap()]);
+        let warnings = off_link_ranges(&c, &subnets);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("pool \"far\": 203.0.113.5")
+                && warnings[0].contains("eth0 192.0.2.0/24, eth1 198.51.100.0/24"),
+            "{}",
+            warnings[0]
+        );
     }
 }

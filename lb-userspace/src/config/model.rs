@@ -61,6 +61,8 @@ impl Pool {
 pub struct L2Advertisement {
     /// Pool names (all pools when the file named none).
     pub pools: Vec<String>,
+    /// Where to answer ARP/NDP. Empty: on-link, on the interfaces whose own subnets hold the
+    /// address (`onlink::interfaces_for`).
     pub interfaces: Vec<String>,
 }
 
@@ -200,28 +202,8 @@ fn well_known_community(name: &str) -> Option<(u16, u16)> {
     }
 }
 
-/// Where the model comes from, where that changes what is valid.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Source {
-    /// Config files for `sluice run`: an L2 advertisement without interfaces falls back to
-    /// `dataplane.interfaces`, and needs one of the two.
-    #[default]
-    Files,
-    /// Kubernetes objects: an L2 advertisement without interfaces means every interface each
-    /// node's speaker was given, resolved per node.
-    Kubernetes,
-}
-
 /// Builds the model from parsed files (`(name, file)` for error messages); every problem found.
 pub fn build(files: Vec<(String, SluiceFile)>) -> Result<Config, Vec<FileError>> {
-    build_for(files, Source::Files)
-}
-
-/// [`build`] for a [`Source`].
-pub fn build_for(
-    files: Vec<(String, SluiceFile)>,
-    source: Source,
-) -> Result<Config, Vec<FileError>> {
     let mut p = Problems::default();
     let mut dataplane_section: Option<(String, file::DataplaneSection)> = None;
     let mut merged = SluiceFile::default();
@@ -376,17 +358,8 @@ pub fn build_for(
                 p.add(format!("{path}.interfaces[{j}]"), e.to_string());
             }
         }
-        let ifaces = if spec.interfaces.is_empty() {
-            if section.interfaces.is_empty() && source == Source::Files {
-                p.add(
-                    format!("{path}.interfaces"),
-                    "names no interface, and dataplane.interfaces names none either: say where to answer ARP/NDP",
-                );
-            }
-            section.interfaces.clone()
-        } else {
-            spec.interfaces.clone()
-        };
+        // Naming none: on-link (see `onlink`), decided where the interfaces are known.
+        let ifaces = spec.interfaces.clone();
         interfaces.extend(ifaces.iter().cloned());
         l2.push(L2Advertisement {
             pools: if spec.ip_address_pools.is_empty() {
@@ -1052,7 +1025,6 @@ bgpAdvertisements:
             ("services: [{name: s, ports: [{port: 80}], healthCheck: {type: icmp}}]", "services[0].healthCheck.type: \"icmp\" is neither tcp nor http"),
             ("services: [{name: s, ports: [{port: 80}], healthCheck: {type: tcp, intervalSeconds: 1, timeoutSeconds: 2}}]", "services[0].healthCheck.timeoutSeconds: 2 s is longer than the interval"),
             ("l2Advertisements: [{ipAddressPools: [nope], interfaces: [eth0]}]", "l2Advertisements[0].ipAddressPools[0]: no pool is named \"nope\""),
-            ("l2Advertisements: [{}]", "l2Advertisements[0].interfaces: names no interface"),
             ("peers: [{peerAddress: 192.0.2.1, peerASN: 0, myASN: 64500}]", "peers[0].peerASN: 0 is out of range"),
             ("peers: [{peerAddress: 192.0.2.1, peerASN: 64501, myASN: 64500, holdTime: 2s}]", "peers[0].holdTime: must be 0 or at least 3 s"),
             ("peers: [{peerAddress: 192.0.2.1, peerASN: 23456, myASN: 64500}]", "peers[0].peerASN: 23456 is AS_TRANS"),
@@ -1211,7 +1183,7 @@ bgpAdvertisements:
     }
 
     #[test]
-    fn a_legacy_layer2_pool_announces_on_the_dataplane_interfaces() {
+    fn a_legacy_layer2_pool_announces_on_link_whatever_the_dataplane_interfaces() {
         let legacy = parse_text("metallb.yaml", "address-pools:\n- name: default\n  protocol: layer2\n  addresses: [198.51.100.240-198.51.100.250]\n").unwrap();
         let ours = parse_text("sluice.yaml", "dataplane: {interfaces: [eth1]}\nservices: [{name: s, ports: [{port: 80}], backends: [{ip: 10.0.0.1}]}]").unwrap();
         let c = build(vec![
@@ -1219,7 +1191,10 @@ bgpAdvertisements:
             ("sluice.yaml".into(), ours),
         ])
         .unwrap();
-        assert_eq!(c.l2_advertisements[0].interfaces, ["eth1"]);
+        assert!(c.l2_advertisements[0].interfaces.is_empty(), "on-link");
         assert_eq!(c.l2_advertisements[0].pools, ["default"]);
+        // Alone, without a data plane section, it is valid too.
+        let legacy = parse_text("metallb.yaml", "address-pools:\n- name: default\n  protocol: layer2\n  addresses: [198.51.100.240-198.51.100.250]\n").unwrap();
+        build(vec![("metallb.yaml".into(), legacy)]).unwrap();
     }
 }

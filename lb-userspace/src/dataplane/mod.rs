@@ -39,7 +39,7 @@ pub use error::{DataplaneError, Result};
 pub use services::{validate as validate_service, Backend, Protocol, Service, ServiceStats};
 pub use system::{
     default_pin_dir, driver, format_mac, interface, interface_name, interfaces, ipv4_addresses,
-    link_up, require_root, Interface, BPFFS_ROOT,
+    link_up, require_root, subnets, Interface, BPFFS_ROOT,
 };
 
 /// The data plane object, built by `cargo xtask build-ebpf` and embedded at compile time.

@@ -94,6 +94,26 @@ pub fn interface(name: &str) -> Result<Interface> {
 
 /// Every IPv4 address of this network namespace, with its interface, in the kernel's order.
 pub fn ipv4_addresses() -> Vec<(String, std::net::Ipv4Addr)> {
+    addresses()
+        .into_iter()
+        .filter_map(|(name, net)| match net.addr() {
+            std::net::IpAddr::V4(ip) => Some((name, ip)),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .collect()
+}
+
+/// Every interface's own subnets (its addresses with their prefix lengths, host bits cleared),
+/// IPv4 and IPv6, in the kernel's order.
+pub fn subnets() -> Vec<(String, ipnet::IpNet)> {
+    addresses()
+        .into_iter()
+        .map(|(name, net)| (name, net.trunc()))
+        .collect()
+}
+
+/// Every address of this network namespace with its prefix length, and its interface.
+fn addresses() -> Vec<(String, ipnet::IpNet)> {
     let mut found = Vec::new();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a list we walk read-only and free once.
@@ -103,15 +123,34 @@ pub fn ipv4_addresses() -> Vec<(String, std::net::Ipv4Addr)> {
     let mut cursor = list;
     while !cursor.is_null() {
         let entry = unsafe { &*cursor };
-        if !entry.ifa_addr.is_null()
-            && unsafe { (*entry.ifa_addr).sa_family } as i32 == libc::AF_INET
-        {
-            let name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) };
-            let sin = entry.ifa_addr as *const libc::sockaddr_in;
-            let ip = std::net::Ipv4Addr::from(unsafe { (*sin).sin_addr.s_addr }.to_ne_bytes());
-            found.push((name.to_string_lossy().into_owned(), ip));
-        }
         cursor = entry.ifa_next;
+        if entry.ifa_addr.is_null() || entry.ifa_netmask.is_null() {
+            continue;
+        }
+        // SAFETY: the kernel's entries hold sockaddrs of the family they say.
+        let (ip, mask) = match unsafe { (*entry.ifa_addr).sa_family } as i32 {
+            libc::AF_INET => unsafe {
+                let addr = &*(entry.ifa_addr as *const libc::sockaddr_in);
+                let mask = &*(entry.ifa_netmask as *const libc::sockaddr_in);
+                (
+                    std::net::IpAddr::from(addr.sin_addr.s_addr.to_ne_bytes()),
+                    u32::from_be(mask.sin_addr.s_addr).count_ones() as u8,
+                )
+            },
+            libc::AF_INET6 => unsafe {
+                let addr = &*(entry.ifa_addr as *const libc::sockaddr_in6);
+                let mask = &*(entry.ifa_netmask as *const libc::sockaddr_in6);
+                (
+                    std::net::IpAddr::from(addr.sin6_addr.s6_addr),
+                    u128::from_be_bytes(mask.sin6_addr.s6_addr).count_ones() as u8,
+                )
+            },
+            _ => continue,
+        };
+        let name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) };
+        if let Ok(net) = ipnet::IpNet::new(ip, mask) {
+            found.push((name.to_string_lossy().into_owned(), net));
+        }
     }
     unsafe { libc::freeifaddrs(list) };
     found

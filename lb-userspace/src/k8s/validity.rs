@@ -233,10 +233,7 @@ pub fn validate(objects: &Objects) -> Verdict {
         });
     }
 
-    let config = match config::model::build_for(
-        vec![("kubernetes".to_string(), f)],
-        config::model::Source::Kubernetes,
-    ) {
+    let config = match config::model::build(vec![("kubernetes".to_string(), f)]) {
         Ok(config) => Some(config),
         Err(errors) => {
             for e in errors {
