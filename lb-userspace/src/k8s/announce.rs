@@ -44,6 +44,9 @@ pub struct NodeView {
     pub alive: bool,
     /// The interfaces its speaker reported.
     pub interfaces: BTreeSet<String>,
+    /// Their own subnets, as its speaker reported them: where advertisements naming no
+    /// interface answer (`onlink`).
+    pub subnets: Vec<crate::onlink::Subnet>,
 }
 
 /// Everything the decision needs.
@@ -245,10 +248,14 @@ fn covered_pools(
         .collect()
 }
 
-/// The advertisement's interfaces this node has (all of the node's when it names none).
-fn usable_interfaces(adv: &L2Advertisement, node: &NodeView) -> BTreeSet<String> {
+/// The advertisement's interfaces this node has; when it names none, the node's interfaces
+/// whose own subnets hold `ip` (on-link).
+fn usable_interfaces(adv: &L2Advertisement, node: &NodeView, ip: IpAddr) -> BTreeSet<String> {
     if adv.spec.interfaces.is_empty() {
-        return node.interfaces.clone();
+        return crate::onlink::interfaces_for(ip, &node.subnets)
+            .intersection(&node.interfaces)
+            .cloned()
+            .collect();
     }
     adv.spec
         .interfaces
@@ -361,15 +368,25 @@ pub fn plan(input: Input<'_>) -> NodePlan {
                 for node in input.nodes.iter().filter(|n| {
                     up(n) && node_matches(n, &adv.spec.node_selectors) && serves(svc, &n.name)
                 }) {
-                    let usable = usable_interfaces(adv, node);
+                    let usable = usable_interfaces(adv, node, *ip);
                     if usable.is_empty() {
-                        if node.name == input.me && !adv.spec.interfaces.is_empty() {
-                            out.problems.push(Problem {
-                                service: svc.key.clone(),
-                                message: format!(
+                        if node.name == input.me {
+                            let message = if adv.spec.interfaces.is_empty() {
+                                format!(
+                                    "node {} has no interface whose subnet holds {ip} (subnets: {}); it does not announce it for L2Advertisement {} (name interfaces there to answer elsewhere)",
+                                    node.name,
+                                    crate::onlink::describe(&node.subnets),
+                                    adv.name_any()
+                                )
+                            } else {
+                                format!(
                                     "node {} has none of L2Advertisement {}'s interfaces ({}); it does not announce {ip}",
                                     node.name, adv.name_any(), adv.spec.interfaces.join(", ")
-                                ),
+                                )
+                            };
+                            out.problems.push(Problem {
+                                service: svc.key.clone(),
+                                message,
                             });
                         }
                         continue;
@@ -493,6 +510,14 @@ mod tests {
             ready: true,
             alive: true,
             interfaces: interfaces.iter().map(|s| s.to_string()).collect(),
+            // eth1 is on the pool's subnets; any other interface on a subnet of its own.
+            subnets: interfaces
+                .iter()
+                .flat_map(|i| match *i {
+                    "eth1" => crate::onlink::parse("eth1=198.51.100.0/24,eth1=2001:db8::/64"),
+                    other => crate::onlink::parse(&format!("{other}=10.99.0.0/16")),
+                })
+                .collect(),
         }
     }
 
@@ -672,9 +697,40 @@ mod tests {
         assert_eq!(
             pb.l2,
             vec![(vip("198.51.100.1"), "eth1".to_string())],
-            "no interfaces named: all the node's"
+            "no interfaces named: the node's on-link one"
         );
         assert!(pb.bgp_ips.contains(&vip("198.51.100.1")));
+    }
+
+    #[test]
+    fn naming_no_interface_answers_on_link_only_and_a_node_without_the_subnet_is_not_eligible() {
+        let o = objects(&[], None);
+        let svcs = [service("web", &["198.51.100.1", "2001:db8::1"], "Cluster")];
+        // a has the pool's subnets on eth1 and another on eth0 and bond0; b only others.
+        let nodes = [node("a", &["eth0", "eth1", "bond0"]), node("b", &["eth0"])];
+        for me in ["a", "b"] {
+            let p = run(me, &o, &svcs, &[], &nodes);
+            assert_eq!(p.l2_owners[&vip("198.51.100.1")].as_deref(), Some("a"));
+            assert_eq!(p.l2_owners[&vip("2001:db8::1")].as_deref(), Some("a"));
+        }
+        let pa = run("a", &o, &svcs, &[], &nodes);
+        assert_eq!(
+            pa.l2,
+            vec![
+                (vip("198.51.100.1"), "eth1".to_string()),
+                (vip("2001:db8::1"), "eth1".to_string())
+            ],
+            "not on eth0, not on bond0"
+        );
+        let pb = run("b", &o, &svcs, &[], &nodes);
+        assert!(pb.l2.is_empty());
+        assert!(
+            pb.problems.iter().any(|pr| pr.message.contains(
+                "node b has no interface whose subnet holds 198.51.100.1 (subnets: eth0 10.99.0.0/16)"
+            )),
+            "{:?}",
+            pb.problems
+        );
     }
 
     #[test]

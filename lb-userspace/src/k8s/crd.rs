@@ -108,7 +108,8 @@ pub struct L2AdvertisementSpec {
     /// Nodes that may announce (none: every node).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub node_selectors: Vec<LabelSelector>,
-    /// Interfaces to answer ARP/NDP on (none: every interface of the node).
+    /// Interfaces to answer ARP/NDP on (none: those of the speaker's interfaces whose own
+    /// subnets hold the address).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interfaces: Vec<String>,
 }

@@ -32,6 +32,8 @@ use super::{announce::NodeView, lease};
 
 /// Lease annotation: the node's interfaces, comma-separated.
 pub const INTERFACES_ANNOTATION: &str = "sluice.dev/interfaces";
+/// Lease annotation: its interfaces' own subnets, `eth0=192.0.2.0/24,eth0=2001:db8::/64`.
+pub const SUBNETS_ANNOTATION: &str = "sluice.dev/subnets";
 /// Lease annotation: the IPs the node answers ARP/NDP for, comma-separated.
 pub const ANNOUNCING_ANNOTATION: &str = "sluice.dev/announcing";
 /// Lease annotation: the IPs the node announces to its BGP peers, comma-separated.
@@ -142,6 +144,11 @@ pub fn node_views(
             interfaces: split(annotations.get(INTERFACES_ANNOTATION))
                 .map(String::from)
                 .collect(),
+            subnets: crate::onlink::parse(
+                annotations
+                    .get(SUBNETS_ANNOTATION)
+                    .map_or("", String::as_str),
+            ),
         });
     }
     (views, announcers)
@@ -200,6 +207,7 @@ mod tests {
         serde_json::from_value(json!({
             "metadata": {"name": format!("{LEASE_PREFIX}{node}"), "annotations": {
                 INTERFACES_ANNOTATION: "eth0, eth1", ANNOUNCING_ANNOTATION: announcing,
+                SUBNETS_ANNOTATION: "eth1=198.51.100.0/24,eth1=2001:db8::/64",
                 MESH_ANNOTATION: format!("192.0.2.{}:7947", node.len())}},
             "spec": {"holderIdentity": node, "leaseDurationSeconds": 10,
                      "renewTime": renew.to_string()},
@@ -232,6 +240,10 @@ mod tests {
         assert_eq!(
             by["a"].interfaces,
             ["eth0".to_string(), "eth1".to_string()].into()
+        );
+        assert_eq!(
+            crate::onlink::format(&by["a"].subnets),
+            "eth1=198.51.100.0/24,eth1=2001:db8::/64"
         );
         assert_eq!(by["a"].labels["zone"], "a");
         assert_eq!(

@@ -48,6 +48,7 @@ use tracing::{info, warn};
 
 pub use super::liveness::{
     ANNOUNCING_ANNOTATION, BGP_ANNOTATION, INTERFACES_ANNOTATION, LEASE_PREFIX, MESH_ANNOTATION,
+    SUBNETS_ANNOTATION,
 };
 use super::{
     announce::{self, NodePlan},
@@ -59,6 +60,7 @@ use super::{
 use crate::{
     dataplane::{self, Dataplane, DataplaneOptions, L2DeadlineKeeper, L2Vip},
     mesh::{Mesh, MeshOptions, MeshView},
+    onlink::{self, Subnet},
 };
 
 /// The event reporter name.
@@ -188,6 +190,8 @@ struct Stores {
 struct LeaseWish {
     /// The interfaces that are up: a node is eligible for IPs on these only.
     interfaces: Vec<String>,
+    /// Their own subnets: where L2 advertisements naming no interface answer.
+    subnets: Vec<Subnet>,
     l2: BTreeSet<IpAddr>,
     bgp: BTreeSet<IpAddr>,
     mesh: Option<SocketAddr>,
@@ -444,7 +448,16 @@ async fn run_async(
 /// What liveness depends on besides watch events, which change with time: each mesh member
 /// counted alive or not, the API server out of reach or not, this node cut off or not. A pass
 /// runs when it changes.
-type Fingerprint = (Vec<(String, bool)>, bool, bool, Vec<String>);
+type Fingerprint = (Vec<(String, bool)>, bool, bool, Vec<String>, Vec<Subnet>);
+
+/// The own subnets of the interfaces that are up (see `onlink`).
+fn subnets_up(interfaces: &[dataplane::Interface]) -> Vec<Subnet> {
+    let up = links_up(interfaces);
+    dataplane::subnets()
+        .into_iter()
+        .filter(|(name, _)| up.contains(name))
+        .collect()
+}
 
 /// The names of the interfaces that are up with a carrier.
 fn links_up(interfaces: &[dataplane::Interface]) -> Vec<String> {
@@ -620,6 +633,10 @@ impl LeaseRecord {
         };
         let mut annotations = BTreeMap::new();
         annotations.insert(INTERFACES_ANNOTATION.to_string(), wish.interfaces.join(","));
+        annotations.insert(
+            SUBNETS_ANNOTATION.to_string(),
+            onlink::format(&wish.subnets),
+        );
         annotations.insert(ANNOUNCING_ANNOTATION.to_string(), list(&wish.l2));
         annotations.insert(BGP_ANNOTATION.to_string(), list(&wish.bgp));
         if let Some(addr) = wish.mesh {
@@ -887,6 +904,7 @@ impl Speaker {
             unreachable,
             self.cut_off(view.as_ref(), nodes) || self.settling(),
             links_up(&self.interfaces),
+            subnets_up(&self.interfaces),
         )
     }
 
@@ -943,8 +961,10 @@ impl Speaker {
         {
             info!(interfaces = ?up, "linksChanged");
         }
+        let subnets = subnets_up(&self.interfaces);
         if let Some(me) = nodes.iter_mut().find(|n| n.name == self.options.node_name) {
             me.interfaces = up.iter().cloned().collect();
+            me.subnets = subnets.clone();
         }
         let mut plan = announce::plan(announce::Input {
             me: &self.options.node_name,
@@ -987,6 +1007,7 @@ impl Speaker {
         // Others learn which interfaces are up and who announces what from our Lease.
         let wish = LeaseWish {
             interfaces: up,
+            subnets,
             l2: self.last.l2.iter().map(|(ip, _)| *ip).collect(),
             bgp: if self.last.peers.is_empty() {
                 BTreeSet::new()
