@@ -30,7 +30,7 @@ fn every_example_file_validates() {
     );
     assert!(c.pools[0].avoid_buggy_ips && !c.pools[1].auto_assign);
     assert_eq!(c.l2_advertisements[0].pools, ["default"]);
-    assert_eq!(c.l2_advertisements[0].interfaces, ["eth1"]);
+    assert!(c.l2_advertisements[0].interfaces.is_empty(), "on-link");
     assert_eq!(c.peers[0].peer_asn, 64501);
     assert_eq!(c.peers[0].my_asn, 64500);
     assert_eq!(c.bgp_advertisements[0].communities, [(65535, 65282)]);

@@ -24,6 +24,64 @@ pub struct SluiceFile {
     pub bgp_advertisements: Vec<BgpAdvertisementSpec>,
     #[serde(default)]
     pub bfd_profiles: Vec<BfdProfileSpec>,
+    /// Where the items were in a MetalLB legacy ConfigMap (`None`: Sluice's format, whose paths
+    /// are its own).
+    #[serde(skip)]
+    pub legacy: Option<LegacyPaths>,
+    /// What was read differently from how it is written, with paths in the file's own terms.
+    #[serde(skip)]
+    pub warnings: Vec<FileError>,
+}
+
+/// Each item's path in the legacy ConfigMap it was read from, by list and index: the pool that
+/// `pools[2]` was read from is `data.config.address-pools[2]`, the L2 advertisement a layer2
+/// pool gave is that pool's path.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LegacyPaths {
+    pub pools: Vec<String>,
+    pub l2_advertisements: Vec<String>,
+    pub peers: Vec<String>,
+    pub bgp_advertisements: Vec<String>,
+    pub bfd_profiles: Vec<String>,
+}
+
+impl LegacyPaths {
+    /// The path of item `index` of Sluice's list `list` (`pools`, `peers`, ...).
+    pub fn get(&self, list: &str, index: usize) -> Option<&str> {
+        let paths = match list {
+            "pools" => &self.pools,
+            "l2Advertisements" => &self.l2_advertisements,
+            "peers" => &self.peers,
+            "bgpAdvertisements" => &self.bgp_advertisements,
+            "bfdProfiles" => &self.bfd_profiles,
+            _ => return None,
+        };
+        paths.get(index).map(String::as_str)
+    }
+}
+
+/// A field of Sluice's format by its name in MetalLB's legacy ConfigMap.
+pub fn legacy_field(name: &str) -> String {
+    match name {
+        "peerASN" => "peer-asn".into(),
+        "myASN" => "my-asn".into(),
+        "routerID" => "router-id".into(),
+        "avoidBuggyIPs" => "avoid-buggy-ips".into(),
+        "ebgpMultiHop" => "ebgp-multihop".into(),
+        "localPref" => "localpref".into(),
+        other => {
+            let mut out = String::new();
+            for c in other.chars() {
+                if c.is_ascii_uppercase() {
+                    out.push('-');
+                    out.push(c.to_ascii_lowercase());
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        }
+    }
 }
 
 /// MetalLB's BFDProfile fields; intervals in milliseconds. The legacy ConfigMap's
@@ -79,10 +137,6 @@ pub struct PoolSpec {
     pub avoid_buggy_ips: bool,
     #[serde(default = "yes")]
     pub auto_assign: bool,
-    /// Where a pool of MetalLB's legacy ConfigMap was (`data.config.address-pools[1]`): its
-    /// CIDRs are read as MetalLB reads them, and warnings name this path.
-    #[serde(skip)]
-    pub legacy_path: Option<String>,
 }
 
 fn yes() -> bool {
@@ -364,18 +418,24 @@ fn parse_legacy(text: &str, prefix: &str) -> Result<SluiceFile, FileError> {
         message: format!("not valid YAML: {e}"),
     })?;
     let legacy: LegacyConfig = deserialize(value, prefix)?;
-    let mut file = from_legacy(legacy);
-    for (i, pool) in file.pools.iter_mut().enumerate() {
-        pool.legacy_path = Some(format!("{prefix}address-pools[{i}]"));
-    }
-    Ok(file)
+    from_legacy(legacy, prefix)
 }
 
-/// MetalLB's legacy configuration in Sluice's terms: layer2 pools get an L2 advertisement on the
-/// data plane's interfaces; bgp pools get their BGP advertisements.
-pub fn from_legacy(legacy: LegacyConfig) -> SluiceFile {
+/// MetalLB's legacy configuration in Sluice's terms: layer2 pools get an L2 advertisement that
+/// answers on-link; bgp pools get their BGP advertisements. `prefix` is where the legacy
+/// configuration sits in the file (`data.config.`): every item's path says it.
+pub fn from_legacy(legacy: LegacyConfig, prefix: &str) -> Result<SluiceFile, FileError> {
     let mut file = SluiceFile::default();
-    for peer in legacy.peers {
+    let mut paths = LegacyPaths::default();
+    for (i, peer) in legacy.peers.into_iter().enumerate() {
+        let at = format!("{prefix}peers[{i}]");
+        if peer.node_selectors.is_some() {
+            file.warnings.push(FileError {
+                path: format!("{at}.node-selectors"),
+                message: "sluice run has no nodes to select: this host peers (in Kubernetes, write the peer as a BGPPeer with nodeSelectors)".into(),
+            });
+        }
+        paths.peers.push(at);
         file.peers.push(PeerSpec {
             peer_address: peer.peer_address,
             peer_asn: peer.peer_asn,
@@ -391,17 +451,27 @@ pub fn from_legacy(legacy: LegacyConfig) -> SluiceFile {
             bfd_profile: peer.bfd_profile,
         });
     }
+    paths.bfd_profiles = (0..legacy.bfd_profiles.len())
+        .map(|i| format!("{prefix}bfd-profiles[{i}]"))
+        .collect();
     file.bfd_profiles = legacy.bfd_profiles;
-    for pool in legacy.address_pools {
+    for (i, pool) in legacy.address_pools.into_iter().enumerate() {
+        let at = format!("{prefix}address-pools[{i}]");
         match pool.protocol.as_str() {
             "bgp" => {
                 let advertisements = if pool.bgp_advertisements.is_empty() {
+                    paths.bgp_advertisements.push(at.clone());
                     vec![LegacyBgpAdvertisement {
                         aggregation_length: None,
                         localpref: None,
                         communities: Vec::new(),
                     }]
                 } else {
+                    for j in 0..pool.bgp_advertisements.len() {
+                        paths
+                            .bgp_advertisements
+                            .push(format!("{at}.bgp-advertisements[{j}]"));
+                    }
                     pool.bgp_advertisements.clone()
                 };
                 for adv in advertisements {
@@ -421,20 +491,30 @@ pub fn from_legacy(legacy: LegacyConfig) -> SluiceFile {
                     });
                 }
             }
-            _ => file.l2_advertisements.push(L2AdvertisementSpec {
-                ip_address_pools: vec![pool.name.clone()],
-                interfaces: Vec::new(),
-            }),
+            "layer2" => {
+                paths.l2_advertisements.push(at.clone());
+                file.l2_advertisements.push(L2AdvertisementSpec {
+                    ip_address_pools: vec![pool.name.clone()],
+                    interfaces: Vec::new(),
+                });
+            }
+            other => {
+                return Err(FileError {
+                    path: format!("{at}.protocol"),
+                    message: format!("{other:?} is neither layer2 nor bgp"),
+                })
+            }
         }
+        paths.pools.push(at);
         file.pools.push(PoolSpec {
             name: pool.name,
             addresses: pool.addresses,
             avoid_buggy_ips: pool.avoid_buggy_ips,
             auto_assign: pool.auto_assign,
-            legacy_path: None,
         });
     }
-    file
+    file.legacy = Some(paths);
+    Ok(file)
 }
 
 /// Deserializes with the failing field's path, and for an unknown field the closest known name.

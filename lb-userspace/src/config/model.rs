@@ -202,8 +202,135 @@ fn well_known_community(name: &str) -> Option<(u16, u16)> {
     }
 }
 
-/// Builds the model from parsed files (`(name, file)` for error messages); every problem found.
+/// Where each item of the merged lists came from: its file and its path there, in the file's
+/// own terms, and whether that file is a MetalLB legacy ConfigMap.
+#[derive(Debug, Default)]
+pub struct Origins {
+    /// Sluice's list name (`pools`) → per merged index, (path with file name, legacy).
+    lists: BTreeMap<&'static str, Vec<(String, bool)>>,
+    /// The file that holds the `dataplane` section.
+    dataplane: Option<String>,
+}
+
+const LISTS: [&str; 6] = [
+    "pools",
+    "l2Advertisements",
+    "services",
+    "peers",
+    "bgpAdvertisements",
+    "bfdProfiles",
+];
+
+impl Origins {
+    fn add(&mut self, name: &str, f: &SluiceFile) {
+        let lens = [
+            f.pools.len(),
+            f.l2_advertisements.len(),
+            f.services.len(),
+            f.peers.len(),
+            f.bgp_advertisements.len(),
+            f.bfd_profiles.len(),
+        ];
+        for (list, len) in LISTS.into_iter().zip(lens) {
+            let entries = self.lists.entry(list).or_default();
+            for k in 0..len {
+                let legacy = f.legacy.as_ref().and_then(|l| l.get(list, k));
+                entries.push(match legacy {
+                    Some(at) => (format!("{name}: {at}"), true),
+                    None => (format!("{name}: {list}[{k}]"), false),
+                });
+            }
+        }
+        if f.dataplane.is_some() && self.dataplane.is_none() {
+            self.dataplane = Some(name.to_string());
+        }
+    }
+
+    /// Was item `index` of `list` read from a legacy ConfigMap?
+    fn is_legacy(&self, list: &str, index: usize) -> bool {
+        self.lists
+            .get(list)
+            .and_then(|l| l.get(index))
+            .is_some_and(|(_, legacy)| *legacy)
+    }
+
+    /// A path in the merged file's terms (`pools[3].avoidBuggyIPs`) in its own file's terms
+    /// (`metallb.yaml: data.config.address-pools[1].avoid-buggy-ips`).
+    pub fn translate(&self, path: &str) -> String {
+        if path.starts_with("dataplane") {
+            return match &self.dataplane {
+                Some(name) => format!("{name}: {path}"),
+                None => path.to_string(),
+            };
+        }
+        let Some((list, rest)) = path.split_once('[') else {
+            return path.to_string();
+        };
+        let Some((index, rest)) = rest.split_once(']') else {
+            return path.to_string();
+        };
+        let Some((at, legacy)) = index
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| self.lists.get(list)?.get(i))
+        else {
+            return path.to_string();
+        };
+        if !legacy {
+            return format!("{at}{rest}");
+        }
+        let mut out = at.clone();
+        for segment in rest.split('.').filter(|s| !s.is_empty()) {
+            let (field, suffix) = segment.split_at(segment.find('[').unwrap_or(segment.len()));
+            out.push('.');
+            out.push_str(&file::legacy_field(field));
+            out.push_str(suffix);
+        }
+        out
+    }
+}
+
+/// Builds the model from parsed files (`(name, file)` for error messages); every problem and
+/// warning names its file and its path in the file's own terms.
 pub fn build(files: Vec<(String, SluiceFile)>) -> Result<Config, Vec<FileError>> {
+    let mut origins = Origins::default();
+    let mut read_warnings = Vec::new();
+    for (name, f) in &files {
+        origins.add(name, f);
+        read_warnings.extend(f.warnings.iter().map(|w| FileError {
+            path: format!("{name}: {}", w.path),
+            message: w.message.clone(),
+        }));
+    }
+    let translate = |errors: Vec<FileError>| -> Vec<FileError> {
+        errors
+            .into_iter()
+            .map(|e| FileError {
+                path: origins.translate(&e.path),
+                message: e.message,
+            })
+            .collect()
+    };
+    match build_merged(files, &origins) {
+        Ok(mut config) => {
+            read_warnings.extend(translate(std::mem::take(&mut config.warnings)));
+            config.warnings = read_warnings;
+            Ok(config)
+        }
+        Err(errors) => Err(translate(errors)),
+    }
+}
+
+/// [`build`] with paths in the terms of the merged lists (`pools[3].addresses[0]`), for a
+/// caller that maps them back itself (the Kubernetes objects' validity).
+pub fn build_in_merged_terms(files: Vec<(String, SluiceFile)>) -> Result<Config, Vec<FileError>> {
+    build_merged(files, &Origins::default())
+}
+
+fn build_merged(
+    files: Vec<(String, SluiceFile)>,
+    origins: &Origins,
+) -> Result<Config, Vec<FileError>> {
     let mut p = Problems::default();
     let mut dataplane_section: Option<(String, file::DataplaneSection)> = None;
     let mut merged = SluiceFile::default();
@@ -218,11 +345,7 @@ pub fn build(files: Vec<(String, SluiceFile)>) -> Result<Config, Vec<FileError>>
                 dataplane_section = Some((name.clone(), section));
             }
         }
-        // A legacy pool's path names its file: warnings point there.
-        merged.pools.extend(f.pools.into_iter().map(|mut pool| {
-            pool.legacy_path = pool.legacy_path.map(|at| format!("{name}: {at}"));
-            pool
-        }));
+        merged.pools.extend(f.pools);
         merged.l2_advertisements.extend(f.l2_advertisements);
         merged.services.extend(f.services);
         merged.peers.extend(f.peers);
@@ -297,16 +420,18 @@ pub fn build(files: Vec<(String, SluiceFile)>) -> Result<Config, Vec<FileError>>
         }
         let mut ranges = Vec::new();
         for (j, text) in spec.addresses.iter().enumerate() {
-            let parsed = match &spec.legacy_path {
-                None => AddrRange::parse(text).map(|r| (r, None)),
-                Some(_) => AddrRange::parse_masking_host_bits(text),
+            // A legacy ConfigMap's CIDRs are read as MetalLB reads them.
+            let parsed = if origins.is_legacy("pools", i) {
+                AddrRange::parse_masking_host_bits(text)
+            } else {
+                AddrRange::parse(text).map(|r| (r, None))
             };
             match parsed {
                 Ok((r, note)) => {
                     ranges.push(r);
-                    if let (Some(note), Some(at)) = (note, &spec.legacy_path) {
+                    if let Some(note) = note {
                         warnings.push(FileError {
-                            path: format!("{at}.addresses[{j}]"),
+                            path: format!("{path}.addresses[{j}]"),
                             message: note,
                         });
                     }
@@ -1120,8 +1245,91 @@ bgpAdvertisements:
         assert!(
             err[0]
                 .to_string()
-                .contains("bfdProfile: \"nope\" names no BFD profile"),
+                .contains("metallb.yaml: peers[0].bfd-profile: \"nope\" names no BFD profile"),
             "{err:?}"
+        );
+    }
+
+    #[test]
+    fn problems_in_a_legacy_configmap_name_the_file_and_the_path_in_its_own_terms() {
+        let configmap = "apiVersion: v1\nkind: ConfigMap\ndata:\n  config: |\n    peers:\n    - peer-address: 192.0.2.1\n      peer-asn: 0\n      my-asn: 64500\n      hold-time: 2s\n    address-pools:\n    - name: l2\n      protocol: layer2\n      addresses: [198.51.100.0/28]\n    - name: bgp\n      protocol: bgp\n      addresses: [203.0.113.0/28, nonsense]\n      bgp-advertisements:\n      - aggregation-length: 24\n      - aggregation-length: 40\n        localpref: -1\n        communities: [unknown-name]\n";
+        let errors: Vec<String> = build(vec![(
+            "cm.yaml".into(),
+            parse_text("cm.yaml", configmap).unwrap(),
+        )])
+        .unwrap_err()
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+        for expected in [
+            "cm.yaml: data.config.peers[0].peer-asn: 0 is out of range",
+            "cm.yaml: data.config.peers[0].hold-time: must be 0 or at least 3 s",
+            "cm.yaml: data.config.address-pools[1].addresses[1]: \"nonsense\"",
+            "cm.yaml: data.config.address-pools[1].bgp-advertisements[1].aggregation-length: 40 is out of range",
+            "cm.yaml: data.config.address-pools[1].bgp-advertisements[1].localpref: -1",
+            "cm.yaml: data.config.address-pools[1].bgp-advertisements[1].communities[0]: \"unknown-name\"",
+        ] {
+            assert!(
+                errors.iter().any(|e| e.starts_with(expected)),
+                "expected {expected:?} in {errors:#?}"
+            );
+        }
+        // A protocol MetalLB does not know is refused where it is written.
+        let err = parse_text(
+            "cm.yaml",
+            "address-pools: [{name: x, protocol: layer3, addresses: [198.51.100.0/28]}]",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cm.yaml: address-pools[0].protocol: \"layer3\" is neither layer2 nor bgp"
+        );
+        // Sluice's own format: the file and the path in it, also for a second file.
+        let errors = build(vec![
+            (
+                "a.yaml".into(),
+                parse_text("a.yaml", "pools: [{name: a, addresses: [198.51.100.0/28]}]").unwrap(),
+            ),
+            (
+                "b.yaml".into(),
+                parse_text(
+                    "b.yaml",
+                    "dataplane: {maglevTableSize: 1000}\npools: [{name: b, addresses: [bad]}]",
+                )
+                .unwrap(),
+            ),
+        ])
+        .unwrap_err();
+        let errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("b.yaml: pools[0].addresses[0]: \"bad\"")),
+            "{errors:#?}"
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("b.yaml: dataplane.maglevTableSize:")),
+            "{errors:#?}"
+        );
+    }
+
+    #[test]
+    fn node_selectors_of_a_legacy_peer_are_accepted_with_a_warning() {
+        let legacy = "peers:\n- peer-address: 192.0.2.1\n  peer-asn: 64501\n  my-asn: 64500\n  node-selectors:\n  - match-labels:\n      rack: frontend\n";
+        let c = build(vec![(
+            "m.yaml".into(),
+            parse_text("m.yaml", legacy).unwrap(),
+        )])
+        .unwrap();
+        assert_eq!(c.peers.len(), 1);
+        assert!(
+            c.warnings[0]
+                .to_string()
+                .starts_with("m.yaml: peers[0].node-selectors: sluice run has no nodes to select"),
+            "{:?}",
+            c.warnings
         );
     }
 

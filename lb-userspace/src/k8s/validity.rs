@@ -156,7 +156,6 @@ pub fn validate(objects: &Objects) -> Verdict {
             addresses: p.spec.addresses.clone(),
             avoid_buggy_ips: p.spec.avoid_buggy_ips.unwrap_or(false),
             auto_assign: p.spec.auto_assign.unwrap_or(true),
-            legacy_path: None,
         });
     }
     for a in &l2s {
@@ -171,7 +170,7 @@ pub fn validate(objects: &Objects) -> Verdict {
         ledger.add("l2Advertisements", "L2Advertisement", &name, own);
         f.l2_advertisements.push(file::L2AdvertisementSpec {
             ip_address_pools: a.spec.ip_address_pools.clone(),
-            // No interfaces means every interface of the node: the speaker resolves it.
+            // No interfaces means on-link: the speaker resolves it per node.
             interfaces: a.spec.interfaces.clone(),
         });
     }
@@ -233,7 +232,7 @@ pub fn validate(objects: &Objects) -> Verdict {
         });
     }
 
-    let config = match config::model::build(vec![("kubernetes".to_string(), f)]) {
+    let config = match config::model::build_in_merged_terms(vec![("kubernetes".to_string(), f)]) {
         Ok(config) => Some(config),
         Err(errors) => {
             for e in errors {
