@@ -69,6 +69,7 @@ pub fn legacy_field(name: &str) -> String {
         "avoidBuggyIPs" => "avoid-buggy-ips".into(),
         "ebgpMultiHop" => "ebgp-multihop".into(),
         "localPref" => "localpref".into(),
+        "aggregationLengthV6" => "aggregation-length-v6".into(),
         other => {
             let mut out = String::new();
             for c in other.chars() {
@@ -339,6 +340,8 @@ pub struct LegacyPeer {
     #[serde(default)]
     pub hold_time: Option<Duration>,
     #[serde(default)]
+    pub keepalive_time: Option<Duration>,
+    #[serde(default)]
     pub router_id: Option<String>,
     #[serde(default)]
     pub password: Option<String>,
@@ -370,6 +373,8 @@ pub struct LegacyPool {
 pub struct LegacyBgpAdvertisement {
     #[serde(default)]
     pub aggregation_length: Option<i64>,
+    #[serde(default, rename = "aggregation-length-v6")]
+    pub aggregation_length_v6: Option<i64>,
     #[serde(default)]
     pub localpref: Option<i64>,
     #[serde(default)]
@@ -443,7 +448,7 @@ pub fn from_legacy(legacy: LegacyConfig, prefix: &str) -> Result<SluiceFile, Fil
             peer_port: peer.peer_port,
             source_address: peer.source_address,
             hold_time: peer.hold_time,
-            keepalive_time: None,
+            keepalive_time: peer.keepalive_time,
             connect_time: None,
             router_id: peer.router_id,
             password: peer.password,
@@ -463,6 +468,7 @@ pub fn from_legacy(legacy: LegacyConfig, prefix: &str) -> Result<SluiceFile, Fil
                     paths.bgp_advertisements.push(at.clone());
                     vec![LegacyBgpAdvertisement {
                         aggregation_length: None,
+                        aggregation_length_v6: None,
                         localpref: None,
                         communities: Vec::new(),
                     }]
@@ -486,7 +492,7 @@ pub fn from_legacy(legacy: LegacyConfig, prefix: &str) -> Result<SluiceFile, Fil
                         large_communities: Vec::new(),
                         local_pref: adv.localpref,
                         aggregation_length: adv.aggregation_length,
-                        aggregation_length_v6: None,
+                        aggregation_length_v6: adv.aggregation_length_v6,
                         peers: Vec::new(),
                     });
                 }

@@ -1,0 +1,183 @@
+//! MetalLB users' legacy ConfigMaps as they are: every documented shape in
+//! `tests/fixtures/metallb/` passes `sluice validate`, and a layer2 one runs with `sluice run` in
+//! network namespaces, answered on-link: ARP for a service IP is answered on the interface whose
+//! subnet holds it, not on another interface of another subnet, though the program runs there too.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use sluice_tests::{
+    frames,
+    lab::{names, Lab},
+    netns::NetNs,
+    rawsock::RawSocket,
+    sluice_bin,
+};
+
+fn fixtures() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/metallb");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_documented_legacy_configmap_shape_validates_as_it_is() {
+    let files = fixtures();
+    assert!(files.len() >= 10, "{files:?}");
+    for file in &files {
+        let out = Command::new(sluice_bin())
+            .args(["validate", "--config", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}: {}{}",
+            file.display(),
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(": valid: "), "{stdout}");
+        let name = file.file_name().unwrap().to_str().unwrap();
+        // What Sluice reads differently is said, with the file and the path in it.
+        if name == "layer2-host-bits.yaml" {
+            assert!(
+                stdout.contains("layer2-host-bits.yaml: data.config.address-pools[0].addresses[0]: \"192.168.122.1/24\" has host bits set; read as 192.168.122.0/24"),
+                "{stdout}"
+            );
+        }
+        if name == "bgp-node-selectors.yaml" {
+            assert!(
+                stdout.contains("data.config.peers[1].node-selectors: sluice run has no nodes"),
+                "{stdout}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_broken_legacy_configmap_is_refused_naming_the_file_and_the_path_in_its_terms() {
+    let dir = std::env::temp_dir().join(format!("sluice-legacy-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("metallb.yaml");
+    let text = std::fs::read_to_string(
+        fixtures()
+            .iter()
+            .find(|f| f.ends_with("bgp-advanced.yaml"))
+            .unwrap(),
+    )
+    .unwrap()
+    .replace("aggregation-length: 24", "aggregation-length: 40");
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(sluice_bin())
+        .args(["validate", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("metallb.yaml: data.config.address-pools[0].bgp-advertisements[1].aggregation-length: 40 is out of range"),
+        "{stderr}"
+    );
+}
+
+/// Sends an ARP request for `target` from `ns`'s `ifname` (as `me`); the replies seen.
+fn ask_arp(ns: &NetNs, ifname: &'static str, me: Ipv4Addr, target: Ipv4Addr) -> Vec<Vec<u8>> {
+    let my_mac = ns.mac(ifname);
+    ns.run(move || {
+        let sock = RawSocket::open(ifname).unwrap();
+        sock.send(&frames::arp_request(my_mac, me, target)).unwrap();
+        sock.collect(Duration::from_millis(1000), |f| {
+            f.len() >= 42
+                && f[12..14] == [8, 6]
+                && f[20..22] == [0, 2]
+                && f[28..32] == target.octets()
+        })
+    })
+}
+
+/// Polls (up to 10 s) until ARP for `target` from `ns` gets `want` replies.
+fn wait_arp(ns: &NetNs, ifname: &'static str, me: Ipv4Addr, target: Ipv4Addr, want: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = ask_arp(ns, ifname, me, target).len();
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ARP for {target} from {ifname}: {got} replies, expected {want}"
+        );
+    }
+}
+
+#[test]
+fn a_legacy_layer2_configmap_runs_as_it_is_and_answers_arp_only_on_link() {
+    let lab = Lab::new(1);
+    lab.serve(1);
+    // The ConfigMap's pool is 192.168.1.240-250: the node's n0 holds 192.168.1.0/24; nx holds
+    // another subnet, and its neighbour asks anyway (a misconfigured or hostile segment).
+    lab.node.ip(&["addr", "add", "192.168.1.1/24", "dev", "n0"]);
+    lab.client
+        .ip(&["addr", "add", "192.168.1.2/24", "dev", "c0"]);
+    lab.other
+        .ip(&["addr", "add", "192.168.1.3/24", "dev", "o0"]);
+    let dir = std::env::temp_dir().join(format!("sluice-legacy-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let services = dir.join("services.yaml");
+    // The data plane also runs on nx (balancing there): it still must not answer ARP there.
+    std::fs::write(
+        &services,
+        format!(
+            "dataplane:\n  interfaces: [nx]\n  maglevTableSize: 1009\n  stateFile: {}\nservices:\n- name: web\n  ports: [{{port: 80, targetPort: 8080}}]\n  backends: [{{ip: 198.18.11.2}}]\n",
+            dir.join("allocations.json").display()
+        ),
+    )
+    .unwrap();
+    let configmap = fixtures()
+        .into_iter()
+        .find(|f| f.ends_with("layer2.yaml"))
+        .unwrap();
+    let mut run = lab.node.spawn(&[
+        &sluice_bin(),
+        "run",
+        "--config",
+        configmap.to_str().unwrap(),
+        "--config",
+        services.to_str().unwrap(),
+    ]);
+    run.wait_for_stderr("ready");
+    let vip = Ipv4Addr::new(192, 168, 1, 240);
+
+    let replies = ask_arp(&lab.client, "c0", Ipv4Addr::new(192, 168, 1, 2), vip);
+    assert_eq!(replies.len(), 1, "on-link n0 answers: {replies:02x?}");
+    assert_eq!(&replies[0][22..28], &lab.node.mac("n0"));
+    assert!(
+        ask_arp(&lab.other, "o0", Ipv4Addr::new(192, 168, 1, 3), vip).is_empty(),
+        "nx's subnet does not hold the IP: no answer there"
+    );
+    assert!(
+        lab.node.has_xdp("nx"),
+        "the program runs on nx all the same"
+    );
+    let counts = names(&lab.client, "192.168.1.240:80".parse().unwrap(), 5);
+    assert_eq!(counts.get("b1"), Some(&5), "{counts:?}");
+
+    // An address added to nx puts the IP on-link there too; removed, it goes again.
+    lab.node.ip(&["addr", "add", "192.168.1.9/24", "dev", "nx"]);
+    wait_arp(&lab.other, "o0", Ipv4Addr::new(192, 168, 1, 3), vip, 1);
+    lab.node.ip(&["addr", "del", "192.168.1.9/24", "dev", "nx"]);
+    wait_arp(&lab.other, "o0", Ipv4Addr::new(192, 168, 1, 3), vip, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
