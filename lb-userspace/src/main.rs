@@ -134,6 +134,11 @@ enum Command {
         /// A full pass this often, in seconds, even when no watch event came.
         #[arg(long, default_value_t = 60)]
         resync_seconds: u64,
+        /// The namespace of MetalLB's objects (metallb.io IPAddressPool, L2Advertisement,
+        /// BGPAdvertisement, BGPPeer, BFDProfile, Community), read as they are when MetalLB's
+        /// CRDs are installed. Empty: read none.
+        #[arg(long, default_value = "metallb-system")]
+        metallb_namespace: String,
     },
     /// Run the per-node speaker (Kubernetes): balance Services with externalTrafficPolicy Local
     /// over this node's ready endpoints in XDP, answer ARP/NDP for the service IPs this node is
@@ -175,6 +180,11 @@ enum Command {
         /// A full pass this often, in seconds, even when no watch event came.
         #[arg(long, default_value_t = 60)]
         resync_seconds: u64,
+        /// The namespace of MetalLB's objects (metallb.io IPAddressPool, L2Advertisement,
+        /// BGPAdvertisement, BGPPeer, BFDProfile, Community), read as they are when MetalLB's
+        /// CRDs are installed. Empty: read none.
+        #[arg(long, default_value = "metallb-system")]
+        metallb_namespace: String,
         /// The mesh's UDP port, the same on every node (MetalLB's memberlist uses 7946).
         #[arg(long, env = "SLUICE_MESH_PORT", default_value_t = lb_userspace::mesh::DEFAULT_PORT)]
         mesh_port: u16,
@@ -322,7 +332,9 @@ fn main() -> ExitCode {
             classless,
             metrics_address,
             resync_seconds,
+            metallb_namespace,
         } => lb_userspace::k8s::controller::run(lb_userspace::k8s::controller::Options {
+            metallb_namespace: (!metallb_namespace.is_empty()).then_some(metallb_namespace),
             namespace,
             identity: identity.unwrap_or_else(host_name),
             lease_name,
@@ -343,6 +355,7 @@ fn main() -> ExitCode {
             classless,
             metrics_address,
             resync_seconds,
+            metallb_namespace,
             mesh_port,
             mesh_address,
             mesh_secret_file,
@@ -353,6 +366,7 @@ fn main() -> ExitCode {
             on_stop,
             status_file,
         } => lb_userspace::k8s::speaker::run(lb_userspace::k8s::speaker::Options {
+            metallb_namespace: (!metallb_namespace.is_empty()).then_some(metallb_namespace),
             node_name,
             namespace,
             interfaces,

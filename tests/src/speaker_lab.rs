@@ -175,6 +175,26 @@ impl Lab {
     }
 
     pub fn objects_with(&self, policy: &str, ips: &[String]) {
+        self.cluster_with(policy, ips);
+        let api = &self.api;
+        let crds = "/apis/sluice.dev/v1alpha1/namespaces/sluice-system";
+        api.create(
+            &format!("{crds}/ipaddresspools"),
+            json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "IPAddressPool",
+                   "metadata": {"name": "lab"}, "spec": {"addresses": ["198.18.50.200/29", "fd53:50::200/125"]}}),
+        )
+        .unwrap();
+        api.create(
+            &format!("{crds}/l2advertisements"),
+            json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "L2Advertisement",
+                   "metadata": {"name": "data"}, "spec": {"interfaces": ["eth1"]}}),
+        )
+        .unwrap();
+    }
+
+    /// The cluster without Sluice's objects: namespaces, Ready nodes, the Service `web` (with
+    /// `ips` in its status) and its EndpointSlice with a ready pod on every node.
+    pub fn cluster_with(&self, policy: &str, ips: &[String]) {
         let ingress: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
         let api = &self.api;
         for ns in ["default", NS] {
@@ -191,19 +211,6 @@ impl Lab {
             )
             .unwrap();
         }
-        let crds = "/apis/sluice.dev/v1alpha1/namespaces/sluice-system";
-        api.create(
-            &format!("{crds}/ipaddresspools"),
-            json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "IPAddressPool",
-                   "metadata": {"name": "lab"}, "spec": {"addresses": ["198.18.50.200/29", "fd53:50::200/125"]}}),
-        )
-        .unwrap();
-        api.create(
-            &format!("{crds}/l2advertisements"),
-            json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "L2Advertisement",
-                   "metadata": {"name": "data"}, "spec": {"interfaces": ["eth1"]}}),
-        )
-        .unwrap();
         api.create(
             "/api/v1/namespaces/default/services",
             json!({"apiVersion": "v1", "kind": "Service",
@@ -242,6 +249,29 @@ impl Lab {
     /// BFDProfile `fast` the BGPPeer names.
     pub fn start_bird_with_bfd(&self, tag: &str) -> (Router, NetNs) {
         self.start_bird_with(tag, true)
+    }
+
+    /// BIRD as in [`Lab::start_bird`], without Sluice's BGPPeer and BGPAdvertisement (the test
+    /// writes its own).
+    pub fn start_bird_router(&self, tag: &str) -> (Router, NetNs) {
+        let ns = NetNs::new("router");
+        veth(&ns, "r0", &self.seg, "rt");
+        self.seg.ip(&["link", "set", "rt", "master", "br0"]);
+        ns.ip(&["addr", "add", "198.18.50.254/24", "dev", "r0"]);
+        let addresses: Vec<String> = (1..=self.nodes.len())
+            .map(|n| format!("198.18.50.{n}"))
+            .collect();
+        let neighbors: Vec<Neighbor> = addresses
+            .iter()
+            .map(|address| Neighbor {
+                local: "198.18.50.254",
+                router_as: 64512,
+                address,
+                peer_as: 64513,
+                password: None,
+            })
+            .collect();
+        (Router::start(&ns, tag, &neighbors), ns)
     }
 
     fn start_bird_with(&self, tag: &str, bfd: bool) -> (Router, NetNs) {

@@ -42,6 +42,7 @@ use tracing::{debug, info, warn};
 use super::{
     crd::{BFDProfile, BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement},
     lease::{self, Decision},
+    metallb,
     reconcile::{self, service_key, Plan},
     validity::{self, ObjectRef, Objects},
     watch,
@@ -62,6 +63,8 @@ pub struct Options {
     pub lease_duration: i32,
     /// Whether Services of type LoadBalancer without `spec.loadBalancerClass` are ours.
     pub classless_is_ours: bool,
+    /// Where MetalLB's objects are read from (`None`: not read).
+    pub metallb_namespace: Option<String>,
     /// Where /metrics, /healthz and /readyz are served.
     pub metrics_address: SocketAddr,
     /// A full pass this often even when nothing changed.
@@ -200,6 +203,10 @@ async fn run_async(options: Options) -> Result<(), ControllerError> {
         peers: watch::store(Api::namespaced(client.clone(), ns), &notify),
         bgp_ads: watch::store(Api::namespaced(client.clone(), ns), &notify),
         bfd: watch::store(Api::namespaced(client.clone(), ns), &notify),
+        metallb: match &options.metallb_namespace {
+            Some(metallb_ns) => watch::MetallbStores::start(&client, metallb_ns, &notify).await,
+            None => None,
+        },
     };
     let ctx = Context {
         recorder: Recorder::new(
@@ -281,10 +288,15 @@ struct Stores {
     peers: Store<BGPPeer>,
     bgp_ads: Store<BGPAdvertisement>,
     bfd: Store<BFDProfile>,
+    /// MetalLB's objects, when its CRDs are installed.
+    metallb: Option<watch::MetallbStores>,
 }
 
 impl Stores {
     async fn wait_until_ready(&self) {
+        if let Some(m) = &self.metallb {
+            m.wait_until_ready().await;
+        }
         let _ = tokio::join!(
             self.services.wait_until_ready(),
             self.namespaces.wait_until_ready(),
@@ -403,6 +415,9 @@ struct Memory {
     recorded: BTreeSet<(String, &'static str, String)>,
     /// Our Services' ingress IPs at the last pass: a Service gone since released them.
     assigned: BTreeMap<String, Vec<IpAddr>>,
+    /// What was last reported on each metallb.io object (kind, name): reported again only
+    /// when it changes.
+    metallb_reported: BTreeMap<metallb::MetallbRef, Vec<String>>,
 }
 
 /// One pass: read the stores, plan, write what differs.
@@ -431,13 +446,19 @@ async fn pass(ctx: &Context, stores: &Stores, memory: &mut Memory) {
         .iter()
         .map(|n| (n.name_any(), n.labels().clone()))
         .collect();
-    let objects = Objects {
+    let mut objects = Objects {
         pools: watch::sorted(&stores.pools),
         l2_advertisements: watch::sorted(&stores.l2),
         peers: watch::sorted(&stores.peers),
         bgp_advertisements: watch::sorted(&stores.bgp_ads),
         bfd_profiles: watch::sorted(&stores.bfd),
     };
+    let from_metallb = stores
+        .metallb
+        .as_ref()
+        .map(|m| metallb::read(&m.objects()))
+        .unwrap_or_default();
+    objects.extend(from_metallb.objects.clone());
     let plan = reconcile::plan(
         &objects,
         &services,
@@ -457,7 +478,75 @@ async fn pass(ctx: &Context, stores: &Stores, memory: &mut Memory) {
     record_events(ctx, &services, &plan, &failed_writes, memory).await;
     write_out_of_pool_conditions(ctx, &services, &plan).await;
     write_object_statuses(ctx, &objects, &plan).await;
+    report_metallb(ctx, &from_metallb, &plan, memory).await;
     ctx.status.lock().unwrap().api_write_errors_total += failed_writes.len() as u64;
+}
+
+/// MetalLB's objects get no status from Sluice (they are MetalLB's): what Sluice does not do
+/// with one, or finds wrong in it, is logged and recorded as an Event on it, when that changes.
+async fn report_metallb(ctx: &Context, read: &metallb::Read, plan: &Plan, memory: &mut Memory) {
+    let Some(namespace) = ctx.options.metallb_namespace.as_deref() else {
+        return;
+    };
+    let mut now: BTreeMap<metallb::MetallbRef, Vec<String>> = BTreeMap::new();
+    for ((kind, name), problems) in &read.problems {
+        let mut all = problems.clone();
+        let kinds = [
+            "IPAddressPool",
+            "L2Advertisement",
+            "BGPPeer",
+            "BGPAdvertisement",
+            "BFDProfile",
+        ];
+        if let Some(k) = kinds.into_iter().find(|k| k == kind) {
+            all.extend(problems_of(plan, k, name.clone()).iter().cloned());
+        }
+        now.insert((kind.clone(), name.clone()), all);
+    }
+    for (at, problems) in &now {
+        if memory.metallb_reported.get(at) == Some(problems) {
+            continue;
+        }
+        let (kind, name) = at;
+        let (api_version, uid) = read.origins.get(at).cloned().unwrap_or_default();
+        let note = if problems.is_empty() {
+            info!(kind = %kind, name = %name, "metallbObjectRead");
+            format!("read by Sluice as it is ({api_version})")
+        } else {
+            warn!(kind = %kind, name = %name, problems = %problems.join("; "), "metallbObjectProblem");
+            problems.join("; ")
+        };
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(api_version),
+            kind: Some(kind.clone()),
+            name: Some(name.clone()),
+            namespace: Some(namespace.to_string()),
+            uid,
+            ..Default::default()
+        };
+        let event = Event {
+            type_: if problems.is_empty() {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: if problems.is_empty() {
+                "ReadBySluice"
+            } else {
+                "SluiceProblem"
+            }
+            .into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "Read".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            warn!(kind = %kind, name = %name, error = %e, "eventRecordFailed");
+        }
+    }
+    ctx.status.lock().unwrap().invalid_objects +=
+        now.values().filter(|p| !p.is_empty()).count() as u64;
+    memory.metallb_reported = now;
 }
 
 /// A deleted Service's IPs are free once it leaves the store; there is no object left to
@@ -733,7 +822,11 @@ fn problems_of<'a>(plan: &'a Plan, kind: &'static str, name: String) -> &'a [Str
 async fn write_object_statuses(ctx: &Context, objects: &Objects, plan: &Plan) {
     let ns = ctx.options.namespace.as_str();
     let pools: Api<IPAddressPool> = Api::namespaced(ctx.client.clone(), ns);
-    for pool in &objects.pools {
+    for pool in objects
+        .pools
+        .iter()
+        .filter(|p| !metallb::is_from_metallb(&p.metadata))
+    {
         let problems = problems_of(plan, "IPAddressPool", pool.name_any());
         let current = pool.status.clone().unwrap_or_default();
         let usage = plan.pool_usage.get(&pool.name_any());
@@ -790,7 +883,10 @@ async fn write_conditions<K>(
         + Debug,
 {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &ctx.options.namespace);
-    for object in objects {
+    for object in objects
+        .iter()
+        .filter(|o| !metallb::is_from_metallb(o.meta()))
+    {
         let problems = problems_of(plan, kind, object.name_any());
         let current = conditions(object).unwrap_or_default();
         if let Some(c) = next_condition(&current, problems, object.meta().generation) {

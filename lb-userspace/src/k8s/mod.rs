@@ -11,6 +11,7 @@ pub mod crd;
 pub mod lease;
 pub mod liveness;
 pub mod manifests;
+pub mod metallb;
 pub mod reconcile;
 pub mod request;
 pub mod speaker;

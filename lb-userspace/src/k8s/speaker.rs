@@ -111,6 +111,8 @@ pub struct Options {
     /// Keep current L2 announcers while eligible (a returning node takes nothing back).
     pub sticky: bool,
     pub classless_is_ours: bool,
+    /// Where MetalLB's objects are read from (`None`: not read).
+    pub metallb_namespace: Option<String>,
     pub metrics_address: SocketAddr,
     pub resync: Duration,
     /// `None`: no mesh, liveness from the Leases alone.
@@ -183,6 +185,8 @@ struct Stores {
     peers: Store<BGPPeer>,
     bgp_ads: Store<BGPAdvertisement>,
     bfd: Store<BFDProfile>,
+    /// MetalLB's objects, when its CRDs are installed (the controller reports on them).
+    metallb: Option<watch::MetallbStores>,
 }
 
 /// What our Lease should say.
@@ -293,6 +297,10 @@ async fn run_async(
         peers: watch::store(Api::namespaced(client.clone(), ns), &notify),
         bgp_ads: watch::store(Api::namespaced(client.clone(), ns), &notify),
         bfd: watch::store(Api::namespaced(client.clone(), ns), &notify),
+        metallb: match &options.metallb_namespace {
+            Some(metallb_ns) => watch::MetallbStores::start(&client, metallb_ns, &notify).await,
+            None => None,
+        },
     };
     // Attach at once (or adopt the pinned links of the previous run): an interface that cannot
     // take the program fails the start, not a later pass.
@@ -383,6 +391,9 @@ async fn run_async(
             stores.bgp_ads.wait_until_ready(),
             stores.bfd.wait_until_ready(),
         );
+        if let Some(m) = &stores.metallb {
+            m.wait_until_ready().await;
+        }
     };
     tokio::pin!(sync);
     let mut synced = false;
@@ -909,13 +920,16 @@ impl Speaker {
     }
 
     async fn pass(&mut self, stores: &Stores) {
-        let objects = Objects {
+        let mut objects = Objects {
             pools: watch::sorted(&stores.pools),
             l2_advertisements: watch::sorted(&stores.l2),
             peers: watch::sorted(&stores.peers),
             bgp_advertisements: watch::sorted(&stores.bgp_ads),
             bfd_profiles: watch::sorted(&stores.bfd),
         };
+        if let Some(m) = &stores.metallb {
+            objects.extend(super::metallb::read(&m.objects()).objects);
+        }
         let services = watch::sorted(&stores.services);
         let slices = watch::sorted(&stores.slices);
         let leases: Vec<Lease> = watch::sorted(&stores.leases)

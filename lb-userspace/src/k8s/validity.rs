@@ -24,6 +24,22 @@ pub struct Objects {
     pub bfd_profiles: Vec<BFDProfile>,
 }
 
+impl Objects {
+    /// Adds `other`'s objects (MetalLB's, read by `metallb::read`); each list stays sorted by
+    /// name.
+    pub fn extend(&mut self, other: Objects) {
+        fn merge<K: kube::Resource>(list: &mut Vec<K>, more: Vec<K>) {
+            list.extend(more);
+            list.sort_by_key(|o| o.name_any());
+        }
+        merge(&mut self.pools, other.pools);
+        merge(&mut self.l2_advertisements, other.l2_advertisements);
+        merge(&mut self.peers, other.peers);
+        merge(&mut self.bgp_advertisements, other.bgp_advertisements);
+        merge(&mut self.bfd_profiles, other.bfd_profiles);
+    }
+}
+
 /// Which object: kind and name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ObjectRef {

@@ -5,16 +5,19 @@ use std::{fmt::Debug, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use kube::{
+    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
     runtime::{
         reflector::{self, Store},
         utils::Backoff,
         watcher, WatchStreamExt,
     },
-    Api, Resource, ResourceExt,
+    Api, Client, Resource, ResourceExt,
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
-use tracing::warn;
+use tracing::{info, warn};
+
+use super::metallb;
 
 /// Seconds a watch request lasts before it is made again: a connection that died without a
 /// word (a frozen or partitioned API server) is noticed within this, plus kube's 5 s margin.
@@ -53,7 +56,18 @@ pub fn store<K>(api: Api<K>, notify: &Arc<Notify>) -> Store<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    let (reader, writer) = reflector::store();
+    store_of(api, (), notify)
+}
+
+/// [`store`] for a kind known at run time (`DynamicObject` with its `ApiResource`).
+fn store_of<K>(api: Api<K>, dyntype: K::DynamicType, notify: &Arc<Notify>) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync + 'static,
+{
+    let kind = K::kind(&dyntype).to_string();
+    let writer = reflector::store::Writer::new(dyntype);
+    let reader = writer.as_reader();
     let config = watcher::Config::default().timeout(WATCH_SECONDS);
     let stream =
         reflector::reflector(writer, watcher(api, config)).backoff(QuickBackoff::default());
@@ -63,11 +77,80 @@ where
         while let Some(event) = stream.next().await {
             match event {
                 Ok(_) => notify.notify_one(),
-                Err(e) => warn!(kind = K::kind(&()).as_ref(), error = %e, "watchFailed"),
+                Err(e) => warn!(kind = %kind, error = %e, "watchFailed"),
             }
         }
     });
     reader
+}
+
+/// Watches of MetalLB's objects (`metallb.io`) in one namespace: the kinds the API server
+/// serves, found once at start (MetalLB's CRDs installed later need a restart).
+pub struct MetallbStores {
+    stores: Vec<(ApiResource, Store<DynamicObject>)>,
+}
+
+impl MetallbStores {
+    /// Starts a watch per metallb.io kind the API server serves in `namespace` (BGPPeer:
+    /// v1beta2, else v1beta1). `None` when it serves none of them.
+    pub async fn start(client: &Client, namespace: &str, notify: &Arc<Notify>) -> Option<Self> {
+        let mut stores = Vec::new();
+        for (kind, plural, version) in metallb::KINDS {
+            let versions: &[&str] = if kind == "BGPPeer" {
+                &[version, "v1beta1"]
+            } else {
+                &[version]
+            };
+            for version in versions {
+                let gvk = GroupVersionKind::gvk(metallb::GROUP, version, kind);
+                let resource = ApiResource::from_gvk_with_plural(&gvk, plural);
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(client.clone(), namespace, &resource);
+                match api.list(&ListParams::default().limit(1)).await {
+                    Err(kube::Error::Api(e)) if e.code == 404 => continue,
+                    // Served (or the API server is away: the watch will retry).
+                    _ => {
+                        info!(kind, version, namespace, "metallbWatched");
+                        let store = store_of(api, resource.clone(), notify);
+                        stores.push((resource, store));
+                        break;
+                    }
+                }
+            }
+        }
+        if stores.is_empty() {
+            info!(
+                namespace,
+                "metallbNotInstalled: no metallb.io kinds are served; reading sluice.dev objects only"
+            );
+            return None;
+        }
+        Some(Self { stores })
+    }
+
+    pub async fn wait_until_ready(&self) {
+        for (_, store) in &self.stores {
+            let _ = store.wait_until_ready().await;
+        }
+    }
+
+    /// Every object, as JSON with its apiVersion and kind (list items may lack them), sorted
+    /// by kind and name.
+    pub fn objects(&self) -> Vec<serde_json::Value> {
+        let mut all: Vec<(String, String, serde_json::Value)> = Vec::new();
+        for (resource, store) in &self.stores {
+            for o in store.state() {
+                let Ok(mut value) = serde_json::to_value(&*o) else {
+                    continue;
+                };
+                value["apiVersion"] = resource.api_version.clone().into();
+                value["kind"] = resource.kind.clone().into();
+                all.push((resource.kind.clone(), o.name_any(), value));
+            }
+        }
+        all.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        all.into_iter().map(|(_, _, v)| v).collect()
+    }
 }
 
 /// The store's objects, owned, sorted by name.
