@@ -235,6 +235,17 @@ enum Command {
         #[arg(value_name = "FILE", required = true)]
         files: Vec<PathBuf>,
     },
+    /// Turn MetalLB's configuration — a legacy ConfigMap (or its `config` string) or metallb.io
+    /// manifests — into sluice.dev manifests on stdout, for `kubectl apply -f -`. What Sluice
+    /// reads differently or does not do is printed on stderr.
+    Migrate {
+        /// A file to migrate. Repeatable.
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
+        /// The namespace of the objects written (Sluice's namespace).
+        #[arg(long, default_value = "sluice-system")]
+        namespace: String,
+    },
     /// Show what the data plane holds, from its pinned maps (daemon running or not).
     Inspect {
         /// Where the maps are pinned (default: the config's, else /sys/fs/bpf/sluice).
@@ -259,13 +270,12 @@ fn check_manifests(files: &[PathBuf]) -> anyhow::Result<()> {
     for path in files {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let (objects, _) =
+        let parsed =
             manifests::parse(&path.display().to_string(), &text).map_err(anyhow::Error::msg)?;
-        all.pools.extend(objects.pools);
-        all.l2_advertisements.extend(objects.l2_advertisements);
-        all.peers.extend(objects.peers);
-        all.bgp_advertisements.extend(objects.bgp_advertisements);
-        all.bfd_profiles.extend(objects.bfd_profiles);
+        for note in &parsed.notes {
+            println!("note: {note}");
+        }
+        all.extend(parsed.objects);
     }
     let verdict = validity::validate(&all);
     if verdict.problems.is_empty() {
@@ -288,6 +298,22 @@ fn check_manifests(files: &[PathBuf]) -> anyhow::Result<()> {
     if invalid > 0 {
         anyhow::bail!("{invalid} invalid object(s)");
     }
+    Ok(())
+}
+
+fn migrate(files: &[PathBuf], namespace: &str) -> anyhow::Result<()> {
+    let mut texts = Vec::new();
+    for path in files {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        texts.push((path.display().to_string(), text));
+    }
+    let migrated =
+        lb_userspace::k8s::migrate::migrate(&texts, namespace).map_err(anyhow::Error::msg)?;
+    for note in &migrated.notes {
+        eprintln!("note: {note}");
+    }
+    print!("{}", migrated.yaml);
     Ok(())
 }
 
@@ -444,6 +470,7 @@ fn main() -> ExitCode {
         Command::Detach { pin_dir, configs } => detach(pin_dir, &configs),
         Command::Crds { out_dir } => crds(out_dir),
         Command::CheckManifests { files } => check_manifests(&files),
+        Command::Migrate { files, namespace } => migrate(&files, &namespace),
         Command::Validate { configs } => {
             lb_userspace::standalone::validate(&configs).map(|summary| println!("{summary}"))
         }

@@ -314,7 +314,7 @@ pub fn parse_go_duration(text: &str) -> Result<f64, String> {
 }
 
 /// MetalLB's legacy `config` (the string inside its ConfigMap).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct LegacyConfig {
     #[serde(default)]
@@ -383,6 +383,9 @@ pub struct LegacyBgpAdvertisement {
 
 /// Parses one file: Sluice's format, a MetalLB ConfigMap, or a bare MetalLB `config`.
 pub fn parse(text: &str) -> Result<SluiceFile, FileError> {
+    if let Some((legacy, prefix)) = legacy(text)? {
+        return from_legacy(legacy, &prefix);
+    }
     let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| FileError {
         path: String::new(),
         message: format!("not valid YAML: {e}"),
@@ -390,6 +393,15 @@ pub fn parse(text: &str) -> Result<SluiceFile, FileError> {
     if value.is_null() {
         return Ok(SluiceFile::default());
     }
+    deserialize::<SluiceFile>(value, "")
+}
+
+/// MetalLB's legacy configuration, when the text is one (a ConfigMap, or its `config` string
+/// alone), with the prefix of its paths (`data.config.`); `None` for anything else.
+pub fn legacy(text: &str) -> Result<Option<(LegacyConfig, String)>, FileError> {
+    let Ok(value) = serde_yaml::from_str::<serde_yaml::Value>(text) else {
+        return Ok(None);
+    };
     if value.get("kind").and_then(|k| k.as_str()) == Some("ConfigMap") {
         let config = value
             .get("data")
@@ -399,14 +411,14 @@ pub fn parse(text: &str) -> Result<SluiceFile, FileError> {
                 path: "data.config".into(),
                 message: "a MetalLB ConfigMap needs its configuration in data.config".into(),
             })?;
-        return parse_legacy(config, "data.config.");
+        return parse_legacy(config, "data.config.").map(Some);
     }
     if value.get("address-pools").is_some()
         || (value.get("peers").is_some() && has_kebab_peer(&value))
     {
-        return parse_legacy(text, "");
+        return parse_legacy(text, "").map(Some);
     }
-    deserialize::<SluiceFile>(value, "")
+    Ok(None)
 }
 
 fn has_kebab_peer(value: &serde_yaml::Value) -> bool {
@@ -417,13 +429,13 @@ fn has_kebab_peer(value: &serde_yaml::Value) -> bool {
         .is_some_and(|p| p.get("peer-address").is_some())
 }
 
-fn parse_legacy(text: &str, prefix: &str) -> Result<SluiceFile, FileError> {
+fn parse_legacy(text: &str, prefix: &str) -> Result<(LegacyConfig, String), FileError> {
     let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| FileError {
         path: prefix.trim_end_matches('.').to_string(),
         message: format!("not valid YAML: {e}"),
     })?;
     let legacy: LegacyConfig = deserialize(value, prefix)?;
-    from_legacy(legacy, prefix)
+    Ok((legacy, prefix.to_string()))
 }
 
 /// MetalLB's legacy configuration in Sluice's terms: layer2 pools get an L2 advertisement that

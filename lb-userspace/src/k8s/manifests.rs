@@ -6,16 +6,26 @@ use serde::Deserialize;
 
 use super::{
     crd::{BFDProfile, BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement},
+    metallb,
     validity::Objects,
 };
 
-const GROUPS: [&str; 2] = ["sluice.dev/", "metallb.io/"];
+/// What a manifest file held.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub objects: Objects,
+    /// Documents of other kinds, skipped.
+    pub skipped: usize,
+    /// What Sluice does not do with MetalLB's objects, per object (`BGPPeer tor: spec.vrf: ...`).
+    pub notes: Vec<String>,
+}
 
 /// Parses every document; documents of other kinds are skipped. Errors name the document
-/// (1-based), the kind and the field.
-pub fn parse(name: &str, text: &str) -> Result<(Objects, usize), String> {
-    let mut objects = Objects::default();
-    let mut skipped = 0;
+/// (1-based), the kind and the field. metallb.io documents are read as the controller reads
+/// them (`metallb::read`).
+pub fn parse(name: &str, text: &str) -> Result<Parsed, String> {
+    let mut out = Parsed::default();
+    let mut metallb_docs = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let at = format!("{name}: document {}", i + 1);
         let value = serde_yaml::Value::deserialize(doc).map_err(|e| format!("{at}: {e}"))?;
@@ -31,8 +41,14 @@ pub fn parse(name: &str, text: &str) -> Result<(Objects, usize), String> {
         };
         let (api_version, kind) = (text_of("apiVersion"), text_of("kind"));
         let kind = kind.as_str();
-        if !GROUPS.iter().any(|g| api_version.starts_with(g)) {
-            skipped += 1;
+        if api_version.starts_with("metallb.io/") {
+            let json: serde_json::Value =
+                serde_json::to_value(&value).map_err(|e| format!("{at}: {e}"))?;
+            metallb_docs.push(json);
+            continue;
+        }
+        if !api_version.starts_with("sluice.dev/") {
+            out.skipped += 1;
             continue;
         }
         fn typed<T: serde::de::DeserializeOwned>(
@@ -43,6 +59,7 @@ pub fn parse(name: &str, text: &str) -> Result<(Objects, usize), String> {
             serde_path_to_error::deserialize(v)
                 .map_err(|e| format!("{at} ({kind}): {}: {}", e.path(), e.inner()))
         }
+        let objects = &mut out.objects;
         match kind {
             "IPAddressPool" => objects
                 .pools
@@ -57,10 +74,17 @@ pub fn parse(name: &str, text: &str) -> Result<(Objects, usize), String> {
             "BFDProfile" => objects
                 .bfd_profiles
                 .push(typed::<BFDProfile>(&at, kind, value)?),
-            _ => skipped += 1,
+            _ => out.skipped += 1,
         }
     }
-    Ok((objects, skipped))
+    let read = metallb::read(&metallb_docs);
+    for ((kind, object), problems) in &read.problems {
+        for p in problems {
+            out.notes.push(format!("{name}: {kind} {object}: {p}"));
+        }
+    }
+    out.objects.extend(read.objects);
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -86,7 +110,9 @@ kind: Namespace
 metadata: {name: metallb-system}
 ---
 "#;
-        let (objects, skipped) = parse("m.yaml", text).unwrap();
+        let Parsed {
+            objects, skipped, ..
+        } = parse("m.yaml", text).unwrap();
         assert_eq!(
             (
                 objects.pools.len(),

@@ -12,6 +12,7 @@ pub mod lease;
 pub mod liveness;
 pub mod manifests;
 pub mod metallb;
+pub mod migrate;
 pub mod reconcile;
 pub mod request;
 pub mod speaker;
