@@ -34,7 +34,12 @@ impl Router {
     /// Starts BIRD in `ns` with one `protocol bgp speaker` per neighbour (named speaker,
     /// speaker2, ...), importing everything, graceful-restart helper on.
     pub fn start(ns: &NetNs, tag: &str, neighbors: &[Neighbor]) -> Router {
-        Self::start_with(ns, tag, neighbors, None)
+        Self::start_with(ns, tag, neighbors, None, true)
+    }
+
+    /// [`Router::start`] with an IPv4 channel only: the sessions negotiate IPv4 unicast alone.
+    pub fn start_ipv4_only(ns: &NetNs, tag: &str, neighbors: &[Neighbor]) -> Router {
+        Self::start_with(ns, tag, neighbors, None, false)
     }
 
     /// [`Router::start`] with BFD (300 ms × 3) on `interface` for every neighbour (`bfd on`).
@@ -44,15 +49,22 @@ impl Router {
         neighbors: &[Neighbor],
         interface: &str,
     ) -> Router {
-        Self::start_with(ns, tag, neighbors, Some(interface))
+        Self::start_with(ns, tag, neighbors, Some(interface), true)
     }
 
-    fn start_with(ns: &NetNs, tag: &str, neighbors: &[Neighbor], bfd: Option<&str>) -> Router {
+    fn start_with(
+        ns: &NetNs,
+        tag: &str,
+        neighbors: &[Neighbor],
+        bfd: Option<&str>,
+        ipv6: bool,
+    ) -> Router {
         let dir = std::env::temp_dir().join(format!("sluice-bird-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut conf = format!(
-            "log stderr all;\nrouter id {};\nprotocol device {{ scan time 10; }}\nprotocol direct {{ ipv4; ipv6; }}\n",
+            "log \"{}\" all;\nrouter id {};\nprotocol device {{ scan time 10; }}\nprotocol direct {{ ipv4; ipv6; }}\n",
+            dir.join("bird.log").display(),
             neighbors[0].local
         );
         if let Some(interface) = bfd {
@@ -61,6 +73,11 @@ impl Router {
             ));
         }
         let bfd_on = if bfd.is_some() { "  bfd on;\n" } else { "" };
+        let ipv6_channel = if ipv6 {
+            "  ipv6 { import all; export none; };\n"
+        } else {
+            ""
+        };
         for (i, n) in neighbors.iter().enumerate() {
             let name = if i == 0 {
                 "speaker".to_string()
@@ -75,7 +92,7 @@ impl Router {
                 "protocol bgp {name} {{\n  local {} as {};\n  neighbor {} as {};\n{password}  \
                  hold time 9; keepalive time 3;\n  connect delay time 1; connect retry time 1; \
                  error wait time 1, 5;\n  graceful restart on;\n{bfd_on}  \
-                 ipv4 {{ import all; export none; }};\n  ipv6 {{ import all; export none; }};\n}}\n",
+                 ipv4 {{ import all; export none; }};\n{ipv6_channel}}}\n",
                 n.local, n.router_as, n.address, n.peer_as
             ));
         }
@@ -101,6 +118,11 @@ impl Router {
             std::thread::sleep(Duration::from_millis(10));
         }
         router
+    }
+
+    /// Everything BIRD logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("bird.log")).unwrap_or_default()
     }
 
     pub fn birdc(&self, command: &str) -> String {

@@ -32,6 +32,9 @@ struct Case {
     ibgp: bool,
     four_octet: bool,
     md5: bool,
+    /// The router negotiates IPv4 unicast only: Sluice must send it nothing IPv6 (no UPDATE,
+    /// no End-of-RIB), though it has IPv6 routes.
+    ipv4_only: bool,
 }
 
 impl Case {
@@ -119,19 +122,21 @@ fn start_router(kind: Kind, ns: &NetNs, dir: &std::path::Path, case: &Case) -> R
                 peer_as: node_as,
                 password: case.md5.then_some("s3cret"),
             };
-            RouterProcess::Bird(Router::start(
-                ns,
-                &format!("interop-{}", std::process::id()),
-                &[n(1), n(2)],
-            ))
+            let tag = format!("interop-{}", std::process::id());
+            RouterProcess::Bird(if case.ipv4_only {
+                Router::start_ipv4_only(ns, &tag, &[n(1), n(2)])
+            } else {
+                Router::start(ns, &tag, &[n(1), n(2)])
+            })
         }
         Kind::Frr => {
             let frr = dir.join("frr");
             std::fs::create_dir_all(&frr).unwrap();
             std::fs::write(frr.join("vtysh.conf"), "").unwrap();
             let mut conf = format!(
-                "frr defaults traditional\nhostname router\nlog stdout informational\nrouter bgp {router_as}\n \
-                 bgp router-id 198.18.179.1\n no bgp ebgp-requires-policy\n no bgp default ipv4-unicast\n bgp graceful-restart\n"
+                "frr defaults traditional\nhostname router\nlog file {} informational\nrouter bgp {router_as}\n \
+                 bgp router-id 198.18.179.1\n no bgp ebgp-requires-policy\n no bgp default ipv4-unicast\n bgp graceful-restart\n",
+                frr.join("bgpd.log").display()
             );
             for peer in ["198.18.179.2", "198.18.180.2"] {
                 conf.push_str(&format!(" neighbor {peer} remote-as {node_as}\n neighbor {peer} timers 3 9\n neighbor {peer} timers connect 1\n"));
@@ -139,7 +144,12 @@ fn start_router(kind: Kind, ns: &NetNs, dir: &std::path::Path, case: &Case) -> R
                     conf.push_str(&format!(" neighbor {peer} password s3cret\n"));
                 }
             }
-            for family in ["ipv4", "ipv6"] {
+            let families: &[&str] = if case.ipv4_only {
+                &["ipv4"]
+            } else {
+                &["ipv4", "ipv6"]
+            };
+            for family in families {
                 conf.push_str(&format!(" address-family {family} unicast\n"));
                 for peer in ["198.18.179.2", "198.18.180.2"] {
                     conf.push_str(&format!("  neighbor {peer} activate\n"));
@@ -195,15 +205,13 @@ fn start_router(kind: Kind, ns: &NetNs, dir: &std::path::Path, case: &Case) -> R
             }
             let path = dir.join("gobgpd.toml");
             std::fs::write(&path, conf).unwrap();
-            let p = ns.spawn(&[
-                "gobgpd",
-                "-f",
-                path.to_str().unwrap(),
-                "--api-hosts",
-                "127.0.0.1:50051",
-                "--pprof-disable",
-                "--log-plain",
-            ]);
+            // Its log (stdout) into a file the test reads.
+            let command = format!(
+                "exec gobgpd -f {} --api-hosts 127.0.0.1:50051 --pprof-disable --log-plain --log-level info > {} 2>&1",
+                path.display(),
+                dir.join("gobgpd.log").display()
+            );
+            let p = ns.spawn(&["sh", "-c", &command]);
             RouterProcess::Other(p)
         }
     }
@@ -311,10 +319,15 @@ fn run_case(case: Case) {
         nodes.push(p);
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    for (prefix, hops) in [
-        ("198.51.100.10/32", ["198.18.179.2", "198.18.180.2"]),
-        ("2001:db8::10/128", ["fd53:179::2", "fd53:180::2"]),
-    ] {
+    let prefixes: &[(&str, [&str; 2])] = if case.ipv4_only {
+        &[("198.51.100.10/32", ["198.18.179.2", "198.18.180.2"])]
+    } else {
+        &[
+            ("198.51.100.10/32", ["198.18.179.2", "198.18.180.2"]),
+            ("2001:db8::10/128", ["fd53:179::2", "fd53:180::2"]),
+        ]
+    };
+    for (prefix, hops) in prefixes {
         loop {
             let text = show(case.kind, &router, &rtr, &dir, prefix);
             let has_both = hops.iter().all(|h| has_path(case.kind, &text, h));
@@ -361,6 +374,37 @@ fn run_case(case: Case) {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    if case.ipv4_only {
+        let text = show(case.kind, &router, &rtr, &dir, "2001:db8::10/128");
+        assert!(
+            !has_path(case.kind, &text, "fd53:179::2")
+                && !has_path(case.kind, &text, "fd53:180::2"),
+            "{case:?}: no IPv6 route over an IPv4-only session:\n{text}"
+        );
+    }
+    // Nothing the router complained of: no UPDATE or End-of-RIB of a family it did not
+    // negotiate (RFC 4760 §7), nothing malformed.
+    let log = match &router {
+        RouterProcess::Bird(r) => r.log(),
+        RouterProcess::Other(_) => {
+            let name = match case.kind {
+                Kind::Frr => "frr/bgpd.log",
+                _ => "gobgpd.log",
+            };
+            std::fs::read_to_string(dir.join(name)).unwrap_or_default()
+        }
+    };
+    assert!(!log.is_empty(), "{case:?}: the router's log is empty");
+    for line in log.lines() {
+        let l = line.to_ascii_lowercase();
+        assert!(
+            !(l.contains("unexpected af")
+                || l.contains("non-enabled afi")
+                || l.contains("malformed")
+                || l.contains("unrecognized")),
+            "{case:?}: the router logged {line:?}"
+        );
+    }
     let lab = Lab {
         _nodes: nodes,
         _router: router,
@@ -381,6 +425,7 @@ fn bird_holds_both_nodes_routes_across_ebgp_ibgp_asn_widths_and_md5() {
                     ibgp,
                     four_octet,
                     md5,
+                    ipv4_only: false,
                 });
             }
         }
@@ -397,6 +442,7 @@ fn frr_holds_both_nodes_routes_across_ebgp_ibgp_asn_widths_and_md5() {
                     ibgp,
                     four_octet,
                     md5,
+                    ipv4_only: false,
                 });
             }
         }
@@ -410,5 +456,19 @@ fn gobgp_holds_both_nodes_routes() {
         ibgp: false,
         four_octet: false,
         md5: true,
+        ipv4_only: false,
     });
+}
+
+#[test]
+fn routers_that_negotiate_ipv4_only_get_no_ipv6_update_or_end_of_rib_and_log_no_complaint() {
+    for kind in [Kind::Bird, Kind::Frr] {
+        run_case(Case {
+            kind,
+            ibgp: false,
+            four_octet: false,
+            md5: false,
+            ipv4_only: true,
+        });
+    }
 }
