@@ -26,9 +26,21 @@ pub struct Parsed {
 pub fn parse(name: &str, text: &str) -> Result<Parsed, String> {
     let mut out = Parsed::default();
     let mut metallb_docs = Vec::new();
+    // Every document; a `kind: List` (what `kubectl get -o yaml` prints) gives its items.
+    let mut documents = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let at = format!("{name}: document {}", i + 1);
         let value = serde_yaml::Value::deserialize(doc).map_err(|e| format!("{at}: {e}"))?;
+        match value.get("items").and_then(|items| items.as_sequence()) {
+            Some(items) if value.get("kind").and_then(|k| k.as_str()) == Some("List") => {
+                for (j, item) in items.iter().enumerate() {
+                    documents.push((format!("{at}, item {}", j + 1), item.clone()));
+                }
+            }
+            _ => documents.push((at, value)),
+        }
+    }
+    for (at, value) in documents {
         if value.is_null() {
             continue;
         }
@@ -132,6 +144,19 @@ metadata: {name: metallb-system}
         assert!(
             e.starts_with("m.yaml: document 1 (BGPPeer): spec.peerASN"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_list_as_kubectl_get_prints_it_gives_its_items() {
+        let text = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: metallb.io/v1beta1\n  kind: IPAddressPool\n  metadata: {name: a, namespace: metallb-system}\n  spec: {addresses: [192.0.2.0/28]}\n- apiVersion: metallb.io/v1beta1\n  kind: L2Advertisement\n  metadata: {name: l2, namespace: metallb-system}\n  spec: {}\n";
+        let parsed = parse("m.yaml", text).unwrap();
+        assert_eq!(
+            (
+                parsed.objects.pools.len(),
+                parsed.objects.l2_advertisements.len()
+            ),
+            (1, 1)
         );
     }
 
