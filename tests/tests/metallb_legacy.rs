@@ -121,22 +121,52 @@ fn wait_arp(ns: &NetNs, ifname: &'static str, me: Ipv4Addr, target: Ipv4Addr, wa
     }
 }
 
-#[test]
-fn a_legacy_layer2_configmap_runs_as_it_is_and_answers_arp_only_on_link() {
-    let lab = Lab::new(1);
-    lab.serve(1);
-    // The ConfigMap's pool is 192.168.1.240-250: the node's n0 holds 192.168.1.0/24; nx holds
-    // another subnet, and its neighbour asks anyway (a misconfigured or hostile segment).
-    lab.node.ip(&["addr", "add", "192.168.1.1/24", "dev", "n0"]);
-    lab.client
-        .ip(&["addr", "add", "192.168.1.2/24", "dev", "c0"]);
-    lab.other
-        .ip(&["addr", "add", "192.168.1.3/24", "dev", "o0"]);
-    let dir = std::env::temp_dir().join(format!("sluice-legacy-run-{}", std::process::id()));
+/// A node running `sluice run` on a legacy ConfigMap as it is, plus a file with one service
+/// (web → backend 1) whose data plane also runs on nx: nx must still not answer ARP.
+struct Layer2Run {
+    lab: Lab,
+    _run: sluice_tests::netns::Process,
+    dir: PathBuf,
+    vip: Ipv4Addr,
+}
+
+impl Drop for Layer2Run {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The IPv4 address `sluice validate` says the service gets from these files.
+fn allocated(configs: &[&Path]) -> Ipv4Addr {
+    let mut args = vec!["validate".to_string()];
+    for c in configs {
+        args.push("--config".into());
+        args.push(c.display().to_string());
+    }
+    let out = Command::new(sluice_bin()).args(&args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("web → "))
+        .unwrap_or_else(|| panic!("no allocation in {text}"));
+    line.trim_start()["web → ".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn run_layer2(fixture: &Path, tag: &str) -> Layer2Run {
+    let dir = std::env::temp_dir().join(format!("sluice-legacy-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let services = dir.join("services.yaml");
-    // The data plane also runs on nx (balancing there): it still must not answer ARP there.
     std::fs::write(
         &services,
         format!(
@@ -145,41 +175,114 @@ fn a_legacy_layer2_configmap_runs_as_it_is_and_answers_arp_only_on_link() {
         ),
     )
     .unwrap();
-    let configmap = fixtures()
-        .into_iter()
-        .find(|f| f.ends_with("layer2.yaml"))
-        .unwrap();
+    let vip = allocated(&[fixture, &services]);
+    // The node's n0 holds the VIP's /24; nx holds another subnet, and its neighbour asks anyway
+    // (a misconfigured or hostile segment).
+    let [a, b, c, _] = vip.octets();
+    let lab = Lab::new(1);
+    lab.serve(1);
+    for (ns, ifname, host) in [
+        (&lab.node, "n0", 254),
+        (&lab.client, "c0", 253),
+        (&lab.other, "o0", 252),
+    ] {
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{a}.{b}.{c}.{host}/24"),
+            "dev",
+            ifname,
+        ]);
+    }
     let mut run = lab.node.spawn(&[
         &sluice_bin(),
         "run",
         "--config",
-        configmap.to_str().unwrap(),
+        fixture.to_str().unwrap(),
         "--config",
         services.to_str().unwrap(),
     ]);
     run.wait_for_stderr("ready");
-    let vip = Ipv4Addr::new(192, 168, 1, 240);
+    Layer2Run {
+        lab,
+        _run: run,
+        dir,
+        vip,
+    }
+}
 
-    let replies = ask_arp(&lab.client, "c0", Ipv4Addr::new(192, 168, 1, 2), vip);
-    assert_eq!(replies.len(), 1, "on-link n0 answers: {replies:02x?}");
-    assert_eq!(&replies[0][22..28], &lab.node.mac("n0"));
-    assert!(
-        ask_arp(&lab.other, "o0", Ipv4Addr::new(192, 168, 1, 3), vip).is_empty(),
-        "nx's subnet does not hold the IP: no answer there"
-    );
-    assert!(
-        lab.node.has_xdp("nx"),
-        "the program runs on nx all the same"
-    );
-    let counts = names(&lab.client, "192.168.1.240:80".parse().unwrap(), 5);
+impl Layer2Run {
+    fn client_ip(&self) -> Ipv4Addr {
+        let [a, b, c, _] = self.vip.octets();
+        Ipv4Addr::new(a, b, c, 253)
+    }
+
+    fn other_ip(&self) -> Ipv4Addr {
+        let [a, b, c, _] = self.vip.octets();
+        Ipv4Addr::new(a, b, c, 252)
+    }
+
+    /// ARP from the client (n0's segment) is answered by n0; from nx's segment, by no one.
+    fn assert_answered_on_link_only(&self, fixture: &Path) {
+        let replies = ask_arp(&self.lab.client, "c0", self.client_ip(), self.vip);
+        assert_eq!(
+            replies.len(),
+            1,
+            "{}: on-link n0 answers for {}: {replies:02x?}",
+            fixture.display(),
+            self.vip
+        );
+        assert_eq!(&replies[0][22..28], &self.lab.node.mac("n0"));
+        assert!(
+            ask_arp(&self.lab.other, "o0", self.other_ip(), self.vip).is_empty(),
+            "{}: nx's subnet does not hold {}: no answer there",
+            fixture.display(),
+            self.vip
+        );
+        assert!(
+            self.lab.node.has_xdp("nx"),
+            "the program runs on nx all the same"
+        );
+    }
+}
+
+fn fixture(name: &str) -> PathBuf {
+    fixtures().into_iter().find(|f| f.ends_with(name)).unwrap()
+}
+
+#[test]
+fn a_legacy_layer2_configmap_runs_as_it_is_and_answers_arp_only_on_link() {
+    let file = fixture("layer2.yaml");
+    let run = run_layer2(&file, "layer2");
+    assert_eq!(run.vip, Ipv4Addr::new(192, 168, 1, 240));
+    run.assert_answered_on_link_only(&file);
+    let counts = names(&run.lab.client, "192.168.1.240:80".parse().unwrap(), 5);
     assert_eq!(counts.get("b1"), Some(&5), "{counts:?}");
 
     // An address added to nx puts the IP on-link there too; removed, it goes again.
+    let lab = &run.lab;
     lab.node.ip(&["addr", "add", "192.168.1.9/24", "dev", "nx"]);
-    wait_arp(&lab.other, "o0", Ipv4Addr::new(192, 168, 1, 3), vip, 1);
+    wait_arp(&lab.other, "o0", run.other_ip(), run.vip, 1);
     lab.node.ip(&["addr", "del", "192.168.1.9/24", "dev", "nx"]);
-    wait_arp(&lab.other, "o0", Ipv4Addr::new(192, 168, 1, 3), vip, 0);
-    let _ = std::fs::remove_dir_all(&dir);
+    wait_arp(&lab.other, "o0", run.other_ip(), run.vip, 0);
+}
+
+#[test]
+fn every_layer2_fixture_runs_as_it_is_and_is_answered_on_link_only() {
+    let layer2: Vec<PathBuf> = fixtures()
+        .into_iter()
+        .filter(|f| !f.ends_with("layer2.yaml"))
+        .filter(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .contains("protocol: layer2")
+        })
+        .collect();
+    assert!(layer2.len() >= 4, "{layer2:?}");
+    for (i, file) in layer2.iter().enumerate() {
+        let run = run_layer2(file, &format!("l2-{i}"));
+        run.assert_answered_on_link_only(file);
+    }
 }
 
 #[test]
