@@ -254,27 +254,11 @@ impl Lab {
     /// BIRD as in [`Lab::start_bird`], without Sluice's BGPPeer and BGPAdvertisement (the test
     /// writes its own).
     pub fn start_bird_router(&self, tag: &str) -> (Router, NetNs) {
-        let ns = NetNs::new("router");
-        veth(&ns, "r0", &self.seg, "rt");
-        self.seg.ip(&["link", "set", "rt", "master", "br0"]);
-        ns.ip(&["addr", "add", "198.18.50.254/24", "dev", "r0"]);
-        let addresses: Vec<String> = (1..=self.nodes.len())
-            .map(|n| format!("198.18.50.{n}"))
-            .collect();
-        let neighbors: Vec<Neighbor> = addresses
-            .iter()
-            .map(|address| Neighbor {
-                local: "198.18.50.254",
-                router_as: 64512,
-                address,
-                peer_as: 64513,
-                password: None,
-            })
-            .collect();
-        (Router::start(&ns, tag, &neighbors), ns)
+        self.bird_router(tag, false)
     }
 
-    fn start_bird_with(&self, tag: &str, bfd: bool) -> (Router, NetNs) {
+    /// BIRD in its namespace on the data segment, a neighbour per node, BFD on `r0` or not.
+    fn bird_router(&self, tag: &str, bfd: bool) -> (Router, NetNs) {
         let ns = NetNs::new("router");
         veth(&ns, "r0", &self.seg, "rt");
         self.seg.ip(&["link", "set", "rt", "master", "br0"]);
@@ -297,6 +281,32 @@ impl Lab {
         } else {
             Router::start(&ns, tag, &neighbors)
         };
+        (router, ns)
+    }
+
+    /// Starts `sluice controller` against the fake API (in the API's namespace) and waits until
+    /// it runs.
+    pub fn start_controller(&self) -> Process {
+        let kubeconfig = format!("KUBECONFIG={}", self.kubeconfig.display());
+        let mut controller = self.mgmt.spawn(&[
+            "env",
+            &kubeconfig,
+            "RUST_LOG=info",
+            &sluice_bin(),
+            "controller",
+            "--namespace",
+            NS,
+            "--identity",
+            "controller-0",
+            "--metrics-address",
+            "127.0.0.1:9464",
+        ]);
+        controller.wait_for_stderr("controllerStarting");
+        controller
+    }
+
+    fn start_bird_with(&self, tag: &str, bfd: bool) -> (Router, NetNs) {
+        let (router, ns) = self.bird_router(tag, bfd);
         let crds = "/apis/sluice.dev/v1alpha1/namespaces/sluice-system";
         let mut spec = json!({"peerAddress": "198.18.50.254", "peerASN": 64512, "myASN": 64513,
                               "connectTime": "1s"});

@@ -7,10 +7,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use sluice_tests::{
-    sluice_bin,
-    speaker_lab::{ask_vip, lab, wait_for, NS, VIP},
-};
+use sluice_tests::speaker_lab::{ask_vip, lab, wait_for, VIP};
 
 const METALLB: &str = "/apis/metallb.io/v1beta1/namespaces/metallb-system";
 const METALLB_V2: &str = "/apis/metallb.io/v1beta2/namespaces/metallb-system";
@@ -85,21 +82,7 @@ fn metallb_objects_and_their_services_ips_work_as_they_are_after_swapping_in_slu
     );
     let (router, _router_ns) = lab.start_bird_router("swap");
 
-    let kubeconfig = format!("KUBECONFIG={}", lab.kubeconfig.display());
-    let mut controller = lab.mgmt.spawn(&[
-        "env",
-        &kubeconfig,
-        "RUST_LOG=info",
-        &sluice_bin(),
-        "controller",
-        "--namespace",
-        NS,
-        "--identity",
-        "controller-0",
-        "--metrics-address",
-        "127.0.0.1:9464",
-    ]);
-    controller.wait_for_stderr("controllerStarting");
+    let controller = lab.start_controller();
     lab.start_speaker(0);
     lab.start_speaker(1);
 

@@ -12,9 +12,8 @@ use sluice_tests::{
     frames,
     netns::NetNs,
     rawsock::RawSocket,
-    sluice_bin,
     speaker_lab::{
-        ask_arp, ask_vip, lab, takeover, wait_for, CLIENT_IP, EVENTS, LEASES, NAMES, NS, VIP, VIP6,
+        ask_arp, ask_vip, lab, takeover, wait_for, CLIENT_IP, EVENTS, LEASES, NAMES, VIP, VIP6,
     },
 };
 
@@ -296,21 +295,7 @@ fn the_controller_gives_a_new_service_its_ip_and_the_elected_speaker_serves_it()
     // As a user would: a Service with no status yet; the controller (in the API's namespace)
     // allocates, the speakers announce and balance.
     lab.objects_with("Local", &[]);
-    let kubeconfig = format!("KUBECONFIG={}", lab.kubeconfig.display());
-    let mut controller = lab.mgmt.spawn(&[
-        "env",
-        &kubeconfig,
-        "RUST_LOG=info",
-        &sluice_bin(),
-        "controller",
-        "--namespace",
-        NS,
-        "--identity",
-        "controller-0",
-        "--metrics-address",
-        "127.0.0.1:9464",
-    ]);
-    controller.wait_for_stderr("controllerStarting");
+    let controller = lab.start_controller();
     lab.start_speaker(0);
     lab.start_speaker(1);
     let ip = wait_for(
