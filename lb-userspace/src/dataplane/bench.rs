@@ -188,6 +188,31 @@ impl BenchHarness {
         ))
     }
 
+    /// The canary: the restore wrapper in front of the floor program, `repeat` times. Timed
+    /// before and after each sample, it tells a slow phase of the machine (this VM runs 1.6–1.8×
+    /// slower in phases nothing inside it causes) from a slow program.
+    pub fn canary(&mut self, ifindex: u32, frame: &[u8], repeat: u32) -> Result<f64> {
+        self.set_restore_frame(frame, 0)?;
+        let floor_fd = self
+            .program(names::PROG_FLOOR)?
+            .fd()
+            .map_err(|source| DataplaneError::Program {
+                program: names::PROG_FLOOR,
+                source,
+            })?
+            .try_clone()
+            .map_err(|e| DataplaneError::InvalidBenchmark(e.to_string()))?;
+        self.set_target(&floor_fd)?;
+        let wrapper = self.program(names::PROG_RESTORE_THEN_CALL)?;
+        self.time(
+            wrapper,
+            names::PROG_RESTORE_THEN_CALL,
+            ifindex,
+            frame,
+            repeat,
+        )
+    }
+
     /// The TC egress program behind the TC restore wrapper, minus the wrapper's own cost
     /// (measured in front of the TC floor). Checks the wrapped run rewrites as a direct run does.
     pub fn egress_restored(&mut self, frame: &[u8], repeat: u32) -> Result<(f64, Vec<u8>, f64)> {
