@@ -77,17 +77,18 @@ fn service_key(key: &mut ServiceKey, ports: &[u8; 4], proto: u8, family: u8) {
     key.family = family;
 }
 
-/// Fills the per-CPU scratch packet with everything but the addresses.
+/// Fills the per-CPU scratch packet (looked up once, by the caller) with everything but the
+/// addresses.
 #[inline(always)]
 fn start_packet(
+    packet: &mut Packet,
     family: u8,
     proto: u8,
     l3_offset: usize,
     l4_offset: usize,
     ip_len: usize,
     ports: &[u8; 4],
-) -> Option<&'static mut Packet> {
-    let packet = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };
+) {
     packet.family = family;
     packet.proto = proto;
     packet.l3_offset = l3_offset;
@@ -98,7 +99,6 @@ fn start_packet(
     packet.flow.proto = proto;
     packet.flow.family = family;
     packet.flow._pad = [0; 2];
-    Some(packet)
 }
 
 /// IPv4: only plain TCP/UDP (no options, no fragments) can be balanced.
@@ -148,10 +148,16 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
         return Outcome::Passed;
     }
     service_key(key, ports, ip.proto, FAMILY_IPV4);
-    let Some(packet) = start_packet(FAMILY_IPV4, ip.proto, l2.l3_offset, l4_offset, total, ports)
-    else {
-        return Outcome::Passed;
-    };
+    let packet = unsafe { &mut *scratch };
+    start_packet(
+        packet,
+        FAMILY_IPV4,
+        ip.proto,
+        l2.l3_offset,
+        l4_offset,
+        total,
+        ports,
+    );
     packet.flow.src = [0; 16];
     packet.flow.dst = [0; 16];
     packet.flow.src[..4].copy_from_slice(&ip.src);
@@ -193,16 +199,16 @@ pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
     }
     service_key(key, ports, ip6.next_header, FAMILY_IPV6);
     let ip_len = payload + IPV6_HLEN;
-    let Some(packet) = start_packet(
+    let packet = unsafe { &mut *scratch };
+    start_packet(
+        packet,
         FAMILY_IPV6,
         ip6.next_header,
         l2.l3_offset,
         l4_offset,
         ip_len,
         ports,
-    ) else {
-        return Outcome::Passed;
-    };
+    );
     packet.flow.src = ip6.src;
     packet.flow.dst = ip6.dst;
     balance(ctx, packet)
