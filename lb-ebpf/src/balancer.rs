@@ -30,6 +30,8 @@ const IPV4_HLEN: usize = 20;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const TCP_CSUM_OFFSET: usize = 16;
+const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_RST: u8 = 0x04;
 const UDP_CSUM_OFFSET: usize = 6;
 
 /// A TCP or UDP packet, parsed. Lives in the per-CPU `SCRATCH` slot, not on the 512-byte stack.
@@ -214,11 +216,10 @@ pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
     balance(ctx, packet)
 }
 
-/// Writes the flow's connection-table entry and the reverse mapping its replies need.
-#[inline(never)]
-fn record_flow(packet: &Packet, backend: &BackendValue, entry: &FlowValue) {
-    let _ = CONNTRACK.insert(&packet.flow, entry, 0);
-    let reverse_key = FlowKey {
+/// The key of the flow's replies (backend → client) in the reverse-NAT table.
+#[inline(always)]
+fn reverse_key(packet: &Packet, backend: &BackendValue) -> FlowKey {
+    FlowKey {
         src: backend.addr,
         dst: packet.flow.src,
         sport: backend.port,
@@ -226,7 +227,30 @@ fn record_flow(packet: &Packet, backend: &BackendValue, entry: &FlowValue) {
         proto: packet.proto,
         family: packet.family,
         _pad: [0; 2],
-    };
+    }
+}
+
+/// A TCP RST ends the flow: its entries leave both tables now (not by LRU eviction later), so a
+/// closed connection holds no slot and the same 5-tuple starts afresh.
+#[inline(never)]
+fn forget_flow(packet: &Packet, backend: &BackendValue) {
+    let _ = CONNTRACK.remove(&packet.flow);
+    let _ = REVERSE_NAT.remove(&reverse_key(packet, backend));
+}
+
+/// Is this TCP packet an RST? (Its flags, read before anything is rewritten.)
+#[inline(always)]
+fn is_rst(ctx: &XdpContext, packet: &Packet) -> bool {
+    packet.proto == PROTO_TCP
+        && ptr_at::<u8>(ctx, packet.l4() + TCP_FLAGS_OFFSET)
+            .is_some_and(|flags| unsafe { *flags } & TCP_RST != 0)
+}
+
+/// Writes the flow's connection-table entry and the reverse mapping its replies need.
+#[inline(never)]
+fn record_flow(packet: &Packet, backend: &BackendValue, entry: &FlowValue) {
+    let _ = CONNTRACK.insert(&packet.flow, entry, 0);
+    let reverse_key = reverse_key(packet, backend);
     let reverse = ReverseNatValue {
         addr: packet.flow.dst,
         port: packet.flow.dport,
@@ -249,7 +273,12 @@ fn balance(ctx: &XdpContext, packet: &Packet) -> Outcome {
                 resolve_next_hop(ctx, packet, backend, entry);
             }
             stats::count_traffic(backend.service_id, entry.backend_id, bytes, false);
-            return forward(ctx, packet, backend, entry);
+            let rst = is_rst(ctx, packet);
+            let outcome = forward(ctx, packet, backend, entry);
+            if rst {
+                forget_flow(packet, backend);
+            }
+            return outcome;
         }
     }
 
@@ -280,7 +309,10 @@ fn balance(ctx: &XdpContext, packet: &Packet) -> Outcome {
         dst_mac: [0; 6],
     };
     resolve_next_hop(ctx, packet, backend, &mut entry);
-    record_flow(packet, backend, &entry);
+    // An RST for no known flow is forwarded statelessly: it opens nothing.
+    if !is_rst(ctx, packet) {
+        record_flow(packet, backend, &entry);
+    }
     stats::count_traffic(service.id, backend_id, bytes, true);
     forward(ctx, packet, backend, &entry)
 }

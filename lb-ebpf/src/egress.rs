@@ -13,9 +13,37 @@ use crate::{
     headers::{
         Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, IPV6_HLEN, VLAN_HLEN,
     },
-    maps::REVERSE_NAT,
+    maps::{CONNTRACK, REVERSE_NAT},
     stats,
 };
+
+const TCP_RST: u8 = 0x04;
+
+/// A backend's TCP RST ends the flow: its entries leave both tables now. `key` is the reply's
+/// (backend → client), `rv` what it was rewritten to.
+#[inline(never)]
+fn forget_flow(key: &FlowKey, rv: &ReverseNatValue) {
+    let conntrack_key = FlowKey {
+        src: key.dst,
+        dst: rv.addr,
+        sport: key.dport,
+        dport: rv.port,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    };
+    let _ = CONNTRACK.remove(&conntrack_key);
+    let _ = REVERSE_NAT.remove(key);
+}
+
+/// Is the TCP segment at `l4` an RST?
+#[inline(always)]
+fn is_rst(ctx: &TcContext, l4: usize, proto: u8) -> bool {
+    proto == PROTO_TCP
+        && ctx
+            .load::<u8>(l4 + 13)
+            .is_ok_and(|flags| flags & TCP_RST != 0)
+}
 
 #[inline(always)]
 pub fn reverse_nat(ctx: &TcContext) {
@@ -99,6 +127,9 @@ fn ipv4(ctx: &TcContext, l3: usize) {
         .and_then(|_| ctx.store(l4, &rv.port, 0));
     if ok.is_ok() {
         stats::count_reverse_nat();
+        if is_rst(ctx, l4, ip.proto) {
+            forget_flow(&key, &rv);
+        }
     }
 }
 
@@ -145,6 +176,9 @@ fn ipv6(ctx: &TcContext, l3: usize) {
         .and_then(|_| ctx.store(l4, &rv.port, 0));
     if ok.is_ok() {
         stats::count_reverse_nat();
+        if is_rst(ctx, l4, ip6.next_header) {
+            forget_flow(&key, &rv);
+        }
     }
 }
 

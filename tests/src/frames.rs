@@ -362,6 +362,26 @@ pub fn l4_checksum_ok(frame: &[u8], l3: usize) -> bool {
     }
 }
 
+/// The IPv4 TCP frame (IP header at `l3`, no options) with its TCP flags set to `flags` and
+/// its TCP checksum computed afresh: `0x14` makes a SYN an RST+ACK, `0x11` a FIN+ACK.
+pub fn ipv4_with_tcp_flags(frame: &[u8], l3: usize, flags: u8) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    let total = u16::from_be_bytes([out[l3 + 2], out[l3 + 3]]) as usize;
+    let l4 = l3 + 20;
+    out[l4 + 13] = flags;
+    out[l4 + 16] = 0;
+    out[l4 + 17] = 0;
+    let src = Ipv4Addr::new(out[l3 + 12], out[l3 + 13], out[l3 + 14], out[l3 + 15]);
+    let dst = Ipv4Addr::new(out[l3 + 16], out[l3 + 17], out[l3 + 18], out[l3 + 19]);
+    let len = total - 20;
+    let sum = internet_checksum(
+        ipv4_pseudo_sum(&src, &dst, len as u16, 6),
+        &out[l4..l3 + total],
+    );
+    out[l4 + 16..l4 + 18].copy_from_slice(&sum.to_be_bytes());
+    out
+}
+
 /// An IPv4 UDP datagram with checksum 0 ("no checksum", allowed on IPv4).
 pub fn ipv4_udp_no_checksum(
     eth_dst: Mac,

@@ -685,3 +685,82 @@ fn removing_one_of_two_services_on_a_vip_keeps_the_other_balanced() {
         assert_eq!(dp.run_ingress(veth0, &query).unwrap().frame, query);
     });
 }
+
+#[test]
+fn a_tcp_rst_from_either_side_ends_the_flow_so_its_5_tuple_starts_afresh() {
+    lab(|dp, veth0, _| {
+        let first = [b4(10), b4(11), b4(12)];
+        dp.upsert_service(tcp80(), &first).unwrap();
+        let sports: Vec<u16> = (42000..42060).collect();
+        let before: Vec<(IpAddr, u16)> = sports
+            .iter()
+            .map(|p| dest4(&dp.run_ingress(veth0, &syn4(*p, 80)).unwrap().frame))
+            .collect();
+        assert_eq!(dp.flow_count().unwrap(), 60);
+        // More backends: established flows keep theirs; a new flow may be placed elsewhere.
+        let grown = [b4(10), b4(11), b4(12), b4(13), b4(14), b4(15)];
+        dp.set_backends(&tcp80(), &grown).unwrap();
+        let fresh = |p: u16| {
+            let b = predict(
+                &grown,
+                IpAddr::V4(CLIENT4),
+                IpAddr::V4(VIP4),
+                p,
+                80,
+                PROTO_TCP,
+            );
+            (b.ip, b.port)
+        };
+        let moves = sports
+            .iter()
+            .zip(&before)
+            .filter(|(p, was)| fresh(**p) != **was)
+            .count();
+        assert!(moves > 0, "some flows would be placed elsewhere afresh");
+
+        // The client resets the first 20: each RST still reaches its flow's backend, and the
+        // flow is gone after it.
+        for (p, was) in sports.iter().zip(&before).take(20) {
+            let rst = ipv4_with_tcp_flags(&syn4(*p, 80), 14, 0x14);
+            let out = dp.run_ingress(veth0, &rst).unwrap();
+            assert_eq!(
+                dest4(&out.frame),
+                *was,
+                "sport {p}: the RST goes to its backend"
+            );
+            assert!(l4_checksum_ok(&out.frame, 14));
+        }
+        assert_eq!(dp.flow_count().unwrap(), 40);
+        // The backend resets the next 20 (its reply RST, rewritten back to the VIP as ever).
+        for (p, was) in sports.iter().zip(&before).skip(20).take(20) {
+            let IpAddr::V4(backend) = was.0 else {
+                unreachable!()
+            };
+            let reply = ipv4_tcp_syn(CLIENT_MAC, backend_mac(0), backend, CLIENT4, was.1, *p);
+            let rst = ipv4_with_tcp_flags(&reply, 14, 0x14);
+            let out = dp.run_egress(&rst).unwrap();
+            assert_eq!(
+                &out[26..30],
+                &VIP4.octets(),
+                "sport {p}: rewritten to the VIP"
+            );
+            assert!(l4_checksum_ok(&out, 14));
+        }
+        assert_eq!(dp.flow_count().unwrap(), 20, "the last 20 were never reset");
+
+        // A reset 5-tuple starts afresh (Maglev over the grown set); the others keep theirs.
+        for (i, (p, was)) in sports.iter().zip(&before).enumerate() {
+            let now = dest4(&dp.run_ingress(veth0, &syn4(*p, 80)).unwrap().frame);
+            if i < 40 {
+                assert_eq!(now, fresh(*p), "sport {p}: a new flow");
+            } else {
+                assert_eq!(now, *was, "sport {p}: still established");
+            }
+        }
+        // An RST for no known flow opens nothing.
+        let stray = ipv4_with_tcp_flags(&syn4(43000, 80), 14, 0x14);
+        let out = dp.run_ingress(veth0, &stray).unwrap();
+        assert_eq!(out.action, XdpAction::Redirect);
+        assert_eq!(dp.flow_count().unwrap(), 60);
+    });
+}
