@@ -65,6 +65,34 @@ pub const REDIRECT_TARGETS_CAPACITY: u32 = 4096;
 /// `FlowValue::ifindex` value meaning "resolved: send through the kernel".
 pub const NEXT_HOP_VIA_KERNEL: u32 = u32::MAX;
 
+/// Array, one slot: [`FloodSettings`]. Written by user space.
+pub const MAP_FLOOD_SETTINGS: &str = "FLOOD_SETTINGS";
+/// Per-CPU array, one slot: [`FloodState`], the flood guard's window and counters.
+pub const MAP_FLOOD_STATE: &str = "FLOOD_STATE";
+
+/// The flood guard: on each CPU, the new flows past `new_flows_per_second` in a one-second
+/// window are balanced (Maglev) but not tracked, so a flood of new flows (SYNs from random
+/// sources) cannot evict established flows from the connection table. 0: no limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FloodSettings {
+    pub new_flows_per_second: u64,
+}
+
+/// One CPU's flood guard window and counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FloodState {
+    /// `bpf_ktime_get_ns` at the start of the current one-second window.
+    pub window_start: u64,
+    /// New flows seen in the window.
+    pub new_flows: u64,
+    /// New flows balanced but not tracked because the window was over the limit.
+    pub untracked: u64,
+    /// Windows in which the limit was reached (the guard went on).
+    pub activations: u64,
+}
+
 /// Array indexed by [`vip_slot`] of a destination address → number of services whose VIP falls
 /// in that slot. A cheap (inlined, no helper call) first test: traffic to an address with 0
 /// here is not a service's and leaves at once.
@@ -356,6 +384,8 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::ReverseNatValue {}
+    unsafe impl aya::Pod for super::FloodSettings {}
+    unsafe impl aya::Pod for super::FloodState {}
     unsafe impl aya::Pod for super::TrafficStats {}
 }
 

@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
-    helpers::{bpf_csum_diff, bpf_fib_lookup, bpf_redirect},
+    helpers::{bpf_csum_diff, bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{
@@ -18,7 +18,8 @@ use crate::{
     checksum::Delta,
     headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, IPV6_HLEN},
     maps::{
-        BACKENDS, CONNTRACK, MAGLEV, REDIRECT_TARGETS, REVERSE_NAT, SCRATCH, SERVICES, VIP_FILTER,
+        BACKENDS, CONNTRACK, FLOOD_SETTINGS, FLOOD_STATE, MAGLEV, REDIRECT_TARGETS, REVERSE_NAT,
+        SCRATCH, SERVICES, VIP_FILTER,
     },
     parse::{ptr_at, L2},
     stats::{self, Outcome},
@@ -246,6 +247,36 @@ fn is_rst(ctx: &XdpContext, packet: &Packet) -> bool {
             .is_some_and(|flags| unsafe { *flags } & TCP_RST != 0)
 }
 
+/// The flood guard (see lb-common's `FloodSettings`): counts a new flow in this CPU's
+/// one-second window; false once the window is over the limit. Only on the new-flow path.
+#[inline(never)]
+fn may_track_new_flow() -> bool {
+    let limit = FLOOD_SETTINGS
+        .get(0)
+        .map_or(0, |settings| settings.new_flows_per_second);
+    if limit == 0 {
+        return true;
+    }
+    let Some(state) = FLOOD_STATE.get_ptr_mut(0) else {
+        return true;
+    };
+    let state = unsafe { &mut *state };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(state.window_start) >= 1_000_000_000 {
+        state.window_start = now;
+        state.new_flows = 0;
+    }
+    state.new_flows += 1;
+    if state.new_flows <= limit {
+        return true;
+    }
+    if state.new_flows == limit + 1 {
+        state.activations += 1;
+    }
+    state.untracked += 1;
+    false
+}
+
 /// Writes the flow's connection-table entry and the reverse mapping its replies need.
 #[inline(never)]
 fn record_flow(packet: &Packet, backend: &BackendValue, entry: &FlowValue) {
@@ -309,8 +340,9 @@ fn balance(ctx: &XdpContext, packet: &Packet) -> Outcome {
         dst_mac: [0; 6],
     };
     resolve_next_hop(ctx, packet, backend, &mut entry);
-    // An RST for no known flow is forwarded statelessly: it opens nothing.
-    if !is_rst(ctx, packet) {
+    // An RST for no known flow is forwarded statelessly: it opens nothing. Neither does a new
+    // flow past the flood guard's limit: it cannot evict established flows.
+    if !is_rst(ctx, packet) && may_track_new_flow() {
         record_flow(packet, backend, &entry);
     }
     stats::count_traffic(service.id, backend_id, bytes, true);

@@ -7,9 +7,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    BackendValue, FlowKey, FlowValue, GlobalStats, L2VipKey, L2VipValue, ReverseNatValue,
-    ServiceKey, ServiceValue, TrafficStats, BACKENDS_DEFAULT_CAPACITY, BPF_F_INNER_MAP,
-    FLOWS_DEFAULT_CAPACITY, L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE,
+    BackendValue, FloodSettings, FloodState, FlowKey, FlowValue, GlobalStats, L2VipKey, L2VipValue,
+    ReverseNatValue, ServiceKey, ServiceValue, TrafficStats, BACKENDS_DEFAULT_CAPACITY,
+    BPF_F_INNER_MAP, FLOWS_DEFAULT_CAPACITY, L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE,
     REDIRECT_TARGETS_CAPACITY, SERVICES_DEFAULT_CAPACITY, VIP_FILTER_SLOTS,
 };
 
@@ -76,3 +76,11 @@ pub static REDIRECT_TARGETS: HashMap<u32, u32, { REDIRECT_TARGETS_CAPACITY as us
 /// Per-CPU scratch space for the packet being balanced (keeps it off the BPF stack).
 #[btf_map]
 pub static SCRATCH: PerCpuArray<crate::balancer::Packet, 1> = PerCpuArray::new();
+
+/// The flood guard's limit (see lb-common).
+#[btf_map]
+pub static FLOOD_SETTINGS: Array<FloodSettings, 1> = Array::new();
+
+/// The flood guard's window and counters, per CPU.
+#[btf_map]
+pub static FLOOD_STATE: PerCpuArray<FloodState, 1> = PerCpuArray::new();

@@ -216,6 +216,10 @@ enum Command {
         /// updates drop nothing), `handover` moves the IPs away now and detaches.
         #[arg(long, value_enum, default_value_t = lb_userspace::k8s::speaker::OnStop::Restart)]
         on_stop: lb_userspace::k8s::speaker::OnStop,
+        /// The flood guard: per CPU and second, new flows past this many are balanced but not
+        /// tracked, so a flood of new flows cannot evict established ones (0: no limit).
+        #[arg(long, default_value_t = lb_userspace::config::DEFAULT_FLOOD_GUARD)]
+        flood_guard_new_flows_per_second: u64,
         /// Where the speaker writes its status (mesh members, BGP sessions) for `sluice inspect`.
         #[arg(long, default_value = "/var/lib/sluice/status.json")]
         status_file: PathBuf,
@@ -391,7 +395,9 @@ fn main() -> ExitCode {
             garp_interval_seconds,
             on_stop,
             status_file,
+            flood_guard_new_flows_per_second,
         } => lb_userspace::k8s::speaker::run(lb_userspace::k8s::speaker::Options {
+            flood_guard_new_flows_per_second,
             metallb_namespace: (!metallb_namespace.is_empty()).then_some(metallb_namespace),
             node_name,
             namespace,
@@ -693,6 +699,7 @@ fn inspect(
     let stats = view.stats()?;
     let services = view.services()?;
     let flows = view.flow_count();
+    let flood = view.flood_stats().unwrap_or_default();
     if json {
         let services: Vec<_> = services
             .iter()
@@ -741,6 +748,10 @@ fn inspect(
             "bfd": (!status.bfd.sessions.is_empty()).then_some(&status.bfd),
             "services": services,
             "trackedFlows": flows,
+            "floodGuard": {
+                "untrackedFlows": flood.untracked,
+                "activations": flood.activations,
+            },
             "counters": {
                 "arpReplies": stats.arp_replies,
                 "naReplies": stats.na_replies,
@@ -772,6 +783,12 @@ fn inspect(
     }
     println!();
     println!("Services ({flows} tracked flows)");
+    if flood.untracked > 0 {
+        println!(
+            "  flood guard: {} new flows balanced but not tracked, over the limit in {} CPU-seconds",
+            flood.untracked, flood.activations
+        );
+    }
     if services.is_empty() {
         println!("  (none)");
     }

@@ -218,6 +218,7 @@ pub fn render(
     services: &[ServiceStats],
     global: Option<&lb_common::GlobalStats>,
     flows: Option<usize>,
+    flood: Option<&crate::dataplane::FloodStats>,
 ) -> String {
     let mut out = String::new();
     let name_of = |key: &str| status.service_name(key).unwrap_or_default();
@@ -423,6 +424,30 @@ pub fn render(
             "Flows in the connection table.",
         );
         let _ = writeln!(out, "sluice_tracked_flows {n}");
+    }
+    if let Some(f) = flood {
+        family(
+            &mut out,
+            "sluice_flood_guard_untracked_flows_total",
+            "counter",
+            "New flows balanced but not tracked: over the flood guard's limit per CPU and second.",
+        );
+        let _ = writeln!(
+            out,
+            "sluice_flood_guard_untracked_flows_total {}",
+            f.untracked
+        );
+        family(
+            &mut out,
+            "sluice_flood_guard_activations_total",
+            "counter",
+            "Seconds (per CPU) in which new flows reached the flood guard's limit.",
+        );
+        let _ = writeln!(
+            out,
+            "sluice_flood_guard_activations_total {}",
+            f.activations
+        );
     }
     out
 }
@@ -638,7 +663,8 @@ pub fn serve(address: SocketAddr, status: SharedStatus, pin_dir: PathBuf) -> std
                 .unwrap_or_default();
             let global = view.as_ref().and_then(|v| v.stats().ok());
             let flows = view.as_ref().map(|v| v.flow_count());
-            render(&s, &services, global.as_ref(), flows)
+            let flood = view.as_ref().and_then(|v| v.flood_stats());
+            render(&s, &services, global.as_ref(), flows, flood.as_ref())
         },
     )
 }
@@ -867,7 +893,7 @@ mod tests {
                 },
             )],
         }];
-        let text = render(&status, &services, None, Some(3));
+        let text = render(&status, &services, None, Some(3), None);
         for line in [
             "sluice_service_packets_total{name=\"web\",service=\"198.51.100.1:80/tcp\"} 10",
             "sluice_backend_flows_total{name=\"web\",service=\"198.51.100.1:80/tcp\",backend=\"10.0.0.2:8080\"} 2",

@@ -351,6 +351,8 @@ impl Daemon {
             .collect::<Result<Vec<_>>>()?;
         let vips = L2Vip::on(&interfaces, &plan.l2);
         self.dp.sync(&interfaces, &plan.services, &vips)?;
+        self.dp
+            .set_flood_guard(config.dataplane.flood_guard_new_flows_per_second)?;
         for iface in &redirect {
             self.dp.allow_redirect(iface.ifindex)?;
         }

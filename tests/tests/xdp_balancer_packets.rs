@@ -764,3 +764,71 @@ fn a_tcp_rst_from_either_side_ends_the_flow_so_its_5_tuple_starts_afresh() {
         assert_eq!(dp.flow_count().unwrap(), 60);
     });
 }
+
+#[test]
+fn past_the_flood_guard_new_flows_are_balanced_but_not_tracked_and_established_ones_stay() {
+    lab(|dp, veth0, _| {
+        // One CPU: the limit counts per CPU.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+                0
+            );
+        }
+        let backends = [b4(10), b4(11), b4(12)];
+        dp.upsert_service(tcp80(), &backends).unwrap();
+        // 50 established flows, before any flood.
+        let established: Vec<(u16, (IpAddr, u16))> = (30000..30050)
+            .map(|p| {
+                (
+                    p,
+                    dest4(&dp.run_ingress(veth0, &syn4(p, 80)).unwrap().frame),
+                )
+            })
+            .collect();
+        dp.set_flood_guard(100).unwrap();
+        // 400 new flows at once: within a second or two of one-second windows, at most
+        // 100 per window are tracked; every one is still balanced where Maglev says.
+        for p in 40000..40400u16 {
+            let out = dp.run_ingress(veth0, &syn4(p, 80)).unwrap();
+            assert_eq!(out.action, XdpAction::Redirect, "sport {p} balanced");
+            let want = predict(
+                &backends,
+                IpAddr::V4(CLIENT4),
+                IpAddr::V4(VIP4),
+                p,
+                80,
+                PROTO_TCP,
+            );
+            assert_eq!(dest4(&out.frame), (want.ip, want.port), "sport {p}");
+        }
+        let tracked_new = dp.flow_count().unwrap() - 50;
+        assert!(
+            (100..=200).contains(&tracked_new),
+            "{tracked_new} of 400 new flows tracked"
+        );
+        let flood = dp.flood_stats().unwrap();
+        assert_eq!(flood.untracked as usize, 400 - tracked_new);
+        assert!(flood.activations >= 1);
+        // Every established flow is still tracked and keeps its backend, even after the set
+        // changes (a re-hashed flow would move).
+        dp.set_backends(&tcp80(), &[b4(10), b4(11), b4(12), b4(13), b4(14)])
+            .unwrap();
+        for (p, was) in &established {
+            assert_eq!(
+                dest4(&dp.run_ingress(veth0, &syn4(*p, 80)).unwrap().frame),
+                *was,
+                "sport {p}"
+            );
+        }
+        // 0: no limit.
+        dp.set_flood_guard(0).unwrap();
+        let before = dp.flow_count().unwrap();
+        for p in 50000..50300u16 {
+            dp.run_ingress(veth0, &syn4(p, 80)).unwrap();
+        }
+        assert_eq!(dp.flow_count().unwrap(), before + 300);
+    });
+}

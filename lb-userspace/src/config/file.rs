@@ -127,6 +127,10 @@ pub struct DataplaneSection {
     /// This node's IPv6 address: the next hop of IPv6 routes sent over IPv4 BGP sessions.
     #[serde(default, rename = "nodeIPv6")]
     pub node_ipv6: Option<String>,
+    /// The flood guard: per CPU and second, new flows past this many are balanced but not
+    /// tracked, so a flood cannot evict established flows (default 125000; 0: no limit).
+    #[serde(default)]
+    pub flood_guard_new_flows_per_second: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

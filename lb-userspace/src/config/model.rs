@@ -17,6 +17,8 @@ use super::{
 
 pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9120";
 pub const DEFAULT_STATE_FILE: &str = "/var/lib/sluice/allocations.json";
+/// The flood guard's default limit: new flows per CPU and second (Katran's default rate).
+pub const DEFAULT_FLOOD_GUARD: u64 = 125_000;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -41,6 +43,8 @@ pub struct DataplaneSettings {
     pub state_file: PathBuf,
     pub pin_dir: PathBuf,
     pub node_ipv6: Option<std::net::Ipv6Addr>,
+    /// New flows per CPU and second past which new flows are not tracked (0: no limit).
+    pub flood_guard_new_flows_per_second: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -398,6 +402,18 @@ fn build_merged(
                 }
             });
 
+    let flood_guard = match section.flood_guard_new_flows_per_second {
+        None => DEFAULT_FLOOD_GUARD,
+        Some(n) => ranged(
+            &mut p,
+            "dataplane.floodGuardNewFlowsPerSecond",
+            n,
+            0,
+            1_000_000_000,
+        )
+        .unwrap_or(0) as u64,
+    };
+
     // pools
     let mut pools: Vec<Pool> = Vec::new();
     let mut warnings: Vec<FileError> = Vec::new();
@@ -565,6 +581,7 @@ fn build_merged(
                 .map(PathBuf::from)
                 .unwrap_or_else(crate::dataplane::default_pin_dir),
             node_ipv6,
+            flood_guard_new_flows_per_second: flood_guard,
         },
         pools,
         l2_advertisements: l2,
@@ -1159,6 +1176,7 @@ bgpAdvertisements:
             ("bgpAdvertisements: [{aggregationLength: 33}]", "bgpAdvertisements[0].aggregationLength: 33 is out of range (0..=32)"),
             ("dataplane: {maglevTableSize: 1000}", "dataplane.maglevTableSize: table size 1000 is not prime"),
             ("dataplane: {metricsAddress: localhost}", "dataplane.metricsAddress: \"localhost\" is not an address:port"),
+            ("dataplane: {floodGuardNewFlowsPerSecond: -1}", "dataplane.floodGuardNewFlowsPerSecond: -1 is out of range"),
             ("services: [{name: s, ports: [{port: 80}], helthCheck: {type: tcp}}]", "did you mean `healthCheck`?"),
             ("peers: [{peerAddress: 192.0.2.1, peerASN: 64501, myASN: 64500, bfdProfile: fast}]", "peers[0].bfdProfile: \"fast\" names no BFD profile (defined: none)"),
             ("bfdProfiles: [{name: slow}]\npeers: [{peerAddress: 192.0.2.1, peerASN: 64501, myASN: 64500, bfdProfile: fast}]", "(defined: slow)"),

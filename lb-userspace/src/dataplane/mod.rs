@@ -99,8 +99,10 @@ impl Default for DataplaneOptions {
 }
 
 /// Every map the data plane pins, by name.
-const PINNED_MAPS: [&str; 12] = [
+const PINNED_MAPS: [&str; 14] = [
     lb_common::MAP_VIP_FILTER,
+    lb_common::MAP_FLOOD_SETTINGS,
+    lb_common::MAP_FLOOD_STATE,
     lb_common::MAP_L2_DEADLINE,
     MAP_REDIRECT_TARGETS,
     MAP_L2_VIPS,
@@ -633,6 +635,37 @@ impl Dataplane {
         read_l2_vips(&map)
     }
 
+    /// Sets the flood guard: on each CPU, new flows past `new_flows_per_second` in a second
+    /// are balanced but not tracked (0: no limit). See lb-common's `FloodSettings`.
+    pub fn set_flood_guard(&mut self, new_flows_per_second: u64) -> Result<()> {
+        let name = lb_common::MAP_FLOOD_SETTINGS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
+        let mut array: aya::maps::Array<&mut MapData, lb_common::FloodSettings> =
+            aya::maps::Array::try_from(map).map_err(map_error(name))?;
+        array
+            .set(
+                0,
+                lb_common::FloodSettings {
+                    new_flows_per_second,
+                },
+                0,
+            )
+            .map_err(map_error(name))
+    }
+
+    /// The flood guard's counters, summed over CPUs.
+    pub fn flood_stats(&self) -> Result<FloodStats> {
+        let name = lb_common::MAP_FLOOD_STATE;
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
+        read_flood(&PerCpuArray::try_from(map).map_err(map_error(name))?)
+    }
+
     /// The outcome counters, summed over CPUs.
     pub fn stats(&self) -> Result<GlobalStats> {
         let map = self
@@ -781,6 +814,29 @@ fn read_l2_vips<T: std::borrow::Borrow<MapData>>(
     Ok(vips)
 }
 
+/// The flood guard's counters, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FloodStats {
+    /// New flows balanced but not tracked (over the limit).
+    pub untracked: u64,
+    /// Windows (seconds, per CPU) in which the limit was reached.
+    pub activations: u64,
+}
+
+fn read_flood<T: std::borrow::Borrow<MapData>>(
+    array: &PerCpuArray<T, lb_common::FloodState>,
+) -> Result<FloodStats> {
+    let per_cpu = array
+        .get(&0, 0)
+        .map_err(map_error(lb_common::MAP_FLOOD_STATE))?;
+    Ok(per_cpu
+        .iter()
+        .fold(FloodStats::default(), |sum, cpu| FloodStats {
+            untracked: sum.untracked + cpu.untracked,
+            activations: sum.activations + cpu.activations,
+        }))
+}
+
 fn read_stats<T: std::borrow::Borrow<MapData>>(
     array: &PerCpuArray<T, GlobalStats>,
 ) -> Result<GlobalStats> {
@@ -901,6 +957,7 @@ pub struct PinnedView {
     backend_stats: PerCpuArray<MapData, lb_common::TrafficStats>,
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
     l2_deadline: Option<aya::maps::Array<MapData, u64>>,
+    flood: Option<PerCpuArray<MapData, lb_common::FloodState>>,
 }
 
 impl PinnedView {
@@ -931,7 +988,16 @@ impl PinnedView {
             l2_deadline: open(lb_common::MAP_L2_DEADLINE)
                 .ok()
                 .and_then(|m| aya::maps::Array::try_from(Map::Array(m)).ok()),
+            // Absent in pin directories of versions before the flood guard.
+            flood: open(lb_common::MAP_FLOOD_STATE)
+                .ok()
+                .and_then(|m| PerCpuArray::try_from(Map::PerCpuArray(m)).ok()),
         })
+    }
+
+    /// The flood guard's counters (`None` before the flood guard existed).
+    pub fn flood_stats(&self) -> Option<FloodStats> {
+        read_flood(self.flood.as_ref()?).ok()
     }
 
     /// How long the ARP/NDP answers have left: `None` without a deadline, zero once past it.

@@ -113,6 +113,8 @@ pub struct Options {
     pub classless_is_ours: bool,
     /// Where MetalLB's objects are read from (`None`: not read).
     pub metallb_namespace: Option<String>,
+    /// The flood guard: new flows per CPU and second past which new flows are not tracked.
+    pub flood_guard_new_flows_per_second: u64,
     pub metrics_address: SocketAddr,
     pub resync: Duration,
     /// `None`: no mesh, liveness from the Leases alone.
@@ -267,6 +269,7 @@ async fn run_async(
         pin_links: true,
         ..DataplaneOptions::default()
     })?;
+    dp.set_flood_guard(options.flood_guard_new_flows_per_second)?;
     // A speaker restarting within its grace finds its answers still valid and keeps them until
     // the first pass decides; answers whose deadline has passed belong to a speaker that died,
     // and whose IPs the others have taken: they go.
