@@ -464,3 +464,23 @@ fn only_the_lease_holder_allocates_and_a_standby_takes_over_when_it_dies() {
     api.assert_rbac_allows_every_request("controller");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_controller_whose_rbac_cannot_read_a_metallb_kind_says_so_and_serves_all_the_same() {
+    let api = FakeApi::start();
+    setup(&api);
+    // RBAC from before Sluice read MetalLB's objects, for one kind.
+    api.forbid("list", "communities");
+    api.create(POOLS, pool("main", &["192.0.2.0/29"])).unwrap();
+    api.create(SVCS, service("web", json!({}), json!({})))
+        .unwrap();
+    let dir = tempdir("metallb-forbidden");
+    let c = Controller::start(&dir, &api, "c-0", 15);
+    let ips = wait_for("web's IP", &[&c], || {
+        let ips = ingress(&api, "web");
+        (!ips.is_empty()).then_some(ips)
+    });
+    assert_eq!(ips, ["192.0.2.0"]);
+    let log = c.log_text();
+    assert!(log.contains("metallbNotReadable"), "{log}");
+}

@@ -108,6 +108,12 @@ impl MetallbStores {
                     Api::namespaced_with(client.clone(), namespace, &resource);
                 match api.list(&ListParams::default().limit(1)).await {
                     Err(kube::Error::Api(e)) if e.code == 404 => continue,
+                    // Not allowed (RBAC from before this version): a watch would never sync
+                    // and hold everything else up. Said once; the kind is not read.
+                    Err(kube::Error::Api(e)) if e.code == 403 => {
+                        warn!(kind, version, namespace, reason = %e.message, "metallbNotReadable: add list and watch on metallb.io to the RBAC (deploy/*/rbac.yaml) to read it");
+                        break;
+                    }
                     // Served (or the API server is away: the watch will retry).
                     _ => {
                         info!(kind, version, namespace, "metallbWatched");
