@@ -124,25 +124,8 @@ impl BenchHarness {
     ) -> Result<(Timing, f64)> {
         let direct = self.dataplane.run_ingress(ifindex, frame)?;
         self.set_restore_frame(frame, vary_offset)?;
-        let ingress_fd = self
-            .dataplane
-            .ingress()?
-            .fd()
-            .map_err(|source| DataplaneError::Program {
-                program: PROG_XDP_INGRESS,
-                source,
-            })?
-            .try_clone()
-            .map_err(|e| DataplaneError::InvalidBenchmark(e.to_string()))?;
-        let floor_fd = self
-            .program(names::PROG_FLOOR)?
-            .fd()
-            .map_err(|source| DataplaneError::Program {
-                program: names::PROG_FLOOR,
-                source,
-            })?
-            .try_clone()
-            .map_err(|e| DataplaneError::InvalidBenchmark(e.to_string()))?;
+        let ingress_fd = program_fd(self.dataplane.ingress()?, PROG_XDP_INGRESS)?;
+        let floor_fd = program_fd(self.program(names::PROG_FLOOR)?, names::PROG_FLOOR)?;
 
         self.set_target(&ingress_fd)?;
         let wrapper = self.program(names::PROG_RESTORE_THEN_CALL)?;
@@ -193,15 +176,7 @@ impl BenchHarness {
     /// slower in phases nothing inside it causes) from a slow program.
     pub fn canary(&mut self, ifindex: u32, frame: &[u8], repeat: u32) -> Result<f64> {
         self.set_restore_frame(frame, 0)?;
-        let floor_fd = self
-            .program(names::PROG_FLOOR)?
-            .fd()
-            .map_err(|source| DataplaneError::Program {
-                program: names::PROG_FLOOR,
-                source,
-            })?
-            .try_clone()
-            .map_err(|e| DataplaneError::InvalidBenchmark(e.to_string()))?;
+        let floor_fd = program_fd(self.program(names::PROG_FLOOR)?, names::PROG_FLOOR)?;
         self.set_target(&floor_fd)?;
         let wrapper = self.program(names::PROG_RESTORE_THEN_CALL)?;
         self.time(
@@ -297,6 +272,18 @@ fn clone_fd(
     program: &'static str,
 ) -> Result<ProgramFd> {
     fd.map_err(|source| DataplaneError::Program { program, source })?
+        .try_clone()
+        .map_err(|e| DataplaneError::InvalidBenchmark(e.to_string()))
+}
+
+/// An owned copy of a loaded program's fd (to put in a program array).
+fn program_fd(program: &Xdp, name: &'static str) -> Result<aya::programs::ProgramFd> {
+    program
+        .fd()
+        .map_err(|source| DataplaneError::Program {
+            program: name,
+            source,
+        })?
         .try_clone()
         .map_err(|e| DataplaneError::InvalidBenchmark(e.to_string()))
 }
