@@ -16,7 +16,7 @@ use lb_common::{
 
 use crate::{
     checksum::Delta,
-    headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, IPV6_HLEN},
+    headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, IPV6_HLEN, TCP_FLAGS_OFFSET, TCP_RST},
     maps::{
         BACKENDS, CONNTRACK, FLOOD_SETTINGS, FLOOD_STATE, MAGLEV, REDIRECT_TARGETS, REVERSE_NAT,
         SCRATCH, SERVICES, VIP_FILTER,
@@ -31,8 +31,6 @@ const IPV4_HLEN: usize = 20;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const TCP_CSUM_OFFSET: usize = 16;
-const TCP_FLAGS_OFFSET: usize = 13;
-const TCP_RST: u8 = 0x04;
 const UDP_CSUM_OFFSET: usize = 6;
 
 /// A TCP or UDP packet, parsed. Lives in the per-CPU `SCRATCH` slot, not on the 512-byte stack.

@@ -11,13 +11,12 @@ use lb_common::{FlowKey, ReverseNatValue, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, P
 
 use crate::{
     headers::{
-        Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, IPV6_HLEN, VLAN_HLEN,
+        Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, IPV6_HLEN,
+        TCP_FLAGS_OFFSET, TCP_RST, VLAN_HLEN,
     },
     maps::{CONNTRACK, REVERSE_NAT},
     stats,
 };
-
-const TCP_RST: u8 = 0x04;
 
 /// A backend's TCP RST ends the flow: its entries leave both tables now. `key` is the reply's
 /// (backend → client), `rv` what it was rewritten to.
@@ -41,7 +40,7 @@ fn forget_flow(key: &FlowKey, rv: &ReverseNatValue) {
 fn is_rst(ctx: &TcContext, l4: usize, proto: u8) -> bool {
     proto == PROTO_TCP
         && ctx
-            .load::<u8>(l4 + 13)
+            .load::<u8>(l4 + TCP_FLAGS_OFFSET)
             .is_ok_and(|flags| flags & TCP_RST != 0)
 }
 

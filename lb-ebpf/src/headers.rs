@@ -10,6 +10,9 @@ pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88A8;
+/// Where a TCP header holds its flags, and the RST flag.
+pub const TCP_FLAGS_OFFSET: usize = 13;
+pub const TCP_RST: u8 = 0x04;
 
 pub const ARP_HTYPE_ETHERNET: u16 = 1;
 pub const ARP_OP_REQUEST: u16 = 1;

@@ -455,9 +455,10 @@ impl Daemon {
     /// Publishes BGP state when it changed (state, counters, errors; not the uptime alone).
     fn tick(&mut self) {
         // An address added to or removed from an interface moves on-link answering with it.
-        if dataplane::subnets() != self.subnets {
+        let subnets = dataplane::subnets();
+        if subnets != self.subnets {
             let (config, allocations) = (self.config.clone(), self.allocations.clone());
-            tracing::info!(event = "subnetsChanged", subnets = %onlink::describe(&dataplane::subnets()));
+            tracing::info!(event = "subnetsChanged", subnets = %onlink::describe(&subnets));
             if let Err(error) = self.apply(&config, &allocations) {
                 tracing::error!(event = "applyFailed", error = %format!("{error:#}"));
             }

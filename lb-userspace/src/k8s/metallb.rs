@@ -151,7 +151,10 @@ pub fn read(objects: &[Value]) -> Read {
     let mut out = Read::default();
     // Community aliases first: BGPAdvertisements name them.
     let mut aliases: BTreeMap<String, String> = BTreeMap::new();
-    for o in objects.iter().filter(|o| is(o, "Community")) {
+    for o in objects
+        .iter()
+        .filter(|o| is_metallb(o) && kind_of(o) == "Community")
+    {
         let at = reference(o);
         out.origins.insert(at.clone(), origin(o));
         let mut problems = Vec::new();
@@ -175,17 +178,10 @@ pub fn read(objects: &[Value]) -> Read {
         }
         out.problems.insert(at, problems);
     }
-    for o in objects {
-        let Some(kind) = o.get("kind").and_then(Value::as_str) else {
-            continue;
-        };
-        if !o
-            .get("apiVersion")
-            .and_then(Value::as_str)
-            .is_some_and(|v| v.starts_with("metallb.io/"))
-            || kind == "Community"
-            || known_fields(kind).is_empty()
-        {
+    for o in objects.iter().filter(|o| is_metallb(o)) {
+        let kind = kind_of(o);
+        // Community is read above; other kinds are not MetalLB's configuration.
+        if known_fields(kind).is_empty() {
             continue;
         }
         let at = reference(o);
@@ -265,19 +261,19 @@ pub fn read(objects: &[Value]) -> Read {
     out
 }
 
-fn is(o: &Value, kind: &str) -> bool {
-    o.get("kind").and_then(Value::as_str) == Some(kind)
-        && o.get("apiVersion")
-            .and_then(Value::as_str)
-            .is_some_and(|v| v.starts_with("metallb.io/"))
+fn is_metallb(o: &Value) -> bool {
+    o.get("apiVersion")
+        .and_then(Value::as_str)
+        .is_some_and(|v| v.starts_with("metallb.io/"))
+}
+
+fn kind_of(o: &Value) -> &str {
+    o.get("kind").and_then(Value::as_str).unwrap_or_default()
 }
 
 fn reference(o: &Value) -> MetallbRef {
     (
-        o.get("kind")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
+        kind_of(o).to_string(),
         o.pointer("/metadata/name")
             .and_then(Value::as_str)
             .unwrap_or_default()

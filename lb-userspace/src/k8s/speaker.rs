@@ -464,9 +464,8 @@ async fn run_async(
 /// runs when it changes.
 type Fingerprint = (Vec<(String, bool)>, bool, bool, Vec<String>, Vec<Subnet>);
 
-/// The own subnets of the interfaces that are up (see `onlink`).
-fn subnets_up(interfaces: &[dataplane::Interface]) -> Vec<Subnet> {
-    let up = links_up(interfaces);
+/// The own subnets of `up`, the interfaces that are up (see `onlink`).
+fn subnets_up(up: &[String]) -> Vec<Subnet> {
     dataplane::subnets()
         .into_iter()
         .filter(|(name, _)| up.contains(name))
@@ -913,12 +912,14 @@ impl Speaker {
             })
             .unwrap_or_default();
         let unreachable = self.health.lock().unwrap().unreachable_since.is_some();
+        let up = links_up(&self.interfaces);
+        let subnets = subnets_up(&up);
         (
             members,
             unreachable,
             self.cut_off(view.as_ref(), nodes) || self.settling(),
-            links_up(&self.interfaces),
-            subnets_up(&self.interfaces),
+            up,
+            subnets,
         )
     }
 
@@ -978,7 +979,7 @@ impl Speaker {
         {
             info!(interfaces = ?up, "linksChanged");
         }
-        let subnets = subnets_up(&self.interfaces);
+        let subnets = subnets_up(&up);
         if let Some(me) = nodes.iter_mut().find(|n| n.name == self.options.node_name) {
             me.interfaces = up.iter().cloned().collect();
             me.subnets = subnets.clone();
