@@ -338,6 +338,13 @@ pub struct GlobalStats {
     pub lb_no_backend: u64,
     /// Replies rewritten back to VIP:port by the TC egress program.
     pub reverse_nat: u64,
+    /// ICMP errors about a flow's reply (sent to the VIP) rewritten and sent to its backend.
+    pub icmp_to_backend: u64,
+    /// ICMP errors a backend sent about a client's packet, rewritten back to the VIP on the
+    /// way out by the TC egress program.
+    pub icmp_to_client: u64,
+    /// ICMP errors to a VIP whose embedded packet names no tracked flow: left to the kernel.
+    pub icmp_unmatched: u64,
 }
 
 impl GlobalStats {
@@ -352,6 +359,9 @@ impl GlobalStats {
             lb_to_kernel: self.lb_to_kernel + other.lb_to_kernel,
             lb_no_backend: self.lb_no_backend + other.lb_no_backend,
             reverse_nat: self.reverse_nat + other.reverse_nat,
+            icmp_to_backend: self.icmp_to_backend + other.icmp_to_backend,
+            icmp_to_client: self.icmp_to_client + other.icmp_to_client,
+            icmp_unmatched: self.icmp_unmatched + other.icmp_unmatched,
         }
     }
 }
@@ -460,11 +470,17 @@ mod tests {
             lb_to_kernel: 6,
             lb_no_backend: 7,
             reverse_nat: 8,
+            icmp_to_backend: 9,
+            icmp_to_client: 10,
+            icmp_unmatched: 11,
         };
         let b = a.add(a);
         assert_eq!(b.arp_replies, 2);
         assert_eq!(b.malformed, 8);
         assert_eq!(b.reverse_nat, 16);
         assert_eq!(b.lb_no_backend, 14);
+        assert_eq!(b.icmp_to_backend, 18);
+        assert_eq!(b.icmp_to_client, 20);
+        assert_eq!(b.icmp_unmatched, 22);
     }
 }

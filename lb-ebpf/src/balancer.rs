@@ -16,7 +16,10 @@ use lb_common::{
 
 use crate::{
     checksum::Delta,
-    headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, IPV6_HLEN, TCP_FLAGS_OFFSET, TCP_RST},
+    headers::{
+        EthHdr, Ipv4Hdr, Ipv6Hdr, IPPROTO_ICMP, IPV4_HLEN, IPV6_HLEN, TCP_CSUM_OFFSET, TCP_FLAGS_OFFSET, TCP_RST,
+        UDP_CSUM_OFFSET,
+    },
     maps::{
         BACKENDS, CONNTRACK, FLOOD_SETTINGS, FLOOD_STATE, MAGLEV, REDIRECT_TARGETS, REVERSE_NAT,
         SCRATCH, SERVICES, VIP_FILTER,
@@ -27,11 +30,8 @@ use crate::{
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-const IPV4_HLEN: usize = 20;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
-const TCP_CSUM_OFFSET: usize = 16;
-const UDP_CSUM_OFFSET: usize = 6;
 
 /// A TCP or UDP packet, parsed. Lives in the per-CPU `SCRATCH` slot, not on the 512-byte stack.
 #[repr(C)]
@@ -64,7 +64,7 @@ impl Packet {
 /// False when no service has this destination address: the inlined first test (an array
 /// lookup, no helper call), so other traffic costs next to nothing. True may be a collision.
 #[inline(always)]
-fn may_be_vip(addr: &[u8; 16]) -> bool {
+pub(crate) fn may_be_vip(addr: &[u8; 16]) -> bool {
     VIP_FILTER
         .get(vip_slot(addr))
         .is_some_and(|services| *services != 0)
@@ -118,13 +118,16 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
     {
         return Outcome::Malformed;
     }
-    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
+    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP && ip.proto != IPPROTO_ICMP {
         return Outcome::Passed;
     }
     // Options, or a fragment (MF set or an offset): not ours to rewrite. TTL about to expire:
     // the kernel sends the ICMP error, for the packet as it came.
     if ihl != 5 || u16::from_be_bytes(ip.frag) & 0x3fff != 0 || ip.ttl <= 1 {
         return Outcome::Passed;
+    }
+    if ip.proto == IPPROTO_ICMP {
+        return crate::icmp::ipv4(ctx, l2.l3_offset, total);
     }
     let l4_offset = l2.l3_offset + IPV4_HLEN;
     let l4_len = if ip.proto == PROTO_TCP {
@@ -348,7 +351,7 @@ fn balance(ctx: &XdpContext, packet: &Packet) -> Outcome {
 }
 
 #[inline(always)]
-fn live_backend(id: u32, generation: u32) -> Option<&'static BackendValue> {
+pub(crate) fn live_backend(id: u32, generation: u32) -> Option<&'static BackendValue> {
     let backend = BACKENDS.get(id)?;
     (backend.flags & BACKEND_ACTIVE != 0 && backend.generation == generation).then_some(backend)
 }
@@ -436,6 +439,13 @@ fn forward(
         // TTL would expire here: the kernel sends the ICMP error.
         return Outcome::Passed;
     }
+    send(ctx, entry)
+}
+
+/// Sends a rewritten packet to the flow's next hop: MACs from the entry, then `XDP_TX` or a
+/// redirect; to the kernel while the next hop is not resolved.
+#[inline(always)]
+pub(crate) fn send(ctx: &XdpContext, entry: &FlowValue) -> Outcome {
     if entry.ifindex == 0 || entry.ifindex == NEXT_HOP_VIA_KERNEL {
         return Outcome::ToKernel;
     }

@@ -52,6 +52,12 @@ impl Delta {
         }
     }
 
+    /// Adds the changes recorded in `other`.
+    #[inline(always)]
+    pub fn merge(&mut self, other: Delta) {
+        self.0 += fold(other.0) as u32;
+    }
+
     /// Adds a 32-bit partial sum from the `bpf_csum_diff` helper. The helper sums words in the
     /// CPU's byte order (little-endian here), this accumulator in network order: a one's
     /// complement sum of byte-swapped words is the byte-swapped sum (RFC 1071 §2(B)).

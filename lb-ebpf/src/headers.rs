@@ -13,6 +13,25 @@ pub const ETH_P_8021AD: u16 = 0x88A8;
 /// Where a TCP header holds its flags, and the RST flag.
 pub const TCP_FLAGS_OFFSET: usize = 13;
 pub const TCP_RST: u8 = 0x04;
+/// Where TCP and UDP headers hold their checksums.
+pub const TCP_CSUM_OFFSET: usize = 16;
+pub const UDP_CSUM_OFFSET: usize = 6;
+/// An IPv4 header without options.
+pub const IPV4_HLEN: usize = 20;
+/// IPv4 header checksum offset.
+pub const IPV4_CSUM_OFFSET: usize = 10;
+
+/// ICMP (RFC 792) and ICMPv6 (RFC 4443): the protocol numbers, the 8-byte header before an
+/// error's embedded packet, and the error types that embed one.
+pub const IPPROTO_ICMP: u8 = 1;
+pub const ICMP_HLEN: usize = 8;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
+pub const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
 
 pub const ARP_HTYPE_ETHERNET: u16 = 1;
 pub const ARP_OP_REQUEST: u16 = 1;

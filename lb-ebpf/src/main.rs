@@ -11,6 +11,7 @@ mod balancer;
 mod checksum;
 mod egress;
 mod headers;
+mod icmp;
 mod l2_responder;
 mod maps;
 mod parse;
@@ -18,12 +19,12 @@ mod runtime;
 mod stats;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK},
+    bindings::TC_ACT_OK,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 
-use headers::{Ipv6Hdr, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_ICMPV6};
+use headers::{Ipv6Hdr, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_ICMPV6, IPV6_HLEN};
 use lb_common::{PROTO_TCP, PROTO_UDP};
 use stats::Outcome;
 
@@ -31,12 +32,7 @@ use stats::Outcome;
 pub fn sluice_ingress(ctx: XdpContext) -> u32 {
     let outcome = process_packet(&ctx);
     stats::count(outcome);
-    match outcome {
-        Outcome::ArpReply | Outcome::NaReply => xdp_action::XDP_TX,
-        Outcome::Passed | Outcome::Malformed | Outcome::ToKernel => xdp_action::XDP_PASS,
-        Outcome::Forwarded(action) => action,
-        Outcome::NoBackend => xdp_action::XDP_DROP,
-    }
+    outcome.action()
 }
 
 #[classifier]
@@ -56,7 +52,10 @@ fn process_packet(ctx: &XdpContext) -> Outcome {
         ETH_P_IPV6 => match parse::ptr_at::<Ipv6Hdr>(ctx, l2.l3_offset) {
             None => Outcome::Malformed,
             Some(ip6) => match unsafe { (*ip6).next_header } {
-                IPPROTO_ICMPV6 => l2_responder::ndp(ctx, &l2),
+                IPPROTO_ICMPV6 => match parse::ptr_at::<u8>(ctx, l2.l3_offset + IPV6_HLEN) {
+                    Some(t) if icmp::is_error_v6(unsafe { *t }) => icmp::ipv6(ctx, l2.l3_offset),
+                    _ => l2_responder::ndp(ctx, &l2),
+                },
                 PROTO_TCP | PROTO_UDP => balancer::ipv6(ctx, &l2),
                 _ => Outcome::Passed,
             },

@@ -1,5 +1,7 @@
 //! Stage last: count the outcome of every packet, once, in the per-CPU counters.
 
+use aya_ebpf::bindings::xdp_action;
+
 use crate::maps::{BACKEND_STATS, GLOBAL_STATS, SERVICE_STATS};
 
 /// What happened to a packet; each maps to one counter and one XDP action.
@@ -15,6 +17,26 @@ pub enum Outcome {
     ToKernel,
     /// A new flow to a service with no backend: dropped.
     NoBackend,
+    /// An ICMP error about a flow's reply, rewritten and sent to the flow's backend with this
+    /// action (`XDP_TX`, `XDP_REDIRECT`, or `XDP_PASS` while the next hop is not resolved).
+    IcmpTranslated(u32),
+    /// An ICMP error to a VIP whose embedded packet names no tracked flow: left to the kernel.
+    IcmpUnmatched,
+}
+
+impl Outcome {
+    /// The XDP action for this outcome.
+    #[inline(always)]
+    pub fn action(self) -> u32 {
+        match self {
+            Outcome::ArpReply | Outcome::NaReply => xdp_action::XDP_TX,
+            Outcome::Passed | Outcome::Malformed | Outcome::ToKernel | Outcome::IcmpUnmatched => {
+                xdp_action::XDP_PASS
+            }
+            Outcome::Forwarded(action) | Outcome::IcmpTranslated(action) => action,
+            Outcome::NoBackend => xdp_action::XDP_DROP,
+        }
+    }
 }
 
 #[inline(always)]
@@ -30,6 +52,8 @@ pub fn count(outcome: Outcome) {
             Outcome::Forwarded(_) => stats.lb_forwarded += 1,
             Outcome::ToKernel => stats.lb_to_kernel += 1,
             Outcome::NoBackend => stats.lb_no_backend += 1,
+            Outcome::IcmpTranslated(_) => stats.icmp_to_backend += 1,
+            Outcome::IcmpUnmatched => stats.icmp_unmatched += 1,
         }
     }
 }
@@ -39,6 +63,14 @@ pub fn count(outcome: Outcome) {
 pub fn count_reverse_nat() {
     if let Some(stats) = GLOBAL_STATS.get_ptr_mut(0) {
         unsafe { (*stats).reverse_nat += 1 };
+    }
+}
+
+/// Counts one ICMP error from a backend rewritten back to the VIP by the TC egress program.
+#[inline(always)]
+pub fn count_icmp_to_client() {
+    if let Some(stats) = GLOBAL_STATS.get_ptr_mut(0) {
+        unsafe { (*stats).icmp_to_client += 1 };
     }
 }
 

@@ -761,6 +761,9 @@ fn inspect(
                 "forwardedViaKernel": stats.lb_to_kernel,
                 "droppedNoBackend": stats.lb_no_backend,
                 "reverseNat": stats.reverse_nat,
+                "icmpErrorsToBackend": stats.icmp_to_backend,
+                "icmpErrorsToClient": stats.icmp_to_client,
+                "icmpErrorsUnmatched": stats.icmp_unmatched,
             }
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -937,5 +940,9 @@ fn inspect(
     println!("  via kernel   {}", stats.lb_to_kernel);
     println!("  no backend   {}", stats.lb_no_backend);
     println!("  reverse NAT  {}", stats.reverse_nat);
+    println!(
+        "  ICMP errors  {} to backends, {} to clients, {} matching no flow",
+        stats.icmp_to_backend, stats.icmp_to_client, stats.icmp_unmatched
+    );
     Ok(())
 }

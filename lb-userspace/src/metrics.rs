@@ -410,6 +410,9 @@ pub fn render(
             ("forwarded_via_kernel", g.lb_to_kernel),
             ("dropped_no_backend", g.lb_no_backend),
             ("reverse_nat", g.reverse_nat),
+            ("icmp_error_to_backend", g.icmp_to_backend),
+            ("icmp_error_to_client", g.icmp_to_client),
+            ("icmp_error_unmatched", g.icmp_unmatched),
         ] {
             let _ = writeln!(out, "sluice_packets_total{{outcome=\"{outcome}\"}} {v}");
         }

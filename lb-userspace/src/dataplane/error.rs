@@ -23,6 +23,12 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot remove the stale pinned map {path}: {source}")]
+    RemovePin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("no such interface: {name:?}")]
     NoSuchInterface { name: String },
     #[error("interface {name:?} has no usable MAC address ({detail})")]

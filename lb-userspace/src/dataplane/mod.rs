@@ -98,23 +98,132 @@ impl Default for DataplaneOptions {
     }
 }
 
-/// Every map the data plane pins, by name.
-const PINNED_MAPS: [&str; 14] = [
-    lb_common::MAP_VIP_FILTER,
-    lb_common::MAP_FLOOD_SETTINGS,
-    lb_common::MAP_FLOOD_STATE,
-    lb_common::MAP_L2_DEADLINE,
-    MAP_REDIRECT_TARGETS,
-    MAP_L2_VIPS,
-    MAP_GLOBAL_STATS,
-    MAP_SERVICES,
-    MAP_BACKENDS,
-    MAP_MAGLEV,
-    MAP_CONNTRACK,
-    MAP_REVERSE_NAT,
-    MAP_SERVICE_STATS,
-    MAP_BACKEND_STATS,
-];
+
+/// A map's shape: what this build's programs expect, or what a pinned map has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapShape {
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+impl MapShape {
+    fn of<K, V>(max_entries: u32) -> Self {
+        Self {
+            key_size: std::mem::size_of::<K>() as u32,
+            value_size: std::mem::size_of::<V>() as u32,
+            max_entries,
+        }
+    }
+}
+
+/// Every map the data plane pins, with its shape as this build's programs and `options` want it.
+fn expected_shapes(options: &DataplaneOptions) -> [(&'static str, MapShape); 14] {
+    use lb_common::{
+        BackendValue, FloodSettings, FloodState, ReverseNatValue, ServiceKey, ServiceValue,
+        TrafficStats, REDIRECT_TARGETS_CAPACITY, VIP_FILTER_SLOTS,
+    };
+    let caps = options.capacities;
+    [
+        (lb_common::MAP_VIP_FILTER, MapShape::of::<u32, u32>(VIP_FILTER_SLOTS)),
+        (
+            lb_common::MAP_FLOOD_SETTINGS,
+            MapShape::of::<u32, FloodSettings>(1),
+        ),
+        (lb_common::MAP_FLOOD_STATE, MapShape::of::<u32, FloodState>(1)),
+        (lb_common::MAP_L2_DEADLINE, MapShape::of::<u32, u64>(1)),
+        (
+            MAP_REDIRECT_TARGETS,
+            MapShape::of::<u32, u32>(REDIRECT_TARGETS_CAPACITY),
+        ),
+        (
+            MAP_L2_VIPS,
+            MapShape::of::<L2VipKey, L2VipValue>(options.l2_vips_capacity),
+        ),
+        (MAP_GLOBAL_STATS, MapShape::of::<u32, GlobalStats>(1)),
+        (
+            MAP_SERVICES,
+            MapShape::of::<ServiceKey, ServiceValue>(caps.services),
+        ),
+        (MAP_BACKENDS, MapShape::of::<u32, BackendValue>(caps.backends)),
+        (MAP_MAGLEV, MapShape::of::<u32, u32>(caps.services)),
+        (MAP_CONNTRACK, MapShape::of::<FlowKey, FlowValue>(caps.flows)),
+        (
+            MAP_REVERSE_NAT,
+            MapShape::of::<FlowKey, ReverseNatValue>(caps.flows),
+        ),
+        (
+            MAP_SERVICE_STATS,
+            MapShape::of::<u32, TrafficStats>(caps.services),
+        ),
+        (
+            MAP_BACKEND_STATS,
+            MapShape::of::<u32, TrafficStats>(caps.backends),
+        ),
+    ]
+}
+
+/// Why each pinned map in `found` cannot serve this build (another key or value layout, left by
+/// an older Sluice, or another capacity than configured), one line per map. Maps not pinned yet
+/// are not in `found` and are fine.
+pub fn stale_pins(expected: &[(&str, MapShape)], found: &[(&str, MapShape)]) -> Vec<String> {
+    found
+        .iter()
+        .filter_map(|(name, have)| {
+            let (_, want) = expected.iter().find(|(n, _)| n == name)?;
+            (have != want).then(|| {
+                format!(
+                    "{name}: pinned with key {} B, value {} B, {} entries; this build needs key {} B, value {} B, {} entries",
+                    have.key_size,
+                    have.value_size,
+                    have.max_entries,
+                    want.key_size,
+                    want.value_size,
+                    want.max_entries
+                )
+            })
+        })
+        .collect()
+}
+
+/// Removes every pinned map when any of them cannot serve this build, so the load starts from
+/// fresh maps as on a first install (the control plane refills services at once; tracked flows
+/// start over). Keeping some would mix old backend ids with new ones.
+fn replace_stale_pins(dir: &Path, options: &DataplaneOptions) -> Result<()> {
+    let expected = expected_shapes(options);
+    let found: Vec<(&str, MapShape)> = expected
+        .iter()
+        .filter_map(|(name, _)| {
+            let info = aya::maps::MapInfo::from_pin(dir.join(name)).ok()?;
+            Some((
+                *name,
+                MapShape {
+                    key_size: info.key_size(),
+                    value_size: info.value_size(),
+                    max_entries: info.max_entries(),
+                },
+            ))
+        })
+        .collect();
+    let stale = stale_pins(&expected, &found);
+    if stale.is_empty() {
+        return Ok(());
+    }
+    for reason in &stale {
+        tracing::warn!(event = "pinnedMapStale", pin_dir = %dir.display(), reason = %reason);
+    }
+    for (name, _) in &found {
+        let path = dir.join(name);
+        std::fs::remove_file(&path).map_err(|source| DataplaneError::RemovePin { path, source })?;
+    }
+    tracing::warn!(
+        event = "pinnedMapsReplaced",
+        pin_dir = %dir.display(),
+        maps = found.len(),
+        "pinned maps had another layout or capacity: every map starts afresh, tracked flows included"
+    );
+    Ok(())
+}
 
 /// An IP the XDP program answers ARP/NDP for on one interface, with the MAC it answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -243,9 +352,10 @@ impl Dataplane {
         let pin_paths: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
                 system::prepare_pin_dir(dir)?;
-                PINNED_MAPS
+                replace_stale_pins(dir, options)?;
+                expected_shapes(options)
                     .into_iter()
-                    .map(|name| (name, dir.join(name)))
+                    .map(|(name, _)| (name, dir.join(name)))
                     .collect()
             }
             None => Vec::new(),
@@ -1069,6 +1179,37 @@ mod tests {
         let ctx = xdp_md(7, 60);
         let fields: [u32; 6] = bytemuck::cast(ctx);
         assert_eq!(fields, [0, 60, 0, 7, 0, 0]);
+    }
+
+    #[test]
+    fn pinned_maps_of_another_layout_or_capacity_are_stale_and_missing_ones_are_not() {
+        let options = DataplaneOptions::default();
+        let expected = expected_shapes(&options);
+        let same: Vec<(&str, MapShape)> = expected.to_vec();
+        assert!(stale_pins(&expected, &same).is_empty());
+        assert!(stale_pins(&expected, &[]).is_empty());
+
+        let (_, stats) = expected
+            .iter()
+            .find(|(n, _)| *n == MAP_GLOBAL_STATS)
+            .unwrap();
+        let older = MapShape {
+            value_size: stats.value_size - 24,
+            ..*stats
+        };
+        let stale = stale_pins(&expected, &[(MAP_GLOBAL_STATS, older)]);
+        assert_eq!(stale.len(), 1);
+        assert!(stale[0].starts_with("GLOBAL_STATS: pinned with key 4 B, value 64 B"), "{stale:?}");
+
+        let (_, flows) = expected.iter().find(|(n, _)| *n == MAP_CONNTRACK).unwrap();
+        let smaller = MapShape {
+            max_entries: flows.max_entries / 2,
+            ..*flows
+        };
+        let stale = stale_pins(&expected, &[(MAP_CONNTRACK, smaller)]);
+        assert!(stale[0].contains("entries"), "{stale:?}");
+        // A name this build does not pin is not judged.
+        assert!(stale_pins(&expected, &[("OTHER", smaller)]).is_empty());
     }
 
     #[test]
