@@ -17,8 +17,8 @@ use lb_common::{
 use crate::{
     checksum::Delta,
     headers::{
-        EthHdr, Ipv4Hdr, Ipv6Hdr, IPPROTO_ICMP, IPV4_HLEN, IPV6_HLEN, TCP_CSUM_OFFSET, TCP_FLAGS_OFFSET, TCP_RST,
-        UDP_CSUM_OFFSET,
+        EthHdr, Ipv4Hdr, Ipv6Hdr, IPPROTO_ICMP, IPV4_HLEN, IPV6_HLEN, TCP_CSUM_OFFSET,
+        TCP_FLAGS_OFFSET, TCP_RST, UDP_CSUM_OFFSET,
     },
     maps::{
         BACKENDS, CONNTRACK, FLOOD_SETTINGS, FLOOD_STATE, MAGLEV, REDIRECT_TARGETS, REVERSE_NAT,

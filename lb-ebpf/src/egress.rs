@@ -12,9 +12,9 @@ use lb_common::{FlowKey, ReverseNatValue, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, P
 use crate::{
     checksum::Delta,
     headers::{
-        Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, ICMP_HLEN,
-        IPPROTO_ICMP, IPPROTO_ICMPV6, IPV4_CSUM_OFFSET, IPV4_HLEN, IPV6_HLEN, TCP_FLAGS_OFFSET,
-        TCP_RST, VLAN_HLEN,
+        Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, ICMP_HLEN, IPPROTO_ICMP,
+        IPPROTO_ICMPV6, IPV4_CSUM_OFFSET, IPV4_HLEN, IPV6_HLEN, TCP_FLAGS_OFFSET, TCP_RST,
+        VLAN_HLEN,
     },
     icmp::{is_error_v4, is_error_v6, l4_csum_offset},
     maps::{CONNTRACK, REVERSE_NAT},
@@ -324,11 +324,16 @@ fn icmp_v6(ctx: &TcContext, l3: usize, ip6: &Ipv6Hdr) {
     ) else {
         return;
     };
-    if !is_error_v6(icmp[0]) || (inner.next_header != PROTO_TCP && inner.next_header != PROTO_UDP)
-    {
+    if !is_error_v6(icmp[0]) || (inner.next_header != PROTO_TCP && inner.next_header != PROTO_UDP) {
         return;
     }
-    let key = reply_key(&inner.src, &inner.dst, &ports, inner.next_header, FAMILY_IPV6);
+    let key = reply_key(
+        &inner.src,
+        &inner.dst,
+        &ports,
+        inner.next_header,
+        FAMILY_IPV6,
+    );
     let Some(rv) = (unsafe { REVERSE_NAT.get(&key) }).copied() else {
         return;
     };

@@ -211,7 +211,13 @@ pub fn ipv6(ctx: &XdpContext, l3: usize) -> Outcome {
     if inner.src != ip6.dst {
         return Outcome::IcmpUnmatched;
     }
-    let key = flow_of_reply(&inner.src, &inner.dst, ports, inner.next_header, FAMILY_IPV6);
+    let key = flow_of_reply(
+        &inner.src,
+        &inner.dst,
+        ports,
+        inner.next_header,
+        FAMILY_IPV6,
+    );
     // SAFETY: map values stay valid for the program's run; they are only read.
     let Some(entry) = (unsafe { CONNTRACK.get(&key) }) else {
         return Outcome::IcmpUnmatched;

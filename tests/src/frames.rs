@@ -412,6 +412,59 @@ pub fn ipv6_tcp_behind_hop_by_hop(
     ipv6_frame(eth_dst, eth_src, src, dst, 0, 64, payload, None)
 }
 
+/// An ICMP error (`icmp_type`, `code`, the 4 bytes after the checksum in `rest`) from `src` to
+/// `dst`, embedding `embedded` (an IP packet, whole or cut, as the error's sender saw it).
+#[allow(clippy::too_many_arguments)]
+pub fn ipv4_icmp_error(
+    eth_dst: Mac,
+    eth_src: Mac,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    icmp_type: u8,
+    code: u8,
+    rest: [u8; 4],
+    embedded: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(embedded);
+    let sum = internet_checksum(0, &icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut ip = vec![0x45, 0xc0];
+    ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0x43, 0x21, 0, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let hsum = internet_checksum(0, &ip);
+    ip[10..12].copy_from_slice(&hsum.to_be_bytes());
+    ip.extend_from_slice(&icmp);
+    ethernet(eth_dst, eth_src, ETH_P_IPV4, &ip)
+}
+
+/// An ICMPv6 error, as [`ipv4_icmp_error`].
+#[allow(clippy::too_many_arguments)]
+pub fn ipv6_icmp_error(
+    eth_dst: Mac,
+    eth_src: Mac,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    icmp_type: u8,
+    code: u8,
+    rest: [u8; 4],
+    embedded: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(embedded);
+    ipv6_frame(eth_dst, eth_src, src, dst, 58, 64, icmp, Some(2))
+}
+
+/// True when the ICMP checksum of the IPv4 packet at `l3` (no options) verifies.
+pub fn icmpv4_checksum_ok(frame: &[u8], l3: usize) -> bool {
+    let total = u16::from_be_bytes([frame[l3 + 2], frame[l3 + 3]]) as usize;
+    internet_checksum(0, &frame[l3 + 20..l3 + total]) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

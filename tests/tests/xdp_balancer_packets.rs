@@ -832,3 +832,359 @@ fn past_the_flood_guard_new_flows_are_balanced_but_not_tracked_and_established_o
         assert_eq!(dp.flow_count().unwrap(), before + 300);
     });
 }
+
+const ROUTER4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 254);
+fn router6() -> Ipv6Addr {
+    "fd53:1::fe".parse().unwrap()
+}
+/// Fragmentation Needed (type 3 code 4) / Packet Too Big's 4 bytes after the checksum: the MTU.
+const MTU_576: [u8; 4] = [0, 0, 0x02, 0x40];
+const MTU_1280: [u8; 4] = [0, 0, 0x05, 0x00];
+
+/// A backend's reply as it left the node (VIP → client) and as the backend sent it, IP packets
+/// without Ethernet; IPv4 and IPv6 alike.
+fn reply_ip(frame: &[u8]) -> Vec<u8> {
+    frame[14..].to_vec()
+}
+
+#[test]
+fn an_icmp_error_about_a_reply_reaches_the_flows_backend_rewritten_with_valid_checksums() {
+    lab(|dp, veth0, veth1_mac| {
+        let backends = [b4(10), b4(11), b4(12)];
+        dp.upsert_service(tcp80(), &backends).unwrap();
+        let sport = 41000;
+        let out = dp.run_ingress(veth0, &syn4(sport, 80)).unwrap();
+        assert_eq!(out.action, XdpAction::Redirect);
+        let (IpAddr::V4(backend), _) = dest4(&out.frame) else {
+            unreachable!()
+        };
+        // A router on the way to the client cannot pass the reply (VIP:80 → client) and tells
+        // its source, the VIP.
+        let as_sent_to_client = ipv4_tcp_syn(CLIENT_MAC, NODE_MAC, VIP4, CLIENT4, 80, sport);
+        let error = ipv4_icmp_error(
+            NODE_MAC,
+            CLIENT_MAC,
+            ROUTER4,
+            VIP4,
+            3,
+            4,
+            MTU_576,
+            &reply_ip(&as_sent_to_client),
+        );
+        let out = dp.run_ingress(veth0, &error).unwrap();
+        assert_eq!(out.action, XdpAction::Redirect, "to the backend's next hop");
+        let f = &out.frame;
+        assert_eq!(&f[0..6], &backend_mac(backend.octets()[3]));
+        assert_eq!(&f[6..12], &veth1_mac);
+        assert_eq!(&f[26..30], &ROUTER4.octets(), "outer source kept");
+        assert_eq!(
+            &f[30..34],
+            &backend.octets(),
+            "outer destination: the backend"
+        );
+        assert_eq!(f[22], 63, "TTL decremented");
+        assert!(ipv4_header_checksum_ok(f, 14), "outer IPv4 checksum");
+        assert!(icmpv4_checksum_ok(f, 14), "ICMP checksum");
+        assert_eq!(&f[34..36], &error[34..36], "type and code kept");
+        assert_eq!(&f[38..42], &MTU_576, "MTU kept");
+        // The embedded packet is now exactly what the backend sent.
+        let as_sent_by_backend = ipv4_tcp_syn(CLIENT_MAC, NODE_MAC, backend, CLIENT4, 8080, sport);
+        assert_eq!(&f[42..], &reply_ip(&as_sent_by_backend)[..]);
+        assert!(ipv4_header_checksum_ok(f, 42), "embedded IPv4 checksum");
+        assert!(l4_checksum_ok(f, 42), "embedded TCP checksum");
+        assert_eq!(dp.stats().unwrap().icmp_to_backend, 1);
+
+        // IPv6: Packet Too Big about a reply of an IPv6 TCP flow.
+        let svc6 = Service {
+            vip: IpAddr::V6(vip6()),
+            port: 443,
+            protocol: Protocol::Tcp,
+        };
+        dp.upsert_service(svc6, &[b6(0x10), b6(0x11)]).unwrap();
+        let out = dp
+            .run_ingress(
+                veth0,
+                &ipv6_tcp_syn(NODE_MAC, CLIENT_MAC, client6(), vip6(), 46000, 443),
+            )
+            .unwrap();
+        let backend6 = Ipv6Addr::from(<[u8; 16]>::try_from(&out.frame[38..54]).unwrap());
+        let as_sent_to_client = ipv6_tcp_syn(CLIENT_MAC, NODE_MAC, vip6(), client6(), 443, 46000);
+        let error6 = ipv6_icmp_error(
+            NODE_MAC,
+            CLIENT_MAC,
+            router6(),
+            vip6(),
+            2,
+            0,
+            MTU_1280,
+            &reply_ip(&as_sent_to_client),
+        );
+        let out = dp.run_ingress(veth0, &error6).unwrap();
+        assert_eq!(out.action, XdpAction::Redirect);
+        let f = &out.frame;
+        assert_eq!(&f[22..38], &router6().octets(), "outer source kept");
+        assert_eq!(
+            &f[38..54],
+            &backend6.octets(),
+            "outer destination: the backend"
+        );
+        assert_eq!(f[21], 63, "hop limit decremented");
+        assert!(icmpv6_checksum_ok(f, 14), "ICMPv6 checksum");
+        let as_sent_by_backend =
+            ipv6_tcp_syn(CLIENT_MAC, NODE_MAC, backend6, client6(), 8080, 46000);
+        assert_eq!(&f[62..], &reply_ip(&as_sent_by_backend)[..]);
+        assert!(l4_checksum_ok(f, 62), "embedded TCP checksum");
+        assert_eq!(dp.stats().unwrap().icmp_to_backend, 2);
+    });
+}
+
+#[test]
+fn a_backends_icmp_error_about_a_clients_packet_leaves_as_the_vips() {
+    lab(|dp, veth0, _| {
+        let udp53 = Service {
+            vip: IpAddr::V4(VIP4),
+            port: 53,
+            protocol: Protocol::Udp,
+        };
+        dp.upsert_service(udp53, &[b4(14)]).unwrap();
+        let query = ipv4_udp(NODE_MAC, CLIENT_MAC, CLIENT4, VIP4, 33333, 53, b"query");
+        assert_eq!(
+            dp.run_ingress(veth0, &query).unwrap().action,
+            XdpAction::Redirect
+        );
+        let backend = Ipv4Addr::new(198, 18, 2, 14);
+        // The backend has nothing on 8080: port unreachable, about the query as it got it.
+        let as_received = ipv4_udp(
+            NODE_MAC, CLIENT_MAC, CLIENT4, backend, 33333, 8080, b"query",
+        );
+        let error = ipv4_icmp_error(
+            CLIENT_MAC,
+            backend_mac(14),
+            backend,
+            CLIENT4,
+            3,
+            3,
+            [0; 4],
+            &reply_ip(&as_received),
+        );
+        let f = dp.run_egress(&error).unwrap();
+        assert_eq!(&f[26..30], &VIP4.octets(), "outer source: the VIP");
+        assert_eq!(&f[30..34], &CLIENT4.octets());
+        assert!(ipv4_header_checksum_ok(&f, 14), "outer IPv4 checksum");
+        assert!(icmpv4_checksum_ok(&f, 14), "ICMP checksum");
+        // The embedded packet is what the client sent: the client's socket recognises it.
+        assert_eq!(&f[42..], &reply_ip(&query)[..]);
+        assert!(l4_checksum_ok(&f, 42), "embedded UDP checksum");
+
+        // A router between the node and the backend keeps its own address as the source.
+        let from_router = ipv4_icmp_error(
+            CLIENT_MAC,
+            backend_mac(14),
+            Ipv4Addr::new(198, 18, 2, 254),
+            CLIENT4,
+            3,
+            4,
+            MTU_576,
+            &reply_ip(&as_received),
+        );
+        let f = dp.run_egress(&from_router).unwrap();
+        assert_eq!(&f[26..30], &[198, 18, 2, 254]);
+        assert_eq!(&f[42..], &reply_ip(&query)[..]);
+        assert!(ipv4_header_checksum_ok(&f, 14) && icmpv4_checksum_ok(&f, 14));
+
+        // IPv6.
+        let udp6 = Service {
+            vip: IpAddr::V6(vip6()),
+            port: 53,
+            protocol: Protocol::Udp,
+        };
+        dp.upsert_service(udp6, &[b6(0x13)]).unwrap();
+        let q6 = ipv6_udp(NODE_MAC, CLIENT_MAC, client6(), vip6(), 45001, 53, b"q");
+        assert_eq!(
+            dp.run_ingress(veth0, &q6).unwrap().action,
+            XdpAction::Redirect
+        );
+        let backend6 = Ipv6Addr::new(0xfd53, 2, 0, 0, 0, 0, 0, 0x13);
+        let as_received6 = ipv6_udp(NODE_MAC, CLIENT_MAC, client6(), backend6, 45001, 8080, b"q");
+        let error6 = ipv6_icmp_error(
+            CLIENT_MAC,
+            backend_mac(0x13),
+            backend6,
+            client6(),
+            1,
+            4,
+            [0; 4],
+            &reply_ip(&as_received6),
+        );
+        let f = dp.run_egress(&error6).unwrap();
+        assert_eq!(&f[22..38], &vip6().octets(), "outer source: the VIP");
+        assert!(icmpv6_checksum_ok(&f, 14), "ICMPv6 checksum");
+        assert_eq!(&f[62..], &reply_ip(&q6)[..]);
+        assert_eq!(dp.stats().unwrap().icmp_to_client, 3);
+    });
+}
+
+#[test]
+fn icmp_errors_that_name_no_tracked_flow_or_are_malformed_pass_untouched() {
+    lab(|dp, veth0, _| {
+        dp.upsert_service(tcp80(), &[b4(10), b4(11)]).unwrap();
+        let svc6 = Service {
+            vip: IpAddr::V6(vip6()),
+            port: 443,
+            protocol: Protocol::Tcp,
+        };
+        dp.upsert_service(svc6, &[b6(0x10)]).unwrap();
+        // One tracked flow each, so "no flow" below is about the embedded header, not an empty table.
+        dp.run_ingress(veth0, &syn4(41000, 80)).unwrap();
+        dp.run_ingress(
+            veth0,
+            &ipv6_tcp_syn(NODE_MAC, CLIENT_MAC, client6(), vip6(), 46000, 443),
+        )
+        .unwrap();
+        let reply = reply_ip(&ipv4_tcp_syn(
+            CLIENT_MAC, NODE_MAC, VIP4, CLIENT4, 80, 41000,
+        ));
+        let reply6 = reply_ip(&ipv6_tcp_syn(
+            CLIENT_MAC,
+            NODE_MAC,
+            vip6(),
+            client6(),
+            443,
+            46000,
+        ));
+        let to_vip = |embedded: &[u8]| {
+            ipv4_icmp_error(NODE_MAC, CLIENT_MAC, ROUTER4, VIP4, 3, 4, MTU_576, embedded)
+        };
+        let to_vip6 = |embedded: &[u8]| {
+            ipv6_icmp_error(
+                NODE_MAC,
+                CLIENT_MAC,
+                router6(),
+                vip6(),
+                2,
+                0,
+                MTU_1280,
+                embedded,
+            )
+        };
+        let mut cases: Vec<(&str, Vec<u8>, bool)> = Vec::new();
+        // (name, frame, counted as an ICMP error matching no flow)
+        let other_port = reply_ip(&ipv4_tcp_syn(
+            CLIENT_MAC, NODE_MAC, VIP4, CLIENT4, 80, 41001,
+        ));
+        cases.push(("embedded flow not tracked", to_vip(&other_port), true));
+        let other_client = reply_ip(&ipv4_tcp_syn(
+            CLIENT_MAC,
+            NODE_MAC,
+            VIP4,
+            Ipv4Addr::new(198, 18, 1, 3),
+            80,
+            41000,
+        ));
+        cases.push(("embedded client not tracked", to_vip(&other_client), true));
+        let mut spoofed = reply.clone();
+        spoofed[12..16].copy_from_slice(&[198, 18, 1, 77]);
+        cases.push((
+            "embedded source is not the VIP the error is sent to",
+            to_vip(&spoofed),
+            true,
+        ));
+        cases.push((
+            "embedded TCP header cut to 4 bytes",
+            to_vip(&reply[..24]),
+            false,
+        ));
+        cases.push(("embedded IPv4 header cut", to_vip(&reply[..12]), false));
+        let mut with_options = reply.clone();
+        with_options[0] = 0x46;
+        with_options.splice(20..20, [1u8, 1, 1, 0]);
+        cases.push(("embedded IPv4 options", to_vip(&with_options), false));
+        let mut about_icmp = reply.clone();
+        about_icmp[9] = 1;
+        cases.push(("ICMP about ICMP", to_vip(&about_icmp), false));
+        let mut about_fragment = reply.clone();
+        about_fragment[7] = 0x10;
+        cases.push(("about a later fragment", to_vip(&about_fragment), false));
+        let mut echo = to_vip(&reply);
+        echo[34] = 8;
+        cases.push(("echo request, not an error", echo, false));
+        let mut ttl1 = to_vip(&reply);
+        ttl1[22] = 1;
+        fix_ipv4_header_checksum(&mut ttl1, 14);
+        cases.push(("TTL 1", ttl1, false));
+        let mut short_total = to_vip(&reply);
+        short_total[16..18].copy_from_slice(&40u16.to_be_bytes());
+        fix_ipv4_header_checksum(&mut short_total, 14);
+        cases.push((
+            "IPv4 total length ends inside the embedded header",
+            short_total,
+            false,
+        ));
+        cases.push(("ICMP header cut", to_vip(&reply)[..38].to_vec(), false));
+        let error_to_other = ipv4_icmp_error(
+            NODE_MAC,
+            CLIENT_MAC,
+            ROUTER4,
+            Ipv4Addr::new(198, 18, 1, 1),
+            3,
+            4,
+            MTU_576,
+            &reply,
+        );
+        cases.push(("error to an address that is no VIP", error_to_other, false));
+        // IPv6.
+        let mut other_port6 = reply6.clone();
+        other_port6[42..44].copy_from_slice(&46001u16.to_be_bytes());
+        cases.push((
+            "IPv6: embedded flow not tracked",
+            to_vip6(&other_port6),
+            true,
+        ));
+        cases.push(("IPv6: embedded TCP cut", to_vip6(&reply6[..44]), false));
+        let mut behind_ext = reply6.clone();
+        behind_ext[6] = 0;
+        cases.push((
+            "IPv6: embedded extension header",
+            to_vip6(&behind_ext),
+            false,
+        ));
+        let mut hop1 = to_vip6(&reply6);
+        hop1[21] = 1;
+        cases.push(("IPv6: hop limit 1", hop1, false));
+        let mut lying6 = to_vip6(&reply6);
+        lying6[18..20].copy_from_slice(&1400u16.to_be_bytes());
+        cases.push(("IPv6: payload length beyond the frame", lying6, false));
+
+        let mut unmatched = 0;
+        for (name, frame, counted) in &cases {
+            let out = dp.run_ingress(veth0, frame).unwrap();
+            assert_eq!(out.action, XdpAction::Pass, "{name}");
+            assert_eq!(&out.frame, frame, "{name}: untouched");
+            unmatched += u64::from(*counted);
+            assert_eq!(dp.stats().unwrap().icmp_unmatched, unmatched, "{name}");
+        }
+        assert_eq!(dp.stats().unwrap().icmp_to_backend, 0);
+
+        // On the way out: an error about a packet of no flow, and one about ICMP, untouched.
+        let backend = Ipv4Addr::new(198, 18, 2, 10);
+        let stranger = reply_ip(&ipv4_udp(
+            NODE_MAC, CLIENT_MAC, CLIENT4, backend, 1, 8080, b"x",
+        ));
+        let out_error = ipv4_icmp_error(
+            CLIENT_MAC, NODE_MAC, backend, CLIENT4, 3, 3, [0; 4], &stranger,
+        );
+        assert_eq!(dp.run_egress(&out_error).unwrap(), out_error);
+        let cut = ipv4_icmp_error(
+            CLIENT_MAC,
+            NODE_MAC,
+            backend,
+            CLIENT4,
+            3,
+            3,
+            [0; 4],
+            &stranger[..22],
+        );
+        assert_eq!(dp.run_egress(&cut).unwrap(), cut);
+        assert_eq!(dp.stats().unwrap().icmp_to_client, 0);
+    });
+}

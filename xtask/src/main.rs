@@ -25,6 +25,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("ethtool", "ethtool"),
+    ("nft", "nftables"),
     ("bird", "bird2"),
     ("vtysh", "frr"),
     ("gobgpd", "gobgpd"),

@@ -98,7 +98,6 @@ impl Default for DataplaneOptions {
     }
 }
 
-
 /// A map's shape: what this build's programs expect, or what a pinned map has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapShape {
@@ -125,12 +124,18 @@ fn expected_shapes(options: &DataplaneOptions) -> [(&'static str, MapShape); 14]
     };
     let caps = options.capacities;
     [
-        (lb_common::MAP_VIP_FILTER, MapShape::of::<u32, u32>(VIP_FILTER_SLOTS)),
+        (
+            lb_common::MAP_VIP_FILTER,
+            MapShape::of::<u32, u32>(VIP_FILTER_SLOTS),
+        ),
         (
             lb_common::MAP_FLOOD_SETTINGS,
             MapShape::of::<u32, FloodSettings>(1),
         ),
-        (lb_common::MAP_FLOOD_STATE, MapShape::of::<u32, FloodState>(1)),
+        (
+            lb_common::MAP_FLOOD_STATE,
+            MapShape::of::<u32, FloodState>(1),
+        ),
         (lb_common::MAP_L2_DEADLINE, MapShape::of::<u32, u64>(1)),
         (
             MAP_REDIRECT_TARGETS,
@@ -145,9 +150,15 @@ fn expected_shapes(options: &DataplaneOptions) -> [(&'static str, MapShape); 14]
             MAP_SERVICES,
             MapShape::of::<ServiceKey, ServiceValue>(caps.services),
         ),
-        (MAP_BACKENDS, MapShape::of::<u32, BackendValue>(caps.backends)),
+        (
+            MAP_BACKENDS,
+            MapShape::of::<u32, BackendValue>(caps.backends),
+        ),
         (MAP_MAGLEV, MapShape::of::<u32, u32>(caps.services)),
-        (MAP_CONNTRACK, MapShape::of::<FlowKey, FlowValue>(caps.flows)),
+        (
+            MAP_CONNTRACK,
+            MapShape::of::<FlowKey, FlowValue>(caps.flows),
+        ),
         (
             MAP_REVERSE_NAT,
             MapShape::of::<FlowKey, ReverseNatValue>(caps.flows),
@@ -1199,7 +1210,10 @@ mod tests {
         };
         let stale = stale_pins(&expected, &[(MAP_GLOBAL_STATS, older)]);
         assert_eq!(stale.len(), 1);
-        assert!(stale[0].starts_with("GLOBAL_STATS: pinned with key 4 B, value 64 B"), "{stale:?}");
+        assert!(
+            stale[0].starts_with("GLOBAL_STATS: pinned with key 4 B, value 64 B"),
+            "{stale:?}"
+        );
 
         let (_, flows) = expected.iter().find(|(n, _)| *n == MAP_CONNTRACK).unwrap();
         let smaller = MapShape {
