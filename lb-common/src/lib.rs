@@ -203,7 +203,18 @@ pub struct FlowValue {
     pub ifindex: u32,
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
+    /// [`FLOW_CLIENT_FIN`] and [`FLOW_BACKEND_FIN`]: which sides of a TCP flow have closed.
+    pub flags: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the second side's FIN passed; 0 while open.
+    /// User space removes the flow a grace period later (see `dataplane::flows`).
+    pub closed_at: u64,
 }
+
+/// The client sent a FIN (seen by the XDP program).
+pub const FLOW_CLIENT_FIN: u32 = 1;
+/// The backend sent a FIN (seen by the TC egress program).
+pub const FLOW_BACKEND_FIN: u32 = 2;
 
 /// Value of [`MAP_REVERSE_NAT`]: the VIP and port a reply must appear to come from.
 #[repr(C)]

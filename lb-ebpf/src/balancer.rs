@@ -11,13 +11,14 @@ use aya_ebpf::{
 };
 use lb_common::{
     flow_hash, vip_slot, BackendValue, FlowKey, FlowValue, ReverseNatValue, ServiceKey,
-    BACKEND_ACTIVE, FAMILY_IPV4, FAMILY_IPV6, NEXT_HOP_VIA_KERNEL, PROTO_TCP, PROTO_UDP,
+    BACKEND_ACTIVE, FAMILY_IPV4, FAMILY_IPV6, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN,
+    NEXT_HOP_VIA_KERNEL, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
     checksum::Delta,
     headers::{
-        EthHdr, Ipv4Hdr, Ipv6Hdr, IPPROTO_ICMP, IPV4_HLEN, IPV6_HLEN, TCP_CSUM_OFFSET,
+        EthHdr, Ipv4Hdr, Ipv6Hdr, IPPROTO_ICMP, IPV4_HLEN, IPV6_HLEN, TCP_CSUM_OFFSET, TCP_FIN,
         TCP_FLAGS_OFFSET, TCP_RST, UDP_CSUM_OFFSET,
     },
     maps::{
@@ -240,12 +241,25 @@ fn forget_flow(packet: &Packet, backend: &BackendValue) {
     let _ = REVERSE_NAT.remove(&reverse_key(packet, backend));
 }
 
-/// Is this TCP packet an RST? (Its flags, read before anything is rewritten.)
+/// A TCP packet's flags (read before anything is rewritten); 0 for UDP.
 #[inline(always)]
-fn is_rst(ctx: &XdpContext, packet: &Packet) -> bool {
-    packet.proto == PROTO_TCP
-        && ptr_at::<u8>(ctx, packet.l4() + TCP_FLAGS_OFFSET)
-            .is_some_and(|flags| unsafe { *flags } & TCP_RST != 0)
+fn tcp_flags(ctx: &XdpContext, packet: &Packet) -> u8 {
+    if packet.proto != PROTO_TCP {
+        return 0;
+    }
+    ptr_at::<u8>(ctx, packet.l4() + TCP_FLAGS_OFFSET).map_or(0, |flags| unsafe { *flags })
+}
+
+/// Records a side's FIN in the flow's entry; once both sides have sent one, when. User space
+/// removes closed flows a grace period later (the last ACK and retransmissions still pass).
+#[inline(never)]
+pub(crate) fn record_fin(entry: &mut FlowValue, side: u32) {
+    entry.flags |= side;
+    if entry.flags & (FLOW_CLIENT_FIN | FLOW_BACKEND_FIN) == FLOW_CLIENT_FIN | FLOW_BACKEND_FIN
+        && entry.closed_at == 0
+    {
+        entry.closed_at = unsafe { bpf_ktime_get_ns() };
+    }
 }
 
 /// The flood guard (see lb-common's `FloodSettings`): counts a new flow in this CPU's
@@ -305,10 +319,12 @@ fn balance(ctx: &XdpContext, packet: &Packet) -> Outcome {
                 resolve_next_hop(ctx, packet, backend, entry);
             }
             stats::count_traffic(backend.service_id, entry.backend_id, bytes, false);
-            let rst = is_rst(ctx, packet);
+            let flags = tcp_flags(ctx, packet);
             let outcome = forward(ctx, packet, backend, entry);
-            if rst {
+            if flags & TCP_RST != 0 {
                 forget_flow(packet, backend);
+            } else if flags & TCP_FIN != 0 {
+                record_fin(entry, FLOW_CLIENT_FIN);
             }
             return outcome;
         }
@@ -333,17 +349,25 @@ fn balance(ctx: &XdpContext, packet: &Packet) -> Outcome {
     if backend.flags & BACKEND_ACTIVE == 0 || backend.service_id != service.id {
         return Outcome::NoBackend;
     }
+    let flags = tcp_flags(ctx, packet);
     let mut entry = FlowValue {
         backend_id,
         generation: backend.generation,
         ifindex: 0,
         src_mac: [0; 6],
         dst_mac: [0; 6],
+        flags: if flags & TCP_FIN != 0 {
+            FLOW_CLIENT_FIN
+        } else {
+            0
+        },
+        _pad: 0,
+        closed_at: 0,
     };
     resolve_next_hop(ctx, packet, backend, &mut entry);
     // An RST for no known flow is forwarded statelessly: it opens nothing. Neither does a new
     // flow past the flood guard's limit: it cannot evict established flows.
-    if !is_rst(ctx, packet) && may_track_new_flow() {
+    if flags & TCP_RST == 0 && may_track_new_flow() {
         record_flow(packet, backend, &entry);
     }
     stats::count_traffic(service.id, backend_id, bytes, true);

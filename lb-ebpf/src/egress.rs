@@ -7,13 +7,16 @@ use aya_ebpf::{
     helpers::bpf_csum_diff,
     programs::TcContext,
 };
-use lb_common::{FlowKey, ReverseNatValue, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP};
+use lb_common::{
+    FlowKey, ReverseNatValue, FAMILY_IPV4, FAMILY_IPV6, FLOW_BACKEND_FIN, PROTO_TCP, PROTO_UDP,
+};
 
 use crate::{
+    balancer::record_fin,
     checksum::Delta,
     headers::{
         Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, ICMP_HLEN, IPPROTO_ICMP,
-        IPPROTO_ICMPV6, IPV4_CSUM_OFFSET, IPV4_HLEN, IPV6_HLEN, TCP_FLAGS_OFFSET, TCP_RST,
+        IPPROTO_ICMPV6, IPV4_CSUM_OFFSET, IPV4_HLEN, IPV6_HLEN, TCP_FIN, TCP_FLAGS_OFFSET, TCP_RST,
         VLAN_HLEN,
     },
     icmp::{is_error_v4, is_error_v6, l4_csum_offset},
@@ -25,7 +28,14 @@ use crate::{
 /// (backend → client), `rv` what it was rewritten to.
 #[inline(never)]
 fn forget_flow(key: &FlowKey, rv: &ReverseNatValue) {
-    let conntrack_key = FlowKey {
+    let _ = CONNTRACK.remove(&conntrack_key(key, rv));
+    let _ = REVERSE_NAT.remove(key);
+}
+
+/// The connection-table key (client → VIP) of a reply's flow.
+#[inline(always)]
+fn conntrack_key(key: &FlowKey, rv: &ReverseNatValue) -> FlowKey {
+    FlowKey {
         src: key.dst,
         dst: rv.addr,
         sport: key.dport,
@@ -33,18 +43,31 @@ fn forget_flow(key: &FlowKey, rv: &ReverseNatValue) {
         proto: key.proto,
         family: key.family,
         _pad: [0; 2],
-    };
-    let _ = CONNTRACK.remove(&conntrack_key);
-    let _ = REVERSE_NAT.remove(key);
+    }
 }
 
-/// Is the TCP segment at `l4` an RST?
+/// A backend's TCP FIN: recorded in the flow's connection-table entry (see `record_fin`).
+#[inline(never)]
+fn backend_fin(key: &FlowKey, rv: &ReverseNatValue) {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&conntrack_key(key, rv)) {
+        record_fin(unsafe { &mut *entry }, FLOW_BACKEND_FIN);
+    }
+}
+
+/// After the rewrite: an RST ends the flow, a FIN closes the backend's side.
 #[inline(always)]
-fn is_rst(ctx: &TcContext, l4: usize, proto: u8) -> bool {
-    proto == PROTO_TCP
-        && ctx
-            .load::<u8>(l4 + TCP_FLAGS_OFFSET)
-            .is_ok_and(|flags| flags & TCP_RST != 0)
+fn after_reply(ctx: &TcContext, l4: usize, proto: u8, key: &FlowKey, rv: &ReverseNatValue) {
+    if proto != PROTO_TCP {
+        return;
+    }
+    let Ok(flags) = ctx.load::<u8>(l4 + TCP_FLAGS_OFFSET) else {
+        return;
+    };
+    if flags & TCP_RST != 0 {
+        forget_flow(key, rv);
+    } else if flags & TCP_FIN != 0 {
+        backend_fin(key, rv);
+    }
 }
 
 #[inline(always)]
@@ -133,9 +156,7 @@ fn ipv4(ctx: &TcContext, l3: usize) {
         .and_then(|_| ctx.store(l4, &rv.port, 0));
     if ok.is_ok() {
         stats::count_reverse_nat();
-        if is_rst(ctx, l4, ip.proto) {
-            forget_flow(&key, &rv);
-        }
+        after_reply(ctx, l4, ip.proto, &key, &rv);
     }
 }
 
@@ -186,9 +207,7 @@ fn ipv6(ctx: &TcContext, l3: usize) {
         .and_then(|_| ctx.store(l4, &rv.port, 0));
     if ok.is_ok() {
         stats::count_reverse_nat();
-        if is_rst(ctx, l4, ip6.next_header) {
-            forget_flow(&key, &rv);
-        }
+        after_reply(ctx, l4, ip6.next_header, &key, &rv);
     }
 }
 

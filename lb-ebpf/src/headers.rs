@@ -10,9 +10,10 @@ pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88A8;
-/// Where a TCP header holds its flags, and the RST flag.
+/// Where a TCP header holds its flags, and the FIN and RST flags.
 pub const TCP_FLAGS_OFFSET: usize = 13;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_FIN: u8 = 0x01;
 /// Where TCP and UDP headers hold their checksums.
 pub const TCP_CSUM_OFFSET: usize = 16;
 pub const UDP_CSUM_OFFSET: usize = 6;

@@ -698,7 +698,8 @@ fn inspect(
     let vips = view.l2_vips()?;
     let stats = view.stats()?;
     let services = view.services()?;
-    let flows = view.flow_count();
+    let census = view.flow_census();
+    let flows = census.total();
     let flood = view.flood_stats().unwrap_or_default();
     if json {
         let services: Vec<_> = services
@@ -748,6 +749,11 @@ fn inspect(
             "bfd": (!status.bfd.sessions.is_empty()).then_some(&status.bfd),
             "services": services,
             "trackedFlows": flows,
+            "flowsByState": {
+                "open": census.open,
+                "halfClosed": census.half_closed,
+                "closed": census.closed,
+            },
             "floodGuard": {
                 "untrackedFlows": flood.untracked,
                 "activations": flood.activations,
@@ -785,7 +791,10 @@ fn inspect(
         );
     }
     println!();
-    println!("Services ({flows} tracked flows)");
+    println!(
+        "Services ({flows} tracked flows: {} open, {} half-closed, {} closed)",
+        census.open, census.half_closed, census.closed
+    );
     if flood.untracked > 0 {
         println!(
             "  flood guard: {} new flows balanced but not tracked, over the limit in {} CPU-seconds",

@@ -217,7 +217,7 @@ pub fn render(
     status: &Status,
     services: &[ServiceStats],
     global: Option<&lb_common::GlobalStats>,
-    flows: Option<usize>,
+    flows: Option<crate::dataplane::flows::FlowCensus>,
     flood: Option<&crate::dataplane::FloodStats>,
 ) -> String {
     let mut out = String::new();
@@ -419,14 +419,41 @@ pub fn render(
     }
     render_mesh(&mut out, status);
     render_bfd(&mut out, &status.bfd);
-    if let Some(n) = flows {
+    if let Some(census) = flows {
         family(
             &mut out,
             "sluice_tracked_flows",
             "gauge",
             "Flows in the connection table.",
         );
-        let _ = writeln!(out, "sluice_tracked_flows {n}");
+        let _ = writeln!(out, "sluice_tracked_flows {}", census.total());
+        family(
+            &mut out,
+            "sluice_tracked_flows_by_state",
+            "gauge",
+            "Flows in the connection table by state: open, half_closed (one side sent a FIN), closed (both did; removed after a grace period).",
+        );
+        for (state, n) in [
+            ("open", census.open),
+            ("half_closed", census.half_closed),
+            ("closed", census.closed),
+        ] {
+            let _ = writeln!(
+                out,
+                "sluice_tracked_flows_by_state{{state=\"{state}\"}} {n}"
+            );
+        }
+        family(
+            &mut out,
+            "sluice_closed_flows_removed_total",
+            "counter",
+            "Flows closed from both sides that this process removed from the connection table.",
+        );
+        let _ = writeln!(
+            out,
+            "sluice_closed_flows_removed_total {}",
+            crate::dataplane::flows::removed_total()
+        );
     }
     if let Some(f) = flood {
         family(
@@ -665,7 +692,7 @@ pub fn serve(address: SocketAddr, status: SharedStatus, pin_dir: PathBuf) -> std
                 .and_then(|v| v.services().ok())
                 .unwrap_or_default();
             let global = view.as_ref().and_then(|v| v.stats().ok());
-            let flows = view.as_ref().map(|v| v.flow_count());
+            let flows = view.as_ref().map(|v| v.flow_census());
             let flood = view.as_ref().and_then(|v| v.flood_stats());
             render(&s, &services, global.as_ref(), flows, flood.as_ref())
         },
@@ -896,7 +923,12 @@ mod tests {
                 },
             )],
         }];
-        let text = render(&status, &services, None, Some(3), None);
+        let census = crate::dataplane::flows::FlowCensus {
+            open: 1,
+            half_closed: 0,
+            closed: 2,
+        };
+        let text = render(&status, &services, None, Some(census), None);
         for line in [
             "sluice_service_packets_total{name=\"web\",service=\"198.51.100.1:80/tcp\"} 10",
             "sluice_backend_flows_total{name=\"web\",service=\"198.51.100.1:80/tcp\",backend=\"10.0.0.2:8080\"} 2",
@@ -906,6 +938,8 @@ mod tests {
             "sluice_config_reloads_total{result=\"failure\"} 1",
             "sluice_config_last_reload_successful 0",
             "sluice_tracked_flows 3",
+            "sluice_tracked_flows_by_state{state=\"closed\"} 2",
+            "sluice_tracked_flows_by_state{state=\"half_closed\"} 0",
             "sluice_bgp_session_up{peer=\"192.0.2.1\"} 1",
             "sluice_bgp_prefixes_sent{peer=\"192.0.2.1\"} 2",
             "sluice_mesh_member_alive{node=\"node-b\",state=\"down\"} 0",

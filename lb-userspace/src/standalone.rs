@@ -720,6 +720,8 @@ pub fn run(paths: Vec<PathBuf>, on_stop: OnStop) -> Result<()> {
         pin_links: true,
         ..DataplaneOptions::default()
     })?;
+    dataplane::flows::spawn_sweeper(config.dataplane.pin_dir.clone())
+        .context("starting the closed-flow sweeper")?;
     let status: SharedStatus = Arc::new(Mutex::new(Status::default()));
     metrics::serve(
         config.dataplane.metrics_address,

@@ -86,7 +86,12 @@ fn http_get_raw(ns: &NetNs, path: &'static str) -> (u16, String) {
 
 /// Waits (up to 10 s) until a metrics line equals `line`.
 fn wait_for_metric(lab: &Lab, line: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    wait_for_metric_within(lab, line, Duration::from_secs(10));
+}
+
+/// Waits (up to `within`) until a metrics line equals `line`.
+fn wait_for_metric_within(lab: &Lab, line: &str, within: Duration) {
+    let deadline = Instant::now() + within;
     loop {
         let text = metrics(lab);
         if text.lines().any(|l| l == line) {
@@ -216,6 +221,43 @@ fn run_allocates_ips_answers_arp_only_where_configured_and_balances_tcp_udp_ipv6
             .sum::<usize>(),
         4
     );
+}
+
+#[test]
+fn closed_connections_leave_the_connection_table_and_open_ones_stay() {
+    let lab = Lab::new(1);
+    lab.serve(1);
+    let body = format!(
+        "{BASE}services:
+- name: web
+  ports: [{{port: 80, targetPort: 8080}}]
+  backends: [{{ip: 198.18.11.2}}]
+"
+    );
+    let _run = start(&lab, "fin-sweep", &body);
+    let vip = addr("198.18.1.100:80");
+    let mut open = Conn::open(&lab.client, vip).unwrap();
+    assert_eq!(open.ask().unwrap(), "b1");
+    // 20 connections, each closed by both sides (client first, then the server on EOF).
+    let counts = names(&lab.client, vip, 20);
+    assert_eq!(counts.values().sum::<usize>(), 20, "{counts:?}");
+    // The sweeper removes them a grace period (5 s) after their second FIN; a sweep every 2 s.
+    // The deadline only bounds a failing run.
+    wait_for_metric_within(
+        &lab,
+        "sluice_closed_flows_removed_total 20",
+        Duration::from_secs(60),
+    );
+    let text = metrics(&lab);
+    for line in [
+        "sluice_tracked_flows 1",
+        "sluice_tracked_flows_by_state{state=\"open\"} 1",
+        "sluice_tracked_flows_by_state{state=\"closed\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+    }
+    // The open connection was never touched.
+    assert_eq!(open.ask().unwrap(), "b1");
 }
 
 #[test]

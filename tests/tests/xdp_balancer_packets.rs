@@ -1188,3 +1188,89 @@ fn icmp_errors_that_name_no_tracked_flow_or_are_malformed_pass_untouched() {
         assert_eq!(dp.stats().unwrap().icmp_to_client, 0);
     });
 }
+
+#[test]
+fn a_flow_closed_by_fins_from_both_sides_is_swept_after_its_grace_and_not_before() {
+    use lb_userspace::dataplane::flows::FlowCensus;
+    use std::time::Duration;
+    lab(|dp, veth0, _| {
+        dp.upsert_service(tcp80(), &[b4(10), b4(11), b4(12)])
+            .unwrap();
+        // Three flows: closed client first, closed backend first, and one left open.
+        let sports = [44000u16, 44001, 44002];
+        let homes: Vec<(IpAddr, u16)> = sports
+            .iter()
+            .map(|p| dest4(&dp.run_ingress(veth0, &syn4(*p, 80)).unwrap().frame))
+            .collect();
+        let client_fin = |dp: &mut Dataplane, p: u16| {
+            let fin = ipv4_with_tcp_flags(&syn4(p, 80), 14, 0x11);
+            dest4(&dp.run_ingress(veth0, &fin).unwrap().frame)
+        };
+        let backend_fin = |dp: &mut Dataplane, p: u16, home: (IpAddr, u16)| {
+            let IpAddr::V4(backend) = home.0 else {
+                unreachable!()
+            };
+            let reply = ipv4_tcp_syn(CLIENT_MAC, backend_mac(0), backend, CLIENT4, home.1, p);
+            let out = dp
+                .run_egress(&ipv4_with_tcp_flags(&reply, 14, 0x11))
+                .unwrap();
+            assert_eq!(&out[26..30], &VIP4.octets(), "the FIN leaves as the VIP's");
+        };
+        let census = |open, half_closed, closed| FlowCensus {
+            open,
+            half_closed,
+            closed,
+        };
+
+        assert_eq!(client_fin(dp, sports[0]), homes[0]);
+        backend_fin(dp, sports[1], homes[1]);
+        assert_eq!(dp.flow_census().unwrap(), census(1, 2, 0));
+        // Half-closed flows are never swept.
+        assert_eq!(dp.sweep_closed_flows(Duration::ZERO).unwrap().1, 0);
+
+        backend_fin(dp, sports[0], homes[0]);
+        assert_eq!(client_fin(dp, sports[1]), homes[1]);
+        assert_eq!(dp.flow_census().unwrap(), census(1, 0, 2));
+        // Within the grace period: kept, and the last ACK still reaches the flow's backend.
+        let (left, removed) = dp.sweep_closed_flows(Duration::from_secs(3600)).unwrap();
+        assert_eq!((left, removed), (census(1, 0, 2), 0));
+        let last_ack = ipv4_with_tcp_flags(&syn4(sports[0], 80), 14, 0x10);
+        assert_eq!(
+            dest4(&dp.run_ingress(veth0, &last_ack).unwrap().frame),
+            homes[0]
+        );
+
+        // After it: both closed flows go, with their reverse-NAT entries; the open one stays.
+        let (left, removed) = dp.sweep_closed_flows(Duration::ZERO).unwrap();
+        assert_eq!((left, removed), (census(1, 0, 0), 2));
+        assert_eq!(dp.flow_count().unwrap(), 1);
+        let IpAddr::V4(backend) = homes[0].0 else {
+            unreachable!()
+        };
+        let late_reply = ipv4_tcp_syn(
+            CLIENT_MAC,
+            backend_mac(0),
+            backend,
+            CLIENT4,
+            homes[0].1,
+            sports[0],
+        );
+        assert_eq!(
+            dp.run_egress(&late_reply).unwrap(),
+            late_reply,
+            "no reverse-NAT entry is left behind"
+        );
+        let IpAddr::V4(open_backend) = homes[2].0 else {
+            unreachable!()
+        };
+        let open_reply = ipv4_tcp_syn(
+            CLIENT_MAC,
+            backend_mac(0),
+            open_backend,
+            CLIENT4,
+            homes[2].1,
+            sports[2],
+        );
+        assert_eq!(&dp.run_egress(&open_reply).unwrap()[26..30], &VIP4.octets());
+    });
+}

@@ -7,6 +7,7 @@
 
 pub mod bench;
 mod error;
+pub mod flows;
 mod services;
 mod system;
 
@@ -415,6 +416,51 @@ impl Dataplane {
 
     fn egress(&self) -> Result<&SchedClassifier> {
         program(&self.ebpf, PROG_TC_EGRESS)
+    }
+
+    /// Removes the flows closed from both sides longer than `grace` ago (see [`flows`]);
+    /// returns the census of what stays and how many went. `sluice run` and the speaker sweep
+    /// their pinned maps with [`flows::spawn_sweeper`].
+    pub fn sweep_closed_flows(
+        &mut self,
+        grace: std::time::Duration,
+    ) -> Result<(flows::FlowCensus, usize)> {
+        let (mut conntrack, mut reverse_nat, mut backends) = (None, None, None);
+        for (name, map) in self.ebpf.maps_mut() {
+            match name {
+                MAP_CONNTRACK => conntrack = Some(map),
+                MAP_REVERSE_NAT => reverse_nat = Some(map),
+                MAP_BACKENDS => backends = Some(map),
+                _ => {}
+            }
+        }
+        let mut conntrack: HashMap<&mut MapData, FlowKey, FlowValue> =
+            HashMap::try_from(conntrack.ok_or(DataplaneError::MissingMap(MAP_CONNTRACK))?)
+                .map_err(map_error(MAP_CONNTRACK))?;
+        let mut reverse_nat: HashMap<&mut MapData, FlowKey, lb_common::ReverseNatValue> =
+            HashMap::try_from(reverse_nat.ok_or(DataplaneError::MissingMap(MAP_REVERSE_NAT))?)
+                .map_err(map_error(MAP_REVERSE_NAT))?;
+        let backends: aya::maps::Array<&mut MapData, lb_common::BackendValue> =
+            aya::maps::Array::try_from(backends.ok_or(DataplaneError::MissingMap(MAP_BACKENDS))?)
+                .map_err(map_error(MAP_BACKENDS))?;
+        Ok(flows::sweep(
+            &mut conntrack,
+            &mut reverse_nat,
+            &backends,
+            flows::monotonic_ns(),
+            grace,
+        ))
+    }
+
+    /// Tracked flows by state (walks the map: for inspection, not hot paths).
+    pub fn flow_census(&self) -> Result<flows::FlowCensus> {
+        let map = self
+            .ebpf
+            .map(MAP_CONNTRACK)
+            .ok_or(DataplaneError::MissingMap(MAP_CONNTRACK))?;
+        let table: HashMap<&MapData, FlowKey, FlowValue> =
+            HashMap::try_from(map).map_err(map_error(MAP_CONNTRACK))?;
+        Ok(flows::census(&table))
     }
 
     /// Number of flows in the connection table (walks the map: for inspection, not hot paths).
@@ -1139,6 +1185,11 @@ impl PinnedView {
     /// Number of tracked flows.
     pub fn flow_count(&self) -> usize {
         self.conntrack.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Tracked flows by state.
+    pub fn flow_census(&self) -> flows::FlowCensus {
+        flows::census(&self.conntrack)
     }
 
     pub fn l2_vips(&self) -> Result<Vec<L2Vip>> {

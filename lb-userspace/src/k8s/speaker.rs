@@ -148,6 +148,8 @@ pub enum SpeakerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the closed-flow sweeper: {0}")]
+    Sweeper(#[source] std::io::Error),
     #[error("--mesh-address: none given and interface {0} has no IPv4 address")]
     NoMeshAddress(String),
     #[error("cannot start the mesh on {address}: {source}")]
@@ -270,6 +272,7 @@ async fn run_async(
         ..DataplaneOptions::default()
     })?;
     dp.set_flood_guard(options.flood_guard_new_flows_per_second)?;
+    dataplane::flows::spawn_sweeper(options.pin_dir.clone()).map_err(SpeakerError::Sweeper)?;
     // A speaker restarting within its grace finds its answers still valid and keeps them until
     // the first pass decides; answers whose deadline has passed belong to a speaker that died,
     // and whose IPs the others have taken: they go.
