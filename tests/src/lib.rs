@@ -32,6 +32,22 @@ pub fn http_get(address: std::net::SocketAddr, path: &str) -> Option<(u16, Strin
     Some((code, body))
 }
 
+/// Pins the calling thread, and every thread it starts afterwards, to one CPU: a veth's
+/// receive processing runs on the sender's CPU, so per-CPU behaviour (the flood guard's
+/// limit, the kernel's per-CPU LRU lists) then shows as on a one-CPU node.
+pub fn pin_to_cpu(cpu: usize) {
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Fails loudly (CI runs as root) when the test cannot do what it must.
 pub fn require_root() {
     let uid = unsafe { libc::geteuid() };

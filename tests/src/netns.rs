@@ -68,6 +68,16 @@ impl NetNs {
 
     /// Runs `f` on a thread that has entered this namespace, and returns its result.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.run_in_background(f)
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// Starts `f` on a thread that has entered this namespace; join it for the result.
+    pub fn run_in_background<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/var/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
@@ -75,8 +85,6 @@ impl NetNs {
             assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
             f()
         })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
     }
 
     /// The MAC address of an interface in this namespace.

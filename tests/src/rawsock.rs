@@ -15,12 +15,21 @@ pub struct RawSocket {
 impl RawSocket {
     /// Opens a raw socket bound to `ifname` that sees every frame on it.
     pub fn open(ifname: &str) -> std::io::Result<Self> {
+        Self::open_with(ifname, (libc::ETH_P_ALL as u16).to_be() as i32)
+    }
+
+    /// Opens a raw socket on `ifname` that only sends (receives nothing, so a flood it sends
+    /// fills no receive buffer).
+    pub fn open_send_only(ifname: &str) -> std::io::Result<Self> {
+        Self::open_with(ifname, 0)
+    }
+
+    fn open_with(ifname: &str, proto: i32) -> std::io::Result<Self> {
         let c = CString::new(ifname).unwrap();
         let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) } as i32;
         if ifindex == 0 {
             return Err(std::io::Error::other(format!("no interface {ifname}")));
         }
-        let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
         let fd =
             unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
         if fd < 0 {
@@ -129,6 +138,34 @@ impl RawSocket {
             return Some(buf[..n as usize].to_vec());
         }
     }
+}
+
+/// Sends `count` copies of the IPv4 TCP `template` frame (IP header at byte 14, no options)
+/// out of `ifname` in the caller's namespace, from pseudo-random source addresses in
+/// 10.0.0.0/8 and source ports, each source twice in a row: a SYN flood of new flows whose
+/// retransmission makes each look used (the kernel's LRU maps protect entries looked up after
+/// their insertion from one-packet scans). Checksums are left stale (a receiving kernel drops
+/// the segments). Returns how many the kernel accepted to send.
+pub fn flood(ifname: &str, template: &[u8], count: usize) -> std::io::Result<usize> {
+    let sock = RawSocket::open_send_only(ifname)?;
+    let mut frame = template.to_vec();
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut sent = 0;
+    for i in 0..count {
+        if i % 2 == 0 {
+            // xorshift64: cheap, and no two sources alike.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let r = state.to_be_bytes();
+            frame[26..30].copy_from_slice(&[10, r[0], r[1], r[2]]);
+            frame[34..36].copy_from_slice(&[r[3] | 0x80, r[4]]);
+        }
+        if sock.send(&frame).is_ok() {
+            sent += 1;
+        }
+    }
+    Ok(sent)
 }
 
 impl Drop for RawSocket {

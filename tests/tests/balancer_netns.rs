@@ -74,10 +74,14 @@ fn topology() -> Lab {
 }
 
 fn node() -> Node {
+    node_with(small())
+}
+
+fn node_with(options: DataplaneOptions) -> Node {
     let lab = topology();
-    let node_dp = lab.node.run(|| {
+    let node_dp = lab.node.run(move || {
         let n0 = dataplane::interface("n0").unwrap();
-        let mut dp = Dataplane::load(&small()).unwrap();
+        let mut dp = Dataplane::load(&options).unwrap();
         dp.attach_all(std::slice::from_ref(&n0)).unwrap();
         // The backends' veth ends run XDP (the lab's keepers), so redirecting into n1..n4 is safe.
         for n in ["n1", "n2", "n3", "n4"] {
@@ -329,4 +333,128 @@ fn sluice_balance_refuses_bad_services_by_name() {
     ] {
         assert_refused(&topo.node, "balance", &args, expected, "n0");
     }
+}
+
+/// Packets the node's balancer has forwarded for the IPv4 TCP service.
+fn packets(node: &Node) -> u64 {
+    let tcp80 = service(false, 80, Protocol::Tcp);
+    node.node_dp
+        .service_stats()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.service == tcp80)
+        .map_or(0, |s| s.traffic.packets)
+}
+
+/// 100 connections over `backends`, each with the backend that answered it.
+fn established(node: &mut Node, backends: &[usize]) -> Vec<(Conn, String)> {
+    let set: Vec<Backend> = backends.iter().map(|i| backend(*i, false, 8080)).collect();
+    node.node_dp
+        .set_backends(&service(false, 80, Protocol::Tcp), &set)
+        .unwrap();
+    (0..100)
+        .map(|i| {
+            let mut conn = Conn::open(&node.lab.client, vip_addr(false, 80))
+                .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            let name = conn.ask().unwrap();
+            (conn, name)
+        })
+        .collect()
+}
+
+/// Sends at least a million SYNs from random sources to the VIP (as many more as needed until
+/// the node has balanced a million), changing the service's backends to `during` once the
+/// flood is under way. Returns the SYNs the node balanced.
+fn syn_flood_changing_backends(node: &mut Node, during: &[usize]) -> u64 {
+    let before = packets(node);
+    let template = sluice_tests::frames::ipv4_tcp_syn(
+        node.lab.node.mac("n0"),
+        node.lab.client.mac("c0"),
+        "10.0.0.1".parse().unwrap(),
+        "198.18.1.100".parse().unwrap(),
+        1,
+        80,
+    );
+    let mut changed = false;
+    for _round in 0..6 {
+        let frames = template.clone();
+        let flooder = node
+            .lab
+            .client
+            .run_in_background(move || sluice_tests::rawsock::flood("c0", &frames, 1_000_000));
+        if !changed {
+            while packets(node) - before < 100_000 && !flooder.is_finished() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let set: Vec<Backend> = during.iter().map(|i| backend(*i, false, 8080)).collect();
+            node.node_dp
+                .set_backends(&service(false, 80, Protocol::Tcp), &set)
+                .unwrap();
+            changed = true;
+        }
+        flooder.join().unwrap().unwrap();
+        if packets(node) - before >= 1_000_000 {
+            break;
+        }
+    }
+    packets(node) - before
+}
+
+/// Asks on every connection: how many got no answer, or another backend's.
+fn broken(conns: &mut [(Conn, String)]) -> usize {
+    conns
+        .iter_mut()
+        .map(|(conn, name)| conn.ask().ok().as_ref() != Some(name))
+        .filter(|lost| *lost)
+        .count()
+}
+
+#[test]
+fn established_connections_survive_a_million_syn_flood_and_a_backend_change() {
+    // Every packet of this test is processed on one CPU (a veth receives on the sender's CPU):
+    // the guard's limit is per CPU, and so are the kernel's LRU lists, on which entries made on
+    // another CPU would escape the flood's evictions and make the control meaningless.
+    sluice_tests::pin_to_cpu(0);
+    let mut node = node_with(DataplaneOptions {
+        capacities: Capacities {
+            services: 16,
+            backends: 64,
+            flows: 65_536,
+        },
+        ..small()
+    });
+    // A low limit, so that what the guard lets in (≤ 1,000 a second per CPU) cannot fill the
+    // table during the flood, while the flood alone would fill it many times over.
+    node.node_dp.set_flood_guard(1_000).unwrap();
+    let mut conns = established(&mut node, &[1, 2]);
+    let flooded = syn_flood_changing_backends(&mut node, &[1, 2, 3]);
+    assert!(
+        flooded >= 1_000_000,
+        "only {flooded} new flows reached the node"
+    );
+    let flood = node.node_dp.flood_stats().unwrap();
+    assert!(flood.untracked >= 900_000, "{flood:?}");
+    assert!(flood.activations > 0, "{flood:?}");
+    assert_eq!(
+        broken(&mut conns),
+        0,
+        "every established connection keeps its backend"
+    );
+    eprintln!(
+        "guard on: {flooded} SYNs, {} untracked, {} activations; 100 of 100 connections kept",
+        flood.untracked, flood.activations
+    );
+
+    // The control: the guard off, the same flood evicts the established flows from the LRU
+    // table (each flood source sends twice, so the kernel's LRU cannot tell it from a used
+    // flow), and those re-hashed onto the new backend break.
+    node.node_dp.set_flood_guard(0).unwrap();
+    let mut conns = established(&mut node, &[1, 2, 3]);
+    let flooded = syn_flood_changing_backends(&mut node, &[1, 2, 3, 4]);
+    let lost = broken(&mut conns);
+    eprintln!("guard off: {flooded} SYNs; {lost} of 100 connections broken");
+    assert!(
+        lost > 0,
+        "without the guard the flood must break some connections"
+    );
 }

@@ -769,14 +769,7 @@ fn a_tcp_rst_from_either_side_ends_the_flow_so_its_5_tuple_starts_afresh() {
 fn past_the_flood_guard_new_flows_are_balanced_but_not_tracked_and_established_ones_stay() {
     lab(|dp, veth0, _| {
         // One CPU: the limit counts per CPU.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut set);
-            assert_eq!(
-                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-                0
-            );
-        }
+        sluice_tests::pin_to_cpu(0);
         let backends = [b4(10), b4(11), b4(12)];
         dp.upsert_service(tcp80(), &backends).unwrap();
         // 50 established flows, before any flood.
