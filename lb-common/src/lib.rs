@@ -131,8 +131,9 @@ pub const BPF_F_INNER_MAP: u32 = 1 << 12;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
-/// Key of [`MAP_SERVICES`]. IPv4 addresses occupy the first four bytes of `addr`.
-#[repr(C)]
+/// Key of [`MAP_SERVICES`]. IPv4 addresses occupy the first four bytes of `addr`. Aligned to
+/// 4 bytes (size 20, unchanged).
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct ServiceKey {
     pub addr: [u8; 16],
@@ -178,7 +179,9 @@ pub struct BackendValue {
 
 /// A flow's 5-tuple as seen on the wire (client → VIP for [`MAP_CONNTRACK`],
 /// backend → client for [`MAP_REVERSE_NAT`]). IPv4 addresses occupy the first four bytes.
-#[repr(C)]
+///
+/// Aligned to 8 bytes (its size, 40, is unchanged): the XDP program reads it in whole words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -209,6 +212,38 @@ pub struct FlowValue {
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the second side's FIN passed; 0 while open.
     /// User space removes the flow a grace period later (see `dataplane::flows`).
     pub closed_at: u64,
+}
+
+/// Per-CPU array of [`FlowCacheEntry`], indexed by [`flow_cache_slot`]: each CPU's copy of the
+/// connection-table entries of the flows it forwards, looked up without a helper call (an
+/// inlined array access and a key compare). Not pinned: a cache, rebuilt from the connection
+/// table. An entry serves at most [`FLOW_CACHE_REFRESH`] packets before the flow's
+/// connection-table entry is looked up again, which keeps that entry fresh in the LRU and
+/// notices flows removed meanwhile (an RST or a FIN sweep seen on another CPU).
+pub const MAP_FLOW_CACHE: &str = "FLOW_CACHE";
+pub const FLOW_CACHE_SLOTS: u32 = 16_384;
+pub const FLOW_CACHE_REFRESH: u32 = 64;
+
+/// One CPU's cached connection-table entry: the flow's key and a copy of its value, whose
+/// `_pad` counts the packets served since the last refresh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowCacheEntry {
+    pub key: FlowKey,
+    pub value: FlowValue,
+}
+
+/// The flow cache slot of a flow: its ten words folded, then mixed (Fibonacci hashing).
+#[inline(always)]
+pub fn flow_cache_slot(key: &FlowKey) -> u32 {
+    let words: &[u32; 10] = bytemuck::cast_ref(key);
+    let mut h = 0u32;
+    let mut i = 0;
+    while i < 10 {
+        h = h.rotate_left(5) ^ words[i];
+        i += 1;
+    }
+    h.wrapping_mul(0x9e37_79b9) >> (32 - FLOW_CACHE_SLOTS.trailing_zeros())
 }
 
 /// The client sent a FIN (seen by the XDP program).

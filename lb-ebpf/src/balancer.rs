@@ -10,9 +10,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    flow_hash, vip_slot, BackendValue, FlowKey, FlowValue, ReverseNatValue, ServiceKey,
-    BACKEND_ACTIVE, FAMILY_IPV4, FAMILY_IPV6, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN,
-    NEXT_HOP_VIA_KERNEL, PROTO_TCP, PROTO_UDP,
+    flow_cache_slot, flow_hash, vip_slot, BackendValue, FlowCacheEntry, FlowKey, FlowValue,
+    ReverseNatValue, ServiceKey, BACKEND_ACTIVE, FAMILY_IPV4, FAMILY_IPV6, FLOW_BACKEND_FIN,
+    FLOW_CACHE_REFRESH, FLOW_CLIENT_FIN, NEXT_HOP_VIA_KERNEL, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
@@ -22,8 +22,8 @@ use crate::{
         TCP_FLAGS_OFFSET, TCP_RST, UDP_CSUM_OFFSET,
     },
     maps::{
-        BACKENDS, CONNTRACK, FLOOD_SETTINGS, FLOOD_STATE, MAGLEV, REDIRECT_TARGETS, REVERSE_NAT,
-        SCRATCH, SERVICES, VIP_FILTER,
+        BACKENDS, CONNTRACK, FLOOD_SETTINGS, FLOOD_STATE, FLOW_CACHE, MAGLEV, REDIRECT_TARGETS,
+        REVERSE_NAT, SCRATCH, SERVICES, VIP_FILTER,
     },
     parse::{ptr_at, L2},
     stats::{self, Outcome},
@@ -35,17 +35,18 @@ const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 
 /// A TCP or UDP packet, parsed. Lives in the per-CPU `SCRATCH` slot, not on the 512-byte stack.
+/// The keys come first, at aligned offsets, so they are read and compared in whole words.
 #[repr(C)]
 pub struct Packet {
-    family: u8,
-    proto: u8,
-    l3_offset: usize,
-    l4_offset: usize,
-    /// IPv4: total length; IPv6: payload length + 40 (for the FIB lookup's MTU check).
-    ip_len: u16,
     flow: FlowKey,
     /// The (VIP, port, protocol) key, built here rather than on the stack.
     service_key: ServiceKey,
+    family: u8,
+    proto: u8,
+    /// IPv4: total length; IPv6: payload length + 40 (for the FIB lookup's MTU check).
+    ip_len: u16,
+    l3_offset: usize,
+    l4_offset: usize,
 }
 
 impl Packet {
@@ -60,6 +61,24 @@ impl Packet {
     fn l4(&self) -> usize {
         self.l4_offset & 0x7f
     }
+}
+
+/// Writes an IPv4 address from the packet into a key's 16-byte address (then zeros): four word
+/// stores, where byte copies would call memset and memmove (bpf-to-bpf calls). `dst` is
+/// 4-byte aligned (the keys' fields in `Packet` are); the packet side may be only 2-byte
+/// aligned, which the kernel allows on architectures with efficient unaligned access, where
+/// the balancer runs (the verifier refuses it elsewhere, at load: never silently).
+#[inline(always)]
+fn set_v4(dst: &mut [u8; 16], src: &[u8; 4]) {
+    let word = unsafe { (src.as_ptr() as *const u32).read() };
+    unsafe { *(dst.as_mut_ptr() as *mut [u32; 4]) = [word, 0, 0, 0] };
+}
+
+/// Copies an IPv6 address from the packet into a key's address in four word loads and stores.
+#[inline(always)]
+fn set_v6(dst: &mut [u8; 16], src: &[u8; 16]) {
+    let words = unsafe { (src.as_ptr() as *const [u32; 4]).read() };
+    unsafe { *(dst.as_mut_ptr() as *mut [u32; 4]) = words };
 }
 
 /// False when no service has this destination address: the inlined first test (an array
@@ -147,8 +166,7 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
         return Outcome::Passed;
     };
     let key = unsafe { &mut (*scratch).service_key };
-    key.addr = [0; 16];
-    key.addr[..4].copy_from_slice(&ip.dst);
+    set_v4(&mut key.addr, &ip.dst);
     if !may_be_vip(&key.addr) {
         return Outcome::Passed;
     }
@@ -163,10 +181,8 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
         total,
         ports,
     );
-    packet.flow.src = [0; 16];
-    packet.flow.dst = [0; 16];
-    packet.flow.src[..4].copy_from_slice(&ip.src);
-    packet.flow.dst[..4].copy_from_slice(&ip.dst);
+    set_v4(&mut packet.flow.src, &ip.src);
+    set_v4(&mut packet.flow.dst, &ip.dst);
     balance(ctx, packet)
 }
 
@@ -198,7 +214,7 @@ pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
         return Outcome::Passed;
     };
     let key = unsafe { &mut (*scratch).service_key };
-    key.addr = ip6.dst;
+    set_v6(&mut key.addr, &ip6.dst);
     if !may_be_vip(&key.addr) {
         return Outcome::Passed;
     }
@@ -214,8 +230,8 @@ pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
         ip_len,
         ports,
     );
-    packet.flow.src = ip6.src;
-    packet.flow.dst = ip6.dst;
+    set_v6(&mut packet.flow.src, &ip6.src);
+    set_v6(&mut packet.flow.dst, &ip6.dst);
     balance(ctx, packet)
 }
 
@@ -230,6 +246,49 @@ fn reverse_key(packet: &Packet, backend: &BackendValue) -> FlowKey {
         proto: packet.proto,
         family: packet.family,
         _pad: [0; 2],
+    }
+}
+
+/// Are two flow keys the same? Five word compares (the keys are 8-byte aligned).
+#[inline(always)]
+fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
+    let (a, b): (&[u64; 5], &[u64; 5]) = (bytemuck_cast(a), bytemuck_cast(b));
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4]
+}
+
+#[inline(always)]
+fn bytemuck_cast(key: &FlowKey) -> &[u64; 5] {
+    // SAFETY: FlowKey is 40 bytes, 8-byte aligned, every bit pattern valid.
+    unsafe { &*(key as *const FlowKey as *const [u64; 5]) }
+}
+
+/// This CPU's cached entry for the flow, if it holds one it may still use: no helper call on
+/// the way (an inlined per-CPU array access and a key compare).
+#[inline(always)]
+fn cached_flow(packet: &Packet, slot: u32) -> Option<&'static mut FlowCacheEntry> {
+    let entry = unsafe { &mut *FLOW_CACHE.get_ptr_mut(slot)? };
+    (same_flow(&entry.key, &packet.flow) && entry.value._pad < FLOW_CACHE_REFRESH).then_some(entry)
+}
+
+/// Copies a connection-table entry into this CPU's cache (once its next hop is resolved).
+#[inline(always)]
+fn cache_flow(packet: &Packet, slot: u32, value: &FlowValue) {
+    if value.ifindex == 0 {
+        return;
+    }
+    if let Some(entry) = FLOW_CACHE.get_ptr_mut(slot) {
+        let entry = unsafe { &mut *entry };
+        entry.key = packet.flow;
+        entry.value = *value;
+        entry.value._pad = 0;
+    }
+}
+
+/// Forgets this CPU's cached entry in `slot`.
+#[inline(always)]
+fn uncache_flow(slot: u32) {
+    if let Some(entry) = FLOW_CACHE.get_ptr_mut(slot) {
+        unsafe { (*entry).key.family = 0 };
     }
 }
 
@@ -309,6 +368,20 @@ fn record_flow(packet: &Packet, backend: &BackendValue, entry: &FlowValue) {
 #[inline(never)]
 fn balance(ctx: &XdpContext, packet: &Packet) -> Outcome {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let flags = tcp_flags(ctx, packet);
+    let slot = flow_cache_slot(&packet.flow);
+
+    // 0. This CPU forwarded the flow recently: its cached entry, without a helper call. FINs
+    // and RSTs take the next path, which records them in the connection table.
+    if flags & (TCP_FIN | TCP_RST) == 0 {
+        if let Some(cached) = cached_flow(packet, slot) {
+            if let Some(backend) = live_backend(cached.value.backend_id, cached.value.generation) {
+                cached.value._pad += 1;
+                stats::count_traffic(backend.service_id, cached.value.backend_id, bytes, false);
+                return forward(ctx, packet, backend, &cached.value);
+            }
+        }
+    }
 
     // 1. An established flow keeps its backend while that backend exists (a removed service's
     // backends are deactivated, so its flows end here too). One hash lookup on this path.
@@ -319,12 +392,14 @@ fn balance(ctx: &XdpContext, packet: &Packet) -> Outcome {
                 resolve_next_hop(ctx, packet, backend, entry);
             }
             stats::count_traffic(backend.service_id, entry.backend_id, bytes, false);
-            let flags = tcp_flags(ctx, packet);
             let outcome = forward(ctx, packet, backend, entry);
             if flags & TCP_RST != 0 {
+                uncache_flow(slot);
                 forget_flow(packet, backend);
             } else if flags & TCP_FIN != 0 {
                 record_fin(entry, FLOW_CLIENT_FIN);
+            } else {
+                cache_flow(packet, slot, entry);
             }
             return outcome;
         }
@@ -349,7 +424,6 @@ fn balance(ctx: &XdpContext, packet: &Packet) -> Outcome {
     if backend.flags & BACKEND_ACTIVE == 0 || backend.service_id != service.id {
         return Outcome::NoBackend;
     }
-    let flags = tcp_flags(ctx, packet);
     let mut entry = FlowValue {
         backend_id,
         generation: backend.generation,

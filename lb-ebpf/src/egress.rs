@@ -1,6 +1,7 @@
 //! TC egress: replies from a backend, for a flow the balancer created, get their source rewritten
-//! back to (VIP, port). Checksums through the kernel's helpers, which also handle
-//! CHECKSUM_PARTIAL skbs (locally generated or forwarded with offload). Never drops anything.
+//! back to (VIP, port). Headers are read and written in place (direct packet access); the
+//! TCP/UDP checksum goes through the kernel's helper, which also handles CHECKSUM_PARTIAL skbs
+//! (locally generated or forwarded with offload). Never drops anything.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -16,8 +17,7 @@ use crate::{
     checksum::Delta,
     headers::{
         Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, ICMP_HLEN, IPPROTO_ICMP,
-        IPPROTO_ICMPV6, IPV4_CSUM_OFFSET, IPV4_HLEN, IPV6_HLEN, TCP_FIN, TCP_FLAGS_OFFSET, TCP_RST,
-        VLAN_HLEN,
+        IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, TCP_FIN, TCP_FLAGS_OFFSET, TCP_RST, VLAN_HLEN,
     },
     icmp::{is_error_v4, is_error_v6, l4_csum_offset},
     maps::{CONNTRACK, REVERSE_NAT},
@@ -54,15 +54,10 @@ fn backend_fin(key: &FlowKey, rv: &ReverseNatValue) {
     }
 }
 
-/// After the rewrite: an RST ends the flow, a FIN closes the backend's side.
+/// After the rewrite: an RST ends the flow, a FIN closes the backend's side. `flags` were read
+/// before the checksum helpers (which invalidate packet pointers).
 #[inline(always)]
-fn after_reply(ctx: &TcContext, l4: usize, proto: u8, key: &FlowKey, rv: &ReverseNatValue) {
-    if proto != PROTO_TCP {
-        return;
-    }
-    let Ok(flags) = ctx.load::<u8>(l4 + TCP_FLAGS_OFFSET) else {
-        return;
-    };
+fn after_reply(flags: u8, key: &FlowKey, rv: &ReverseNatValue) {
     if flags & TCP_RST != 0 {
         forget_flow(key, rv);
     } else if flags & TCP_FIN != 0 {
@@ -70,15 +65,43 @@ fn after_reply(ctx: &TcContext, l4: usize, proto: u8, key: &FlowKey, rv: &Revers
     }
 }
 
+/// A bounds-checked pointer into the skb's linear data (direct packet access: no helper call).
+#[inline(always)]
+fn at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// The TCP flags at `l4`, or 0 (UDP, or not in the linear data).
+#[inline(always)]
+fn tcp_flags(ctx: &TcContext, l4: usize, proto: u8) -> u8 {
+    if proto != PROTO_TCP {
+        return 0;
+    }
+    at::<u8>(ctx, l4 + TCP_FLAGS_OFFSET).map_or(0, |flags| unsafe { *flags })
+}
+
+/// The most a rewrite reads: Ethernet, a VLAN tag, IPv6, ICMPv6, an embedded IPv6 header and
+/// the embedded TCP checksum.
+const HEADERS_MAX: u32 = 14 + 4 + 40 + 8 + 40 + 18;
+
 #[inline(always)]
 pub fn reverse_nat(ctx: &TcContext) {
-    let Ok(proto) = ctx.load::<[u8; 2]>(12) else {
+    // Headers outside the linear data (rare: a driver's paged frame) are pulled in once.
+    let want = HEADERS_MAX.min(ctx.len());
+    if ctx.data() + want as usize > ctx.data_end() && ctx.pull_data(want).is_err() {
+        return;
+    }
+    let Some(ethertype) = at::<[u8; 2]>(ctx, 12) else {
         return;
     };
-    let (l3, proto) = match u16::from_be_bytes(proto) {
-        ETH_P_8021Q => match ctx.load::<[u8; 2]>(ETH_HLEN + 2) {
-            Ok(inner) => (ETH_HLEN + VLAN_HLEN, u16::from_be_bytes(inner)),
-            Err(_) => return,
+    let (l3, proto) = match u16::from_be_bytes(unsafe { *ethertype }) {
+        ETH_P_8021Q => match at::<[u8; 2]>(ctx, ETH_HLEN + 2) {
+            Some(inner) => (ETH_HLEN + VLAN_HLEN, u16::from_be_bytes(unsafe { *inner })),
+            None => return,
         },
         other => (ETH_HLEN, other),
     };
@@ -91,58 +114,78 @@ pub fn reverse_nat(ctx: &TcContext) {
 
 #[inline(always)]
 fn csum_offset(l4: usize, proto: u8) -> usize {
-    if proto == PROTO_TCP {
-        l4 + 16
-    } else {
-        l4 + 6
+    l4 + l4_csum_offset(proto)
+}
+
+/// A reply's key (backend → client) in the reverse-NAT table.
+#[inline(always)]
+fn reply_flow(src: &[u8; 16], dst: &[u8; 16], ports: &[u8; 4], proto: u8, family: u8) -> FlowKey {
+    FlowKey {
+        src: *src,
+        dst: *dst,
+        sport: [ports[0], ports[1]],
+        dport: [ports[2], ports[3]],
+        proto,
+        family,
+        _pad: [0; 2],
     }
 }
 
 #[inline(always)]
 fn ipv4(ctx: &TcContext, l3: usize) {
-    let Ok(ip) = ctx.load::<Ipv4Hdr>(l3) else {
+    let Some(ip) = at::<Ipv4Hdr>(ctx, l3) else {
         return;
     };
+    let ip = unsafe { &mut *ip };
     if ip.version_ihl != 0x45 || u16::from_be_bytes(ip.frag) & 0x3fff != 0 {
         return;
     }
     if ip.proto == IPPROTO_ICMP {
-        icmp_v4(ctx, l3, &ip);
+        icmp_v4(ctx, l3);
         return;
     }
     if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
         return;
     }
-    let l4 = l3 + 20;
-    let Ok(ports) = ctx.load::<[u8; 4]>(l4) else {
+    let proto = ip.proto;
+    let l4 = l3 + IPV4_HLEN;
+    let Some(ports) = at::<[u8; 4]>(ctx, l4) else {
         return;
     };
-    let mut key = FlowKey {
-        src: [0; 16],
-        dst: [0; 16],
-        sport: [ports[0], ports[1]],
-        dport: [ports[2], ports[3]],
-        proto: ip.proto,
-        family: FAMILY_IPV4,
-        _pad: [0; 2],
-    };
-    key.src[..4].copy_from_slice(&ip.src);
-    key.dst[..4].copy_from_slice(&ip.dst);
-    let Some(rv) = (unsafe { REVERSE_NAT.get(&key) }).copied() else {
+    let ports = unsafe { &mut *ports };
+    let (mut src, mut dst) = ([0u8; 16], [0u8; 16]);
+    src[..4].copy_from_slice(&ip.src);
+    dst[..4].copy_from_slice(&ip.dst);
+    let key = reply_flow(&src, &dst, ports, proto, FAMILY_IPV4);
+    // SAFETY: map values stay valid for the program's run; they are only read.
+    let Some(rv) = (unsafe { REVERSE_NAT.get(&key) }) else {
         return;
     };
     if rv.family != FAMILY_IPV4 {
         return;
     }
+    let flags = tcp_flags(ctx, l4, proto);
     let new_src = [rv.addr[0], rv.addr[1], rv.addr[2], rv.addr[3]];
     let (old_addr, new_addr) = (u32::from_ne_bytes(ip.src), u32::from_ne_bytes(new_src));
-    let (old_port, new_port) = (u16::from_ne_bytes(key.sport), u16::from_ne_bytes(rv.port));
-    let mangled0 = if ip.proto == PROTO_UDP {
+    let (old_port, new_port) = (
+        u16::from_ne_bytes([ports[0], ports[1]]),
+        u16::from_ne_bytes(rv.port),
+    );
+    // The IPv4 header checksum is never offloaded: written here. Then the addresses and port,
+    // directly; the TCP/UDP checksum last, through the kernel's helper, which knows whether the
+    // skb's checksum is still to be completed (CHECKSUM_PARTIAL) and invalidates our pointers.
+    let mut header = Delta::new();
+    header.replace(&ip.src, &new_src);
+    ip.check = header.apply(ip.check);
+    ip.src = new_src;
+    ports[0] = rv.port[0];
+    ports[1] = rv.port[1];
+    let mangled0 = if proto == PROTO_UDP {
         BPF_F_MARK_MANGLED_0 as u64
     } else {
         0
     };
-    let l4_csum = csum_offset(l4, ip.proto);
+    let l4_csum = csum_offset(l4, proto);
     let ok = ctx
         .l4_csum_replace(
             l4_csum,
@@ -150,75 +193,68 @@ fn ipv4(ctx: &TcContext, l3: usize) {
             new_addr as u64,
             BPF_F_PSEUDO_HDR as u64 | mangled0 | 4,
         )
-        .and_then(|_| ctx.l4_csum_replace(l4_csum, old_port as u64, new_port as u64, mangled0 | 2))
-        .and_then(|_| ctx.l3_csum_replace(l3 + 10, old_addr as u64, new_addr as u64, 4))
-        .and_then(|_| ctx.store(l3 + 12, &new_src, 0))
-        .and_then(|_| ctx.store(l4, &rv.port, 0));
+        .and_then(|_| ctx.l4_csum_replace(l4_csum, old_port as u64, new_port as u64, mangled0 | 2));
     if ok.is_ok() {
         stats::count_reverse_nat();
-        after_reply(ctx, l4, ip.proto, &key, &rv);
+        after_reply(flags, &key, rv);
     }
 }
 
 #[inline(always)]
 fn ipv6(ctx: &TcContext, l3: usize) {
-    let Ok(ip6) = ctx.load::<Ipv6Hdr>(l3) else {
+    let Some(ip6) = at::<Ipv6Hdr>(ctx, l3) else {
         return;
     };
+    let ip6 = unsafe { &mut *ip6 };
     if ip6.next_header == IPPROTO_ICMPV6 {
-        icmp_v6(ctx, l3, &ip6);
+        icmp_v6(ctx, l3);
         return;
     }
     if ip6.next_header != PROTO_TCP && ip6.next_header != PROTO_UDP {
         return;
     }
+    let proto = ip6.next_header;
     let l4 = l3 + IPV6_HLEN;
-    let Ok(ports) = ctx.load::<[u8; 4]>(l4) else {
+    let Some(ports) = at::<[u8; 4]>(ctx, l4) else {
         return;
     };
-    let key = FlowKey {
-        src: ip6.src,
-        dst: ip6.dst,
-        sport: [ports[0], ports[1]],
-        dport: [ports[2], ports[3]],
-        proto: ip6.next_header,
-        family: FAMILY_IPV6,
-        _pad: [0; 2],
-    };
-    let Some(rv) = (unsafe { REVERSE_NAT.get(&key) }).copied() else {
+    let ports = unsafe { &mut *ports };
+    let key = reply_flow(&ip6.src, &ip6.dst, ports, proto, FAMILY_IPV6);
+    // SAFETY: as above.
+    let Some(rv) = (unsafe { REVERSE_NAT.get(&key) }) else {
         return;
     };
     if rv.family != FAMILY_IPV6 {
         return;
     }
-    let rv: ReverseNatValue = rv;
-    let mut old_words: [u32; 4] = words(&ip6.src);
-    let mut new_words: [u32; 4] = words(&rv.addr);
-    let diff = unsafe { bpf_csum_diff(old_words.as_mut_ptr(), 16, new_words.as_mut_ptr(), 16, 0) };
+    let flags = tcp_flags(ctx, l4, proto);
+    let diff = unsafe {
+        bpf_csum_diff(
+            ip6.src.as_ptr() as *mut u32,
+            16,
+            rv.addr.as_ptr() as *mut u32,
+            16,
+            0,
+        )
+    };
     if diff < 0 {
         return;
     }
-    let (old_port, new_port) = (u16::from_ne_bytes(key.sport), u16::from_ne_bytes(rv.port));
-    let l4_csum = csum_offset(l4, ip6.next_header);
+    let (old_port, new_port) = (
+        u16::from_ne_bytes([ports[0], ports[1]]),
+        u16::from_ne_bytes(rv.port),
+    );
+    ip6.src = rv.addr;
+    ports[0] = rv.port[0];
+    ports[1] = rv.port[1];
+    let l4_csum = csum_offset(l4, proto);
     let ok = ctx
         .l4_csum_replace(l4_csum, 0, diff as u64, BPF_F_PSEUDO_HDR as u64)
-        .and_then(|_| ctx.l4_csum_replace(l4_csum, old_port as u64, new_port as u64, 2))
-        .and_then(|_| ctx.store(l3 + 8, &rv.addr, 0))
-        .and_then(|_| ctx.store(l4, &rv.port, 0));
+        .and_then(|_| ctx.l4_csum_replace(l4_csum, old_port as u64, new_port as u64, 2));
     if ok.is_ok() {
         stats::count_reverse_nat();
-        after_reply(ctx, l4, ip6.next_header, &key, &rv);
+        after_reply(flags, &key, rv);
     }
-}
-
-#[inline(always)]
-fn words(addr: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]),
-        u32::from_ne_bytes([addr[4], addr[5], addr[6], addr[7]]),
-        u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]),
-        u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]),
-    ]
 }
 
 /// The reverse-NAT key of the flow a backend's ICMP error is about: the embedded packet is the
@@ -236,8 +272,8 @@ fn reply_key(src: &[u8; 16], dst: &[u8; 16], ports: &[u8; 4], proto: u8, family:
     }
 }
 
-/// The embedded TCP/UDP checksum after `delta`, when the error carries it (`None`: not there,
-/// or an IPv4 UDP checksum of 0, which stays 0).
+/// Rewrites the embedded TCP/UDP checksum by `delta` when the error carries it (an IPv4 UDP
+/// checksum of 0 stays 0) and records the change in `icmp`.
 #[inline(always)]
 fn embedded_l4_checksum(
     ctx: &TcContext,
@@ -245,36 +281,43 @@ fn embedded_l4_checksum(
     proto: u8,
     ipv4: bool,
     delta: &Delta,
-) -> Option<([u8; 2], [u8; 2])> {
-    let old = ctx.load::<[u8; 2]>(offset).ok()?;
+    icmp: &mut Delta,
+) {
+    let Some(csum) = at::<[u8; 2]>(ctx, offset) else {
+        return;
+    };
+    let csum = unsafe { &mut *csum };
+    let old = *csum;
     if ipv4 && proto == PROTO_UDP && old == [0, 0] {
-        return None;
+        return;
     }
     let new = delta.apply(old);
-    let new = if proto == PROTO_UDP && new == [0, 0] {
+    *csum = if proto == PROTO_UDP && new == [0, 0] {
         [0xff, 0xff]
     } else {
         new
     };
-    Some((old, new))
+    icmp.replace(&old, csum);
 }
 
 /// An ICMP error a backend (or a router between it and here) sent about a client's packet:
 /// the embedded packet (client → backend) is rewritten to what the client sent (client → VIP),
 /// and the outer source, when it is the backend, becomes the VIP. Checksums are computed here
-/// (ICMP is never checksum-offloaded).
+/// and written in place (ICMP is never checksum-offloaded).
 #[inline(never)]
-fn icmp_v4(ctx: &TcContext, l3: usize, ip: &Ipv4Hdr) {
+fn icmp_v4(ctx: &TcContext, l3: usize) {
     let icmp_off = l3 + IPV4_HLEN;
     let inner_off = icmp_off + ICMP_HLEN;
     let inner_l4 = inner_off + IPV4_HLEN;
-    let (Ok(icmp), Ok(inner), Ok(ports)) = (
-        ctx.load::<[u8; ICMP_HLEN]>(icmp_off),
-        ctx.load::<Ipv4Hdr>(inner_off),
-        ctx.load::<[u8; 4]>(inner_l4),
+    let (Some(ip), Some(icmp), Some(inner), Some(ports)) = (
+        at::<Ipv4Hdr>(ctx, l3),
+        at::<[u8; ICMP_HLEN]>(ctx, icmp_off),
+        at::<Ipv4Hdr>(ctx, inner_off),
+        at::<[u8; 4]>(ctx, inner_l4),
     ) else {
         return;
     };
+    let (ip, icmp, inner, ports) = unsafe { (&mut *ip, &mut *icmp, &mut *inner, &mut *ports) };
     if !is_error_v4(icmp[0])
         || inner.version_ihl != 0x45
         || u16::from_be_bytes(inner.frag) & 0x1fff != 0
@@ -285,8 +328,9 @@ fn icmp_v4(ctx: &TcContext, l3: usize, ip: &Ipv4Hdr) {
     let (mut src, mut dst) = ([0u8; 16], [0u8; 16]);
     src[..4].copy_from_slice(&inner.src);
     dst[..4].copy_from_slice(&inner.dst);
-    let key = reply_key(&src, &dst, &ports, inner.proto, FAMILY_IPV4);
-    let Some(rv) = (unsafe { REVERSE_NAT.get(&key) }).copied() else {
+    let key = reply_key(&src, &dst, ports, inner.proto, FAMILY_IPV4);
+    // SAFETY: as above.
+    let Some(rv) = (unsafe { REVERSE_NAT.get(&key) }) else {
         return;
     };
     if rv.family != FAMILY_IPV4 {
@@ -303,57 +347,51 @@ fn icmp_v4(ctx: &TcContext, l3: usize, ip: &Ipv4Hdr) {
     l4.replace(&old_port, &rv.port);
     icmp_delta.replace(&old_port, &rv.port);
     let csum_off = inner_l4 + l4_csum_offset(inner.proto);
-    let l4_csum = embedded_l4_checksum(ctx, csum_off, inner.proto, true, &l4);
-    if let Some((old, new)) = l4_csum {
-        icmp_delta.replace(&old, &new);
-    }
-    let icmp_check = icmp_delta.apply([icmp[2], icmp[3]]);
-    let mut ok = ctx
-        .store(inner_off + 16, &vip, 0)
-        .and_then(|_| ctx.store(inner_off + IPV4_CSUM_OFFSET, &inner_check, 0))
-        .and_then(|_| ctx.store(inner_l4 + 2, &rv.port, 0))
-        .and_then(|_| ctx.store(icmp_off + 2, &icmp_check, 0));
-    if let Some((_, new)) = l4_csum {
-        ok = ok.and_then(|_| ctx.store(csum_off, &new, 0));
-    }
+    embedded_l4_checksum(ctx, csum_off, inner.proto, true, &l4, &mut icmp_delta);
     // From the backend itself: the client must see it come from the VIP.
     if ip.src == inner.dst {
         let mut outer = Delta::new();
         outer.replace(&ip.src, &vip);
-        let check = outer.apply(ip.check);
-        ok = ok
-            .and_then(|_| ctx.store(l3 + 12, &vip, 0))
-            .and_then(|_| ctx.store(l3 + IPV4_CSUM_OFFSET, &check, 0));
+        ip.check = outer.apply(ip.check);
+        ip.src = vip;
     }
-    if ok.is_ok() {
-        stats::count_icmp_to_client();
-    }
+    inner.dst = vip;
+    inner.check = inner_check;
+    ports[2] = rv.port[0];
+    ports[3] = rv.port[1];
+    let check = icmp_delta.apply([icmp[2], icmp[3]]);
+    icmp[2] = check[0];
+    icmp[3] = check[1];
+    stats::count_icmp_to_client();
 }
 
 /// The ICMPv6 form of `icmp_v4`; the ICMPv6 checksum also covers the outer source.
 #[inline(never)]
-fn icmp_v6(ctx: &TcContext, l3: usize, ip6: &Ipv6Hdr) {
+fn icmp_v6(ctx: &TcContext, l3: usize) {
     let icmp_off = l3 + IPV6_HLEN;
     let inner_off = icmp_off + ICMP_HLEN;
     let inner_l4 = inner_off + IPV6_HLEN;
-    let (Ok(icmp), Ok(inner), Ok(ports)) = (
-        ctx.load::<[u8; ICMP_HLEN]>(icmp_off),
-        ctx.load::<Ipv6Hdr>(inner_off),
-        ctx.load::<[u8; 4]>(inner_l4),
+    let (Some(ip6), Some(icmp), Some(inner), Some(ports)) = (
+        at::<Ipv6Hdr>(ctx, l3),
+        at::<[u8; ICMP_HLEN]>(ctx, icmp_off),
+        at::<Ipv6Hdr>(ctx, inner_off),
+        at::<[u8; 4]>(ctx, inner_l4),
     ) else {
         return;
     };
+    let (ip6, icmp, inner, ports) = unsafe { (&mut *ip6, &mut *icmp, &mut *inner, &mut *ports) };
     if !is_error_v6(icmp[0]) || (inner.next_header != PROTO_TCP && inner.next_header != PROTO_UDP) {
         return;
     }
     let key = reply_key(
         &inner.src,
         &inner.dst,
-        &ports,
+        ports,
         inner.next_header,
         FAMILY_IPV6,
     );
-    let Some(rv) = (unsafe { REVERSE_NAT.get(&key) }).copied() else {
+    // SAFETY: as above.
+    let Some(rv) = (unsafe { REVERSE_NAT.get(&key) }) else {
         return;
     };
     if rv.family != FAMILY_IPV6 {
@@ -367,26 +405,23 @@ fn icmp_v6(ctx: &TcContext, l3: usize, ip6: &Ipv6Hdr) {
     l4.replace(&old_port, &rv.port);
     icmp_delta.replace(&old_port, &rv.port);
     let csum_off = inner_l4 + l4_csum_offset(inner.next_header);
-    let l4_csum = embedded_l4_checksum(ctx, csum_off, inner.next_header, false, &l4);
-    if let Some((old, new)) = l4_csum {
-        icmp_delta.replace(&old, &new);
-    }
-    let from_backend = ip6.src == inner.dst;
-    if from_backend {
+    embedded_l4_checksum(
+        ctx,
+        csum_off,
+        inner.next_header,
+        false,
+        &l4,
+        &mut icmp_delta,
+    );
+    if ip6.src == inner.dst {
         icmp_delta.merge(addr);
+        ip6.src = rv.addr;
     }
-    let icmp_check = icmp_delta.apply([icmp[2], icmp[3]]);
-    let mut ok = ctx
-        .store(inner_off + 24, &rv.addr, 0)
-        .and_then(|_| ctx.store(inner_l4 + 2, &rv.port, 0))
-        .and_then(|_| ctx.store(icmp_off + 2, &icmp_check, 0));
-    if let Some((_, new)) = l4_csum {
-        ok = ok.and_then(|_| ctx.store(csum_off, &new, 0));
-    }
-    if from_backend {
-        ok = ok.and_then(|_| ctx.store(l3 + 8, &rv.addr, 0));
-    }
-    if ok.is_ok() {
-        stats::count_icmp_to_client();
-    }
+    inner.dst = rv.addr;
+    ports[2] = rv.port[0];
+    ports[3] = rv.port[1];
+    let check = icmp_delta.apply([icmp[2], icmp[3]]);
+    icmp[2] = check[0];
+    icmp[3] = check[1];
+    stats::count_icmp_to_client();
 }

@@ -19,8 +19,6 @@ pub const TCP_CSUM_OFFSET: usize = 16;
 pub const UDP_CSUM_OFFSET: usize = 6;
 /// An IPv4 header without options.
 pub const IPV4_HLEN: usize = 20;
-/// IPv4 header checksum offset.
-pub const IPV4_CSUM_OFFSET: usize = 10;
 
 /// ICMP (RFC 792) and ICMPv6 (RFC 4443): the protocol numbers, the 8-byte header before an
 /// error's embedded packet, and the error types that embed one.

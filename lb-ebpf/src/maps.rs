@@ -7,10 +7,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    BackendValue, FloodSettings, FloodState, FlowKey, FlowValue, GlobalStats, L2VipKey, L2VipValue,
-    ReverseNatValue, ServiceKey, ServiceValue, TrafficStats, BACKENDS_DEFAULT_CAPACITY,
-    BPF_F_INNER_MAP, FLOWS_DEFAULT_CAPACITY, L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE,
-    REDIRECT_TARGETS_CAPACITY, SERVICES_DEFAULT_CAPACITY, VIP_FILTER_SLOTS,
+    BackendValue, FloodSettings, FloodState, FlowCacheEntry, FlowKey, FlowValue, GlobalStats,
+    L2VipKey, L2VipValue, ReverseNatValue, ServiceKey, ServiceValue, TrafficStats,
+    BACKENDS_DEFAULT_CAPACITY, BPF_F_INNER_MAP, FLOWS_DEFAULT_CAPACITY, FLOW_CACHE_SLOTS,
+    L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE, REDIRECT_TARGETS_CAPACITY,
+    SERVICES_DEFAULT_CAPACITY, VIP_FILTER_SLOTS,
 };
 
 /// (ifindex, IP) → MAC to answer ARP/NDP with. No entry for an ifindex: no answer there.
@@ -84,3 +85,8 @@ pub static FLOOD_SETTINGS: Array<FloodSettings, 1> = Array::new();
 /// The flood guard's window and counters, per CPU.
 #[btf_map]
 pub static FLOOD_STATE: PerCpuArray<FloodState, 1> = PerCpuArray::new();
+
+/// Each CPU's cache of connection-table entries (see lb-common's `MAP_FLOW_CACHE`).
+#[btf_map]
+pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry, { FLOW_CACHE_SLOTS as usize }> =
+    PerCpuArray::new();

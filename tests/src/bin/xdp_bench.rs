@@ -182,7 +182,12 @@ fn main() -> Result<()> {
             canary: before.max(after),
         })
     };
-    for _ in 0..ROUNDS {
+    // XDP_BENCH_ROUNDS=3 for a quicker look while working on the programs.
+    let rounds: usize = std::env::var("XDP_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(ROUNDS);
+    for _ in 0..rounds {
         floor.push(sample(&mut h, &mut |h| {
             Ok(h.floor(ifindex, &tcp4, REPEAT)?.ns_per_packet)
         })?);
@@ -237,7 +242,7 @@ fn main() -> Result<()> {
     let fast = fastest * 1.15;
     let (floor, floor_kept) = fast_median(&floor, fast);
     println!(
-        "XDP ingress, BPF_PROG_TEST_RUN, {REPEAT} runs per sample, {ROUNDS} samples per path, one CPU"
+        "XDP ingress, BPF_PROG_TEST_RUN, {REPEAT} runs per sample, {rounds} samples per path, one CPU"
     );
     println!(
         "{:<36} {:>10} {:>14} {:>6}  method",
