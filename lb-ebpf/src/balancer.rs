@@ -6,17 +6,18 @@
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
-    helpers::{bpf_csum_diff, bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{
-    flow_cache_slot, flow_hash, vip_slot, BackendValue, FlowCacheEntry, FlowKey, FlowValue,
-    ReverseNatValue, ServiceKey, BACKEND_ACTIVE, FAMILY_IPV4, FAMILY_IPV6, FLOW_BACKEND_FIN,
-    FLOW_CACHE_REFRESH, FLOW_CLIENT_FIN, NEXT_HOP_VIA_KERNEL, PROTO_TCP, PROTO_UDP,
+    flow_cache_slot, flow_hash, vip_slot, vip_slot_of_words, BackendValue, FlowCacheEntry, FlowKey,
+    FlowValue, ReverseNatValue, ServiceKey, BACKEND_ACTIVE, FAMILY_IPV4, FAMILY_IPV6,
+    FLOW_BACKEND_FIN, FLOW_CACHE_REFRESH, FLOW_CLIENT_FIN, NEXT_HOP_VIA_KERNEL, PROTO_TCP,
+    PROTO_UDP,
 };
 
 use crate::{
-    checksum::Delta,
+    checksum::{diff16, Delta},
     headers::{
         EthHdr, Ipv4Hdr, Ipv6Hdr, IPPROTO_ICMP, IPV4_HLEN, IPV6_HLEN, TCP_CSUM_OFFSET, TCP_FIN,
         TCP_FLAGS_OFFSET, TCP_RST, UDP_CSUM_OFFSET,
@@ -84,7 +85,17 @@ fn set_v6(dst: &mut [u8; 16], src: &[u8; 16]) {
 /// False when no service has this destination address: the inlined first test (an array
 /// lookup, no helper call), so other traffic costs next to nothing. True may be a collision.
 #[inline(always)]
-pub(crate) fn may_be_vip(addr: &[u8; 16]) -> bool {
+fn may_be_vip(addr: &[u8; 16]) -> bool {
+    // The keys' addresses are 4-byte aligned (see `set_v4`): read as words.
+    let words = unsafe { (addr.as_ptr() as *const [u32; 4]).read() };
+    VIP_FILTER
+        .get(vip_slot_of_words(words))
+        .is_some_and(|services| *services != 0)
+}
+
+/// `may_be_vip` for an address anywhere (byte reads; off the hot path).
+#[inline(always)]
+pub(crate) fn may_be_vip_anywhere(addr: &[u8; 16]) -> bool {
     VIP_FILTER
         .get(vip_slot(addr))
         .is_some_and(|services| *services != 0)
@@ -613,22 +624,9 @@ fn dnat_v6(ctx: &XdpContext, packet: &Packet, backend: &BackendValue) -> bool {
     }
     let old_port = [l4[2], l4[3]];
     let mut l4_delta = Delta::new();
-    // 16-byte addresses: the helper sums them from packet and map memory, without stack spills.
-    let diff = unsafe {
-        bpf_csum_diff(
-            ip6.dst.as_ptr() as *mut u32,
-            16,
-            backend.addr.as_ptr() as *mut u32,
-            16,
-            0,
-        )
-    };
-    if diff < 0 {
-        return false;
-    }
-    l4_delta.add_partial(diff as u32);
+    l4_delta.add_partial(diff16(&ip6.dst, &backend.addr));
     l4_delta.replace(&old_port, &backend.port);
-    ip6.dst = backend.addr;
+    set_v6(&mut ip6.dst, &backend.addr);
     ip6.hop_limit -= 1;
     l4[2] = backend.port[0];
     l4[3] = backend.port[1];

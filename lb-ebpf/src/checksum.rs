@@ -73,3 +73,22 @@ impl Delta {
         (!fold(sum)).to_be_bytes()
     }
 }
+
+/// The one's-complement sum of `!old` and `new` as 32-bit words in the CPU's byte order: what
+/// `bpf_csum_diff(old, 16, new, 16, 0)` returns, without the helper call. For
+/// [`Delta::add_partial`]. Both sides are read as words: map memory is aligned, packet memory
+/// at least 2-byte aligned (fine where the balancer runs; see `balancer::set_v4`).
+#[inline(always)]
+pub fn diff16(old: &[u8; 16], new: &[u8; 16]) -> u32 {
+    let old = unsafe { (old.as_ptr() as *const [u32; 4]).read() };
+    let new = unsafe { (new.as_ptr() as *const [u32; 4]).read() };
+    let mut sum: u64 = 0;
+    let mut i = 0;
+    while i < 4 {
+        sum += (!old[i]) as u64 + new[i] as u64;
+        i += 1;
+    }
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum as u32
+}

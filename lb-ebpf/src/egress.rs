@@ -5,7 +5,6 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_csum_diff,
     programs::TcContext,
 };
 use lb_common::{
@@ -14,7 +13,7 @@ use lb_common::{
 
 use crate::{
     balancer::record_fin,
-    checksum::Delta,
+    checksum::{diff16, Delta},
     headers::{
         Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, ICMP_HLEN, IPPROTO_ICMP,
         IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, TCP_FIN, TCP_FLAGS_OFFSET, TCP_RST, VLAN_HLEN,
@@ -228,18 +227,7 @@ fn ipv6(ctx: &TcContext, l3: usize) {
         return;
     }
     let flags = tcp_flags(ctx, l4, proto);
-    let diff = unsafe {
-        bpf_csum_diff(
-            ip6.src.as_ptr() as *mut u32,
-            16,
-            rv.addr.as_ptr() as *mut u32,
-            16,
-            0,
-        )
-    };
-    if diff < 0 {
-        return;
-    }
+    let diff = diff16(&ip6.src, &rv.addr);
     let (old_port, new_port) = (
         u16::from_ne_bytes([ports[0], ports[1]]),
         u16::from_ne_bytes(rv.port),

@@ -13,7 +13,7 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{FlowKey, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP};
 
 use crate::{
-    balancer::{live_backend, may_be_vip, send},
+    balancer::{live_backend, may_be_vip_anywhere, send},
     checksum::Delta,
     headers::{
         Ipv4Hdr, Ipv6Hdr, ICMPV6_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG, ICMPV6_PARAMETER_PROBLEM,
@@ -99,7 +99,7 @@ pub fn ipv4(ctx: &XdpContext, l3: usize, total: usize) -> Outcome {
     }
     let mut vip = [0u8; 16];
     vip[..4].copy_from_slice(&ip.dst);
-    if !may_be_vip(&vip) {
+    if !may_be_vip_anywhere(&vip) {
         return Outcome::Passed;
     }
     // Embedded options, a fragment, or not TCP/UDP (ICMP about ICMP): not a flow of ours.
@@ -191,7 +191,7 @@ pub fn ipv6(ctx: &XdpContext, l3: usize) -> Outcome {
     if ip6.vtcfl[0] >> 4 != 6 || ctx.data() + l3 + IPV6_HLEN + payload > ctx.data_end() {
         return Outcome::Malformed;
     }
-    if !is_error_v6(icmp[0]) || ip6.hop_limit <= 1 || !may_be_vip(&ip6.dst) {
+    if !is_error_v6(icmp[0]) || ip6.hop_limit <= 1 || !may_be_vip_anywhere(&ip6.dst) {
         return Outcome::Passed;
     }
     let (Some(inner), Some(ports)) = (
