@@ -17,7 +17,7 @@ use lb_common::{
 };
 
 use crate::{
-    checksum::{diff16, Delta},
+    checksum::{diff16, load16, load32, store16, store32, NativeDelta},
     headers::{
         EthHdr, Ipv4Hdr, Ipv6Hdr, IPPROTO_ICMP, IPV4_HLEN, IPV6_HLEN, TCP_CSUM_OFFSET, TCP_FIN,
         TCP_FLAGS_OFFSET, TCP_RST, UDP_CSUM_OFFSET,
@@ -101,16 +101,8 @@ pub(crate) fn may_be_vip_anywhere(addr: &[u8; 16]) -> bool {
         .is_some_and(|services| *services != 0)
 }
 
-/// Completes the (VIP, port, protocol) key in the scratch slot.
-#[inline(always)]
-fn service_key(key: &mut ServiceKey, ports: &[u8; 4], proto: u8, family: u8) {
-    key.port = [ports[2], ports[3]];
-    key.proto = proto;
-    key.family = family;
-}
-
 /// Fills the per-CPU scratch packet (looked up once, by the caller) with everything but the
-/// addresses.
+/// addresses. The key's last word (ports, protocol, family, padding) is one store.
 #[inline(always)]
 fn start_packet(
     packet: &mut Packet,
@@ -119,18 +111,25 @@ fn start_packet(
     l3_offset: usize,
     l4_offset: usize,
     ip_len: usize,
-    ports: &[u8; 4],
+    ports: *const u8,
 ) {
     packet.family = family;
     packet.proto = proto;
     packet.l3_offset = l3_offset;
     packet.l4_offset = l4_offset;
     packet.ip_len = ip_len as u16;
-    packet.flow.sport = [ports[0], ports[1]];
-    packet.flow.dport = [ports[2], ports[3]];
-    packet.flow.proto = proto;
-    packet.flow.family = family;
-    packet.flow._pad = [0; 2];
+    // Little-endian: bytes 32..36 the ports as in the packet, 36 the protocol, 37 the family.
+    let tail = load32(ports) as u64 | (proto as u64) << 32 | (family as u64) << 40;
+    unsafe { *(packet.flow.sport.as_mut_ptr() as *mut u64) = tail };
+}
+
+/// The (VIP, port, protocol) key, from the flow's: built only for a new flow.
+#[inline(always)]
+fn fill_service_key(packet: &mut Packet) {
+    set_v6(&mut packet.service_key.addr, &packet.flow.dst);
+    packet.service_key.port = packet.flow.dport;
+    packet.service_key.proto = packet.flow.proto;
+    packet.service_key.family = packet.flow.family;
 }
 
 /// IPv4: only plain TCP/UDP (no options, no fragments) can be balanced.
@@ -172,17 +171,15 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
     let Some(ports) = ptr_at::<[u8; 4]>(ctx, l4_offset) else {
         return Outcome::Malformed;
     };
-    let ports = unsafe { &*ports };
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return Outcome::Passed;
     };
-    let key = unsafe { &mut (*scratch).service_key };
-    set_v4(&mut key.addr, &ip.dst);
-    if !may_be_vip(&key.addr) {
+    let packet = unsafe { &mut *scratch };
+    set_v4(&mut packet.flow.dst, &ip.dst);
+    if !may_be_vip(&packet.flow.dst) {
         return Outcome::Passed;
     }
-    service_key(key, ports, ip.proto, FAMILY_IPV4);
-    let packet = unsafe { &mut *scratch };
+    set_v4(&mut packet.flow.src, &ip.src);
     start_packet(
         packet,
         FAMILY_IPV4,
@@ -190,10 +187,8 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
         l2.l3_offset,
         l4_offset,
         total,
-        ports,
+        ports as *const u8,
     );
-    set_v4(&mut packet.flow.src, &ip.src);
-    set_v4(&mut packet.flow.dst, &ip.dst);
     balance(ctx, packet)
 }
 
@@ -220,18 +215,16 @@ pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
     let Some(ports) = ptr_at::<[u8; 4]>(ctx, l4_offset) else {
         return Outcome::Malformed;
     };
-    let ports = unsafe { &*ports };
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return Outcome::Passed;
     };
-    let key = unsafe { &mut (*scratch).service_key };
-    set_v6(&mut key.addr, &ip6.dst);
-    if !may_be_vip(&key.addr) {
+    let packet = unsafe { &mut *scratch };
+    set_v6(&mut packet.flow.dst, &ip6.dst);
+    if !may_be_vip(&packet.flow.dst) {
         return Outcome::Passed;
     }
-    service_key(key, ports, ip6.next_header, FAMILY_IPV6);
+    set_v6(&mut packet.flow.src, &ip6.src);
     let ip_len = payload + IPV6_HLEN;
-    let packet = unsafe { &mut *scratch };
     start_packet(
         packet,
         FAMILY_IPV6,
@@ -239,10 +232,8 @@ pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
         l2.l3_offset,
         l4_offset,
         ip_len,
-        ports,
+        ports as *const u8,
     );
-    set_v6(&mut packet.flow.src, &ip6.src);
-    set_v6(&mut packet.flow.dst, &ip6.dst);
     balance(ctx, packet)
 }
 
@@ -377,7 +368,7 @@ fn record_flow(packet: &Packet, backend: &BackendValue, entry: &FlowValue) {
 }
 
 #[inline(never)]
-fn balance(ctx: &XdpContext, packet: &Packet) -> Outcome {
+fn balance(ctx: &XdpContext, packet: &mut Packet) -> Outcome {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let flags = tcp_flags(ctx, packet);
     let slot = flow_cache_slot(&packet.flow);
@@ -416,6 +407,7 @@ fn balance(ctx: &XdpContext, packet: &Packet) -> Outcome {
         }
     }
 
+    fill_service_key(packet);
     // SAFETY: map values stay valid for the program's run; they are only read.
     let Some(service) = (unsafe { SERVICES.get(&packet.service_key) }) else {
         return Outcome::Passed;
@@ -572,7 +564,8 @@ pub(crate) fn send(ctx: &XdpContext, entry: &FlowValue) -> Outcome {
 }
 
 /// Rewrites the destination address and port, decrements the TTL, and updates the IPv4 header
-/// and TCP/UDP checksums incrementally. False (nothing written) when the TTL is ≤ 1.
+/// and TCP/UDP checksums incrementally, in whole words. False (nothing written) when the TTL
+/// is ≤ 1.
 #[inline(always)]
 fn dnat_v4(ctx: &XdpContext, packet: &Packet, backend: &BackendValue) -> bool {
     let (Some(ip), Some(l4)) = (
@@ -581,31 +574,27 @@ fn dnat_v4(ctx: &XdpContext, packet: &Packet, backend: &BackendValue) -> bool {
     ) else {
         return false;
     };
-    let (ip, l4) = unsafe { (&mut *ip, &mut *l4) };
-    if ip.ttl <= 1 {
+    let (ip, l4) = (ip as *mut u8, l4 as *mut u8);
+    let ttl = unsafe { *ip.add(8) };
+    if ttl <= 1 {
         return false;
     }
-    let new_dst = [
-        backend.addr[0],
-        backend.addr[1],
-        backend.addr[2],
-        backend.addr[3],
-    ];
-    let old_dst = ip.dst;
-    let old_port = [l4[2], l4[3]];
+    let (old_dst, new_dst) = (load32(unsafe { ip.add(16) }), load32(backend.addr.as_ptr()));
+    let mut addr = NativeDelta::new();
+    addr.replace32(old_dst, new_dst);
+    // TTL and protocol share a 16-bit word; little-endian, the TTL is its low byte.
+    let ttl_proto = load16(unsafe { ip.add(8) });
+    let mut header = addr;
+    header.replace16(ttl_proto, ttl_proto - 1);
+    let check = unsafe { ip.add(10) };
+    store16(check, header.apply(load16(check)));
+    store32(unsafe { ip.add(16) }, new_dst);
+    unsafe { *ip.add(8) = ttl - 1 };
 
-    let mut ip_delta = Delta::new();
-    ip_delta.replace(&old_dst, &new_dst);
-    ip_delta.replace(&[ip.ttl, ip.proto], &[ip.ttl - 1, ip.proto]);
-    ip.check = ip_delta.apply(ip.check);
-    ip.dst = new_dst;
-    ip.ttl -= 1;
-
-    let mut l4_delta = Delta::new();
-    l4_delta.replace(&old_dst, &new_dst);
-    l4_delta.replace(&old_port, &backend.port);
-    l4[2] = backend.port[0];
-    l4[3] = backend.port[1];
+    let (old_port, new_port) = (load16(unsafe { l4.add(2) }), load16(backend.port.as_ptr()));
+    let mut l4_delta = addr;
+    l4_delta.replace16(old_port, new_port);
+    store16(unsafe { l4.add(2) }, new_port);
     update_l4_checksum(ctx, packet, &l4_delta, true);
     true
 }
@@ -622,22 +611,22 @@ fn dnat_v6(ctx: &XdpContext, packet: &Packet, backend: &BackendValue) -> bool {
     if ip6.hop_limit <= 1 {
         return false;
     }
-    let old_port = [l4[2], l4[3]];
-    let mut l4_delta = Delta::new();
+    let (old_port, new_port) = (load16(l4[2..].as_ptr()), load16(backend.port.as_ptr()));
+    let mut l4_delta = NativeDelta::new();
     l4_delta.add_partial(diff16(&ip6.dst, &backend.addr));
-    l4_delta.replace(&old_port, &backend.port);
+    l4_delta.replace16(old_port, new_port);
     set_v6(&mut ip6.dst, &backend.addr);
     ip6.hop_limit -= 1;
-    l4[2] = backend.port[0];
-    l4[3] = backend.port[1];
+    store16(l4[2..].as_mut_ptr(), new_port);
     update_l4_checksum(ctx, packet, &l4_delta, false);
     true
 }
 
 /// Applies `delta` to the TCP or UDP checksum. An IPv4 UDP checksum of 0 means "none" and stays
-/// 0; a computed UDP checksum of 0 is sent as 0xffff (RFC 768).
+/// 0; a computed UDP checksum of 0 is sent as 0xffff (RFC 768). (0 and 0xffff read the same in
+/// either byte order.)
 #[inline(always)]
-fn update_l4_checksum(ctx: &XdpContext, packet: &Packet, delta: &Delta, ipv4: bool) {
+fn update_l4_checksum(ctx: &XdpContext, packet: &Packet, delta: &NativeDelta, ipv4: bool) {
     let offset = packet.l4()
         + if packet.proto == PROTO_TCP {
             TCP_CSUM_OFFSET
@@ -647,14 +636,15 @@ fn update_l4_checksum(ctx: &XdpContext, packet: &Packet, delta: &Delta, ipv4: bo
     let Some(csum) = ptr_at::<[u8; 2]>(ctx, offset) else {
         return;
     };
-    let csum = unsafe { &mut *csum };
+    let csum = csum as *mut u8;
+    let old = load16(csum);
     if packet.proto == PROTO_UDP {
-        if ipv4 && *csum == [0, 0] {
+        if ipv4 && old == 0 {
             return;
         }
-        let new = delta.apply(*csum);
-        *csum = if new == [0, 0] { [0xff, 0xff] } else { new };
+        let new = delta.apply(old);
+        store16(csum, if new == 0 { 0xffff } else { new });
     } else {
-        *csum = delta.apply(*csum);
+        store16(csum, delta.apply(old));
     }
 }

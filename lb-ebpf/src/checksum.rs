@@ -58,14 +58,6 @@ impl Delta {
         self.0 += fold(other.0) as u32;
     }
 
-    /// Adds a 32-bit partial sum from the `bpf_csum_diff` helper. The helper sums words in the
-    /// CPU's byte order (little-endian here), this accumulator in network order: a one's
-    /// complement sum of byte-swapped words is the byte-swapped sum (RFC 1071 §2(B)).
-    #[inline(always)]
-    pub fn add_partial(&mut self, partial: u32) {
-        self.0 += u16::from_be(fold(partial)) as u32;
-    }
-
     /// The checksum field after the recorded changes.
     #[inline(always)]
     pub fn apply(&self, checksum: [u8; 2]) -> [u8; 2] {
@@ -91,4 +83,78 @@ pub fn diff16(old: &[u8; 16], new: &[u8; 16]) -> u32 {
     sum = (sum & 0xffff_ffff) + (sum >> 32);
     sum = (sum & 0xffff_ffff) + (sum >> 32);
     sum as u32
+}
+
+/// Incremental checksum updates (RFC 1624, eqn. 3) on words as the CPU reads them: a one's
+/// complement sum is the same bytes in either byte order (RFC 1071 §2(B)), so packet words are
+/// loaded and stored whole, with no byte assembly and no swaps. 32-bit words count as their two
+/// halves (2^16 ≡ 1 modulo 2^16 − 1). The balancer's hot path uses this; [`Delta`] (network
+/// order, byte arrays) serves the colder ICMP paths.
+#[derive(Clone, Copy)]
+pub struct NativeDelta(u64);
+
+impl NativeDelta {
+    #[inline(always)]
+    pub const fn new() -> Self {
+        Self(0)
+    }
+
+    /// A 32-bit word changes from `old` to `new`.
+    #[inline(always)]
+    pub fn replace32(&mut self, old: u32, new: u32) {
+        self.0 += (!old) as u64 + new as u64;
+    }
+
+    /// A 16-bit word changes from `old` to `new`.
+    #[inline(always)]
+    pub fn replace16(&mut self, old: u16, new: u16) {
+        self.0 += (!old) as u64 + new as u64;
+    }
+
+    /// A partial sum in the CPU's byte order (see [`diff16`]).
+    #[inline(always)]
+    pub fn add_partial(&mut self, partial: u32) {
+        self.0 += partial as u64;
+    }
+
+    #[inline(always)]
+    fn folded(&self) -> u32 {
+        let mut sum = (self.0 & 0xffff_ffff) + (self.0 >> 32);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum as u32
+    }
+
+    /// The checksum field (as read, native order) after the recorded changes.
+    #[inline(always)]
+    pub fn apply(&self, field: u16) -> u16 {
+        let mut sum = (!field) as u32 + self.folded();
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        !(sum as u16)
+    }
+}
+
+/// Loads and stores of whole words in packet or map memory. Packet headers sit at even offsets;
+/// 2- and 4-byte words at 2-byte-aligned addresses are fine on the architectures the balancer
+/// runs on (the verifier refuses misaligned packet access at load elsewhere: never silently).
+#[inline(always)]
+pub fn load16(p: *const u8) -> u16 {
+    unsafe { (p as *const u16).read() }
+}
+
+#[inline(always)]
+pub fn load32(p: *const u8) -> u32 {
+    unsafe { (p as *const u32).read() }
+}
+
+#[inline(always)]
+pub fn store16(p: *mut u8, v: u16) {
+    unsafe { (p as *mut u16).write(v) }
+}
+
+#[inline(always)]
+pub fn store32(p: *mut u8, v: u32) {
+    unsafe { (p as *mut u32).write(v) }
 }
