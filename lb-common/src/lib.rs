@@ -239,6 +239,19 @@ pub struct FlowCacheEntry {
     pub value: FlowValue,
 }
 
+/// Per-CPU array of [`ReverseCacheEntry`], indexed by [`flow_cache_slot`] of the reply's key:
+/// the TC program's cache of reverse-NAT entries, as [`MAP_FLOW_CACHE`] is the XDP program's.
+pub const MAP_REVERSE_CACHE: &str = "REVERSE_CACHE";
+
+/// One CPU's cached reverse-NAT entry and the packets it served since the last refresh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ReverseCacheEntry {
+    pub key: FlowKey,
+    pub value: ReverseNatValue,
+    pub served: u32,
+}
+
 /// The flow cache slot of a flow: its five 8-byte words multiplied and summed (each with its
 /// own odd constant, so swapped addresses or ports land elsewhere), the high bits taken
 /// (multiplicative hashing). A dozen instructions.
@@ -250,8 +263,8 @@ pub fn flow_cache_slot(key: &FlowKey) -> u32 {
         ^ w[2].wrapping_mul(0x1656_67b1_9e37_79f9)
         ^ w[3].wrapping_mul(0x85eb_ca77_c2b2_ae63)
         ^ w[4].wrapping_mul(0x27d4_eb2f_1656_67c5);
-    ((h ^ (h >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - FLOW_CACHE_SLOTS.trailing_zeros()))
-        as u32
+    ((h ^ (h >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        >> (64 - FLOW_CACHE_SLOTS.trailing_zeros())) as u32
 }
 
 /// The client sent a FIN (seen by the XDP program).
@@ -532,6 +545,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
         assert_eq!(core::mem::size_of::<FlowValue>(), 40);
         assert_eq!(core::mem::size_of::<FlowCacheEntry>(), 80);
+        assert_eq!(core::mem::size_of::<ReverseCacheEntry>(), 64);
         assert_eq!(core::mem::align_of::<FlowKey>(), 8);
         assert_eq!(core::mem::size_of::<BackendValue>(), 32);
         assert_eq!(core::mem::size_of::<BenchFrame>(), 8 + BENCH_FRAME_MAX);

@@ -253,7 +253,7 @@ fn reverse_key(packet: &Packet, backend: &BackendValue) -> FlowKey {
 
 /// Are two flow keys the same? Five word compares (the keys are 8-byte aligned).
 #[inline(always)]
-fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
+pub(crate) fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
     let (a, b): (&[u64; 5], &[u64; 5]) = (bytemuck_cast(a), bytemuck_cast(b));
     a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4]
 }

@@ -8,18 +8,19 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    FlowKey, ReverseNatValue, FAMILY_IPV4, FAMILY_IPV6, FLOW_BACKEND_FIN, PROTO_TCP, PROTO_UDP,
+    flow_cache_slot, FlowKey, ReverseNatValue, FAMILY_IPV4, FAMILY_IPV6, FLOW_BACKEND_FIN,
+    FLOW_CACHE_REFRESH, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
-    balancer::record_fin,
+    balancer::{record_fin, same_flow},
     checksum::{diff16, Delta},
     headers::{
         Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, ICMP_HLEN, IPPROTO_ICMP,
         IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, TCP_FIN, TCP_FLAGS_OFFSET, TCP_RST, VLAN_HLEN,
     },
     icmp::{is_error_v4, is_error_v6, l4_csum_offset},
-    maps::{CONNTRACK, REVERSE_NAT},
+    maps::{CONNTRACK, REVERSE_CACHE, REVERSE_NAT},
     stats,
 };
 
@@ -29,6 +30,41 @@ use crate::{
 fn forget_flow(key: &FlowKey, rv: &ReverseNatValue) {
     let _ = CONNTRACK.remove(&conntrack_key(key, rv));
     let _ = REVERSE_NAT.remove(key);
+    if let Some(cached) = REVERSE_CACHE.get_ptr_mut(flow_cache_slot(key)) {
+        unsafe { (*cached).key.family = 0 };
+    }
+}
+
+/// The reply's reverse-NAT entry: this CPU's cached copy when it holds one and may still use
+/// it (no helper call: an inlined array access and a 5-word compare), else the table's, then
+/// cached. FINs and RSTs always go to the table, and are not cached. A cached copy serves at most
+/// `FLOW_CACHE_REFRESH` packets before the table is asked again (which keeps its LRU entry
+/// fresh and notices a flow removed meanwhile).
+#[inline(always)]
+fn reverse_of(key: &FlowKey, flags: u8) -> Option<&'static ReverseNatValue> {
+    let cached = REVERSE_CACHE.get_ptr_mut(flow_cache_slot(key));
+    if flags & (TCP_FIN | TCP_RST) == 0 {
+        if let Some(cached) = cached {
+            let cached = unsafe { &mut *cached };
+            if same_flow(&cached.key, key) && cached.served < FLOW_CACHE_REFRESH {
+                cached.served += 1;
+                return Some(&cached.value);
+            }
+        }
+    }
+    // SAFETY: map values stay valid for the program's run; they are only read.
+    let rv = unsafe { REVERSE_NAT.get(key) }?;
+    // A closing flow is not cached: its last replies read the table.
+    if flags & (TCP_FIN | TCP_RST) != 0 {
+        return Some(rv);
+    }
+    if let Some(cached) = cached {
+        let cached = unsafe { &mut *cached };
+        cached.key = *key;
+        cached.value = *rv;
+        cached.served = 0;
+    }
+    Some(rv)
 }
 
 /// The connection-table key (client → VIP) of a reply's flow.
@@ -156,14 +192,13 @@ fn ipv4(ctx: &TcContext, l3: usize) {
     src[..4].copy_from_slice(&ip.src);
     dst[..4].copy_from_slice(&ip.dst);
     let key = reply_flow(&src, &dst, ports, proto, FAMILY_IPV4);
-    // SAFETY: map values stay valid for the program's run; they are only read.
-    let Some(rv) = (unsafe { REVERSE_NAT.get(&key) }) else {
+    let flags = tcp_flags(ctx, l4, proto);
+    let Some(rv) = reverse_of(&key, flags) else {
         return;
     };
     if rv.family != FAMILY_IPV4 {
         return;
     }
-    let flags = tcp_flags(ctx, l4, proto);
     let new_src = [rv.addr[0], rv.addr[1], rv.addr[2], rv.addr[3]];
     let (old_addr, new_addr) = (u32::from_ne_bytes(ip.src), u32::from_ne_bytes(new_src));
     let (old_port, new_port) = (
@@ -219,14 +254,13 @@ fn ipv6(ctx: &TcContext, l3: usize) {
     };
     let ports = unsafe { &mut *ports };
     let key = reply_flow(&ip6.src, &ip6.dst, ports, proto, FAMILY_IPV6);
-    // SAFETY: as above.
-    let Some(rv) = (unsafe { REVERSE_NAT.get(&key) }) else {
+    let flags = tcp_flags(ctx, l4, proto);
+    let Some(rv) = reverse_of(&key, flags) else {
         return;
     };
     if rv.family != FAMILY_IPV6 {
         return;
     }
-    let flags = tcp_flags(ctx, l4, proto);
     let diff = diff16(&ip6.src, &rv.addr);
     let (old_port, new_port) = (
         u16::from_ne_bytes([ports[0], ports[1]]),

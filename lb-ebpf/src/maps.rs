@@ -8,9 +8,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     BackendValue, FloodSettings, FloodState, FlowCacheEntry, FlowKey, FlowValue, GlobalStats,
-    L2VipKey, L2VipValue, ReverseNatValue, ServiceKey, ServiceValue, TrafficStats,
-    BACKENDS_DEFAULT_CAPACITY, BPF_F_INNER_MAP, FLOWS_DEFAULT_CAPACITY, FLOW_CACHE_SLOTS,
-    L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE, REDIRECT_TARGETS_CAPACITY,
+    L2VipKey, L2VipValue, ReverseCacheEntry, ReverseNatValue, ServiceKey, ServiceValue,
+    TrafficStats, BACKENDS_DEFAULT_CAPACITY, BPF_F_INNER_MAP, FLOWS_DEFAULT_CAPACITY,
+    FLOW_CACHE_SLOTS, L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE, REDIRECT_TARGETS_CAPACITY,
     SERVICES_DEFAULT_CAPACITY, VIP_FILTER_SLOTS,
 };
 
@@ -89,4 +89,9 @@ pub static FLOOD_STATE: PerCpuArray<FloodState, 1> = PerCpuArray::new();
 /// Each CPU's cache of connection-table entries (see lb-common's `MAP_FLOW_CACHE`).
 #[btf_map]
 pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry, { FLOW_CACHE_SLOTS as usize }> =
+    PerCpuArray::new();
+
+/// Each CPU's cache of reverse-NAT entries (see lb-common's `MAP_REVERSE_CACHE`).
+#[btf_map]
+pub static REVERSE_CACHE: PerCpuArray<ReverseCacheEntry, { FLOW_CACHE_SLOTS as usize }> =
     PerCpuArray::new();
