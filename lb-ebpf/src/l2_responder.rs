@@ -11,7 +11,7 @@ use aya_ebpf::{
 use lb_common::{L2VipKey, L2VipValue};
 
 use crate::{
-    checksum,
+    checksum::{self, load32},
     headers::*,
     maps::{L2_DEADLINE, L2_VIPS},
     parse::{ptr_at, L2},
@@ -147,10 +147,7 @@ pub fn ndp(ctx: &XdpContext, l2: &L2) -> Outcome {
     };
 
     // The checksum is verified only for NSs we would answer: the kernel verifies the rest.
-    let Some(sum) = ns_checksum_sum(ctx, ip6, nd, icmp_offset, payload_len, option_units) else {
-        return Outcome::Malformed;
-    };
-    if checksum::fold(sum) != 0xffff {
+    if !ns_checksum_ok(ctx, ip6, icmp_offset, payload_len, option_units) {
         return Outcome::Malformed;
     }
 
@@ -170,32 +167,52 @@ pub fn ndp(ctx: &XdpContext, l2: &L2) -> Outcome {
     write_advertisement(ctx, l2.l3_offset, &ns, mac)
 }
 
-/// One's-complement sum over the pseudo-header and the whole NS (fixed part and options),
-/// including the checksum field. `None` if an option unit runs past the packet.
+/// True when the one's-complement sum over the pseudo-header and the whole NS (fixed part and
+/// options, checksum field included) is all ones. Summed in 32-bit words as the CPU reads them
+/// (the pseudo-header, the fixed part and every option are whole words; the byte order does not
+/// change a one's-complement sum's validity, RFC 1071 §2(B)): few instructions, few spills.
+/// False if an option unit runs past the packet.
 #[inline(always)]
-fn ns_checksum_sum(
+fn ns_checksum_ok(
     ctx: &XdpContext,
     ip6: &Ipv6Hdr,
-    nd: &NdMsg,
     icmp_offset: usize,
     payload_len: usize,
     option_units: usize,
-) -> Option<u32> {
-    let mut sum = checksum::icmpv6_pseudo_header(&ip6.src, &ip6.dst, payload_len as u32);
-    sum += u16::from_be_bytes([nd.icmp_type, nd.code]) as u32;
-    sum += u16::from_be_bytes(nd.checksum) as u32;
-    sum = checksum::add_words(sum, &nd.flags);
-    sum = checksum::add_words(sum, &nd.target);
+) -> bool {
+    let mut sum: u64 = 0;
+    let (src, dst) = (ip6.src.as_ptr(), ip6.dst.as_ptr());
+    let mut i = 0;
+    while i < 4 {
+        sum += load32(unsafe { src.add(4 * i) }) as u64 + load32(unsafe { dst.add(4 * i) }) as u64;
+        i += 1;
+    }
+    sum += u32::from_ne_bytes((payload_len as u32).to_be_bytes()) as u64;
+    sum += u32::from_ne_bytes([0, 0, 0, IPPROTO_ICMPV6]) as u64;
+    let Some(fixed) = ptr_at::<[u8; ND_FIXED_LEN]>(ctx, icmp_offset) else {
+        return false;
+    };
+    let fixed = fixed as *const u8;
+    let mut i = 0;
+    while i < ND_FIXED_LEN / 4 {
+        sum += load32(unsafe { fixed.add(4 * i) }) as u64;
+        i += 1;
+    }
     let mut unit = 0;
     while unit < NS_MAX_OPTION_UNITS {
         if unit >= option_units {
             break;
         }
-        let opt: *const [u8; 8] = ptr_at(ctx, icmp_offset + ND_FIXED_LEN + unit * 8)?;
-        sum = checksum::add_words(sum, unsafe { &*opt });
+        let Some(opt) = ptr_at::<[u8; 8]>(ctx, icmp_offset + ND_FIXED_LEN + unit * 8) else {
+            return false;
+        };
+        let opt = opt as *const u8;
+        sum += load32(opt) as u64 + load32(unsafe { opt.add(4) }) as u64;
         unit += 1;
     }
-    Some(sum)
+    let mut folded = (sum & 0xffff_ffff) + (sum >> 32);
+    folded = (folded & 0xffff_ffff) + (folded >> 32);
+    checksum::fold(folded as u32) == 0xffff
 }
 
 const ALL_NODES: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
