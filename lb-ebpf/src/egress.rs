@@ -19,7 +19,7 @@ use crate::{
         Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, ICMP_HLEN, IPPROTO_ICMP,
         IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, TCP_FIN, TCP_FLAGS_OFFSET, TCP_RST, VLAN_HLEN,
     },
-    icmp::{is_error_v4, is_error_v6, l4_csum_offset},
+    icmp::{is_error_v4, is_error_v6, l4_csum_offset, rewrite_embedded_checksum},
     maps::{CONNTRACK, REVERSE_CACHE, REVERSE_NAT},
     stats,
 };
@@ -294,8 +294,8 @@ fn reply_key(src: &[u8; 16], dst: &[u8; 16], ports: &[u8; 4], proto: u8, family:
     }
 }
 
-/// Rewrites the embedded TCP/UDP checksum by `delta` when the error carries it (an IPv4 UDP
-/// checksum of 0 stays 0) and records the change in `icmp`.
+/// Rewrites the embedded TCP/UDP checksum at `offset` when the error carries it (see
+/// `icmp::rewrite_embedded_checksum`).
 #[inline(always)]
 fn embedded_l4_checksum(
     ctx: &TcContext,
@@ -305,21 +305,9 @@ fn embedded_l4_checksum(
     delta: &Delta,
     icmp: &mut Delta,
 ) {
-    let Some(csum) = at::<[u8; 2]>(ctx, offset) else {
-        return;
-    };
-    let csum = unsafe { &mut *csum };
-    let old = *csum;
-    if ipv4 && proto == PROTO_UDP && old == [0, 0] {
-        return;
+    if let Some(csum) = at::<[u8; 2]>(ctx, offset) {
+        rewrite_embedded_checksum(unsafe { &mut *csum }, proto, ipv4, delta, icmp);
     }
-    let new = delta.apply(old);
-    *csum = if proto == PROTO_UDP && new == [0, 0] {
-        [0xff, 0xff]
-    } else {
-        new
-    };
-    icmp.replace(&old, csum);
 }
 
 /// An ICMP error a backend (or a router between it and here) sent about a client's packet:

@@ -73,6 +73,30 @@ pub fn l4_csum_offset(proto: u8) -> usize {
     }
 }
 
+/// Rewrites an embedded TCP/UDP checksum by `l4` (an IPv4 UDP checksum of 0 stays 0; a computed
+/// UDP 0 is sent as 0xffff) and records the change in `icmp`, the ICMP checksum's delta. Both
+/// directions (XDP here, TC in `egress`) use it.
+#[inline(always)]
+pub fn rewrite_embedded_checksum(
+    csum: &mut [u8; 2],
+    proto: u8,
+    ipv4: bool,
+    l4: &Delta,
+    icmp: &mut Delta,
+) {
+    let old = *csum;
+    if ipv4 && proto == PROTO_UDP && old == [0, 0] {
+        return;
+    }
+    let new = l4.apply(old);
+    *csum = if proto == PROTO_UDP && new == [0, 0] {
+        [0xff, 0xff]
+    } else {
+        new
+    };
+    icmp.replace(&old, csum);
+}
+
 /// An IPv4 ICMP error to a possible VIP. `l3` is the outer header's offset (checked by the
 /// caller: no options, not a fragment, TTL > 1, `total` bytes present).
 #[inline(never)]
@@ -145,16 +169,7 @@ pub fn ipv4(ctx: &XdpContext, l3: usize, total: usize) -> Outcome {
     if csum_off + 2 <= l3 + total {
         if let Some(csum) = ptr_at::<[u8; 2]>(ctx, csum_off) {
             let csum = unsafe { &mut *csum };
-            if !(inner.proto == PROTO_UDP && *csum == [0, 0]) {
-                let old = *csum;
-                let new = l4.apply(old);
-                *csum = if inner.proto == PROTO_UDP && new == [0, 0] {
-                    [0xff, 0xff]
-                } else {
-                    new
-                };
-                icmp_delta.replace(&old, csum);
-            }
+            rewrite_embedded_checksum(csum, inner.proto, true, &l4, &mut icmp_delta);
         }
     }
     inner.src = new_addr;
@@ -239,14 +254,7 @@ pub fn ipv6(ctx: &XdpContext, l3: usize) -> Outcome {
     if csum_off + 2 <= l3 + IPV6_HLEN + payload {
         if let Some(csum) = ptr_at::<[u8; 2]>(ctx, csum_off) {
             let csum = unsafe { &mut *csum };
-            let old = *csum;
-            let new = l4.apply(old);
-            *csum = if inner.next_header == PROTO_UDP && new == [0, 0] {
-                [0xff, 0xff]
-            } else {
-                new
-            };
-            icmp_delta.replace(&old, csum);
+            rewrite_embedded_checksum(csum, inner.next_header, false, &l4, &mut icmp_delta);
         }
     }
     inner.src = backend.addr;

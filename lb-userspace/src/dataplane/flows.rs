@@ -18,7 +18,7 @@ use lb_common::{
     MAP_BACKENDS, MAP_CONNTRACK, MAP_REVERSE_NAT,
 };
 
-use super::{map_error, DataplaneError, Result};
+use super::{map_error, monotonic_ns, DataplaneError, Result};
 
 /// How long a flow closed from both sides stays: its last ACK and any retransmitted FIN still
 /// reach the same backend.
@@ -81,16 +81,6 @@ pub fn reverse_key(key: &FlowKey, value: &FlowValue, backend: &BackendValue) -> 
         family: key.family,
         _pad: [0; 2],
     })
-}
-
-/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Counts tracked flows by state.

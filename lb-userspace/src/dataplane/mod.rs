@@ -447,31 +447,27 @@ impl Dataplane {
             &mut conntrack,
             &mut reverse_nat,
             &backends,
-            flows::monotonic_ns(),
+            monotonic_ns(),
             grace,
         ))
     }
 
-    /// Tracked flows by state (walks the map: for inspection, not hot paths).
-    pub fn flow_census(&self) -> Result<flows::FlowCensus> {
+    fn conntrack(&self) -> Result<HashMap<&MapData, FlowKey, FlowValue>> {
         let map = self
             .ebpf
             .map(MAP_CONNTRACK)
             .ok_or(DataplaneError::MissingMap(MAP_CONNTRACK))?;
-        let table: HashMap<&MapData, FlowKey, FlowValue> =
-            HashMap::try_from(map).map_err(map_error(MAP_CONNTRACK))?;
-        Ok(flows::census(&table))
+        HashMap::try_from(map).map_err(map_error(MAP_CONNTRACK))
+    }
+
+    /// Tracked flows by state (walks the map: for inspection, not hot paths).
+    pub fn flow_census(&self) -> Result<flows::FlowCensus> {
+        Ok(flows::census(&self.conntrack()?))
     }
 
     /// Number of flows in the connection table (walks the map: for inspection, not hot paths).
     pub fn flow_count(&self) -> Result<usize> {
-        let map = self
-            .ebpf
-            .map(MAP_CONNTRACK)
-            .ok_or(DataplaneError::MissingMap(MAP_CONNTRACK))?;
-        let table: HashMap<&MapData, FlowKey, FlowValue> =
-            HashMap::try_from(map).map_err(map_error(MAP_CONNTRACK))?;
-        Ok(table.keys().filter(|k| k.is_ok()).count())
+        Ok(self.conntrack()?.keys().filter(|k| k.is_ok()).count())
     }
 
     /// Runs the TC egress program once on `frame` (BPF_PROG_TEST_RUN); returns the frame after.
