@@ -19,7 +19,7 @@ use crate::{
         Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, ICMP_HLEN, IPPROTO_ICMP,
         IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, TCP_FIN, TCP_FLAGS_OFFSET, TCP_RST, VLAN_HLEN,
     },
-    icmp::{is_error_v4, is_error_v6, l4_csum_offset, rewrite_embedded_checksum},
+    icmp::{is_error_v4, is_error_v6, l4_csum_offset, reversed, rewrite_embedded_checksum},
     maps::{CONNTRACK, REVERSE_CACHE, REVERSE_NAT},
     stats,
 };
@@ -279,21 +279,6 @@ fn ipv6(ctx: &TcContext, l3: usize) {
     }
 }
 
-/// The reverse-NAT key of the flow a backend's ICMP error is about: the embedded packet is the
-/// client's, as the backend received it (client → backend), so the key is its reverse.
-#[inline(always)]
-fn reply_key(src: &[u8; 16], dst: &[u8; 16], ports: &[u8; 4], proto: u8, family: u8) -> FlowKey {
-    FlowKey {
-        src: *dst,
-        dst: *src,
-        sport: [ports[2], ports[3]],
-        dport: [ports[0], ports[1]],
-        proto,
-        family,
-        _pad: [0; 2],
-    }
-}
-
 /// Rewrites the embedded TCP/UDP checksum at `offset` when the error carries it (see
 /// `icmp::rewrite_embedded_checksum`).
 #[inline(always)]
@@ -338,7 +323,7 @@ fn icmp_v4(ctx: &TcContext, l3: usize) {
     let (mut src, mut dst) = ([0u8; 16], [0u8; 16]);
     src[..4].copy_from_slice(&inner.src);
     dst[..4].copy_from_slice(&inner.dst);
-    let key = reply_key(&src, &dst, ports, inner.proto, FAMILY_IPV4);
+    let key = reversed(&src, &dst, ports, inner.proto, FAMILY_IPV4);
     // SAFETY: as above.
     let Some(rv) = (unsafe { REVERSE_NAT.get(&key) }) else {
         return;
@@ -393,7 +378,7 @@ fn icmp_v6(ctx: &TcContext, l3: usize) {
     if !is_error_v6(icmp[0]) || (inner.next_header != PROTO_TCP && inner.next_header != PROTO_UDP) {
         return;
     }
-    let key = reply_key(
+    let key = reversed(
         &inner.src,
         &inner.dst,
         ports,

@@ -42,19 +42,15 @@ pub fn is_error_v6(icmp_type: u8) -> bool {
         || icmp_type == ICMPV6_PARAMETER_PROBLEM
 }
 
-/// The connection-table key of the flow whose reply is embedded (VIP:port → client:port):
-/// client → VIP.
+/// The key of the flow going the other way from the embedded packet (src:sport → dst:dport,
+/// `ports` its first four L4 bytes): for an embedded reply (VIP → client) the connection-table
+/// key (client → VIP); for an embedded client packet (client → backend) the reverse-NAT key
+/// (backend → client).
 #[inline(always)]
-pub fn flow_of_reply(
-    reply_src: &[u8; 16],
-    reply_dst: &[u8; 16],
-    ports: &[u8; 8],
-    proto: u8,
-    family: u8,
-) -> FlowKey {
+pub fn reversed(src: &[u8; 16], dst: &[u8; 16], ports: &[u8; 4], proto: u8, family: u8) -> FlowKey {
     FlowKey {
-        src: *reply_dst,
-        dst: *reply_src,
+        src: *dst,
+        dst: *src,
         sport: [ports[2], ports[3]],
         dport: [ports[0], ports[1]],
         proto,
@@ -139,7 +135,13 @@ pub fn ipv4(ctx: &XdpContext, l3: usize, total: usize) -> Outcome {
     }
     let mut client = [0u8; 16];
     client[..4].copy_from_slice(&inner.dst);
-    let key = flow_of_reply(&vip, &client, ports, inner.proto, FAMILY_IPV4);
+    let key = reversed(
+        &vip,
+        &client,
+        &[ports[0], ports[1], ports[2], ports[3]],
+        inner.proto,
+        FAMILY_IPV4,
+    );
     // SAFETY: map values stay valid for the program's run; they are only read.
     let Some(entry) = (unsafe { CONNTRACK.get(&key) }) else {
         return Outcome::IcmpUnmatched;
@@ -226,10 +228,10 @@ pub fn ipv6(ctx: &XdpContext, l3: usize) -> Outcome {
     if inner.src != ip6.dst {
         return Outcome::IcmpUnmatched;
     }
-    let key = flow_of_reply(
+    let key = reversed(
         &inner.src,
         &inner.dst,
-        ports,
+        &[ports[0], ports[1], ports[2], ports[3]],
         inner.next_header,
         FAMILY_IPV6,
     );
