@@ -56,6 +56,21 @@ fn one_elected_speaker_answers_arp_on_the_chosen_interface_balances_to_its_pod_a
         ask_vip(&lab.client)
     });
     assert_eq!(name, expected);
+    // The speaker sweeps closed flows as `sluice run` does: that connection, closed by both
+    // sides, leaves the owner's connection table (5 s after its second FIN, swept every 2 s).
+    wait_for(
+        "the closed flow swept on the owner",
+        Duration::from_secs(30),
+        || {
+            let (_, m) = http(&lab.nodes[owner], "/metrics");
+            m.lines()
+                .any(|l| {
+                    l.starts_with("sluice_closed_flows_removed_total ")
+                        && l != "sluice_closed_flows_removed_total 0"
+                })
+                .then_some(())
+        },
+    );
     let event = wait_for("the nodeAssigned Event", Duration::from_secs(5), || {
         lab.api
             .list(EVENTS)
