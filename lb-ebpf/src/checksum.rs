@@ -1,33 +1,11 @@
 //! Internet checksums (RFC 1071): one's-complement sums of 16-bit words, folded.
 
-/// Adds the 16-bit big-endian words of `bytes` (even length) to `sum`.
-#[inline(always)]
-pub fn add_words<const N: usize>(mut sum: u32, bytes: &[u8; N]) -> u32 {
-    let mut i = 0;
-    while i + 1 < N {
-        sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
-        i += 2;
-    }
-    sum
-}
-
 /// Folds a 32-bit accumulator into the final 16-bit one's-complement sum (not yet inverted).
 #[inline(always)]
 pub fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum as u16
-}
-
-/// The ICMPv6 pseudo-header's contribution (RFC 8200 §8.1): source, destination,
-/// upper-layer length and next header 58.
-#[inline(always)]
-pub fn icmpv6_pseudo_header(src: &[u8; 16], dst: &[u8; 16], len: u32) -> u32 {
-    let mut sum = add_words(0, src);
-    sum = add_words(sum, dst);
-    sum += len >> 16;
-    sum += len & 0xffff;
-    sum + crate::headers::IPPROTO_ICMPV6 as u32
 }
 
 /// An incremental checksum update (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')), accumulated over

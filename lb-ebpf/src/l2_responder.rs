@@ -11,7 +11,7 @@ use aya_ebpf::{
 use lb_common::{L2VipKey, L2VipValue};
 
 use crate::{
-    checksum::{self, load32},
+    checksum::{self, load32, store32},
     headers::*,
     maps::{L2_DEADLINE, L2_VIPS},
     parse::{ptr_at, L2},
@@ -89,12 +89,38 @@ pub fn arp(ctx: &XdpContext, l2: &L2) -> Outcome {
     Outcome::ArpReply
 }
 
-/// What the NS told us, copied out of the packet before it is resized.
+/// What the NS told us, copied out of the packet before it is resized: addresses as four
+/// words each, as the CPU reads them (few registers, few spills).
 struct Solicitation {
     asker_mac: [u8; 6],
-    asker_ip: [u8; 16],
-    target: [u8; 16],
-    from_unspecified: bool,
+    asker_ip: [u32; 4],
+    target: [u32; 4],
+}
+
+/// An address in the packet as four words.
+#[inline(always)]
+fn words(addr: &[u8; 16]) -> [u32; 4] {
+    let p = addr.as_ptr();
+    unsafe {
+        [
+            load32(p),
+            load32(p.add(4)),
+            load32(p.add(8)),
+            load32(p.add(12)),
+        ]
+    }
+}
+
+/// Writes four words as an address in the packet.
+#[inline(always)]
+fn put_words(addr: &mut [u8; 16], w: &[u32; 4]) {
+    let p = addr.as_mut_ptr();
+    unsafe {
+        store32(p, w[0]);
+        store32(p.add(4), w[1]);
+        store32(p.add(8), w[2]);
+        store32(p.add(12), w[3]);
+    }
 }
 
 /// ICMPv6 Neighbor Solicitation for a VIP on this interface → solicited Neighbor Advertisement
@@ -160,9 +186,8 @@ pub fn ndp(ctx: &XdpContext, l2: &L2) -> Outcome {
     }
     let ns = Solicitation {
         asker_mac,
-        asker_ip: ip6.src,
-        target: nd.target,
-        from_unspecified: ip6.src.iter().fold(0u8, |acc, b| acc | b) == 0,
+        asker_ip: words(&ip6.src),
+        target: words(&nd.target),
     };
     write_advertisement(ctx, l2.l3_offset, &ns, mac)
 }
@@ -215,10 +240,17 @@ fn ns_checksum_ok(
     checksum::fold(folded as u32) == 0xffff
 }
 
-const ALL_NODES: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+/// ff02::1, as four words in memory order.
+const ALL_NODES: [u32; 4] = [
+    u32::from_ne_bytes([0xff, 0x02, 0, 0]),
+    0,
+    0,
+    u32::from_ne_bytes([0, 0, 0, 1]),
+];
 const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
 
-/// Resizes the frame to Ethernet (+VLAN) + IPv6 + NA-with-TLLA and writes the advertisement.
+/// Resizes the frame to Ethernet (+VLAN) + IPv6 + NA-with-TLLA and writes the advertisement,
+/// its checksum summed in 32-bit words as the CPU reads them (RFC 1071 §2(B)).
 #[inline(always)]
 fn write_advertisement(
     ctx: &XdpContext,
@@ -246,7 +278,8 @@ fn write_advertisement(
     let (eth, ip6, na) = unsafe { (&mut *eth, &mut *ip6, &mut *na) };
 
     // A DAD probe (from ::) is answered to all nodes, unsolicited (RFC 4861 §7.2.4).
-    let (dst_ip, dst_mac, flags) = if ns.from_unspecified {
+    let from_unspecified = ns.asker_ip == [0; 4];
+    let (dst_ip, dst_mac, flags) = if from_unspecified {
         (ALL_NODES, ALL_NODES_MAC, NA_FLAG_OVERRIDE)
     } else {
         (
@@ -262,22 +295,31 @@ fn write_advertisement(
     ip6.payload_len = (NA_LEN as u16).to_be_bytes();
     ip6.next_header = IPPROTO_ICMPV6;
     ip6.hop_limit = 255;
-    ip6.src = ns.target;
-    ip6.dst = dst_ip;
+    put_words(&mut ip6.src, &ns.target);
+    put_words(&mut ip6.dst, &dst_ip);
     na.nd.icmp_type = ICMPV6_NA;
     na.nd.code = 0;
+    na.nd.checksum = [0, 0];
     na.nd.flags = [flags, 0, 0, 0];
-    na.nd.target = ns.target;
+    put_words(&mut na.nd.target, &ns.target);
     na.opt_type = ND_OPT_TARGET_LL_ADDR;
     na.opt_len = 1;
     na.mac = mac;
 
-    let mut sum = checksum::icmpv6_pseudo_header(&ns.target, &dst_ip, NA_LEN as u32);
-    sum += u16::from_be_bytes([ICMPV6_NA, 0]) as u32;
-    sum += u16::from_be_bytes([flags, 0]) as u32;
-    sum = checksum::add_words(sum, &ns.target);
-    sum += u16::from_be_bytes([ND_OPT_TARGET_LL_ADDR, 1]) as u32;
-    sum = checksum::add_words(sum, &mac);
-    na.nd.checksum = (!checksum::fold(sum)).to_be_bytes();
+    // Pseudo-header (source, destination, length, next header), then the NA's eight words.
+    let mut sum: u64 = u32::from_ne_bytes((NA_LEN as u32).to_be_bytes()) as u64
+        + u32::from_ne_bytes([0, 0, 0, IPPROTO_ICMPV6]) as u64;
+    let mut i = 0;
+    while i < 4 {
+        sum += 2 * ns.target[i] as u64 + dst_ip[i] as u64;
+        i += 1;
+    }
+    sum += u32::from_ne_bytes([ICMPV6_NA, 0, 0, 0]) as u64
+        + u32::from_ne_bytes([flags, 0, 0, 0]) as u64
+        + u32::from_ne_bytes([ND_OPT_TARGET_LL_ADDR, 1, mac[0], mac[1]]) as u64
+        + u32::from_ne_bytes([mac[2], mac[3], mac[4], mac[5]]) as u64;
+    let mut folded = (sum & 0xffff_ffff) + (sum >> 32);
+    folded = (folded & 0xffff_ffff) + (folded >> 32);
+    na.nd.checksum = (!checksum::fold(folded as u32)).to_ne_bytes();
     Outcome::NaReply
 }
