@@ -189,7 +189,7 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
         total,
         ports as *const u8,
     );
-    balance(ctx, packet)
+    balance_cached(ctx, packet)
 }
 
 /// IPv6 with TCP or UDP directly after the fixed header (no extension headers).
@@ -234,7 +234,7 @@ pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
         ip_len,
         ports as *const u8,
     );
-    balance(ctx, packet)
+    balance_cached(ctx, packet)
 }
 
 /// The key of the flow's replies (backend → client) in the reverse-NAT table.
@@ -367,23 +367,29 @@ fn record_flow(packet: &Packet, backend: &BackendValue, entry: &FlowValue) {
     let _ = REVERSE_NAT.insert(&reverse_key, &reverse, 0);
 }
 
-#[inline(never)]
-fn balance(ctx: &XdpContext, packet: &mut Packet) -> Outcome {
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
+/// The fast path, inlined in `ipv4` and `ipv6` (no bpf-to-bpf call): this CPU forwarded the
+/// flow recently, so its cached entry serves, without a helper call. FINs and RSTs go to
+/// `balance`, which records them in the connection table; so does everything else.
+#[inline(always)]
+fn balance_cached(ctx: &XdpContext, packet: &mut Packet) -> Outcome {
     let flags = tcp_flags(ctx, packet);
     let slot = flow_cache_slot(&packet.flow);
-
-    // 0. This CPU forwarded the flow recently: its cached entry, without a helper call. FINs
-    // and RSTs take the next path, which records them in the connection table.
     if flags & (TCP_FIN | TCP_RST) == 0 {
         if let Some(cached) = cached_flow(packet, slot) {
             if let Some(backend) = live_backend(cached.value.backend_id, cached.value.generation) {
                 cached.value._pad += 1;
+                let bytes = (ctx.data_end() - ctx.data()) as u64;
                 stats::count_traffic(backend.service_id, cached.value.backend_id, bytes, false);
                 return forward(ctx, packet, backend, &cached.value);
             }
         }
     }
+    balance(ctx, packet, flags, slot)
+}
+
+#[inline(never)]
+fn balance(ctx: &XdpContext, packet: &mut Packet, flags: u8, slot: u32) -> Outcome {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
 
     // 1. An established flow keeps its backend while that backend exists (a removed service's
     // backends are deactivated, so its flows end here too). One hash lookup on this path.
