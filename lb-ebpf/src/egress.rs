@@ -14,7 +14,7 @@ use lb_common::{
 
 use crate::{
     balancer::{record_fin, same_flow},
-    checksum::{diff16, Delta},
+    checksum::{diff16, load32, store32, Delta},
     headers::{
         Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, ICMP_HLEN, IPPROTO_ICMP,
         IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, TCP_FIN, TCP_FLAGS_OFFSET, TCP_RST, VLAN_HLEN,
@@ -61,7 +61,16 @@ fn reverse_of(key: &FlowKey, flags: u8) -> Option<&'static ReverseNatValue> {
     if let Some(cached) = cached {
         let cached = unsafe { &mut *cached };
         cached.key = *key;
-        cached.value = *rv;
+        // Word copies: ReverseNatValue is byte-aligned, a plain copy calls memmove.
+        let (from, to) = (
+            rv as *const ReverseNatValue as *const u8,
+            &mut cached.value as *mut ReverseNatValue as *mut u8,
+        );
+        let mut i = 0;
+        while i < 5 {
+            unsafe { store32(to.add(4 * i), load32(from.add(4 * i))) };
+            i += 1;
+        }
         cached.served = 0;
     }
     Some(rv)
@@ -166,6 +175,23 @@ fn reply_flow(src: &[u8; 16], dst: &[u8; 16], ports: &[u8; 4], proto: u8, family
     }
 }
 
+/// An IPv4 reply's key, built in words (byte copies would call memset and memmove). As
+/// little-endian words: the source's four bytes then zeros, zeros, the destination's, zeros,
+/// then ports, protocol and family.
+#[inline(always)]
+fn reply_flow_v4(src: &[u8; 4], dst: &[u8; 4], ports: &[u8; 4], proto: u8) -> FlowKey {
+    let tail = load32(ports.as_ptr()) as u64 | (proto as u64) << 32 | (FAMILY_IPV4 as u64) << 40;
+    let words: [u64; 5] = [
+        load32(src.as_ptr()) as u64,
+        0,
+        load32(dst.as_ptr()) as u64,
+        0,
+        tail,
+    ];
+    // SAFETY: FlowKey is 40 bytes, 8-byte aligned, every bit pattern valid.
+    unsafe { core::mem::transmute::<[u64; 5], FlowKey>(words) }
+}
+
 #[inline(always)]
 fn ipv4(ctx: &TcContext, l3: usize) {
     let Some(ip) = at::<Ipv4Hdr>(ctx, l3) else {
@@ -188,10 +214,7 @@ fn ipv4(ctx: &TcContext, l3: usize) {
         return;
     };
     let ports = unsafe { &mut *ports };
-    let (mut src, mut dst) = ([0u8; 16], [0u8; 16]);
-    src[..4].copy_from_slice(&ip.src);
-    dst[..4].copy_from_slice(&ip.dst);
-    let key = reply_flow(&src, &dst, ports, proto, FAMILY_IPV4);
+    let key = reply_flow_v4(&ip.src, &ip.dst, ports, proto);
     let flags = tcp_flags(ctx, l4, proto);
     let Some(rv) = reverse_of(&key, flags) else {
         return;
