@@ -78,8 +78,27 @@ fn set_v4(dst: &mut [u8; 16], src: &[u8; 4]) {
 /// Copies an IPv6 address from the packet into a key's address in four word loads and stores.
 #[inline(always)]
 fn set_v6(dst: &mut [u8; 16], src: &[u8; 16]) {
-    let words = unsafe { (src.as_ptr() as *const [u32; 4]).read() };
-    unsafe { *(dst.as_mut_ptr() as *mut [u32; 4]) = words };
+    let (to, from) = (dst.as_mut_ptr(), src.as_ptr());
+    // Four separate words: an array copy would be lowered to a memmove call.
+    unsafe {
+        store32(to, load32(from));
+        store32(to.add(4), load32(from.add(4)));
+        store32(to.add(8), load32(from.add(8)));
+        store32(to.add(12), load32(from.add(12)));
+    }
+}
+
+/// Copies a MAC address in three 2-byte words (a byte-array copy calls memmove). MACs sit at
+/// even offsets; the source may be on the stack, where the verifier wants every access
+/// aligned to its size.
+#[inline(always)]
+fn set_mac(dst: &mut [u8; 6], src: &[u8; 6]) {
+    let (to, from) = (dst.as_mut_ptr(), src.as_ptr());
+    unsafe {
+        store16(to, load16(from));
+        store16(to.add(2), load16(from.add(2)));
+        store16(to.add(4), load16(from.add(4)));
+    }
 }
 
 /// False when no service has this destination address: the inlined first test (an array
@@ -560,8 +579,8 @@ pub(crate) fn send(ctx: &XdpContext, entry: &FlowValue) -> Outcome {
         return Outcome::Malformed;
     };
     let eth = unsafe { &mut *eth };
-    eth.src = entry.src_mac;
-    eth.dst = entry.dst_mac;
+    set_mac(&mut eth.src, &entry.src_mac);
+    set_mac(&mut eth.dst, &entry.dst_mac);
     if entry.ifindex == ctx.ingress_ifindex() as u32 {
         return Outcome::Forwarded(xdp_action::XDP_TX);
     }

@@ -8,7 +8,7 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{L2VipKey, L2VipValue};
+use lb_common::{L2VipKey, L2VipValue, FAMILY_IPV4, FAMILY_IPV6};
 
 use crate::{
     checksum::{self, load32, store32},
@@ -34,6 +34,25 @@ fn our_mac(key: &L2VipKey) -> Option<[u8; 6]> {
         return None;
     }
     Some(mac)
+}
+
+/// The `L2_VIPS` key of an IPv4 address on an interface, built in words (a byte-array build
+/// would call memset).
+#[inline(always)]
+fn key_v4(ifindex: u32, addr: &[u8; 4]) -> L2VipKey {
+    let words: [u32; 6] = [ifindex, FAMILY_IPV4 as u32, load32(addr.as_ptr()), 0, 0, 0];
+    // SAFETY: L2VipKey is six 4-byte words (ifindex; family and padding; the address), every
+    // bit pattern valid.
+    unsafe { core::mem::transmute::<[u32; 6], L2VipKey>(words) }
+}
+
+/// The `L2_VIPS` key of an IPv6 address on an interface, built in words.
+#[inline(always)]
+fn key_v6(ifindex: u32, addr: &[u8; 16]) -> L2VipKey {
+    let w = words(addr);
+    let words: [u32; 6] = [ifindex, FAMILY_IPV6 as u32, w[0], w[1], w[2], w[3]];
+    // SAFETY: as in `key_v4`.
+    unsafe { core::mem::transmute::<[u32; 6], L2VipKey>(words) }
 }
 
 #[inline(always)]
@@ -72,7 +91,7 @@ pub fn arp(ctx: &XdpContext, l2: &L2) -> Outcome {
         return Outcome::Malformed;
     }
 
-    let key = L2VipKey::v4(ctx.ingress_ifindex() as u32, arp.tpa);
+    let key = key_v4(ctx.ingress_ifindex() as u32, &arp.tpa);
     let Some(mac) = our_mac(&key) else {
         return Outcome::Passed;
     };
@@ -167,7 +186,7 @@ pub fn ndp(ctx: &XdpContext, l2: &L2) -> Outcome {
         return Outcome::Passed;
     }
 
-    let key = L2VipKey::v6(ctx.ingress_ifindex() as u32, nd.target);
+    let key = key_v6(ctx.ingress_ifindex() as u32, &nd.target);
     let Some(mac) = our_mac(&key) else {
         return Outcome::Passed;
     };
