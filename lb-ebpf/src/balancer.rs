@@ -88,6 +88,25 @@ fn set_v6(dst: &mut [u8; 16], src: &[u8; 16]) {
     }
 }
 
+/// Fills `slot` with a value of `T` (N words, every bit pattern valid) in place, one volatile
+/// store per word, and returns it: LLVM turns plain zero stores, and copies of the result, into
+/// memset calls (a bpf-to-bpf call each).
+#[inline(always)]
+fn fill_words<'a, T, const N: usize>(
+    slot: &'a mut core::mem::MaybeUninit<T>,
+    words: &[u64; N],
+) -> &'a mut T {
+    const { assert!(core::mem::size_of::<T>() == N * 8) };
+    let p = slot.as_mut_ptr() as *mut u64;
+    let mut i = 0;
+    while i < N {
+        unsafe { p.add(i).write_volatile(words[i]) };
+        i += 1;
+    }
+    // SAFETY: every word written; the callers' types are plain data.
+    unsafe { slot.assume_init_mut() }
+}
+
 /// Copies a MAC address in three 2-byte words (a byte-array copy calls memmove). MACs sit at
 /// even offsets; the source may be on the stack, where the verifier wants every access
 /// aligned to its size.
@@ -452,28 +471,32 @@ fn balance(ctx: &XdpContext, packet: &mut Packet, flags: u8, slot: u32) -> Outco
     if backend.flags & BACKEND_ACTIVE == 0 || backend.service_id != service.id {
         return Outcome::NoBackend;
     }
-    let mut entry = FlowValue {
-        backend_id,
-        generation: backend.generation,
-        ifindex: 0,
-        src_mac: [0; 6],
-        dst_mac: [0; 6],
-        flags: if flags & TCP_FIN != 0 {
-            FLOW_CLIENT_FIN
-        } else {
-            0
-        },
-        _pad: 0,
-        closed_at: 0,
+    let fin = if flags & TCP_FIN != 0 {
+        FLOW_CLIENT_FIN
+    } else {
+        0
     };
-    resolve_next_hop(ctx, packet, backend, &mut entry);
+    // Built in words (little-endian: id and generation; ifindex 0 and the MACs zero; flags; the
+    // close time 0): a struct literal with byte arrays is zeroed by a memset call.
+    let mut slot = core::mem::MaybeUninit::<FlowValue>::uninit();
+    let entry = fill_words(
+        &mut slot,
+        &[
+            backend_id as u64 | (backend.generation as u64) << 32,
+            0,
+            0,
+            fin as u64,
+            0,
+        ],
+    );
+    resolve_next_hop(ctx, packet, backend, entry);
     // An RST for no known flow is forwarded statelessly: it opens nothing. Neither does a new
     // flow past the flood guard's limit: it cannot evict established flows.
     if flags & TCP_RST == 0 && may_track_new_flow() {
-        record_flow(packet, backend, &entry);
+        record_flow(packet, backend, entry);
     }
     stats::count_traffic(service.id, backend_id, bytes, true);
-    forward(ctx, packet, backend, &entry)
+    forward(ctx, packet, backend, entry)
 }
 
 #[inline(always)]
@@ -492,7 +515,8 @@ fn resolve_next_hop(
     backend: &BackendValue,
     entry: &mut FlowValue,
 ) {
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    let mut slot = core::mem::MaybeUninit::<FibParams>::uninit();
+    let params = fill_words(&mut slot, &[0; 8]);
     params.l4_protocol = packet.proto;
     params.sport = u16::from_ne_bytes(packet.flow.sport);
     params.dport = u16::from_ne_bytes(backend.port);
@@ -520,7 +544,7 @@ fn resolve_next_hop(
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,
-            &mut params,
+            params,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )

@@ -289,7 +289,13 @@ fn ipv6(ctx: &TcContext, l3: usize) {
         u16::from_ne_bytes([ports[0], ports[1]]),
         u16::from_ne_bytes(rv.port),
     );
-    ip6.src = rv.addr;
+    let (to, from) = (ip6.src.as_mut_ptr(), rv.addr.as_ptr());
+    let mut i = 0;
+    while i < 4 {
+        // Words: an array copy calls memmove.
+        unsafe { store32(to.add(4 * i), load32(from.add(4 * i))) };
+        i += 1;
+    }
     ports[0] = rv.port[0];
     ports[1] = rv.port[1];
     let l4_csum = csum_offset(l4, proto);
