@@ -17,7 +17,7 @@ use lb_common::{
 };
 
 use crate::{
-    checksum::{diff16, load16, load32, store16, store32, NativeDelta},
+    checksum::{copy32, diff16, load16, load32, store16, store32, NativeDelta},
     headers::{
         EthHdr, Ipv4Hdr, Ipv6Hdr, IPPROTO_ICMP, IPV4_HLEN, IPV6_HLEN, TCP_CSUM_OFFSET, TCP_FIN,
         TCP_FLAGS_OFFSET, TCP_RST, UDP_CSUM_OFFSET,
@@ -71,21 +71,17 @@ impl Packet {
 /// the balancer runs (the verifier refuses it elsewhere, at load: never silently).
 #[inline(always)]
 fn set_v4(dst: &mut [u8; 16], src: &[u8; 4]) {
-    let word = unsafe { (src.as_ptr() as *const u32).read() };
-    unsafe { *(dst.as_mut_ptr() as *mut [u32; 4]) = [word, 0, 0, 0] };
+    let to = dst.as_mut_ptr();
+    store32(to, load32(src.as_ptr()));
+    unsafe { store32(to.add(4), 0) };
+    unsafe { store32(to.add(8), 0) };
+    unsafe { store32(to.add(12), 0) };
 }
 
 /// Copies an IPv6 address from the packet into a key's address in four word loads and stores.
 #[inline(always)]
 fn set_v6(dst: &mut [u8; 16], src: &[u8; 16]) {
-    let (to, from) = (dst.as_mut_ptr(), src.as_ptr());
-    // Four separate words: an array copy would be lowered to a memmove call.
-    unsafe {
-        store32(to, load32(from));
-        store32(to.add(4), load32(from.add(4)));
-        store32(to.add(8), load32(from.add(8)));
-        store32(to.add(12), load32(from.add(12)));
-    }
+    copy32::<4>(dst.as_mut_ptr(), src.as_ptr());
 }
 
 /// Fills `slot` with a value of `T` (N words, every bit pattern valid) in place, one volatile
@@ -292,12 +288,12 @@ fn reverse_key(packet: &Packet, backend: &BackendValue) -> FlowKey {
 /// Are two flow keys the same? Five word compares (the keys are 8-byte aligned).
 #[inline(always)]
 pub(crate) fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
-    let (a, b): (&[u64; 5], &[u64; 5]) = (bytemuck_cast(a), bytemuck_cast(b));
+    let (a, b): (&[u64; 5], &[u64; 5]) = (as_words(a), as_words(b));
     a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4]
 }
 
 #[inline(always)]
-fn bytemuck_cast(key: &FlowKey) -> &[u64; 5] {
+fn as_words(key: &FlowKey) -> &[u64; 5] {
     // SAFETY: FlowKey is 40 bytes, 8-byte aligned, every bit pattern valid.
     unsafe { &*(key as *const FlowKey as *const [u64; 5]) }
 }

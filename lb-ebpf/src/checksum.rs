@@ -1,5 +1,14 @@
 //! Internet checksums (RFC 1071): one's-complement sums of 16-bit words, folded.
 
+/// Folds a 64-bit accumulator of 32-bit words into the 16-bit one's-complement sum (not yet
+/// inverted).
+#[inline(always)]
+pub fn fold64(sum: u64) -> u16 {
+    let mut sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    fold(sum as u32)
+}
+
 /// Folds a 32-bit accumulator into the final 16-bit one's-complement sum (not yet inverted).
 #[inline(always)]
 pub fn fold(mut sum: u32) -> u16 {
@@ -95,19 +104,10 @@ impl NativeDelta {
         self.0 += partial as u64;
     }
 
-    #[inline(always)]
-    fn folded(&self) -> u32 {
-        let mut sum = (self.0 & 0xffff_ffff) + (self.0 >> 32);
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum as u32
-    }
-
     /// The checksum field (as read, native order) after the recorded changes.
     #[inline(always)]
     pub fn apply(&self, field: u16) -> u16 {
-        let mut sum = (!field) as u32 + self.folded();
+        let mut sum = (!field) as u32 + fold64(self.0) as u32;
         sum = (sum & 0xffff) + (sum >> 16);
         sum = (sum & 0xffff) + (sum >> 16);
         !(sum as u16)
@@ -135,4 +135,15 @@ pub fn store16(p: *mut u8, v: u16) {
 #[inline(always)]
 pub fn store32(p: *mut u8, v: u32) {
     unsafe { (p as *mut u32).write(v) }
+}
+
+/// Copies `N` 4-byte words from `from` to `to` (packet or map memory, or 4-aligned stack): a
+/// byte-array copy would be lowered to a memmove call, a bpf-to-bpf call per packet.
+#[inline(always)]
+pub fn copy32<const N: usize>(to: *mut u8, from: *const u8) {
+    let mut i = 0;
+    while i < N {
+        unsafe { store32(to.add(4 * i), load32(from.add(4 * i))) };
+        i += 1;
+    }
 }

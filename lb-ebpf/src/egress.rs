@@ -14,7 +14,7 @@ use lb_common::{
 
 use crate::{
     balancer::{record_fin, same_flow},
-    checksum::{diff16, load32, store32, Delta},
+    checksum::{copy32, diff16, load32, Delta},
     headers::{
         Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, ICMP_HLEN, IPPROTO_ICMP,
         IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, TCP_FIN, TCP_FLAGS_OFFSET, TCP_RST, VLAN_HLEN,
@@ -62,15 +62,10 @@ fn reverse_of(key: &FlowKey, flags: u8) -> Option<&'static ReverseNatValue> {
         let cached = unsafe { &mut *cached };
         cached.key = *key;
         // Word copies: ReverseNatValue is byte-aligned, a plain copy calls memmove.
-        let (from, to) = (
-            rv as *const ReverseNatValue as *const u8,
+        copy32::<5>(
             &mut cached.value as *mut ReverseNatValue as *mut u8,
+            rv as *const ReverseNatValue as *const u8,
         );
-        let mut i = 0;
-        while i < 5 {
-            unsafe { store32(to.add(4 * i), load32(from.add(4 * i))) };
-            i += 1;
-        }
         cached.served = 0;
     }
     Some(rv)
@@ -289,13 +284,7 @@ fn ipv6(ctx: &TcContext, l3: usize) {
         u16::from_ne_bytes([ports[0], ports[1]]),
         u16::from_ne_bytes(rv.port),
     );
-    let (to, from) = (ip6.src.as_mut_ptr(), rv.addr.as_ptr());
-    let mut i = 0;
-    while i < 4 {
-        // Words: an array copy calls memmove.
-        unsafe { store32(to.add(4 * i), load32(from.add(4 * i))) };
-        i += 1;
-    }
+    copy32::<4>(ip6.src.as_mut_ptr(), rv.addr.as_ptr());
     ports[0] = rv.port[0];
     ports[1] = rv.port[1];
     let l4_csum = csum_offset(l4, proto);

@@ -254,9 +254,7 @@ fn ns_checksum_ok(
         sum += load32(opt) as u64 + load32(unsafe { opt.add(4) }) as u64;
         unit += 1;
     }
-    let mut folded = (sum & 0xffff_ffff) + (sum >> 32);
-    folded = (folded & 0xffff_ffff) + (folded >> 32);
-    checksum::fold(folded as u32) == 0xffff
+    checksum::fold64(sum) == 0xffff
 }
 
 /// ff02::1, as four words in memory order.
@@ -337,8 +335,6 @@ fn write_advertisement(
         + u32::from_ne_bytes([flags, 0, 0, 0]) as u64
         + u32::from_ne_bytes([ND_OPT_TARGET_LL_ADDR, 1, mac[0], mac[1]]) as u64
         + u32::from_ne_bytes([mac[2], mac[3], mac[4], mac[5]]) as u64;
-    let mut folded = (sum & 0xffff_ffff) + (sum >> 32);
-    folded = (folded & 0xffff_ffff) + (folded >> 32);
-    na.nd.checksum = (!checksum::fold(folded as u32)).to_ne_bytes();
+    na.nd.checksum = (!checksum::fold64(sum)).to_ne_bytes();
     Outcome::NaReply
 }
