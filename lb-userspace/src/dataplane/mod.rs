@@ -1178,11 +1178,6 @@ impl PinnedView {
         )
     }
 
-    /// Number of tracked flows.
-    pub fn flow_count(&self) -> usize {
-        self.conntrack.keys().filter(|k| k.is_ok()).count()
-    }
-
     /// Tracked flows by state.
     pub fn flow_census(&self) -> flows::FlowCensus {
         flows::census(&self.conntrack)
