@@ -109,15 +109,12 @@ pub fn vip_slot(addr: &[u8; 16]) -> u32 {
 /// reads them so from an aligned key).
 #[inline(always)]
 pub fn vip_slot_of_words(words: [u32; 4]) -> u32 {
-    let mut h: u32 = 0x9e37_79b9;
-    let mut i = 0;
-    while i < 4 {
-        h ^= words[i];
-        h = h.wrapping_mul(0x85eb_ca6b);
-        h ^= h >> 13;
-        i += 1;
-    }
-    h = h.wrapping_mul(0xc2b2_ae35);
+    // One multiply, for every packet. The words hold network-order bytes, so on a
+    // little-endian CPU the bytes that differ between neighbouring addresses are the high
+    // ones: swapped first, they reach every bit of the product, whose halves are folded.
+    let h = (words[0] ^ words[1] ^ words[2] ^ words[3])
+        .swap_bytes()
+        .wrapping_mul(0x9e37_79b1);
     (h ^ (h >> 16)) & (VIP_FILTER_SLOTS - 1)
 }
 
@@ -181,6 +178,68 @@ pub struct BackendValue {
     pub generation: u32,
     /// The Maglev weight (kept so that user space can rebuild its state from pinned maps).
     pub weight: u32,
+    /// What the DNAT to this backend adds to the IPv4 header checksum (address and TTL − 1),
+    /// from [`dnat_checksum_deltas`]: the rewrite is constant per backend, so its checksum
+    /// change is computed once, by user space, not per packet.
+    pub csum_ip: u16,
+    /// What the DNAT adds to the TCP/UDP checksum (pseudo-header address and port).
+    pub csum_l4: u16,
+}
+
+/// The one's-complement sum, folded to 16 bits, of `!old + new` over the 16-bit words of two
+/// equal-length byte strings, read in the CPU's byte order (the XDP program loads packet words
+/// so; RFC 1071 §2(B): the sum is the same bytes in either order).
+pub fn checksum_delta(old: &[u8], new: &[u8]) -> u16 {
+    let sum: u64 = old
+        .chunks_exact(2)
+        .zip(new.chunks_exact(2))
+        .map(|(o, n)| {
+            (!u16::from_ne_bytes([o[0], o[1]])) as u64 + u16::from_ne_bytes([n[0], n[1]]) as u64
+        })
+        .sum();
+    fold_checksum(sum)
+}
+
+/// Adds two folded one's-complement sums.
+pub fn add_checksum_deltas(a: u16, b: u16) -> u16 {
+    fold_checksum(a as u64 + b as u64)
+}
+
+/// A checksum field (as loaded, the CPU's byte order) after adding a folded delta: RFC 1624
+/// eqn. 3. One fold suffices: the sum of two 16-bit values carries at most once.
+#[inline(always)]
+pub fn apply_checksum_delta(field: u16, delta: u16) -> u16 {
+    let sum = (!field) as u32 + delta as u32;
+    !(((sum & 0xffff) + (sum >> 16)) as u16)
+}
+
+fn fold_checksum(mut sum: u64) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// The checksum deltas of the balancer's DNAT from a service's VIP and port to a backend's:
+/// `(IPv4 header, TCP/UDP)`. The header's includes the TTL decrement (its word, TTL and
+/// protocol, goes down by one TTL step whatever the TTL is, as long as it is above 1); IPv6
+/// has no header checksum (0). RFC 1624 eqn. 3: HC' = ~(~HC + delta).
+pub fn dnat_checksum_deltas(
+    family: u8,
+    vip: &[u8; 16],
+    vip_port: [u8; 2],
+    backend: &[u8; 16],
+    backend_port: [u8; 2],
+) -> (u16, u16) {
+    let len = if family == FAMILY_IPV4 { 4 } else { 16 };
+    let addr = checksum_delta(&vip[..len], &backend[..len]);
+    let l4 = add_checksum_deltas(addr, checksum_delta(&vip_port, &backend_port));
+    if family != FAMILY_IPV4 {
+        return (0, l4);
+    }
+    // TTL is the word's first byte: the word drops by [1, 0] read in the CPU's order.
+    let ttl = !u16::from_ne_bytes([1, 0]);
+    (add_checksum_deltas(addr, ttl), l4)
 }
 
 /// A flow's 5-tuple as seen on the wire (client → VIP for [`MAP_CONNTRACK`],
@@ -199,6 +258,18 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
+/// Where a flow's packets leave for its backend: resolved once per flow (`bpf_fib_lookup`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct NextHop {
+    /// Egress interface toward the backend; 0 while the next hop is not resolved (the packet is
+    /// then passed to the kernel, which resolves it); [`NEXT_HOP_VIA_KERNEL`] when the egress
+    /// interface is not a redirect target.
+    pub ifindex: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+
 /// Value of [`MAP_CONNTRACK`]: the backend a flow was given and the next hop toward it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
@@ -206,12 +277,7 @@ pub struct FlowValue {
     pub backend_id: u32,
     /// The backend's generation when the flow was given to it.
     pub generation: u32,
-    /// Egress interface toward the backend; 0 while the next hop is not resolved (the packet is
-    /// then passed to the kernel, which resolves it); [`NEXT_HOP_VIA_KERNEL`] when the egress
-    /// interface is not a redirect target.
-    pub ifindex: u32,
-    pub src_mac: [u8; 6],
-    pub dst_mac: [u8; 6],
+    pub next_hop: NextHop,
     /// [`FLOW_CLIENT_FIN`] and [`FLOW_BACKEND_FIN`]: which sides of a TCP flow have closed.
     pub flags: u32,
     pub _pad: u32,
@@ -220,23 +286,43 @@ pub struct FlowValue {
     pub closed_at: u64,
 }
 
-/// Per-CPU array of [`FlowCacheEntry`], indexed by [`flow_cache_slot`]: each CPU's copy of the
-/// connection-table entries of the flows it forwards, looked up without a helper call (an
-/// inlined array access and a key compare). Not pinned: a cache, rebuilt from the connection
-/// table. An entry serves at most [`FLOW_CACHE_REFRESH`] packets before the flow's
-/// connection-table entry is looked up again, which keeps that entry fresh in the LRU and
-/// notices flows removed meanwhile (an RST or a FIN sweep seen on another CPU).
+/// Each CPU's cache of connection-table entries: an array of [`FlowCacheEntry`],
+/// [`FLOW_CACHE_SLOTS`] per possible CPU (user space sizes it at load), CPU `c`'s entry for a
+/// flow at `c * FLOW_CACHE_SLOTS + flow_cache_slot(key)`: looked up without a helper call (an
+/// inlined array access and a key compare). A plain array rather than a per-CPU one because
+/// its values can be placed: with [`BPF_F_MMAPABLE`] they start on a page, so every 64-byte
+/// entry is one cache line (per-CPU values are allocated 8-byte aligned, most entries then
+/// straddle two lines). Not pinned: a cache, rebuilt from the connection table. An entry serves
+/// at most [`FLOW_CACHE_REFRESH`] packets before the flow's connection-table entry is looked up
+/// again, which keeps that entry fresh in the LRU and notices flows removed meanwhile (an RST
+/// or a FIN sweep seen on another CPU).
 pub const MAP_FLOW_CACHE: &str = "FLOW_CACHE";
 pub const FLOW_CACHE_SLOTS: u32 = 16_384;
-pub const FLOW_CACHE_REFRESH: u32 = 64;
+pub const FLOW_CACHE_REFRESH: u8 = 64;
+/// `BPF_F_MMAPABLE`: an array's values start on a page boundary.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// The bits of a cached key's last word that are the key's (ports, protocol, family): the
+/// padding bytes above them hold the entry's use count ([`FlowCacheEntry::uses`]).
+pub const FLOW_CACHE_KEY_TAIL: u64 = 0x0000_ffff_ffff_ffff;
 
-/// One CPU's cached connection-table entry: the flow's key and a copy of its value, whose
-/// `_pad` counts the packets served since the last refresh.
-#[repr(C)]
+/// One CPU's cached connection-table entry (one cache line): the flow's key, its backend and
+/// next hop. The key's first padding byte counts the packets served since the entry was filled
+/// ([`FlowCacheEntry::uses`]).
+#[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct FlowCacheEntry {
     pub key: FlowKey,
-    pub value: FlowValue,
+    pub backend_id: u32,
+    pub generation: u32,
+    pub next_hop: NextHop,
+}
+
+impl FlowCacheEntry {
+    /// Packets served from this entry since it was filled.
+    #[inline(always)]
+    pub fn uses(&self) -> u8 {
+        self.key._pad[0]
+    }
 }
 
 /// Per-CPU array of [`ReverseCacheEntry`], indexed by [`flow_cache_slot`] of the reply's key:
@@ -257,7 +343,13 @@ pub struct ReverseCacheEntry {
 /// (multiplicative hashing). A dozen instructions.
 #[inline(always)]
 pub fn flow_cache_slot(key: &FlowKey) -> u32 {
-    let w: &[u64; 5] = bytemuck::cast_ref(key);
+    flow_cache_slot_of_words(bytemuck::cast_ref(key))
+}
+
+/// [`flow_cache_slot`] of a key's five 64-bit words (the XDP program builds an IPv4 key in
+/// registers: its zero words cost nothing here).
+#[inline(always)]
+pub fn flow_cache_slot_of_words(w: &[u64; 5]) -> u32 {
     let h = w[0].wrapping_mul(0x9e37_79b9_7f4a_7c15)
         ^ w[1].wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
         ^ w[2].wrapping_mul(0x1656_67b1_9e37_79f9)
@@ -468,6 +560,74 @@ mod user {
 
 #[cfg(test)]
 mod tests {
+    /// RFC 1071 checksum from scratch, over words read in the CPU's order (as stored).
+    fn checksum_from_scratch(bytes: &[u8]) -> u16 {
+        let sum: u64 = bytes
+            .chunks(2)
+            .map(|w| u16::from_ne_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u64)
+            .sum();
+        !fold_checksum(sum)
+    }
+
+    #[test]
+    fn dnat_checksum_deltas_give_the_checksums_recomputed_from_scratch() {
+        let mut seed: u64 = 0x5eed;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..2000 {
+            let (vip, backend) = (next().to_ne_bytes(), next().to_ne_bytes());
+            let (vport, bport) = ((next() as u16).to_be_bytes(), (next() as u16).to_be_bytes());
+            let ttl = (next() % 254) as u8 + 2;
+            let mut v16 = [0u8; 16];
+            let mut b16 = [0u8; 16];
+            v16[..8].copy_from_slice(&vip);
+            b16[..8].copy_from_slice(&backend);
+            b16[8..].copy_from_slice(&next().to_ne_bytes());
+            v16[8..].copy_from_slice(&next().to_ne_bytes());
+            for family in [FAMILY_IPV4, FAMILY_IPV6] {
+                let len = if family == FAMILY_IPV4 { 4 } else { 16 };
+                let (ip_delta, l4_delta) = dnat_checksum_deltas(family, &v16, vport, &b16, bport);
+                // IPv4 header: a plain 20 bytes with the VIP as destination.
+                let mut header = [
+                    0x45, 0, 0, 60, 0x12, 0x34, 0x40, 0, ttl, PROTO_TCP, 0, 0, 10, 0, 0, 1, 0, 0,
+                    0, 0,
+                ];
+                header[16..20].copy_from_slice(&v16[..4]);
+                let check = checksum_from_scratch(&header);
+                header[10..12].copy_from_slice(&check.to_ne_bytes());
+                header[8] = ttl - 1;
+                header[16..20].copy_from_slice(&b16[..4]);
+                header[10..12].copy_from_slice(&[0, 0]);
+                if family == FAMILY_IPV4 {
+                    assert_eq!(
+                        apply_checksum_delta(check, ip_delta),
+                        checksum_from_scratch(&header),
+                        "IPv4 header, ttl {ttl}"
+                    );
+                }
+                // Pseudo-header addresses and ports (the rest of the segment is unchanged).
+                let mut buf = [7u8; 40];
+                let seg = &mut buf[..2 * len + 8];
+                seg[len..2 * len].copy_from_slice(&v16[..len]);
+                seg[2 * len + 2..2 * len + 4].copy_from_slice(&vport);
+                let before = checksum_from_scratch(seg);
+                seg[len..2 * len].copy_from_slice(&b16[..len]);
+                seg[2 * len + 2..2 * len + 4].copy_from_slice(&bport);
+                let after = checksum_from_scratch(seg);
+                let got = apply_checksum_delta(before, l4_delta);
+                // 0x0000 and 0xffff are the same one's-complement number.
+                assert!(
+                    got == after || (got ^ after) == 0xffff && (got == 0 || after == 0),
+                    "family {family}: {got:#x} != {after:#x}"
+                );
+            }
+        }
+    }
+
     use super::*;
 
     #[test]
@@ -544,10 +704,12 @@ mod tests {
         assert_eq!(core::mem::size_of::<ServiceKey>(), 20);
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
         assert_eq!(core::mem::size_of::<FlowValue>(), 40);
-        assert_eq!(core::mem::size_of::<FlowCacheEntry>(), 80);
+        assert_eq!(core::mem::size_of::<FlowCacheEntry>(), 64);
+        assert_eq!(core::mem::align_of::<FlowCacheEntry>(), 64);
+        assert_eq!(core::mem::size_of::<NextHop>(), 16);
         assert_eq!(core::mem::size_of::<ReverseCacheEntry>(), 64);
         assert_eq!(core::mem::align_of::<FlowKey>(), 8);
-        assert_eq!(core::mem::size_of::<BackendValue>(), 32);
+        assert_eq!(core::mem::size_of::<BackendValue>(), 36);
         assert_eq!(core::mem::size_of::<BenchFrame>(), 8 + BENCH_FRAME_MAX);
     }
 

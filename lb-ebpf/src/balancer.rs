@@ -6,18 +6,19 @@
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{
-    flow_cache_slot, flow_hash, vip_slot, vip_slot_of_words, BackendValue, FlowCacheEntry, FlowKey,
-    FlowValue, ReverseNatValue, ServiceKey, BACKEND_ACTIVE, FAMILY_IPV4, FAMILY_IPV6,
-    FLOW_BACKEND_FIN, FLOW_CACHE_REFRESH, FLOW_CLIENT_FIN, NEXT_HOP_VIA_KERNEL, PROTO_TCP,
+    apply_checksum_delta, flow_cache_slot, flow_cache_slot_of_words, flow_hash, vip_slot,
+    vip_slot_of_words, BackendValue, FlowCacheEntry, FlowKey, FlowValue, NextHop, ReverseNatValue,
+    ServiceKey, BACKEND_ACTIVE, FAMILY_IPV4, FAMILY_IPV6, FLOW_BACKEND_FIN, FLOW_CACHE_KEY_TAIL,
+    FLOW_CACHE_REFRESH, FLOW_CACHE_SLOTS, FLOW_CLIENT_FIN, NEXT_HOP_VIA_KERNEL, PROTO_TCP,
     PROTO_UDP,
 };
 
 use crate::{
-    checksum::{copy32, diff16, load16, load32, store16, store32, NativeDelta},
+    checksum::{copy32, load16, load32, store16, store32},
     headers::{
         EthHdr, Ipv4Hdr, Ipv6Hdr, IPPROTO_ICMP, IPV4_HLEN, IPV6_HLEN, TCP_CSUM_OFFSET, TCP_FIN,
         TCP_FLAGS_OFFSET, TCP_RST, UDP_CSUM_OFFSET,
@@ -64,20 +65,6 @@ impl Packet {
     }
 }
 
-/// Writes an IPv4 address from the packet into a key's 16-byte address (then zeros): four word
-/// stores, where byte copies would call memset and memmove (bpf-to-bpf calls). `dst` is
-/// 4-byte aligned (the keys' fields in `Packet` are); the packet side may be only 2-byte
-/// aligned, which the kernel allows on architectures with efficient unaligned access, where
-/// the balancer runs (the verifier refuses it elsewhere, at load: never silently).
-#[inline(always)]
-fn set_v4(dst: &mut [u8; 16], src: &[u8; 4]) {
-    let to = dst.as_mut_ptr();
-    store32(to, load32(src.as_ptr()));
-    unsafe { store32(to.add(4), 0) };
-    unsafe { store32(to.add(8), 0) };
-    unsafe { store32(to.add(12), 0) };
-}
-
 /// Copies an IPv6 address from the packet into a key's address in four word loads and stores.
 #[inline(always)]
 fn set_v6(dst: &mut [u8; 16], src: &[u8; 16]) {
@@ -119,11 +106,9 @@ fn set_mac(dst: &mut [u8; 6], src: &[u8; 6]) {
 /// False when no service has this destination address: the inlined first test (an array
 /// lookup, no helper call), so other traffic costs next to nothing. True may be a collision.
 #[inline(always)]
-fn may_be_vip(addr: &[u8; 16]) -> bool {
-    // The keys' addresses are 4-byte aligned (see `set_v4`): read as words.
-    let words = unsafe { (addr.as_ptr() as *const [u32; 4]).read() };
+fn may_be_vip(words: &[u32; 4]) -> bool {
     VIP_FILTER
-        .get(vip_slot_of_words(words))
+        .get(vip_slot_of_words(*words))
         .is_some_and(|services| *services != 0)
 }
 
@@ -205,25 +190,42 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
     let Some(ports) = ptr_at::<[u8; 4]>(ctx, l4_offset) else {
         return Outcome::Malformed;
     };
+    // The flow's key as five words in registers (see `FlowKey`: an IPv4 address fills the first
+    // four bytes of its 16): compared with this CPU's cached entry before anything is written.
+    let dst = load32(ip.dst.as_ptr());
+    if !may_be_vip(&[dst, 0, 0, 0]) {
+        return Outcome::Passed;
+    }
+    let tail =
+        load32(ports as *const u8) as u64 | (ip.proto as u64) << 32 | (FAMILY_IPV4 as u64) << 40;
+    let key = [load32(ip.src.as_ptr()) as u64, 0, dst as u64, 0, tail];
+    let flags = if ip.proto == PROTO_TCP {
+        match ptr_at::<u8>(ctx, l4_offset + TCP_FLAGS_OFFSET) {
+            Some(flags) => unsafe { *flags },
+            None => return Outcome::Malformed,
+        }
+    } else {
+        0
+    };
+    let index = cache_index(flow_cache_slot_of_words(&key));
+    if flags & (TCP_FIN | TCP_RST) == 0 {
+        if let Some(cached) = cached_flow(&key, index) {
+            if let Some(backend) = live_backend(cached.backend_id, cached.generation) {
+                return forward_cached(ctx, cached, backend, l2.l3_offset, l4_offset, ip.proto);
+            }
+        }
+    }
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return Outcome::Passed;
     };
     let packet = unsafe { &mut *scratch };
-    set_v4(&mut packet.flow.dst, &ip.dst);
-    if !may_be_vip(&packet.flow.dst) {
-        return Outcome::Passed;
-    }
-    set_v4(&mut packet.flow.src, &ip.src);
-    start_packet(
-        packet,
-        FAMILY_IPV4,
-        ip.proto,
-        l2.l3_offset,
-        l4_offset,
-        total,
-        ports as *const u8,
-    );
-    balance_cached(ctx, packet)
+    put_key(&mut packet.flow, &key);
+    packet.family = FAMILY_IPV4;
+    packet.proto = ip.proto;
+    packet.l3_offset = l2.l3_offset;
+    packet.l4_offset = l4_offset;
+    packet.ip_len = total as u16;
+    balance(ctx, packet, flags, index)
 }
 
 /// IPv6 with TCP or UDP directly after the fixed header (no extension headers).
@@ -254,7 +256,8 @@ pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
     };
     let packet = unsafe { &mut *scratch };
     set_v6(&mut packet.flow.dst, &ip6.dst);
-    if !may_be_vip(&packet.flow.dst) {
+    // The key's address is 4-byte aligned: read as words.
+    if !may_be_vip(&unsafe { (packet.flow.dst.as_ptr() as *const [u32; 4]).read() }) {
         return Outcome::Passed;
     }
     set_v6(&mut packet.flow.src, &ip6.src);
@@ -292,38 +295,46 @@ pub(crate) fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
     a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4]
 }
 
+/// Writes a key from its five words (word stores: a struct copy may become a memmove call).
+#[inline(always)]
+fn put_key(key: &mut FlowKey, words: &[u64; 5]) {
+    let p = key as *mut FlowKey as *mut u64;
+    let mut i = 0;
+    while i < 5 {
+        unsafe { p.add(i).write(words[i]) };
+        i += 1;
+    }
+}
+
 #[inline(always)]
 fn as_words(key: &FlowKey) -> &[u64; 5] {
     // SAFETY: FlowKey is 40 bytes, 8-byte aligned, every bit pattern valid.
     unsafe { &*(key as *const FlowKey as *const [u64; 5]) }
 }
 
-/// This CPU's cached entry for the flow, if it holds one it may still use: no helper call on
-/// the way (an inlined per-CPU array access and a key compare).
+/// Copies a connection-table entry into this CPU's cache (once its next hop is resolved), with
+/// a use count of 0.
 #[inline(always)]
-fn cached_flow(packet: &Packet, slot: u32) -> Option<&'static mut FlowCacheEntry> {
-    let entry = unsafe { &mut *FLOW_CACHE.get_ptr_mut(slot)? };
-    (same_flow(&entry.key, &packet.flow) && entry.value._pad < FLOW_CACHE_REFRESH).then_some(entry)
-}
-
-/// Copies a connection-table entry into this CPU's cache (once its next hop is resolved).
-#[inline(always)]
-fn cache_flow(packet: &Packet, slot: u32, value: &FlowValue) {
-    if value.ifindex == 0 {
+fn cache_flow(packet: &Packet, index: u32, value: &FlowValue) {
+    if value.next_hop.ifindex == 0 {
         return;
     }
-    if let Some(entry) = FLOW_CACHE.get_ptr_mut(slot) {
+    if let Some(entry) = FLOW_CACHE.get_ptr_mut(index) {
         let entry = unsafe { &mut *entry };
-        entry.key = packet.flow;
-        entry.value = *value;
-        entry.value._pad = 0;
+        put_key(&mut entry.key, as_words(&packet.flow));
+        entry.backend_id = value.backend_id;
+        entry.generation = value.generation;
+        copy32::<4>(
+            &mut entry.next_hop as *mut NextHop as *mut u8,
+            &value.next_hop as *const NextHop as *const u8,
+        );
     }
 }
 
-/// Forgets this CPU's cached entry in `slot`.
+/// Forgets this CPU's cached entry at `index`.
 #[inline(always)]
-fn uncache_flow(slot: u32) {
-    if let Some(entry) = FLOW_CACHE.get_ptr_mut(slot) {
+fn uncache_flow(index: u32) {
+    if let Some(entry) = FLOW_CACHE.get_ptr_mut(index) {
         unsafe { (*entry).key.family = 0 };
     }
 }
@@ -401,28 +412,65 @@ fn record_flow(packet: &Packet, backend: &BackendValue, entry: &FlowValue) {
     let _ = REVERSE_NAT.insert(&reverse_key, &reverse, 0);
 }
 
-/// The fast path, inlined in `ipv4` and `ipv6` (no bpf-to-bpf call): this CPU forwarded the
-/// flow recently, so its cached entry serves, without a helper call. FINs and RSTs go to
-/// `balance`, which records them in the connection table; so does everything else.
+/// This CPU's entries in `FLOW_CACHE` start at its number times `FLOW_CACHE_SLOTS`
+/// (`bpf_get_smp_processor_id` is inlined by the kernel: no helper call).
+#[inline(always)]
+fn cache_index(slot: u32) -> u32 {
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    cpu * FLOW_CACHE_SLOTS + slot
+}
+
+/// This CPU's cached entry for the flow whose key is `key`, if it holds one it may still use:
+/// an inlined array access and five word compares (the last one without the use count), no
+/// helper call.
+#[inline(always)]
+fn cached_flow(key: &[u64; 5], index: u32) -> Option<&'static mut FlowCacheEntry> {
+    let cached = unsafe { &mut *FLOW_CACHE.get_ptr_mut(index)? };
+    let have = as_words(&cached.key);
+    (have[0] == key[0]
+        && have[1] == key[1]
+        && have[2] == key[2]
+        && have[3] == key[3]
+        && have[4] & FLOW_CACHE_KEY_TAIL == key[4]
+        && cached.uses() < FLOW_CACHE_REFRESH)
+        .then_some(cached)
+}
+
+/// The fast path, inlined (no bpf-to-bpf call): this CPU forwarded the flow recently, and its
+/// backend is still the flow's. FINs and RSTs never take it: `balance` records them.
+#[inline(always)]
+fn forward_cached(
+    ctx: &XdpContext,
+    cached: &mut FlowCacheEntry,
+    backend: &BackendValue,
+    l3: usize,
+    l4: usize,
+    proto: u8,
+) -> Outcome {
+    cached.key._pad[0] += 1;
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    stats::count_traffic(backend.service_id, cached.backend_id, bytes, false);
+    forward(ctx, l3, l4, proto, backend, &cached.next_hop)
+}
+
+/// IPv6's way to the fast path: the key is already in the scratch packet.
 #[inline(always)]
 fn balance_cached(ctx: &XdpContext, packet: &mut Packet) -> Outcome {
     let flags = tcp_flags(ctx, packet);
-    let slot = flow_cache_slot(&packet.flow);
+    let index = cache_index(flow_cache_slot(&packet.flow));
     if flags & (TCP_FIN | TCP_RST) == 0 {
-        if let Some(cached) = cached_flow(packet, slot) {
-            if let Some(backend) = live_backend(cached.value.backend_id, cached.value.generation) {
-                cached.value._pad += 1;
-                let bytes = (ctx.data_end() - ctx.data()) as u64;
-                stats::count_traffic(backend.service_id, cached.value.backend_id, bytes, false);
-                return forward(ctx, packet, backend, &cached.value);
+        if let Some(cached) = cached_flow(as_words(&packet.flow), index) {
+            if let Some(backend) = live_backend(cached.backend_id, cached.generation) {
+                let (l3, l4, proto) = (packet.l3(), packet.l4(), packet.proto);
+                return forward_cached(ctx, cached, backend, l3, l4, proto);
             }
         }
     }
-    balance(ctx, packet, flags, slot)
+    balance(ctx, packet, flags, index)
 }
 
 #[inline(never)]
-fn balance(ctx: &XdpContext, packet: &mut Packet, flags: u8, slot: u32) -> Outcome {
+fn balance(ctx: &XdpContext, packet: &mut Packet, flags: u8, cache_index: u32) -> Outcome {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
 
     // 1. An established flow keeps its backend while that backend exists (a removed service's
@@ -430,18 +478,25 @@ fn balance(ctx: &XdpContext, packet: &mut Packet, flags: u8, slot: u32) -> Outco
     if let Some(entry) = CONNTRACK.get_ptr_mut(&packet.flow) {
         let entry = unsafe { &mut *entry };
         if let Some(backend) = live_backend(entry.backend_id, entry.generation) {
-            if entry.ifindex == 0 {
+            if entry.next_hop.ifindex == 0 {
                 resolve_next_hop(ctx, packet, backend, entry);
             }
             stats::count_traffic(backend.service_id, entry.backend_id, bytes, false);
-            let outcome = forward(ctx, packet, backend, entry);
+            let outcome = forward(
+                ctx,
+                packet.l3(),
+                packet.l4(),
+                packet.proto,
+                backend,
+                &entry.next_hop,
+            );
             if flags & TCP_RST != 0 {
-                uncache_flow(slot);
+                uncache_flow(cache_index);
                 forget_flow(packet, backend);
             } else if flags & TCP_FIN != 0 {
                 record_fin(entry, FLOW_CLIENT_FIN);
             } else {
-                cache_flow(packet, slot, entry);
+                cache_flow(packet, cache_index, entry);
             }
             return outcome;
         }
@@ -492,7 +547,14 @@ fn balance(ctx: &XdpContext, packet: &mut Packet, flags: u8, slot: u32) -> Outco
         record_flow(packet, backend, entry);
     }
     stats::count_traffic(service.id, backend_id, bytes, true);
-    forward(ctx, packet, backend, entry)
+    forward(
+        ctx,
+        packet.l3(),
+        packet.l4(),
+        packet.proto,
+        backend,
+        &entry.next_hop,
+    )
 }
 
 #[inline(always)]
@@ -502,7 +564,7 @@ pub(crate) fn live_backend(id: u32, generation: u32) -> Option<&'static BackendV
 }
 
 /// Asks the kernel's FIB for the next hop toward the backend; on success stores the egress
-/// interface and MACs in `entry`. Leaves `entry.ifindex` at 0 when the neighbour is not known
+/// interface and MACs in `entry`. Leaves `entry.next_hop.ifindex` at 0 when the neighbour is not known
 /// yet (or there is no route): the packet then goes through the kernel, which resolves it.
 #[inline(never)]
 fn resolve_next_hop(
@@ -549,12 +611,12 @@ fn resolve_next_hop(
         let ingress = ctx.ingress_ifindex() as u32;
         if params.ifindex != ingress && unsafe { REDIRECT_TARGETS.get(&params.ifindex) }.is_none() {
             // Not a redirect target (e.g. a veth whose peer runs no XDP): the kernel forwards.
-            entry.ifindex = NEXT_HOP_VIA_KERNEL;
+            entry.next_hop.ifindex = NEXT_HOP_VIA_KERNEL;
             return;
         }
-        entry.ifindex = params.ifindex;
-        entry.src_mac = params.smac;
-        entry.dst_mac = params.dmac;
+        entry.next_hop.ifindex = params.ifindex;
+        entry.next_hop.src_mac = params.smac;
+        entry.next_hop.dst_mac = params.dmac;
     }
 }
 
@@ -568,102 +630,85 @@ fn bytemuck_words(addr: &[u8; 16]) -> [u32; 4] {
     ]
 }
 
-/// DNAT to the backend, TTL/hop limit down by one, MACs for the next hop, and out.
+/// DNAT to the backend, TTL/hop limit down by one, MACs for the next hop, and out. `l3` and
+/// `l4` are the headers' offsets, `proto` the transport.
 #[inline(always)]
 fn forward(
     ctx: &XdpContext,
-    packet: &Packet,
+    l3: usize,
+    l4: usize,
+    proto: u8,
     backend: &BackendValue,
-    entry: &FlowValue,
+    next_hop: &NextHop,
 ) -> Outcome {
-    let rewritten = if packet.family == FAMILY_IPV4 {
-        dnat_v4(ctx, packet, backend)
+    let rewritten = if backend.family == FAMILY_IPV4 {
+        dnat_v4(ctx, l3, l4, proto, backend)
     } else {
-        dnat_v6(ctx, packet, backend)
+        dnat_v6(ctx, l3, l4, proto, backend)
     };
     if !rewritten {
         // TTL would expire here: the kernel sends the ICMP error.
         return Outcome::Passed;
     }
-    send(ctx, entry)
+    send(ctx, next_hop)
 }
 
 /// Sends a rewritten packet to the flow's next hop: MACs from the entry, then `XDP_TX` or a
 /// redirect; to the kernel while the next hop is not resolved.
 #[inline(always)]
-pub(crate) fn send(ctx: &XdpContext, entry: &FlowValue) -> Outcome {
-    if entry.ifindex == 0 || entry.ifindex == NEXT_HOP_VIA_KERNEL {
+pub(crate) fn send(ctx: &XdpContext, next_hop: &NextHop) -> Outcome {
+    if next_hop.ifindex == 0 || next_hop.ifindex == NEXT_HOP_VIA_KERNEL {
         return Outcome::ToKernel;
     }
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Outcome::Malformed;
     };
     let eth = unsafe { &mut *eth };
-    set_mac(&mut eth.src, &entry.src_mac);
-    set_mac(&mut eth.dst, &entry.dst_mac);
-    if entry.ifindex == ctx.ingress_ifindex() as u32 {
+    set_mac(&mut eth.src, &next_hop.src_mac);
+    set_mac(&mut eth.dst, &next_hop.dst_mac);
+    if next_hop.ifindex == ctx.ingress_ifindex() as u32 {
         return Outcome::Forwarded(xdp_action::XDP_TX);
     }
-    let action = unsafe { bpf_redirect(entry.ifindex, 0) } as u32;
+    let action = unsafe { bpf_redirect(next_hop.ifindex, 0) } as u32;
     Outcome::Forwarded(action)
 }
 
-/// Rewrites the destination address and port, decrements the TTL, and updates the IPv4 header
-/// and TCP/UDP checksums incrementally, in whole words. False (nothing written) when the TTL
-/// is ≤ 1.
+/// Rewrites the destination address and port and decrements the TTL, in whole words; the
+/// checksums change by the backend's precomputed deltas (`BackendValue::csum_ip`, `csum_l4`:
+/// the rewrite is the same for every packet of the backend). False (nothing written) when the
+/// TTL is ≤ 1.
 #[inline(always)]
-fn dnat_v4(ctx: &XdpContext, packet: &Packet, backend: &BackendValue) -> bool {
-    let (Some(ip), Some(l4)) = (
-        ptr_at::<Ipv4Hdr>(ctx, packet.l3()),
-        ptr_at::<[u8; 8]>(ctx, packet.l4()),
-    ) else {
+fn dnat_v4(ctx: &XdpContext, l3: usize, l4: usize, proto: u8, backend: &BackendValue) -> bool {
+    let (Some(ip), Some(ports)) = (ptr_at::<Ipv4Hdr>(ctx, l3), ptr_at::<[u8; 4]>(ctx, l4)) else {
         return false;
     };
-    let (ip, l4) = (ip as *mut u8, l4 as *mut u8);
+    let (ip, ports) = (ip as *mut u8, ports as *mut u8);
     let ttl = unsafe { *ip.add(8) };
     if ttl <= 1 {
         return false;
     }
-    let (old_dst, new_dst) = (load32(unsafe { ip.add(16) }), load32(backend.addr.as_ptr()));
-    let mut addr = NativeDelta::new();
-    addr.replace32(old_dst, new_dst);
-    // TTL and protocol share a 16-bit word; little-endian, the TTL is its low byte.
-    let ttl_proto = load16(unsafe { ip.add(8) });
-    let mut header = addr;
-    header.replace16(ttl_proto, ttl_proto - 1);
     let check = unsafe { ip.add(10) };
-    store16(check, header.apply(load16(check)));
-    store32(unsafe { ip.add(16) }, new_dst);
+    store16(check, apply_checksum_delta(load16(check), backend.csum_ip));
+    store32(unsafe { ip.add(16) }, load32(backend.addr.as_ptr()));
     unsafe { *ip.add(8) = ttl - 1 };
-
-    let (old_port, new_port) = (load16(unsafe { l4.add(2) }), load16(backend.port.as_ptr()));
-    let mut l4_delta = addr;
-    l4_delta.replace16(old_port, new_port);
-    store16(unsafe { l4.add(2) }, new_port);
-    update_l4_checksum(ctx, packet, &l4_delta, true);
+    store16(unsafe { ports.add(2) }, load16(backend.port.as_ptr()));
+    update_l4_checksum(ctx, l4, proto, backend.csum_l4, true);
     true
 }
 
 #[inline(always)]
-fn dnat_v6(ctx: &XdpContext, packet: &Packet, backend: &BackendValue) -> bool {
-    let (Some(ip6), Some(l4)) = (
-        ptr_at::<Ipv6Hdr>(ctx, packet.l3()),
-        ptr_at::<[u8; 8]>(ctx, packet.l4()),
-    ) else {
+fn dnat_v6(ctx: &XdpContext, l3: usize, l4: usize, proto: u8, backend: &BackendValue) -> bool {
+    let (Some(ip6), Some(ports)) = (ptr_at::<Ipv6Hdr>(ctx, l3), ptr_at::<[u8; 4]>(ctx, l4)) else {
         return false;
     };
-    let (ip6, l4) = unsafe { (&mut *ip6, &mut *l4) };
+    let (ip6, ports) = unsafe { (&mut *ip6, ports as *mut u8) };
     if ip6.hop_limit <= 1 {
         return false;
     }
-    let (old_port, new_port) = (load16(l4[2..].as_ptr()), load16(backend.port.as_ptr()));
-    let mut l4_delta = NativeDelta::new();
-    l4_delta.add_partial(diff16(&ip6.dst, &backend.addr));
-    l4_delta.replace16(old_port, new_port);
     set_v6(&mut ip6.dst, &backend.addr);
     ip6.hop_limit -= 1;
-    store16(l4[2..].as_mut_ptr(), new_port);
-    update_l4_checksum(ctx, packet, &l4_delta, false);
+    store16(unsafe { ports.add(2) }, load16(backend.port.as_ptr()));
+    update_l4_checksum(ctx, l4, proto, backend.csum_l4, false);
     true
 }
 
@@ -671,9 +716,9 @@ fn dnat_v6(ctx: &XdpContext, packet: &Packet, backend: &BackendValue) -> bool {
 /// 0; a computed UDP checksum of 0 is sent as 0xffff (RFC 768). (0 and 0xffff read the same in
 /// either byte order.)
 #[inline(always)]
-fn update_l4_checksum(ctx: &XdpContext, packet: &Packet, delta: &NativeDelta, ipv4: bool) {
-    let offset = packet.l4()
-        + if packet.proto == PROTO_TCP {
+fn update_l4_checksum(ctx: &XdpContext, l4: usize, proto: u8, delta: u16, ipv4: bool) {
+    let offset = l4
+        + if proto == PROTO_TCP {
             TCP_CSUM_OFFSET
         } else {
             UDP_CSUM_OFFSET
@@ -683,13 +728,13 @@ fn update_l4_checksum(ctx: &XdpContext, packet: &Packet, delta: &NativeDelta, ip
     };
     let csum = csum as *mut u8;
     let old = load16(csum);
-    if packet.proto == PROTO_UDP {
+    if proto == PROTO_UDP {
         if ipv4 && old == 0 {
             return;
         }
-        let new = delta.apply(old);
+        let new = apply_checksum_delta(old, delta);
         store16(csum, if new == 0 { 0xffff } else { new });
     } else {
-        store16(csum, delta.apply(old));
+        store16(csum, apply_checksum_delta(old, delta));
     }
 }

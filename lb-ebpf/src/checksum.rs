@@ -56,7 +56,7 @@ impl Delta {
 /// The one's-complement sum of `!old` and `new` as 32-bit words in the CPU's byte order: what
 /// `bpf_csum_diff(old, 16, new, 16, 0)` returns, without the helper call. For
 /// [`Delta::add_partial`]. Both sides are read as words: map memory is aligned, packet memory
-/// at least 2-byte aligned (fine where the balancer runs; see `balancer::set_v4`).
+/// at least 2-byte aligned (fine where the balancer runs; see `load16`).
 #[inline(always)]
 pub fn diff16(old: &[u8; 16], new: &[u8; 16]) -> u32 {
     let old = unsafe { (old.as_ptr() as *const [u32; 4]).read() };
@@ -70,48 +70,6 @@ pub fn diff16(old: &[u8; 16], new: &[u8; 16]) -> u32 {
     sum = (sum & 0xffff_ffff) + (sum >> 32);
     sum = (sum & 0xffff_ffff) + (sum >> 32);
     sum as u32
-}
-
-/// Incremental checksum updates (RFC 1624, eqn. 3) on words as the CPU reads them: a one's
-/// complement sum is the same bytes in either byte order (RFC 1071 §2(B)), so packet words are
-/// loaded and stored whole, with no byte assembly and no swaps. 32-bit words count as their two
-/// halves (2^16 ≡ 1 modulo 2^16 − 1). The balancer's hot path uses this; [`Delta`] (network
-/// order, byte arrays) serves the colder ICMP paths.
-#[derive(Clone, Copy)]
-pub struct NativeDelta(u64);
-
-impl NativeDelta {
-    #[inline(always)]
-    pub const fn new() -> Self {
-        Self(0)
-    }
-
-    /// A 32-bit word changes from `old` to `new`.
-    #[inline(always)]
-    pub fn replace32(&mut self, old: u32, new: u32) {
-        self.0 += (!old) as u64 + new as u64;
-    }
-
-    /// A 16-bit word changes from `old` to `new`.
-    #[inline(always)]
-    pub fn replace16(&mut self, old: u16, new: u16) {
-        self.0 += (!old) as u64 + new as u64;
-    }
-
-    /// A partial sum in the CPU's byte order (see [`diff16`]).
-    #[inline(always)]
-    pub fn add_partial(&mut self, partial: u32) {
-        self.0 += partial as u64;
-    }
-
-    /// The checksum field (as read, native order) after the recorded changes.
-    #[inline(always)]
-    pub fn apply(&self, field: u16) -> u16 {
-        let mut sum = (!field) as u32 + fold64(self.0) as u32;
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
-        !(sum as u16)
-    }
 }
 
 /// Loads and stores of whole words in packet or map memory. Packet headers sit at even offsets;

@@ -46,7 +46,7 @@ fn reverse_of(key: &FlowKey, flags: u8) -> Option<&'static ReverseNatValue> {
     if flags & (TCP_FIN | TCP_RST) == 0 {
         if let Some(cached) = cached {
             let cached = unsafe { &mut *cached };
-            if same_flow(&cached.key, key) && cached.served < FLOW_CACHE_REFRESH {
+            if same_flow(&cached.key, key) && cached.served < FLOW_CACHE_REFRESH as u32 {
                 cached.served += 1;
                 return Some(&cached.value);
             }

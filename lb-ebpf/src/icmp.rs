@@ -188,7 +188,7 @@ pub fn ipv4(ctx: &XdpContext, l3: usize, total: usize) -> Outcome {
     ip.check = outer.apply(ip.check);
     ip.dst = new_addr;
     ip.ttl -= 1;
-    Outcome::IcmpTranslated(send(ctx, entry).action())
+    Outcome::IcmpTranslated(send(ctx, &entry.next_hop).action())
 }
 
 /// An ICMPv6 error to a possible VIP, directly after the fixed header.
@@ -267,5 +267,5 @@ pub fn ipv6(ctx: &XdpContext, l3: usize) -> Outcome {
     icmp[3] = new_check[1];
     ip6.dst = backend.addr;
     ip6.hop_limit -= 1;
-    Outcome::IcmpTranslated(send(ctx, entry).action())
+    Outcome::IcmpTranslated(send(ctx, &entry.next_hop).action())
 }

@@ -9,9 +9,9 @@ use aya_ebpf::{
 use lb_common::{
     BackendValue, FloodSettings, FloodState, FlowCacheEntry, FlowKey, FlowValue, GlobalStats,
     L2VipKey, L2VipValue, ReverseCacheEntry, ReverseNatValue, ServiceKey, ServiceValue,
-    TrafficStats, BACKENDS_DEFAULT_CAPACITY, BPF_F_INNER_MAP, FLOWS_DEFAULT_CAPACITY,
-    FLOW_CACHE_SLOTS, L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE, REDIRECT_TARGETS_CAPACITY,
-    SERVICES_DEFAULT_CAPACITY, VIP_FILTER_SLOTS,
+    TrafficStats, BACKENDS_DEFAULT_CAPACITY, BPF_F_INNER_MAP, BPF_F_MMAPABLE,
+    FLOWS_DEFAULT_CAPACITY, FLOW_CACHE_SLOTS, L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE,
+    REDIRECT_TARGETS_CAPACITY, SERVICES_DEFAULT_CAPACITY, VIP_FILTER_SLOTS,
 };
 
 /// (ifindex, IP) → MAC to answer ARP/NDP with. No entry for an ifindex: no answer there.
@@ -86,10 +86,14 @@ pub static FLOOD_SETTINGS: Array<FloodSettings, 1> = Array::new();
 #[btf_map]
 pub static FLOOD_STATE: PerCpuArray<FloodState, 1> = PerCpuArray::new();
 
-/// Each CPU's cache of connection-table entries (see lb-common's `MAP_FLOW_CACHE`).
+/// Each CPU's cache of connection-table entries (see lb-common's `MAP_FLOW_CACHE`). Sized for
+/// one CPU here; user space sizes it for every possible CPU at load.
 #[btf_map]
-pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry, { FLOW_CACHE_SLOTS as usize }> =
-    PerCpuArray::new();
+pub static FLOW_CACHE: Array<
+    FlowCacheEntry,
+    { FLOW_CACHE_SLOTS as usize },
+    { BPF_F_MMAPABLE as usize },
+> = Array::new();
 
 /// Each CPU's cache of reverse-NAT entries (see lb-common's `MAP_REVERSE_CACHE`).
 #[btf_map]

@@ -29,6 +29,8 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot count the possible CPUs (sizing the per-CPU flow cache): {0}")]
+    PossibleCpus(String),
     #[error("no such interface: {name:?}")]
     NoSuchInterface { name: String },
     #[error("interface {name:?} has no usable MAC address ({detail})")]

@@ -192,14 +192,17 @@ pub fn spawn_sweeper(pin_dir: PathBuf) -> std::io::Result<std::thread::JoinHandl
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_common::NextHop;
 
     fn value(flags: u32, closed_at: u64) -> FlowValue {
         FlowValue {
             backend_id: 1,
             generation: 7,
-            ifindex: 2,
-            src_mac: [0; 6],
-            dst_mac: [0; 6],
+            next_hop: NextHop {
+                ifindex: 2,
+                src_mac: [0; 6],
+                dst_mac: [0; 6],
+            },
             flags,
             _pad: 0,
             closed_at,

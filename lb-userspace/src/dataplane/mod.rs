@@ -31,7 +31,7 @@ use aya::{
 use lb_common::{
     FlowKey, FlowValue, GlobalStats, L2VipKey, L2VipValue, BACKENDS_DEFAULT_CAPACITY, FAMILY_IPV4,
     FLOWS_DEFAULT_CAPACITY, L2_VIPS_DEFAULT_CAPACITY, MAP_BACKENDS, MAP_BACKEND_STATS,
-    MAP_CONNTRACK, MAP_GLOBAL_STATS, MAP_L2_VIPS, MAP_MAGLEV, MAP_REDIRECT_TARGETS,
+    MAP_CONNTRACK, MAP_FLOW_CACHE, MAP_GLOBAL_STATS, MAP_L2_VIPS, MAP_MAGLEV, MAP_REDIRECT_TARGETS,
     MAP_REVERSE_NAT, MAP_SERVICES, MAP_SERVICE_STATS, PROG_TC_EGRESS, PROG_XDP_INGRESS,
     SERVICES_DEFAULT_CAPACITY,
 };
@@ -360,7 +360,8 @@ impl Dataplane {
             .map_max_entries(MAP_BACKENDS, caps.backends)
             .map_max_entries(MAP_BACKEND_STATS, caps.backends)
             .map_max_entries(MAP_CONNTRACK, caps.flows)
-            .map_max_entries(MAP_REVERSE_NAT, caps.flows);
+            .map_max_entries(MAP_REVERSE_NAT, caps.flows)
+            .map_max_entries(MAP_FLOW_CACHE, system::flow_cache_entries()?);
         let pin_paths: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
                 system::prepare_pin_dir(dir)?;

@@ -13,9 +13,9 @@ use std::{
 
 use aya::maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
-    vip_slot, BackendValue, ServiceKey, ServiceValue, TrafficStats, BACKEND_ACTIVE,
-    BPF_F_INNER_MAP, FAMILY_IPV4, FAMILY_IPV6, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_MAGLEV,
-    MAP_SERVICES, MAP_SERVICE_STATS, MAP_VIP_FILTER, PROTO_TCP, PROTO_UDP,
+    dnat_checksum_deltas, vip_slot, BackendValue, ServiceKey, ServiceValue, TrafficStats,
+    BACKEND_ACTIVE, BPF_F_INNER_MAP, FAMILY_IPV4, FAMILY_IPV6, MAP_BACKENDS, MAP_BACKEND_STATS,
+    MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_STATS, MAP_VIP_FILTER, PROTO_TCP, PROTO_UDP,
 };
 
 use super::{map_error, Dataplane, DataplaneError, Result};
@@ -234,6 +234,13 @@ impl Dataplane {
                 let existing = array.get(id, 0).map_err(map_error(MAP_BACKENDS))?;
                 let keep =
                     old.contains_key(&b.maglev_key()) && existing.flags & BACKEND_ACTIVE != 0;
+                let (csum_ip, csum_l4) = dnat_checksum_deltas(
+                    family(&b.ip),
+                    &addr16(&service.vip),
+                    service.port.to_be_bytes(),
+                    &addr16(&b.ip),
+                    b.port.to_be_bytes(),
+                );
                 let value = BackendValue {
                     addr: addr16(&b.ip),
                     port: b.port.to_be_bytes(),
@@ -246,6 +253,8 @@ impl Dataplane {
                         generation_base.wrapping_add(i as u32)
                     },
                     weight: b.weight,
+                    csum_ip,
+                    csum_l4,
                 };
                 array.set(*id, value, 0).map_err(map_error(MAP_BACKENDS))?;
             }

@@ -21,6 +21,14 @@ pub struct Interface {
     pub mac: [u8; 6],
 }
 
+/// Entries of `FLOW_CACHE`: [`lb_common::FLOW_CACHE_SLOTS`] for every possible CPU (CPU
+/// numbers run up to the possible count, not just the online ones).
+pub fn flow_cache_entries() -> Result<u32> {
+    let cpus = aya::util::nr_cpus()
+        .map_err(|(path, e)| DataplaneError::PossibleCpus(format!("{path}: {e}")))?;
+    Ok(cpus as u32 * lb_common::FLOW_CACHE_SLOTS)
+}
+
 pub fn require_root() -> Result<()> {
     let uid = unsafe { libc::geteuid() };
     if uid != 0 {
