@@ -53,16 +53,20 @@ pub const MAP_CONNTRACK: &str = "CONNTRACK";
 /// LRU hash [`FlowKey`] (backend → client) → [`ReverseNatValue`]: what the TC egress program
 /// rewrites replies back to.
 pub const MAP_REVERSE_NAT: &str = "REVERSE_NAT";
-/// Per-CPU array indexed by service id → [`TrafficStats`].
+/// Per-CPU array indexed by service id → [`TrafficStats`] of the service's backends that have
+/// left it (user space adds a backend's counters here when it removes the backend; the XDP
+/// program never writes it). A service's traffic is this plus its backends' counters: one
+/// per-CPU counter update per packet instead of two.
 pub const MAP_SERVICE_STATS: &str = "SERVICE_STATS";
-/// Per-CPU array indexed by backend id → [`TrafficStats`].
+/// Per-CPU array indexed by backend id → [`TrafficStats`]: every packet balanced to the backend
+/// (and every new flow) is counted here.
 pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 /// Hash map ifindex → 1: interfaces the XDP program may redirect to. Frames redirected into a
 /// veth whose peer runs no XDP program are lost, so veths are only listed when the operator says
 /// so; for any other egress, the rewritten packet goes through the kernel.
 pub const MAP_REDIRECT_TARGETS: &str = "REDIRECT_TARGETS";
 pub const REDIRECT_TARGETS_CAPACITY: u32 = 4096;
-/// `FlowValue::ifindex` value meaning "resolved: send through the kernel".
+/// `NextHop::ifindex` value meaning "resolved: send through the kernel".
 pub const NEXT_HOP_VIA_KERNEL: u32 = u32::MAX;
 
 /// Array, one slot: [`FloodSettings`]. Written by user space.

@@ -449,7 +449,7 @@ fn forward_cached(
 ) -> Outcome {
     cached.key._pad[0] += 1;
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    stats::count_traffic(backend.service_id, cached.backend_id, bytes, false);
+    stats::count_traffic(cached.backend_id, bytes, false);
     forward(ctx, l3, l4, proto, backend, &cached.next_hop)
 }
 
@@ -481,7 +481,7 @@ fn balance(ctx: &XdpContext, packet: &mut Packet, flags: u8, cache_index: u32) -
             if entry.next_hop.ifindex == 0 {
                 resolve_next_hop(ctx, packet, backend, entry);
             }
-            stats::count_traffic(backend.service_id, entry.backend_id, bytes, false);
+            stats::count_traffic(entry.backend_id, bytes, false);
             let outcome = forward(
                 ctx,
                 packet.l3(),
@@ -546,7 +546,7 @@ fn balance(ctx: &XdpContext, packet: &mut Packet, flags: u8, cache_index: u32) -
     if flags & TCP_RST == 0 && may_track_new_flow() {
         record_flow(packet, backend, entry);
     }
-    stats::count_traffic(service.id, backend_id, bytes, true);
+    stats::count_traffic(backend_id, bytes, true);
     forward(
         ctx,
         packet.l3(),

@@ -55,7 +55,8 @@ pub static CONNTRACK: LruHashMap<FlowKey, FlowValue, { FLOWS_DEFAULT_CAPACITY as
 pub static REVERSE_NAT: LruHashMap<FlowKey, ReverseNatValue, { FLOWS_DEFAULT_CAPACITY as usize }> =
     LruHashMap::new();
 
-/// Per-service traffic counters, indexed by service id.
+/// Per-service traffic counters of backends that left, indexed by service id: written by user
+/// space only (see lb-common's `MAP_SERVICE_STATS`).
 #[btf_map]
 pub static SERVICE_STATS: PerCpuArray<TrafficStats, { SERVICES_DEFAULT_CAPACITY as usize }> =
     PerCpuArray::new();

@@ -2,9 +2,7 @@
 
 use aya_ebpf::bindings::xdp_action;
 
-use lb_common::TrafficStats;
-
-use crate::maps::{BACKEND_STATS, GLOBAL_STATS, SERVICE_STATS};
+use crate::maps::{BACKEND_STATS, GLOBAL_STATS};
 
 /// What happened to a packet; each maps to one counter and one XDP action.
 #[derive(Clone, Copy)]
@@ -76,27 +74,18 @@ pub fn count_icmp_to_client() {
     }
 }
 
-/// Adds one packet of `bytes` (and a new flow, if it is one) to a service's and a backend's
-/// per-CPU traffic counters.
+/// Adds one packet of `bytes` (and a new flow, if it is one) to a backend's per-CPU traffic
+/// counters. The service's are the sum of its backends' (user space adds those of backends that
+/// leave to `SERVICE_STATS`): one counter update per packet, not two (6 ns on the hit path).
 #[inline(always)]
-pub fn count_traffic(service_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
-    // Two plain lookups: iterating over both pointers lets LLVM test them together with a
-    // pointer OR, which the verifier refuses.
-    if let Some(counter) = SERVICE_STATS.get_ptr_mut(service_id) {
-        add_traffic(counter, bytes, new_flow);
-    }
+pub fn count_traffic(backend_id: u32, bytes: u64, new_flow: bool) {
     if let Some(counter) = BACKEND_STATS.get_ptr_mut(backend_id) {
-        add_traffic(counter, bytes, new_flow);
-    }
-}
-
-#[inline(always)]
-fn add_traffic(counter: *mut TrafficStats, bytes: u64, new_flow: bool) {
-    // SAFETY: a per-CPU slot: no other program instance writes it concurrently.
-    let counter = unsafe { &mut *counter };
-    counter.packets += 1;
-    counter.bytes += bytes;
-    if new_flow {
-        counter.new_flows += 1;
+        // SAFETY: a per-CPU slot: no other program instance writes it concurrently.
+        let counter = unsafe { &mut *counter };
+        counter.packets += 1;
+        counter.bytes += bytes;
+        if new_flow {
+            counter.new_flows += 1;
+        }
     }
 }

@@ -552,7 +552,8 @@ fn a_service_without_backends_drops_new_flows_and_counts_them() {
 }
 
 #[test]
-fn service_and_backend_counters_count_packets_bytes_and_new_flows() {
+fn service_and_backend_counters_count_packets_bytes_and_new_flows_and_keep_departed_backends_share()
+{
     lab(|dp, veth0, _| {
         dp.upsert_service(tcp80(), &[b4(10)]).unwrap();
         for _ in 0..3 {
@@ -567,6 +568,27 @@ fn service_and_backend_counters_count_packets_bytes_and_new_flows() {
         assert_eq!(stats[0].traffic.new_flows, 2);
         assert_eq!(stats[0].backends[0].1.packets, 4);
         assert_eq!(stats[0].backends[0].1.new_flows, 2);
+
+        // The XDP program counts per backend only; a backend that leaves keeps its share in
+        // the service's counters, which never go backwards.
+        dp.set_backends(&tcp80(), &[b4(11)]).unwrap();
+        dp.run_ingress(veth0, &syn4(40002, 80)).unwrap();
+        let stats = dp.service_stats().unwrap();
+        assert_eq!(stats[0].traffic.packets, 5);
+        assert_eq!(stats[0].traffic.bytes, 5 * len);
+        assert_eq!(stats[0].traffic.new_flows, 3);
+        assert_eq!(stats[0].backends.len(), 1);
+        assert_eq!(stats[0].backends[0].1.packets, 1);
+        // The departed backend's id, given to a newcomer, starts from zero.
+        dp.set_backends(&tcp80(), &[b4(11), b4(12)]).unwrap();
+        let stats = dp.service_stats().unwrap();
+        assert_eq!(stats[0].traffic.packets, 5);
+        let newcomer = stats[0]
+            .backends
+            .iter()
+            .find(|(b, _)| *b == b4(12))
+            .unwrap();
+        assert_eq!(newcomer.1.packets, 0);
     });
 }
 

@@ -324,6 +324,7 @@ impl Dataplane {
             .filter(|id| !kept.contains(id))
             .collect();
         self.deactivate_backends(&gone)?;
+        self.retire_backend_stats(state.id, &gone)?;
         tracing::info!(
             event = "backendsSet",
             service = %service,
@@ -410,7 +411,8 @@ impl Dataplane {
             .collect()
     }
 
-    /// Per-service and per-backend counters, summed over CPUs.
+    /// Per-service and per-backend counters, summed over CPUs. A service's are its backends'
+    /// plus those of backends that left it (`MAP_SERVICE_STATS`).
     pub fn service_stats(&self) -> Result<Vec<ServiceStats>> {
         let read = |name: &'static str, id: u32| -> Result<TrafficStats> {
             let array: PerCpuArray<&MapData, TrafficStats> = PerCpuArray::try_from(
@@ -426,13 +428,17 @@ impl Dataplane {
         };
         let mut out = Vec::new();
         for (service, state) in &self.registry.services {
+            // The backends that left, then the ones in service (see `MAP_SERVICE_STATS`).
+            let mut traffic = read(MAP_SERVICE_STATS, state.id)?;
             let mut backends = Vec::new();
             for (b, id) in &state.backends {
-                backends.push((*b, read(MAP_BACKEND_STATS, *id)?));
+                let counted = read(MAP_BACKEND_STATS, *id)?;
+                traffic = traffic.add(counted);
+                backends.push((*b, counted));
             }
             out.push(ServiceStats {
                 service: *service,
-                traffic: read(MAP_SERVICE_STATS, state.id)?,
+                traffic,
                 backends,
             });
         }
@@ -479,6 +485,50 @@ impl Dataplane {
             self.registry.used_backend_ids.remove(id);
         }
         Ok(())
+    }
+
+    /// Adds the counters of backends that left a service to the service's own (per CPU), so its
+    /// traffic never goes backwards; the backends' ids are reset when they are given out again.
+    /// Called after the backends were deactivated: the XDP program counts nothing more on them
+    /// (but for a packet in flight on another CPU at that instant).
+    fn retire_backend_stats(&mut self, service_id: u32, backend_ids: &[u32]) -> Result<()> {
+        if backend_ids.is_empty() {
+            return Ok(());
+        }
+        let left: Vec<PerCpuValues<TrafficStats>> = {
+            let array: PerCpuArray<&MapData, TrafficStats> = PerCpuArray::try_from(
+                self.ebpf
+                    .map(MAP_BACKEND_STATS)
+                    .ok_or(DataplaneError::MissingMap(MAP_BACKEND_STATS))?,
+            )
+            .map_err(map_error(MAP_BACKEND_STATS))?;
+            backend_ids
+                .iter()
+                .map(|id| array.get(id, 0).map_err(map_error(MAP_BACKEND_STATS)))
+                .collect::<Result<_>>()?
+        };
+        let mut array: PerCpuArray<&mut MapData, TrafficStats> = PerCpuArray::try_from(
+            self.ebpf
+                .map_mut(MAP_SERVICE_STATS)
+                .ok_or(DataplaneError::MissingMap(MAP_SERVICE_STATS))?,
+        )
+        .map_err(map_error(MAP_SERVICE_STATS))?;
+        let mut sums: Vec<TrafficStats> = array
+            .get(&service_id, 0)
+            .map_err(map_error(MAP_SERVICE_STATS))?
+            .iter()
+            .copied()
+            .collect();
+        for values in &left {
+            for (sum, value) in sums.iter_mut().zip(values.iter()) {
+                *sum = sum.add(*value);
+            }
+        }
+        let sums = PerCpuValues::try_from(sums)
+            .map_err(|e| DataplaneError::Cpus(std::io::Error::other(e.to_string())))?;
+        array
+            .set(service_id, sums, 0)
+            .map_err(map_error(MAP_SERVICE_STATS))
     }
 
     fn reset_stats(&mut self, name: &'static str, id: u32) -> Result<()> {
@@ -602,6 +652,7 @@ pub(super) fn read_services<T: std::borrow::Borrow<MapData>>(
             value.id,
             ServiceStats {
                 service,
+                // The backends that left; those in service are added below.
                 traffic: sum_stats(service_stats, value.id, MAP_SERVICE_STATS)?,
                 backends: Vec::new(),
             },
@@ -619,6 +670,7 @@ pub(super) fn read_services<T: std::borrow::Borrow<MapData>>(
                 weight: value.weight,
             };
             let traffic = sum_stats(backend_stats, index as u32, MAP_BACKEND_STATS)?;
+            stats.traffic = stats.traffic.add(traffic);
             stats.backends.push((backend, traffic));
         }
     }
