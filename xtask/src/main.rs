@@ -3,7 +3,8 @@
 //! - `setup`      the toolchain pieces and Debian packages, idempotently (fast when present)
 //! - `build-ebpf` builds lb-ebpf (nightly, -Z build-std=core, bpfel-unknown-none, bpf-linker)
 //! - `test`       setup, build-ebpf, fmt and clippy checks, then every test (needs root)
-//! - `bench`      setup, build-ebpf, then the XDP benchmark report (needs root)
+//! - `bench`      setup, build-ebpf, then the XDP benchmark report (needs root); `bench e2e`
+//!   runs the shared end-to-end bench with Sluice as a path, and each program's cost in place
 //! - `soak`       setup, build-ebpf, then the speaker mesh's failovers, 10 runs each, with the
 //!   figures (needs root; `cargo xtask soak -- RUNS` for another count); `soak bfd` does the
 //!   same for BGP with BFD against BIRD and FRR
@@ -18,6 +19,8 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+
+mod e2e;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and the data plane need: (command that proves it is there, package).
@@ -46,7 +49,10 @@ fn main() -> Result<()> {
         "bench" => {
             setup()?;
             build_ebpf()?;
-            bench()
+            match rest.first().map(String::as_str) {
+                Some("e2e") => e2e::bench_e2e(),
+                _ => bench(),
+            }
         }
         "soak" => {
             setup()?;
