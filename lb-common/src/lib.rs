@@ -122,6 +122,103 @@ pub fn vip_slot_of_words(words: [u32; 4]) -> u32 {
     (h ^ (h >> 16)) & (VIP_FILTER_SLOTS - 1)
 }
 
+/// Array with one [`TraceFilter`]: which packets `sluice trace` wants to see. Pinned.
+pub const MAP_TRACE_FILTER: &str = "TRACE_FILTER";
+/// Ring buffer of [`TraceEvent`]s, one per traced decision. Pinned.
+pub const MAP_TRACE_EVENTS: &str = "TRACE_EVENTS";
+/// Size of [`MAP_TRACE_EVENTS`] in bytes (a power of two, a multiple of the page size).
+pub const TRACE_EVENTS_BYTES: u32 = 256 * 1024;
+
+/// What `sluice trace` asks the programs to report. While `active` is 0 (no trace running) the
+/// programs do nothing more than read that word. A trace holds a lease: past `until`
+/// (`CLOCK_MONOTONIC` ns) the programs turn it off themselves, so a trace that was killed leaves
+/// nothing enabled. Zero fields match anything.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct TraceFilter {
+    pub active: u32,
+    /// Only packets received on (XDP) or leaving through (TC) this interface.
+    pub ifindex: u32,
+    pub until: u64,
+    pub vip: [u8; 16],
+    pub client: [u8; 16],
+    /// Network order.
+    pub vip_port: [u8; 2],
+    /// [`FAMILY_IPV4`] / [`FAMILY_IPV6`]; 0: no VIP filter.
+    pub vip_family: u8,
+    /// 0: no client filter.
+    pub client_family: u8,
+    /// Leading bits of `client` that must match.
+    pub client_prefix: u8,
+    pub _pad: [u8; 3],
+    /// Events the ring buffer had no room for (the reader was too slow).
+    pub lost: u64,
+}
+
+/// Which program saw the packet.
+pub const TRACE_HOOK_XDP: u8 = 1;
+pub const TRACE_HOOK_TC: u8 = 2;
+
+/// [`TraceEvent::flags`]: rewritten, then handed to the kernel to forward (the backend's
+/// neighbour is not resolved yet, or its interface is not a redirect target).
+pub const TRACE_VIA_KERNEL: u8 = 1;
+
+/// What the program decided ([`TraceEvent::decision`]).
+pub mod decision {
+    pub const PASSED_NOT_A_SERVICE: u8 = 1;
+    pub const PASSED_TTL: u8 = 2;
+    pub const PASSED_FRAGMENT_OR_OPTIONS: u8 = 3;
+    pub const PASSED_OTHER_PROTOCOL: u8 = 4;
+    pub const PASSED_ARP_NDP_NOT_OURS: u8 = 5;
+    pub const MALFORMED: u8 = 6;
+    pub const ARP_REPLY: u8 = 7;
+    pub const NA_REPLY: u8 = 8;
+    /// A tracked flow (flow cache or connection table) → its backend.
+    pub const CONNTRACK_HIT: u8 = 9;
+    /// A new flow: Maglev slot → backend, tracked.
+    pub const NEW_FLOW: u8 = 10;
+    /// A new flow past the flood guard's limit: forwarded, not tracked.
+    pub const NEW_FLOW_FLOOD_GUARD: u8 = 11;
+    pub const NO_BACKEND: u8 = 12;
+    /// Rewritten, to the kernel (internal to the programs: events carry the hit or new flow it
+    /// was, with [`super::TRACE_VIA_KERNEL`]).
+    pub const TO_KERNEL: u8 = 13;
+    pub const ICMP_TO_BACKEND: u8 = 14;
+    pub const ICMP_UNMATCHED: u8 = 15;
+    pub const REVERSE_NAT: u8 = 16;
+    pub const ICMP_TO_CLIENT: u8 = 17;
+}
+
+/// One traced decision. Addresses: IPv4 in the first four bytes (ARP: sender and target).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct TraceEvent {
+    /// `CLOCK_MONOTONIC` ns.
+    pub time: u64,
+    pub ifindex: u32,
+    /// The XDP action or TC verdict returned.
+    pub action: u32,
+    pub hook: u8,
+    pub decision: u8,
+    pub family: u8,
+    /// IP protocol; 0 for ARP.
+    pub proto: u8,
+    /// The Maglev slot of a new flow.
+    pub slot: u32,
+    /// The packet as it arrived.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    /// Where it went: the backend (XDP) or the VIP a reply now comes from (TC).
+    pub to_port: [u8; 2],
+    /// Set while the original headers were captured (internal to the programs).
+    pub captured: u8,
+    /// [`TRACE_VIA_KERNEL`].
+    pub flags: u8,
+    pub to_addr: [u8; 16],
+}
+
 /// Name of the TC egress program (reverse NAT).
 pub const PROG_TC_EGRESS: &str = "sluice_egress";
 
@@ -547,6 +644,7 @@ pub struct BenchFrame {
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all of these are #[repr(C)], Copy, and have no padding bytes (bytemuck::Pod proves it).
+    unsafe impl aya::Pod for super::TraceFilter {}
     unsafe impl aya::Pod for super::L2VipKey {}
     unsafe impl aya::Pod for super::L2VipValue {}
     unsafe impl aya::Pod for super::GlobalStats {}
@@ -711,6 +809,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowCacheEntry>(), 64);
         assert_eq!(core::mem::align_of::<FlowCacheEntry>(), 64);
         assert_eq!(core::mem::size_of::<NextHop>(), 16);
+        assert_eq!(core::mem::size_of::<TraceFilter>(), 64);
+        assert_eq!(core::mem::size_of::<TraceEvent>(), 80);
         assert_eq!(core::mem::size_of::<ReverseCacheEntry>(), 64);
         assert_eq!(core::mem::align_of::<FlowKey>(), 8);
         assert_eq!(core::mem::size_of::<BackendValue>(), 36);

@@ -47,6 +47,10 @@ pub struct Packet {
     proto: u8,
     /// IPv4: total length; IPv6: payload length + 40 (for the FIB lookup's MTU check).
     ip_len: u16,
+    /// For `sluice trace`: 1 when this packet started a tracked flow, 2 an untracked one (the
+    /// flood guard), with its Maglev slot; cleared by the trace before each traced packet.
+    pub(crate) trace_new_flow: u32,
+    pub(crate) trace_slot: u32,
     l3_offset: usize,
     l4_offset: usize,
 }
@@ -512,8 +516,8 @@ fn balance(ctx: &XdpContext, packet: &mut Packet, flags: u8, cache_index: u32) -
     if service.table_size == 0 {
         return Outcome::NoBackend;
     }
-    let slot = flow_hash(&packet.flow) % service.table_size;
-    let Some(backend_id) = MAGLEV.get_value(service.id, &slot).copied() else {
+    let maglev_slot = flow_hash(&packet.flow) % service.table_size;
+    let Some(backend_id) = MAGLEV.get_value(service.id, &maglev_slot).copied() else {
         return Outcome::NoBackend;
     };
     let Some(backend) = BACKENDS.get(backend_id) else {
@@ -543,8 +547,11 @@ fn balance(ctx: &XdpContext, packet: &mut Packet, flags: u8, cache_index: u32) -
     resolve_next_hop(ctx, packet, backend, entry);
     // An RST for no known flow is forwarded statelessly: it opens nothing. Neither does a new
     // flow past the flood guard's limit: it cannot evict established flows.
+    packet.trace_slot = maglev_slot;
+    packet.trace_new_flow = 2;
     if flags & TCP_RST == 0 && may_track_new_flow() {
         record_flow(packet, backend, entry);
+        packet.trace_new_flow = 1;
     }
     stats::count_traffic(backend_id, bytes, true);
     forward(

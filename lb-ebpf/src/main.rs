@@ -17,6 +17,7 @@ mod maps;
 mod parse;
 mod runtime;
 mod stats;
+mod trace;
 
 use aya_ebpf::{
     bindings::TC_ACT_OK,
@@ -25,19 +26,27 @@ use aya_ebpf::{
 };
 
 use headers::{Ipv6Hdr, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_ICMPV6, IPV6_HLEN};
-use lb_common::{PROTO_TCP, PROTO_UDP};
+use lb_common::{PROTO_TCP, PROTO_UDP, TRACE_HOOK_TC, TRACE_HOOK_XDP};
 use stats::Outcome;
 
 #[xdp]
 pub fn sluice_ingress(ctx: XdpContext) -> u32 {
+    let traced = trace::on() && trace::capture(&ctx, TRACE_HOOK_XDP);
     let outcome = process_packet(&ctx);
     stats::count(outcome);
+    if traced {
+        trace::emit_xdp(&ctx, trace::decision_of(outcome), outcome.action());
+    }
     outcome.action()
 }
 
 #[classifier]
 pub fn sluice_egress(ctx: TcContext) -> i32 {
+    let traced = trace::on() && trace::capture(&ctx, TRACE_HOOK_TC);
     egress::reverse_nat(&ctx);
+    if traced {
+        trace::emit_tc(&ctx, TC_ACT_OK);
+    }
     TC_ACT_OK
 }
 

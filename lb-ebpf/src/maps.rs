@@ -3,15 +3,15 @@
 //! and sets their capacities at load time (the sizes here are the defaults).
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use lb_common::{
     BackendValue, FloodSettings, FloodState, FlowCacheEntry, FlowKey, FlowValue, GlobalStats,
-    L2VipKey, L2VipValue, ReverseCacheEntry, ReverseNatValue, ServiceKey, ServiceValue,
-    TrafficStats, BACKENDS_DEFAULT_CAPACITY, BPF_F_INNER_MAP, BPF_F_MMAPABLE,
+    L2VipKey, L2VipValue, ReverseCacheEntry, ReverseNatValue, ServiceKey, ServiceValue, TraceEvent,
+    TraceFilter, TrafficStats, BACKENDS_DEFAULT_CAPACITY, BPF_F_INNER_MAP, BPF_F_MMAPABLE,
     FLOWS_DEFAULT_CAPACITY, FLOW_CACHE_SLOTS, L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE,
-    REDIRECT_TARGETS_CAPACITY, SERVICES_DEFAULT_CAPACITY, VIP_FILTER_SLOTS,
+    REDIRECT_TARGETS_CAPACITY, SERVICES_DEFAULT_CAPACITY, TRACE_EVENTS_BYTES, VIP_FILTER_SLOTS,
 };
 
 /// (ifindex, IP) → MAC to answer ARP/NDP with. No entry for an ifindex: no answer there.
@@ -100,3 +100,15 @@ pub static FLOW_CACHE: Array<
 #[btf_map]
 pub static REVERSE_CACHE: PerCpuArray<ReverseCacheEntry, { FLOW_CACHE_SLOTS as usize }> =
     PerCpuArray::new();
+
+/// What `sluice trace` asks for (see lb-common's `MAP_TRACE_FILTER`).
+#[btf_map]
+pub static TRACE_FILTER: Array<TraceFilter, 1> = Array::new();
+
+/// Traced decisions, for `sluice trace` (see lb-common's `MAP_TRACE_EVENTS`).
+#[btf_map]
+pub static TRACE_EVENTS: RingBuf<TraceEvent, { TRACE_EVENTS_BYTES as usize }> = RingBuf::new();
+
+/// Per-CPU: the traced packet's headers as they arrived, until its event is written.
+#[btf_map]
+pub static TRACE_SCRATCH: PerCpuArray<TraceEvent, 1> = PerCpuArray::new();

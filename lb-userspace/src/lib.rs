@@ -19,3 +19,4 @@ pub mod onlink;
 pub mod signals;
 pub mod sockopt;
 pub mod standalone;
+pub mod trace;

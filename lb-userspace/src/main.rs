@@ -250,6 +250,29 @@ enum Command {
         #[arg(long, default_value = "sluice-system")]
         namespace: String,
     },
+    /// Show what the data plane decides for matching packets, one line per decision, as it
+    /// happens (a running `sluice run` or speaker, through its pinned maps). Stops on Ctrl-C or
+    /// after --count events; leaves nothing enabled (if killed, within 2 s).
+    Trace {
+        /// Only packets for this VIP: IP, IP:PORT or [IPv6]:PORT.
+        #[arg(long, value_name = "IP[:PORT]")]
+        vip: Option<String>,
+        /// Only packets from (and replies to) this client: IP or IP/PREFIX.
+        #[arg(long, value_name = "IP[/PREFIX]")]
+        client: Option<String>,
+        /// Only packets arriving on (XDP) or leaving through (TC) this interface.
+        #[arg(long, value_name = "IF")]
+        interface: Option<String>,
+        /// Stop after this many events.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Where the maps are pinned.
+        #[arg(long, default_value_os_t = dataplane::default_pin_dir())]
+        pin_dir: PathBuf,
+    },
     /// Show what the data plane holds, from its pinned maps (daemon running or not).
     Inspect {
         /// Where the maps are pinned (default: the config's, else /sys/fs/bpf/sluice).
@@ -463,6 +486,14 @@ fn main() -> ExitCode {
             json,
             status_file,
         } => inspect(pin_dir, &configs, status_file, json),
+        Command::Trace {
+            vip,
+            client,
+            interface,
+            count,
+            json,
+            pin_dir,
+        } => trace(&pin_dir, vip, client, interface, count, json),
         Command::Run {
             configs,
             node,
@@ -651,6 +682,94 @@ fn whole(count: f64) -> serde_json::Value {
     } else {
         serde_json::json!(count)
     }
+}
+
+/// `sluice trace`: starts the trace, prints events until Ctrl-C/SIGTERM or `count`, renewing
+/// the lease every half second; the session's drop turns it off.
+fn trace(
+    pin_dir: &std::path::Path,
+    vip: Option<String>,
+    client: Option<String>,
+    interface: Option<String>,
+    count: Option<u64>,
+    json: bool,
+) -> Result<()> {
+    use lb_userspace::trace;
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    };
+    const LEASE_NS: u64 = 2_000_000_000;
+    let mut request = trace::Request::default();
+    if let Some(text) = &vip {
+        let (ip, port) = trace::parse_vip(text)?;
+        request.vip = Some(ip);
+        request.vip_port = port;
+    }
+    if let Some(text) = &client {
+        request.client = Some(trace::parse_client(text)?);
+    }
+    if let Some(name) = &interface {
+        request.ifindex = dataplane::interface(name)
+            .with_context(|| format!("--interface {name:?}"))?
+            .ifindex;
+    }
+    // Signals first, before any thread: Ctrl-C and SIGTERM end the trace cleanly.
+    let signals = lb_userspace::signals::SignalSet::block(&[libc::SIGINT, libc::SIGTERM])?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let _ = signals.wait();
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+    let mut session = dataplane::TraceSession::start(pin_dir, trace::filter(&request), LEASE_NS)
+        .with_context(|| format!("tracing the data plane pinned at {}", pin_dir.display()))?;
+    use std::io::Write;
+    // Stderr may be closed by now (a pipe whose reader left): never panic on it.
+    let _ = writeln!(
+        std::io::stderr(),
+        "tracing (Ctrl-C to stop){}",
+        count.map_or(String::new(), |n| format!(", {n} events"))
+    );
+    let mut seen: u64 = 0;
+    let mut renewed = std::time::Instant::now();
+    let mut out = std::io::stdout().lock();
+    'outer: while !stop.load(Ordering::SeqCst) {
+        for raw in session.events() {
+            let event = trace::decode(&raw, dataplane::interface_name);
+            let text = if json {
+                serde_json::to_string(&event)?
+            } else {
+                trace::line(&event)
+            };
+            if writeln!(out, "{text}").and_then(|_| out.flush()).is_err() {
+                break 'outer; // stdout closed (a pipe into head): done
+            }
+            seen += 1;
+            if count.is_some_and(|n| seen >= n) {
+                break 'outer;
+            }
+        }
+        if renewed.elapsed() >= std::time::Duration::from_millis(500) {
+            session.renew(LEASE_NS)?;
+            renewed = std::time::Instant::now();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let lost = session.lost();
+    drop(session);
+    let _ = writeln!(
+        std::io::stderr(),
+        "{seen} events{}",
+        if lost > 0 {
+            format!(", {lost} lost (the reader fell behind)")
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
 }
 
 fn inspect(

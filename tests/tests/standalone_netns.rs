@@ -898,3 +898,127 @@ fn a_malformed_message_from_one_peer_gets_its_notification_and_other_sessions_st
     wait_for_metric(&lab, "sluice_bgp_session_up{peer=\"198.18.179.1\"} 1");
     drop(run);
 }
+
+/// `sluice trace` started in the daemon's mount and network namespaces (where its maps are
+/// pinned), stdout piped; stderr's first line ("tracing ...") read, so the filter is on.
+fn start_trace(run: &Run, args: &[&str]) -> std::process::Child {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new("nsenter")
+        .args([
+            "--target",
+            &run.process.pid().to_string(),
+            "--mount",
+            "--net",
+        ])
+        .args([&sluice_bin(), "trace"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("nsenter (util-linux)");
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("tracing"), "sluice trace said: {line}");
+    // Keep its stderr open: the last line (how many events) goes there.
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    child
+}
+
+/// The pinned trace filter's `active` word, as bpftool reads it in the daemon's namespaces.
+fn trace_active(run: &Run) -> u64 {
+    let out = std::process::Command::new("nsenter")
+        .args([
+            "--target",
+            &run.process.pid().to_string(),
+            "--mount",
+            "--net",
+        ])
+        .args(["bpftool", "-j", "map", "dump", "pinned"])
+        .arg(lb_userspace::dataplane::default_pin_dir().join(lb_common::MAP_TRACE_FILTER))
+        .output()
+        .expect("bpftool");
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    dump[0]["formatted"]["value"]["active"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no active field in {dump}"))
+}
+
+#[test]
+fn a_trace_shows_one_clients_arp_new_flow_hits_and_replies_and_a_killed_trace_turns_itself_off() {
+    let lab = Lab::new(1);
+    lab.serve(1);
+    let body = format!(
+        "{BASE}services:
+- name: web
+  ports: [{{port: 80, targetPort: 8080}}]
+  backends: [{{ip: 198.18.11.2}}]
+"
+    );
+    let run = start(&lab, "trace", &body);
+    let vip = addr("198.18.1.100:80");
+    // The second client reaches the VIP through the node's other interface.
+    lab.other
+        .ip(&["route", "add", "198.18.1.100/32", "via", "198.18.2.1"]);
+    lab.client.ip(&["neigh", "flush", "dev", "c0"]);
+    assert_eq!(trace_active(&run), 0);
+
+    let trace = start_trace(&run, &["--client", "198.18.1.2", "--json"]);
+    let mut conn = Conn::open(&lab.client, vip).unwrap();
+    for _ in 0..3 {
+        assert_eq!(conn.ask().unwrap(), "b1");
+    }
+    let mut other = Conn::open(&lab.other, vip).unwrap();
+    assert_eq!(other.ask().unwrap(), "b1");
+    drop((conn, other));
+    std::thread::sleep(Duration::from_millis(300));
+    unsafe { libc::kill(trace.id() as i32, libc::SIGINT) };
+    let out = trace.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let has = |decision: &str, check: &dyn Fn(&serde_json::Value) -> bool| {
+        events.iter().any(|e| e["decision"] == decision && check(e))
+    };
+    assert!(
+        has("arp-reply", &|e| e["from"] == "198.18.1.2"
+            && e["to"] == "198.18.1.100"),
+        "no ARP answer for the client in\n{text}"
+    );
+    assert!(
+        has("new-flow", &|e| e["maglevSlot"].is_u64()
+            && e["via"] == "198.18.11.2:8080"
+            && e["to"] == "198.18.1.100:80"),
+        "no new flow with its Maglev slot and backend in\n{text}"
+    );
+    assert!(
+        has("conntrack-hit", &|e| e["via"] == "198.18.11.2:8080"),
+        "no conntrack hit in\n{text}"
+    );
+    assert!(
+        has("reverse-nat", &|e| e["hook"] == "tc"
+            && e["to"].as_str().unwrap().starts_with("198.18.1.2:")
+            && e["via"] == "198.18.1.100:80"),
+        "no reverse NAT of a reply in\n{text}"
+    );
+    assert!(
+        !text.contains("198.18.2.2"),
+        "the other client's packets were traced:\n{text}"
+    );
+    assert_eq!(trace_active(&run), 0, "Ctrl-C left the trace on");
+
+    // SIGKILL: nobody turns the trace off, its lease (2 s) runs out and the next packet the
+    // program sees turns it off.
+    let mut killed = start_trace(&run, &[]);
+    assert_eq!(trace_active(&run), 1);
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut conn = Conn::open(&lab.client, vip).unwrap();
+    assert_eq!(conn.ask().unwrap(), "b1");
+    assert_eq!(trace_active(&run), 0, "a killed trace stayed on");
+}

@@ -31,6 +31,10 @@ pub enum DataplaneError {
     },
     #[error("cannot count the possible CPUs (sizing the per-CPU flow cache): {0}")]
     PossibleCpus(String),
+    #[error(
+        "another trace is running (its lease ends in {seconds:.1} s); wait for it, or stop it"
+    )]
+    TraceRunning { seconds: f64 },
     #[error("no such interface: {name:?}")]
     NoSuchInterface { name: String },
     #[error("interface {name:?} has no usable MAC address ({detail})")]

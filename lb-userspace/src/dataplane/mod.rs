@@ -10,6 +10,8 @@ mod error;
 pub mod flows;
 mod services;
 mod system;
+mod trace;
+pub use trace::TraceSession;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -118,7 +120,7 @@ impl MapShape {
 }
 
 /// Every map the data plane pins, with its shape as this build's programs and `options` want it.
-fn expected_shapes(options: &DataplaneOptions) -> [(&'static str, MapShape); 14] {
+fn expected_shapes(options: &DataplaneOptions) -> [(&'static str, MapShape); 16] {
     use lb_common::{
         BackendValue, FloodSettings, FloodState, ReverseNatValue, ServiceKey, ServiceValue,
         TrafficStats, REDIRECT_TARGETS_CAPACITY, VIP_FILTER_SLOTS,
@@ -171,6 +173,19 @@ fn expected_shapes(options: &DataplaneOptions) -> [(&'static str, MapShape); 14]
         (
             MAP_BACKEND_STATS,
             MapShape::of::<u32, TrafficStats>(caps.backends),
+        ),
+        (
+            lb_common::MAP_TRACE_FILTER,
+            MapShape::of::<u32, lb_common::TraceFilter>(1),
+        ),
+        (
+            lb_common::MAP_TRACE_EVENTS,
+            // A ring buffer: no key or value, its size in bytes.
+            MapShape {
+                key_size: 0,
+                value_size: 0,
+                max_entries: lb_common::TRACE_EVENTS_BYTES,
+            },
         ),
     ]
 }

@@ -161,6 +161,14 @@ fn main() -> Result<()> {
             "IPv4 conntrack miss → Maglev, DNAT",
             "restored, new flow each run",
         ),
+        (
+            "IPv4 hit, a trace on (other client)",
+            "restored, trace filter on",
+        ),
+        (
+            "IPv4 hit, a trace on (this client)",
+            "restored, event each run",
+        ),
     ]
     .into_iter()
     .map(|(name, method)| (name, method, Vec::new()))
@@ -221,6 +229,22 @@ fn main() -> Result<()> {
                 .0
                 .ns_per_packet)
         })?);
+        // A trace running: once for another client (the filter's cost), once for this one (an
+        // event per packet; once the ring buffer is full, unread, each is counted as lost).
+        for (row, client) in [(8, Ipv4Addr::new(198, 18, 9, 9)), (9, client4)] {
+            let mut filter = lb_userspace::trace::filter(&lb_userspace::trace::Request {
+                client: Some((IpAddr::V4(client), 32)),
+                ..Default::default()
+            });
+            filter.active = 1;
+            filter.until = lb_userspace::dataplane::monotonic_ns() + 3_600_000_000_000;
+            h.dataplane().set_trace_filter(filter)?;
+            rows[row].2.push(sample(&mut h, &mut |h| {
+                Ok(h.ingress_restored(ifindex, &svc4, REPEAT)?.0.ns_per_packet)
+            })?);
+            h.dataplane()
+                .set_trace_filter(lb_userspace::trace::filter(&Default::default()))?;
+        }
         let mut tc_floor_now = 0.0;
         reverse.push(sample(&mut h, &mut |h| {
             let (ns_rev, out, floor_tc) = h.egress_restored(&reply4, REPEAT)?;
