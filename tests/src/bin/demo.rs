@@ -99,6 +99,27 @@ fn main() -> Result<()> {
         .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
 
+    step("sluice trace --client 198.18.1.2 (one request; why did my packet go there?)");
+    let mut trace = std::process::Command::new("nsenter")
+        .args(["--target", &sluice.pid().to_string(), "--mount", "--net"])
+        .args([bin.as_str(), "trace", "--client", "198.18.1.2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    // Forget the VIP's MAC, so the trace shows the ARP answer too.
+    lab.client.ip(&["neigh", "flush", "dev", "c0"]);
+    let _ = http_get(&lab.client, vip);
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe { libc::kill(trace.id() as i32, libc::SIGINT) };
+    let mut text = String::new();
+    use std::io::Read;
+    trace.stdout.take().unwrap().read_to_string(&mut text)?;
+    trace.wait()?;
+    for line in text.lines() {
+        println!("  {line}");
+    }
+
     step("Stopping backend b2's web server");
     switches[1].set(false);
     let started = Instant::now();
