@@ -486,14 +486,7 @@ fn balance(ctx: &XdpContext, packet: &mut Packet, flags: u8, cache_index: u32) -
                 resolve_next_hop(ctx, packet, backend, entry);
             }
             stats::count_traffic(entry.backend_id, bytes, false);
-            let outcome = forward(
-                ctx,
-                packet.l3(),
-                packet.l4(),
-                packet.proto,
-                backend,
-                &entry.next_hop,
-            );
+            let outcome = forward_packet(ctx, packet, backend, entry);
             if flags & TCP_RST != 0 {
                 uncache_flow(cache_index);
                 forget_flow(packet, backend);
@@ -554,6 +547,17 @@ fn balance(ctx: &XdpContext, packet: &mut Packet, flags: u8, cache_index: u32) -
         packet.trace_new_flow = 1;
     }
     stats::count_traffic(backend_id, bytes, true);
+    forward_packet(ctx, packet, backend, entry)
+}
+
+/// [`forward`] for the scratch packet and a connection-table entry (the slow path).
+#[inline(always)]
+fn forward_packet(
+    ctx: &XdpContext,
+    packet: &Packet,
+    backend: &BackendValue,
+    entry: &FlowValue,
+) -> Outcome {
     forward(
         ctx,
         packet.l3(),

@@ -223,17 +223,22 @@ fn run_allocates_ips_answers_arp_only_where_configured_and_balances_tcp_udp_ipv6
     );
 }
 
-#[test]
-fn closed_connections_leave_the_connection_table_and_open_ones_stay() {
-    let lab = Lab::new(1);
-    lab.serve(1);
-    let body = format!(
+/// `BASE` and the service `web` (TCP 80 → 8080) with backend b1 alone.
+fn one_web_backend() -> String {
+    format!(
         "{BASE}services:
 - name: web
   ports: [{{port: 80, targetPort: 8080}}]
   backends: [{{ip: 198.18.11.2}}]
 "
-    );
+    )
+}
+
+#[test]
+fn closed_connections_leave_the_connection_table_and_open_ones_stay() {
+    let lab = Lab::new(1);
+    lab.serve(1);
+    let body = one_web_backend();
     let _run = start(&lab, "fin-sweep", &body);
     let vip = addr("198.18.1.100:80");
     let mut open = Conn::open(&lab.client, vip).unwrap();
@@ -949,13 +954,7 @@ fn trace_active(run: &Run) -> u64 {
 fn a_trace_shows_one_clients_arp_new_flow_hits_and_replies_and_a_killed_trace_turns_itself_off() {
     let lab = Lab::new(1);
     lab.serve(1);
-    let body = format!(
-        "{BASE}services:
-- name: web
-  ports: [{{port: 80, targetPort: 8080}}]
-  backends: [{{ip: 198.18.11.2}}]
-"
-    );
+    let body = one_web_backend();
     let run = start(&lab, "trace", &body);
     let vip = addr("198.18.1.100:80");
     // The second client reaches the VIP through the node's other interface.

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cargo, root, run};
+use crate::{build_release_sluice, root, run};
 
 /// The configuration `sluice run` gets inside the bench's node namespace (its README's
 /// variables: the VIP, the backend, the client-facing and backend-facing veths).
@@ -54,14 +54,7 @@ pub fn bench_e2e() -> Result<()> {
             dir.display()
         );
     }
-    run(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "lb-userspace",
-        "--bin",
-        "sluice",
-    ]))?;
+    build_release_sluice()?;
     let work = env::temp_dir().join("sluice-e2e-bench");
     fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     let state = work.join("allocations.json");

@@ -314,7 +314,8 @@ fn run_tests(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn demo() -> Result<()> {
+/// `target/release/sluice`, built.
+fn build_release_sluice() -> Result<()> {
     run(cargo().args([
         "build",
         "--release",
@@ -322,7 +323,11 @@ fn demo() -> Result<()> {
         "lb-userspace",
         "--bin",
         "sluice",
-    ]))?;
+    ]))
+}
+
+fn demo() -> Result<()> {
+    build_release_sluice()?;
     run(cargo().args([
         "run",
         "--release",
