@@ -93,14 +93,21 @@ fn hash(seed: u64, bytes: &[u8]) -> u64 {
     h ^ (h >> 31)
 }
 
-/// Builds the lookup table of size `size` (prime) for `backends`.
-pub fn build(backends: &[Backend], size: u32) -> Result<Table, MaglevError> {
+/// Whether [`build`] would succeed, without building the table (validation of many services
+/// costs what their backend lists cost, not M slots each).
+pub fn check(backends: &[Backend], size: u32) -> Result<(), MaglevError> {
     validate_table_size(size, backends.len())?;
     let mut keys: Vec<&str> = backends.iter().map(|b| b.key.as_str()).collect();
     keys.sort_unstable();
     if let Some(pair) = keys.windows(2).find(|w| w[0] == w[1]) {
         return Err(MaglevError::DuplicateBackend(pair[0].to_string()));
     }
+    Ok(())
+}
+
+/// Builds the lookup table of size `size` (prime) for `backends`.
+pub fn build(backends: &[Backend], size: u32) -> Result<Table, MaglevError> {
+    check(backends, size)?;
     let m = size as u64;
     let max_weight = backends.iter().map(|b| b.weight).max().unwrap_or(0);
     if max_weight == 0 {
@@ -313,5 +320,16 @@ mod tests {
             build(&dup, 1009),
             Err(MaglevError::DuplicateBackend(dup[0].key.clone()))
         );
+        // `check` refuses exactly what `build` refuses, and accepts what it builds.
+        for (list, size) in [
+            (backends(2), 1000),
+            (backends(10), 7),
+            (backends(1), 262_147),
+            (dup.clone(), 1009),
+            (backends(3), 1009),
+            (Vec::new(), 1009),
+        ] {
+            assert_eq!(check(&list, size), build(&list, size).map(|_| ()));
+        }
     }
 }

@@ -144,9 +144,7 @@ pub fn validate(service: &Service, backends: &[Backend], table_size: u32) -> Res
             weight: b.weight,
         })
         .collect();
-    maglev::build(&maglev_backends, table_size)
-        .map(|_| ())
-        .map_err(|e| invalid(e.to_string()))
+    maglev::check(&maglev_backends, table_size).map_err(|e| invalid(e.to_string()))
 }
 
 impl Dataplane {

@@ -200,6 +200,7 @@ pub fn allocate(pools: &[PoolRules], services: &[ServiceInput]) -> BTreeMap<Stri
         .copied()
         .filter(|s| !out.contains_key(&s.key))
         .collect();
+    let mut cursor = ipam::FreeCursor::default();
     for s in rest {
         let r = &s.request;
         let outcome = match candidates(pools, s) {
@@ -232,10 +233,11 @@ pub fn allocate(pools: &[PoolRules], services: &[ServiceInput]) -> BTreeMap<Stri
                             .or_else(|| {
                                 cands.iter().find_map(|c| {
                                     let pool = c.pool.as_ref()?;
-                                    ipam::lowest_free(pool, *family == Family::V4, |ip| {
-                                        holders.0.contains_key(ip)
-                                    })
-                                    .map(|ip| (ip, Some(pool.name.clone())))
+                                    cursor
+                                        .lowest_free(pool, *family == Family::V4, |ip| {
+                                            holders.0.contains_key(ip)
+                                        })
+                                        .map(|ip| (ip, Some(pool.name.clone())))
                                 })
                             })
                             .ok_or_else(|| {
