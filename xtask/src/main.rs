@@ -359,5 +359,13 @@ fn bench() -> Result<()> {
         "sluice-tests",
         "--bin",
         "xdp-bench",
+    ]))?;
+    run(cargo().args([
+        "run",
+        "--release",
+        "--package",
+        "sluice-tests",
+        "--bin",
+        "control-bench",
     ]))
 }
