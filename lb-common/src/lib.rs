@@ -424,6 +424,12 @@ impl FlowCacheEntry {
     pub fn uses(&self) -> u8 {
         self.key._pad[0]
     }
+
+    /// Counts one more packet served from this entry.
+    #[inline(always)]
+    pub fn count_use(&mut self) {
+        self.key._pad[0] += 1;
+    }
 }
 
 /// Per-CPU array of [`ReverseCacheEntry`], indexed by [`flow_cache_slot`] of the reply's key:

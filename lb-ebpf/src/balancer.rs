@@ -203,14 +203,7 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
     let tail =
         load32(ports as *const u8) as u64 | (ip.proto as u64) << 32 | (FAMILY_IPV4 as u64) << 40;
     let key = [load32(ip.src.as_ptr()) as u64, 0, dst as u64, 0, tail];
-    let flags = if ip.proto == PROTO_TCP {
-        match ptr_at::<u8>(ctx, l4_offset + TCP_FLAGS_OFFSET) {
-            Some(flags) => unsafe { *flags },
-            None => return Outcome::Malformed,
-        }
-    } else {
-        0
-    };
+    let flags = tcp_flags(ctx, l4_offset, ip.proto);
     let index = cache_index(flow_cache_slot_of_words(&key));
     if flags & (TCP_FIN | TCP_RST) == 0 {
         if let Some(cached) = cached_flow(&key, index) {
@@ -353,11 +346,11 @@ fn forget_flow(packet: &Packet, backend: &BackendValue) {
 
 /// A TCP packet's flags (read before anything is rewritten); 0 for UDP.
 #[inline(always)]
-fn tcp_flags(ctx: &XdpContext, packet: &Packet) -> u8 {
-    if packet.proto != PROTO_TCP {
+fn tcp_flags(ctx: &XdpContext, l4: usize, proto: u8) -> u8 {
+    if proto != PROTO_TCP {
         return 0;
     }
-    ptr_at::<u8>(ctx, packet.l4() + TCP_FLAGS_OFFSET).map_or(0, |flags| unsafe { *flags })
+    ptr_at::<u8>(ctx, l4 + TCP_FLAGS_OFFSET).map_or(0, |flags| unsafe { *flags })
 }
 
 /// Records a side's FIN in the flow's entry; once both sides have sent one, when. User space
@@ -451,7 +444,7 @@ fn forward_cached(
     l4: usize,
     proto: u8,
 ) -> Outcome {
-    cached.key._pad[0] += 1;
+    cached.count_use();
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     stats::count_traffic(cached.backend_id, bytes, false);
     forward(ctx, l3, l4, proto, backend, &cached.next_hop)
@@ -460,7 +453,7 @@ fn forward_cached(
 /// IPv6's way to the fast path: the key is already in the scratch packet.
 #[inline(always)]
 fn balance_cached(ctx: &XdpContext, packet: &mut Packet) -> Outcome {
-    let flags = tcp_flags(ctx, packet);
+    let flags = tcp_flags(ctx, packet.l4(), packet.proto);
     let index = cache_index(flow_cache_slot(&packet.flow));
     if flags & (TCP_FIN | TCP_RST) == 0 {
         if let Some(cached) = cached_flow(as_words(&packet.flow), index) {

@@ -152,10 +152,6 @@ pub fn describe(code: u8) -> (&'static str, &'static str) {
             "a new flow past the flood guard's limit: Maglev picked the backend, not tracked",
         ),
         NO_BACKEND => ("dropped", "the service has no backend"),
-        TO_KERNEL => (
-            "to-kernel",
-            "rewritten for its backend; the kernel forwards it",
-        ),
         ICMP_TO_BACKEND => (
             "icmp-translated",
             "an ICMP error about a flow: to its backend",
@@ -197,11 +193,10 @@ pub fn decode(ev: &TraceEvent, interface_name: impl Fn(u32) -> Option<String>) -
         to: endpoint(ev.family, &ev.dst, port(ev.dport)),
         decision,
         via,
-        maglev_slot: (ev.slot != u32::MAX
-            && matches!(
-                ev.decision,
-                decision::NEW_FLOW | decision::NEW_FLOW_FLOOD_GUARD | decision::TO_KERNEL
-            ))
+        maglev_slot: matches!(
+            ev.decision,
+            decision::NEW_FLOW | decision::NEW_FLOW_FLOOD_GUARD
+        )
         .then_some(ev.slot),
         detail,
         via_kernel: ev.flags & lb_common::TRACE_VIA_KERNEL != 0,

@@ -328,14 +328,7 @@ fn build_release_sluice() -> Result<()> {
 
 fn demo() -> Result<()> {
     build_release_sluice()?;
-    run(cargo().args([
-        "run",
-        "--release",
-        "--package",
-        "sluice-tests",
-        "--bin",
-        "demo",
-    ]))
+    run_release_bin("demo")
 }
 
 /// `soak [mesh|bfd] [-- RUNS]`: the speaker mesh's failovers (the default) or BGP's with BFD.
@@ -351,21 +344,19 @@ fn soak(extra: &[String]) -> Result<()> {
         .args(rest.iter().filter(|a| *a != "--")))
 }
 
-fn bench() -> Result<()> {
+/// `cargo run --release` of one of sluice-tests' programs.
+fn run_release_bin(name: &str) -> Result<()> {
     run(cargo().args([
         "run",
         "--release",
         "--package",
         "sluice-tests",
         "--bin",
-        "xdp-bench",
-    ]))?;
-    run(cargo().args([
-        "run",
-        "--release",
-        "--package",
-        "sluice-tests",
-        "--bin",
-        "control-bench",
+        name,
     ]))
+}
+
+fn bench() -> Result<()> {
+    run_release_bin("xdp-bench")?;
+    run_release_bin("control-bench")
 }

@@ -13,7 +13,6 @@ use super::{map_error, monotonic_ns, require_root, DataplaneError, Result};
 pub struct TraceSession {
     filter: Array<MapData, TraceFilter>,
     events: RingBuf<MapData>,
-    wanted: TraceFilter,
 }
 
 impl TraceSession {
@@ -43,11 +42,7 @@ impl TraceSession {
         filter
             .set(0, wanted, 0)
             .map_err(map_error(MAP_TRACE_FILTER))?;
-        let mut session = Self {
-            filter,
-            events,
-            wanted,
-        };
+        let mut session = Self { filter, events };
         // Events of an earlier trace that nobody read.
         while session.events.next().is_some() {}
         Ok(session)
@@ -59,9 +54,8 @@ impl TraceSession {
             .filter
             .get(&0, 0)
             .map_err(map_error(MAP_TRACE_FILTER))?;
-        self.wanted.until = monotonic_ns() + lease_ns;
         current.active = 1;
-        current.until = self.wanted.until;
+        current.until = monotonic_ns() + lease_ns;
         self.filter
             .set(0, current, 0)
             .map_err(map_error(MAP_TRACE_FILTER))

@@ -32,7 +32,7 @@ fn main() -> Result<()> {
         "{:>9} {:>12} {:>14} {:>12} {:>14}",
         "services", "validate", "per service", "tables", "per service"
     );
-    let mut first: Option<f64> = None;
+    let mut per_service: Vec<f64> = Vec::new();
     for n in SIZES {
         let path = dir.join(format!("{n}.yaml"));
         let state = dir.join(format!("{n}-state.json"));
@@ -70,13 +70,9 @@ fn main() -> Result<()> {
             tables,
             tables / n as f64 * 1e6
         );
-        first.get_or_insert(per);
+        per_service.push(per);
     }
-    if let Some(first) = first {
-        let path = dir.join(format!("{}.yaml", SIZES[3]));
-        let started = Instant::now();
-        lb_userspace::standalone::validate(std::slice::from_ref(&path))?;
-        let last = started.elapsed().as_secs_f64() / SIZES[3] as f64 * 1e6;
+    if let (Some(first), Some(last)) = (per_service.first(), per_service.last()) {
         println!(
             "validate per service at 10,000 / at 1,000: {:.2}× (1.0 is linear growth)",
             last / first
