@@ -38,10 +38,11 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue, { SERVICES_DEFAULT_CAPACI
 pub static BACKENDS: Array<BackendValue, { BACKENDS_DEFAULT_CAPACITY as usize }> = Array::new();
 
 /// Service id → its Maglev table (M backend ids). Inner maps are created by user space with
-/// `BPF_F_INNER_MAP`, so M may differ from the template's size.
+/// `BPF_F_INNER_MAP`, so M may differ from the template's size, and `BPF_F_MMAPABLE`, so a
+/// whole table is written through one mapping.
 #[btf_map]
 pub static MAGLEV: ArrayOfMaps<
-    Array<u32, { MAGLEV_TEMPLATE_SIZE as usize }, { BPF_F_INNER_MAP as usize }>,
+    Array<u32, { MAGLEV_TEMPLATE_SIZE as usize }, { (BPF_F_INNER_MAP | BPF_F_MMAPABLE) as usize }>,
     { SERVICES_DEFAULT_CAPACITY as usize },
 > = ArrayOfMaps::new();
 

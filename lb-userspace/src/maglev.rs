@@ -124,7 +124,9 @@ pub fn build(backends: &[Backend], size: u32) -> Result<Table, MaglevError> {
             (offset, skip)
         })
         .collect();
-    let mut next = vec![0u64; backends.len()];
+    // Each backend's next preferred slot, (offset + j × skip) mod M for its j-th turn, kept as
+    // a running position: one add and compare per step instead of a division.
+    let mut next: Vec<u64> = perm.iter().map(|(offset, _)| *offset).collect();
     let mut credit = vec![0u64; backends.len()];
     let mut slots = vec![u32::MAX; size as usize];
     let mut filled = 0u64;
@@ -133,14 +135,20 @@ pub fn build(backends: &[Backend], size: u32) -> Result<Table, MaglevError> {
             credit[i] += backends[i].weight as u64;
             while credit[i] >= max_weight as u64 {
                 credit[i] -= max_weight as u64;
-                let (offset, skip) = perm[i];
-                let mut c = (offset + next[i] * skip) % m;
+                let skip = perm[i].1;
+                let mut c = next[i];
                 while slots[c as usize] != u32::MAX {
-                    next[i] += 1;
-                    c = (offset + next[i] * skip) % m;
+                    c += skip;
+                    if c >= m {
+                        c -= m;
+                    }
                 }
                 slots[c as usize] = i as u32;
-                next[i] += 1;
+                c += skip;
+                if c >= m {
+                    c -= m;
+                }
+                next[i] = c;
                 filled += 1;
                 if filled == m {
                     break 'fill;
@@ -151,9 +159,40 @@ pub fn build(backends: &[Backend], size: u32) -> Result<Table, MaglevError> {
     Ok(Table { slots })
 }
 
+/// [`build`] for many backend lists at once, on every available core; results in input order.
+pub fn build_many(lists: &[Vec<Backend>], size: u32) -> Vec<Result<Table, MaglevError>> {
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(lists.len());
+    if workers <= 1 {
+        return lists.iter().map(|list| build(list, size)).collect();
+    }
+    let per_worker = lists.len().div_ceil(workers);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = lists
+            .chunks(per_worker)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|list| build(list, size))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a Maglev build does not panic"))
+            .collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const FINGERPRINT: u64 = 0xa654_7b81_8c0c_2c77;
 
     fn backends(n: usize) -> Vec<Backend> {
         (0..n)
@@ -196,6 +235,108 @@ mod tests {
                 "n={n}: shares {min}..{max} differ by more than 1 %"
             );
         }
+    }
+
+    /// The fill exactly as the paper writes it: the j-th preference is (offset + j × skip) mod M.
+    fn build_by_the_formula(backends: &[Backend], size: u32) -> Vec<u32> {
+        let m = size as u64;
+        let max_weight = backends.iter().map(|b| b.weight).max().unwrap_or(0) as u64;
+        if max_weight == 0 {
+            return Vec::new();
+        }
+        let mut order: Vec<usize> = (0..backends.len()).collect();
+        order.sort_by(|a, b| backends[*a].key.cmp(&backends[*b].key));
+        let perm: Vec<(u64, u64)> = backends
+            .iter()
+            .map(|b| {
+                let offset = hash(0x6d61_676c_6576_3031, b.key.as_bytes()) % m;
+                let skip = hash(0x736b_6970_7065_7231, b.key.as_bytes()) % (m - 1) + 1;
+                (offset, skip)
+            })
+            .collect();
+        let (mut next, mut credit) = (vec![0u64; backends.len()], vec![0u64; backends.len()]);
+        let mut slots = vec![u32::MAX; size as usize];
+        let mut filled = 0;
+        loop {
+            for &i in &order {
+                credit[i] += backends[i].weight as u64;
+                while credit[i] >= max_weight {
+                    credit[i] -= max_weight;
+                    let (offset, skip) = perm[i];
+                    let mut c = (offset + next[i] * skip) % m;
+                    while slots[c as usize] != u32::MAX {
+                        next[i] += 1;
+                        c = (offset + next[i] * skip) % m;
+                    }
+                    slots[c as usize] = i as u32;
+                    next[i] += 1;
+                    filled += 1;
+                    if filled == m {
+                        return slots;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_running_position_fill_equals_the_papers_formula_on_random_backends() {
+        let mut seed = 0x5eed_u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as u32
+        };
+        for round in 0..200 {
+            let n = 1 + next() as usize % 40;
+            let size = [101, 251, 1021, 4093, DEFAULT_TABLE_SIZE][round % 5];
+            if (size as usize) < n {
+                continue;
+            }
+            let list: Vec<Backend> = (0..n)
+                .map(|i| Backend {
+                    key: format!(
+                        "10.{}.{}.{}:{}",
+                        next() % 256,
+                        i,
+                        next() % 256,
+                        next() % 65536
+                    ),
+                    weight: next() % 4,
+                })
+                .collect();
+            let built = build(&list, size).unwrap();
+            assert_eq!(
+                built.slots,
+                build_by_the_formula(&list, size),
+                "round {round}"
+            );
+        }
+    }
+
+    #[test]
+    fn building_many_lists_in_parallel_gives_each_lists_own_table_in_order() {
+        let lists: Vec<Vec<Backend>> = (1..=9).map(backends).collect();
+        let mut with_bad = lists.clone();
+        with_bad.insert(4, vec![backends(1)[0].clone(), backends(1)[0].clone()]);
+        let built = build_many(&with_bad, 1021);
+        assert_eq!(built.len(), 10);
+        assert!(matches!(built[4], Err(MaglevError::DuplicateBackend(_))));
+        for (list, table) in with_bad.iter().zip(&built).filter(|(_, t)| t.is_ok()) {
+            assert_eq!(table.as_ref().unwrap(), &build(list, 1021).unwrap());
+        }
+    }
+
+    #[test]
+    fn the_table_is_the_same_in_every_version() {
+        // Every node, and every release, must map a flow to the same backend: a fingerprint of
+        // one table pins the hash and the fill.
+        let table = build(&backends(3), DEFAULT_TABLE_SIZE).unwrap();
+        let fingerprint = table.slots.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, s| {
+            (h ^ *s as u64).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        assert_eq!(fingerprint, FINGERPRINT, "{fingerprint:#x}");
     }
 
     #[test]

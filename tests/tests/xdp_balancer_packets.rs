@@ -66,17 +66,29 @@ fn lab_with<T: Send + 'static>(
     allow_veth1: bool,
     f: impl FnOnce(&mut Dataplane, u32, [u8; 6]) -> T + Send + 'static,
 ) -> T {
+    lab_sized(
+        allow_veth1,
+        Capacities {
+            services: 64,
+            backends: 256,
+            flows: 4096,
+        },
+        f,
+    )
+}
+
+fn lab_sized<T: Send + 'static>(
+    allow_veth1: bool,
+    capacities: Capacities,
+    f: impl FnOnce(&mut Dataplane, u32, [u8; 6]) -> T + Send + 'static,
+) -> T {
     require_root();
     in_private_netns_with_veth(move |veth0, veth1| {
         sluice_tests::balancer_namespace_setup();
         let veth1_mac = dataplane::interface("veth1").unwrap().mac;
         let mut dp = Dataplane::load(&DataplaneOptions {
             pin_dir: None,
-            capacities: Capacities {
-                services: 64,
-                backends: 256,
-                flows: 4096,
-            },
+            capacities,
             maglev_table_size: M,
             ..DataplaneOptions::default()
         })
@@ -204,6 +216,89 @@ fn new_tcp_flow_goes_to_the_backend_maglev_predicts_with_valid_checksums() {
         }
         assert_eq!(dp.flow_count().unwrap(), 5);
     });
+}
+
+/// Which backend an IPv4 SYN from the client's `sport` to the VIP's `port` is sent to.
+fn backend_of(dp: &Dataplane, veth0: u32, sport: u16, port: u16) -> (IpAddr, u16) {
+    let out = dp.run_ingress(veth0, &syn4(sport, port)).unwrap();
+    assert_eq!(out.action, XdpAction::Redirect, "port {port}");
+    dest4(&out.frame)
+}
+
+#[test]
+fn a_sync_of_many_services_switches_in_every_table_across_batches_and_a_resync_changes_only_what_changed(
+) {
+    type Wanted = std::collections::BTreeMap<Service, Vec<Backend>>;
+    lab_sized(
+        true,
+        Capacities {
+            services: 700,
+            backends: 2048,
+            flows: 4096,
+        },
+        |dp, veth0, _| {
+            // 600 services (tables switched in batches of 256), two of the ten backends each.
+            let backends_of = |port: u16, shift: u8| {
+                let first = (port % 10) as u8;
+                vec![b4(10 + first), b4(10 + (first + 1 + shift) % 10)]
+            };
+            let service = |port: u16| Service { port, ..tcp80() };
+            // New flows from `sport` to a sample of ports, spread over every batch, go where
+            // Maglev over the wanted backends says.
+            let check = |dp: &Dataplane, wanted: &Wanted, sport: u16| {
+                let ports = (2..=600u16)
+                    .step_by(37)
+                    .chain([255, 256, 257, 511, 512, 513, 600]);
+                for port in ports {
+                    let want = predict(
+                        &wanted[&service(port)],
+                        IpAddr::V4(CLIENT4),
+                        IpAddr::V4(VIP4),
+                        sport,
+                        port,
+                        PROTO_TCP,
+                    );
+                    assert_eq!(
+                        backend_of(dp, veth0, sport, port),
+                        (want.ip, want.port),
+                        "port {port}"
+                    );
+                }
+            };
+            let mut wanted: Wanted = (1..=600u16)
+                .map(|port| (service(port), backends_of(port, 0)))
+                .collect();
+            dp.sync(&[], &wanted, &[]).unwrap();
+            assert_eq!(dp.services().len(), 600);
+            check(dp, &wanted, 41000);
+
+            // Flows established to port 3 from many source ports; then every third service
+            // (port 3 among them) swaps its second backend, and service 1 goes.
+            let established: Vec<(u16, (IpAddr, u16))> = (50000..50040u16)
+                .map(|sport| (sport, backend_of(dp, veth0, sport, 3)))
+                .collect();
+            for port in (3..=600u16).step_by(3) {
+                wanted.insert(service(port), backends_of(port, 4));
+            }
+            wanted.remove(&service(1));
+            dp.sync(&[], &wanted, &[]).unwrap();
+            assert_eq!(dp.services().len(), 599);
+            check(dp, &wanted, 42000);
+            // Port 3's flows to the backend that stayed stay with it; the others moved.
+            let stayed = backends_of(3, 0)[0];
+            for (sport, before) in &established {
+                let now = backend_of(dp, veth0, *sport, 3);
+                if *before == (stayed.ip, stayed.port) {
+                    assert_eq!(now, *before, "sport {sport}");
+                } else {
+                    assert_ne!(now, *before, "sport {sport}: its backend left");
+                }
+            }
+            // A removed service is not balanced any more.
+            let out = dp.run_ingress(veth0, &syn4(41000, 1)).unwrap();
+            assert_eq!(out.action, XdpAction::Pass);
+        },
+    );
 }
 
 #[test]

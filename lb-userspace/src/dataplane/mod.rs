@@ -10,6 +10,7 @@ mod error;
 pub mod flows;
 mod services;
 mod system;
+mod tables;
 mod trace;
 pub use trace::TraceSession;
 

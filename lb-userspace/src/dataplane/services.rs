@@ -11,14 +11,18 @@ use std::{
     net::IpAddr,
 };
 
-use aya::maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
     dnat_checksum_deltas, vip_slot, BackendValue, ServiceKey, ServiceValue, TrafficStats,
-    BACKEND_ACTIVE, BPF_F_INNER_MAP, FAMILY_IPV4, FAMILY_IPV6, MAP_BACKENDS, MAP_BACKEND_STATS,
-    MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_STATS, MAP_VIP_FILTER, PROTO_TCP, PROTO_UDP,
+    BACKEND_ACTIVE, FAMILY_IPV4, FAMILY_IPV6, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_MAGLEV,
+    MAP_SERVICES, MAP_SERVICE_STATS, MAP_VIP_FILTER, PROTO_TCP, PROTO_UDP,
 };
 
-use super::{map_error, Dataplane, DataplaneError, Result};
+use super::{map_error, tables, Dataplane, DataplaneError, Result};
+
+/// Services whose tables are built together and switched in with one update in
+/// [`Dataplane::sync`] (each table's map stays open until its batch is switched in).
+const SYNC_BATCH: usize = 256;
 pub use crate::config::{Backend, Protocol, Service};
 use crate::maglev;
 
@@ -38,17 +42,29 @@ pub(super) struct ServiceState {
     pub backends: Vec<(Backend, u32)>,
 }
 
+/// A change between [`Dataplane::stage`] and [`Dataplane::commit`].
+pub(super) struct Staged {
+    service: Service,
+    /// The service's state before the change.
+    old: ServiceState,
+    assigned: Vec<(Backend, u32)>,
+    /// `None`: no backend has a weight; the service's entry gets table size 0.
+    table: Option<MapData>,
+}
+
 /// Id allocation and per-service state, rebuilt from the maps when they were pinned.
 #[derive(Debug, Default)]
 pub(super) struct Registry {
     pub services: BTreeMap<Service, ServiceState>,
-    pub used_service_ids: BTreeSet<u32>,
-    pub used_backend_ids: BTreeSet<u32>,
+    pub service_ids: Ids,
+    pub backend_ids: Ids,
     pub next_generation: u32,
     /// Services per VIP_FILTER slot.
     pub vip_filter: BTreeMap<u32, u32>,
     /// Services counted in `vip_filter`.
-    pub counted: Vec<Service>,
+    pub counted: BTreeSet<Service>,
+    /// How Maglev tables are written (see [`tables::probe_kind`]).
+    pub table_kind: tables::TableKind,
 }
 
 impl Registry {
@@ -100,15 +116,62 @@ pub(super) fn service_key(service: &Service) -> ServiceKey {
     }
 }
 
-fn lowest_free(used: &BTreeSet<u32>, capacity: u32) -> Option<u32> {
-    let mut expected = 0u32;
-    for id in used {
-        if *id != expected {
-            break;
+/// Ids in use, and a floor below which every id is taken: giving out the lowest free id costs
+/// what it skips past the floor, not a walk over every id in use.
+#[derive(Debug, Default)]
+pub(super) struct Ids {
+    used: BTreeSet<u32>,
+    floor: u32,
+}
+
+impl Ids {
+    /// Takes the lowest free id below `capacity`.
+    pub fn take(&mut self, capacity: u32) -> Option<u32> {
+        let mut expected = self.floor;
+        for id in self.used.range(self.floor..) {
+            if *id != expected {
+                break;
+            }
+            expected += 1;
         }
-        expected += 1;
+        if expected >= capacity {
+            return None;
+        }
+        self.used.insert(expected);
+        self.floor = expected + 1;
+        Some(expected)
     }
-    (expected < capacity).then_some(expected)
+
+    /// Marks an id taken (recovering pinned maps).
+    pub fn insert(&mut self, id: u32) {
+        self.used.insert(id);
+    }
+
+    pub fn release(&mut self, id: u32) {
+        self.used.remove(&id);
+        self.floor = self.floor.min(id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.used.len()
+    }
+}
+
+fn maglev_backends(backends: &[Backend]) -> Vec<maglev::Backend> {
+    backends
+        .iter()
+        .map(|b| maglev::Backend {
+            key: b.maglev_key(),
+            weight: b.weight,
+        })
+        .collect()
+}
+
+fn build_table(service: &Service, backends: &[Backend], size: u32) -> Result<maglev::Table> {
+    maglev::build(&maglev_backends(backends), size).map_err(|e| DataplaneError::InvalidService {
+        service: service.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// Checks a service and its backends; every error names the offending value.
@@ -137,27 +200,44 @@ pub fn validate(service: &Service, backends: &[Backend], table_size: u32) -> Res
             return Err(invalid(format!("backend {} has port 0", b.ip)));
         }
     }
-    let maglev_backends: Vec<maglev::Backend> = backends
-        .iter()
-        .map(|b| maglev::Backend {
-            key: b.maglev_key(),
-            weight: b.weight,
-        })
-        .collect();
-    maglev::check(&maglev_backends, table_size).map_err(|e| invalid(e.to_string()))
+    maglev::check(&maglev_backends(backends), table_size).map_err(|e| invalid(e.to_string()))
 }
 
 impl Dataplane {
     /// Creates the service or replaces its backends.
     pub fn upsert_service(&mut self, service: Service, backends: &[Backend]) -> Result<()> {
         validate(&service, backends, self.table_size)?;
+        let table = build_table(&service, backends, self.table_size)?;
+        self.upsert_built(service, backends, table)
+    }
+
+    /// [`Self::upsert_service`] with the service's table already built.
+    fn upsert_built(
+        &mut self,
+        service: Service,
+        backends: &[Backend],
+        table: maglev::Table,
+    ) -> Result<()> {
+        let staged = self.upsert_stage(service, backends, table)?;
+        self.commit(vec![staged])
+    }
+
+    /// A new service's id and counters, then [`Self::stage`].
+    fn upsert_stage(
+        &mut self,
+        service: Service,
+        backends: &[Backend],
+        table: maglev::Table,
+    ) -> Result<Staged> {
         if !self.registry.services.contains_key(&service) {
-            let id = lowest_free(&self.registry.used_service_ids, self.capacities.services)
-                .ok_or_else(|| DataplaneError::Full {
+            let id = self
+                .registry
+                .service_ids
+                .take(self.capacities.services)
+                .ok_or(DataplaneError::Full {
                     what: "services",
                     capacity: self.capacities.services,
                 })?;
-            self.registry.used_service_ids.insert(id);
             self.registry.services.insert(
                 service,
                 ServiceState {
@@ -168,17 +248,36 @@ impl Dataplane {
             self.reset_stats(MAP_SERVICE_STATS, id)?;
             tracing::info!(event = "serviceAdded", service = %service, id);
         }
-        self.set_backends(&service, backends)?;
-        if !self.registry.vip_filter_has(&service) {
-            self.count_vip(&service, 1)?;
-        }
-        Ok(())
+        self.stage(&service, backends, table)
     }
 
     /// Replaces a service's backends: established flows keep a backend that stays; flows of a
     /// removed backend move; a new backend takes only new flows.
     pub fn set_backends(&mut self, service: &Service, backends: &[Backend]) -> Result<()> {
         validate(service, backends, self.table_size)?;
+        let table = build_table(service, backends, self.table_size)?;
+        self.set_built(service, backends, table)
+    }
+
+    /// [`Self::set_backends`] with the table built for `backends`, in their order.
+    fn set_built(
+        &mut self,
+        service: &Service,
+        backends: &[Backend],
+        table: maglev::Table,
+    ) -> Result<()> {
+        let staged = self.stage(service, backends, table)?;
+        self.commit(vec![staged])
+    }
+
+    /// The first half of a change: the backends' entries written (new ids for new backends)
+    /// and the new table created, not yet switched in.
+    fn stage(
+        &mut self,
+        service: &Service,
+        backends: &[Backend],
+        table: maglev::Table,
+    ) -> Result<Staged> {
         let state = self
             .registry
             .services
@@ -197,7 +296,7 @@ impl Dataplane {
             .iter()
             .filter(|b| !old.contains_key(&b.maglev_key()))
             .count();
-        let free = self.capacities.backends as usize - self.registry.used_backend_ids.len();
+        let free = self.capacities.backends as usize - self.registry.backend_ids.len();
         if new_count > free {
             return Err(DataplaneError::Full {
                 what: "backends",
@@ -211,9 +310,11 @@ impl Dataplane {
             let id = match old.get(&b.maglev_key()) {
                 Some(id) => *id,
                 None => {
-                    let id = lowest_free(&self.registry.used_backend_ids, self.capacities.backends)
+                    let id = self
+                        .registry
+                        .backend_ids
+                        .take(self.capacities.backends)
                         .expect("counted above");
-                    self.registry.used_backend_ids.insert(id);
                     self.reset_stats(MAP_BACKEND_STATS, id)?;
                     id
                 }
@@ -229,9 +330,14 @@ impl Dataplane {
             )
             .map_err(map_error(MAP_BACKENDS))?;
             for (i, (b, id)) in assigned.iter().enumerate() {
-                let existing = array.get(id, 0).map_err(map_error(MAP_BACKENDS))?;
-                let keep =
-                    old.contains_key(&b.maglev_key()) && existing.flags & BACKEND_ACTIVE != 0;
+                // A backend that stays keeps its generation (its flows stay valid); a new one
+                // gets a fresh one, so flows tracked to an earlier holder of its id are not its.
+                let existing = if old.contains_key(&b.maglev_key()) {
+                    Some(array.get(id, 0).map_err(map_error(MAP_BACKENDS))?)
+                } else {
+                    None
+                }
+                .filter(|existing| existing.flags & BACKEND_ACTIVE != 0);
                 let (csum_ip, csum_l4) = dnat_checksum_deltas(
                     family(&b.ip),
                     &addr16(&service.vip),
@@ -245,11 +351,8 @@ impl Dataplane {
                     family: family(&b.ip),
                     flags: BACKEND_ACTIVE,
                     service_id: state.id,
-                    generation: if keep {
-                        existing.generation
-                    } else {
-                        generation_base.wrapping_add(i as u32)
-                    },
+                    generation: existing
+                        .map_or(generation_base.wrapping_add(i as u32), |e| e.generation),
                     weight: b.weight,
                     csum_ip,
                     csum_l4,
@@ -259,41 +362,55 @@ impl Dataplane {
         }
         self.registry.next_generation = generation_base.wrapping_add(assigned.len() as u32);
 
-        // 2. The new table, then the switch.
-        let maglev_backends: Vec<maglev::Backend> = assigned
-            .iter()
-            .map(|(b, _)| maglev::Backend {
-                key: b.maglev_key(),
-                weight: b.weight,
-            })
-            .collect();
-        let table = maglev::build(&maglev_backends, self.table_size).map_err(|e| {
-            DataplaneError::InvalidService {
-                service: service.to_string(),
-                reason: e.to_string(),
-            }
-        })?;
-        let table_size = if table.slots.is_empty() {
-            0
+        // 2. The new table, switched in by `commit`.
+        let table = if table.slots.is_empty() {
+            None
         } else {
-            let mut inner: Array<MapData, u32> = Array::create(self.table_size, BPF_F_INNER_MAP)
-                .map_err(map_error("MAGLEV inner"))?;
-            for (slot, index) in table.slots.iter().enumerate() {
-                inner
-                    .set(slot as u32, assigned[*index as usize].1, 0)
-                    .map_err(map_error("MAGLEV inner"))?;
-            }
-            let mut outer: ArrayOfMaps<&mut MapData, Array<MapData, u32>> = ArrayOfMaps::try_from(
-                self.ebpf
-                    .map_mut(MAP_MAGLEV)
-                    .ok_or(DataplaneError::MissingMap(MAP_MAGLEV))?,
-            )
-            .map_err(map_error(MAP_MAGLEV))?;
-            outer
-                .set(state.id, &inner, 0)
-                .map_err(map_error(MAP_MAGLEV))?;
-            self.table_size
+            let ids: Vec<u32> = table
+                .slots
+                .iter()
+                .map(|index| assigned[*index as usize].1)
+                .collect();
+            Some(tables::table(self.registry.table_kind, &ids)?)
         };
+        Ok(Staged {
+            service: *service,
+            old: state,
+            assigned,
+            table,
+        })
+    }
+
+    /// The second half of staged changes: their tables switched in (one batch), then each
+    /// service's entry pointed at its table, and the backends that left deactivated.
+    fn commit(&mut self, staged: Vec<Staged>) -> Result<()> {
+        let switches: Vec<(u32, &MapData)> = staged
+            .iter()
+            .filter_map(|s| s.table.as_ref().map(|t| (s.old.id, t)))
+            .collect();
+        tables::switch(self.maglev_map()?, &switches)?;
+        for change in staged {
+            self.finish(change)?;
+        }
+        Ok(())
+    }
+
+    fn maglev_map(&self) -> Result<&MapData> {
+        match self.ebpf.map(MAP_MAGLEV) {
+            Some(Map::ArrayOfMaps(data)) => Ok(data),
+            _ => Err(DataplaneError::MissingMap(MAP_MAGLEV)),
+        }
+    }
+
+    fn finish(&mut self, change: Staged) -> Result<()> {
+        let Staged {
+            service,
+            old: state,
+            assigned,
+            table,
+        } = change;
+        let service = &service;
+        let table_size = if table.is_some() { self.table_size } else { 0 };
         {
             let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> = HashMap::try_from(
                 self.ebpf
@@ -333,6 +450,9 @@ impl Dataplane {
         if let Some(s) = self.registry.services.get_mut(service) {
             s.backends = assigned;
         }
+        if !self.registry.vip_filter_has(service) {
+            self.count_vip(service, 1)?;
+        }
         Ok(())
     }
 
@@ -357,7 +477,7 @@ impl Dataplane {
         }
         let ids: Vec<u32> = state.backends.iter().map(|(_, id)| *id).collect();
         self.deactivate_backends(&ids)?;
-        self.registry.used_service_ids.remove(&state.id);
+        self.registry.service_ids.release(state.id);
         self.registry.services.remove(service);
         self.count_vip(service, -1)?;
         tracing::info!(event = "serviceRemoved", service = %service);
@@ -392,10 +512,37 @@ impl Dataplane {
                 self.remove_service(service)?;
             }
         }
-        for (service, backends) in services {
-            if current.get(service) != Some(backends) {
-                self.upsert_service(*service, backends)?;
+        let changed: Vec<(Service, &[Backend])> = services
+            .iter()
+            .filter(|(service, backends)| current.get(service) != Some(backends))
+            .map(|(service, backends)| (*service, backends.as_slice()))
+            .collect();
+        // Tables are built on every core a batch at a time (a table is 64 KiB at the default
+        // M: building them all first would hold them all), then switched in per batch.
+        for batch in changed.chunks(SYNC_BATCH) {
+            let lists: Vec<Vec<maglev::Backend>> = batch
+                .iter()
+                .map(|(_, backends)| maglev_backends(backends))
+                .collect();
+            let tables = maglev::build_many(&lists, self.table_size);
+            let mut staged = Vec::with_capacity(batch.len());
+            for ((service, backends), table) in batch.iter().zip(tables) {
+                let change = table
+                    .map_err(|e| DataplaneError::InvalidService {
+                        service: service.to_string(),
+                        reason: e.to_string(),
+                    })
+                    .and_then(|table| self.upsert_stage(*service, backends, table));
+                match change {
+                    Ok(change) => staged.push(change),
+                    Err(e) => {
+                        // What was staged is committed: no id is left allocated to nothing.
+                        self.commit(staged)?;
+                        return Err(e);
+                    }
+                }
             }
+            self.commit(staged)?;
         }
         self.set_l2_vips(l2)
     }
@@ -452,9 +599,10 @@ impl Dataplane {
         if value == 0 {
             self.registry.vip_filter.remove(&slot);
         }
-        self.registry.counted.retain(|s| s != service);
         if delta > 0 {
-            self.registry.counted.push(*service);
+            self.registry.counted.insert(*service);
+        } else {
+            self.registry.counted.remove(service);
         }
         self.write_vip_slot(slot, value)
     }
@@ -480,7 +628,7 @@ impl Dataplane {
             let mut value = array.get(id, 0).map_err(map_error(MAP_BACKENDS))?;
             value.flags = 0;
             array.set(*id, value, 0).map_err(map_error(MAP_BACKENDS))?;
-            self.registry.used_backend_ids.remove(id);
+            self.registry.backend_ids.release(*id);
         }
         Ok(())
     }
@@ -566,7 +714,7 @@ impl Dataplane {
             by_id.insert(value.id, service);
         }
         if by_id.is_empty() {
-            return Ok(());
+            return self.probe_table_kind();
         }
         let backends: Array<&MapData, BackendValue> = Array::try_from(
             self.ebpf
@@ -576,7 +724,7 @@ impl Dataplane {
         .map_err(map_error(MAP_BACKENDS))?;
         let mut registry = Registry::default();
         for (id, service) in &by_id {
-            registry.used_service_ids.insert(*id);
+            registry.service_ids.insert(*id);
             registry.services.insert(
                 *service,
                 ServiceState {
@@ -596,7 +744,7 @@ impl Dataplane {
             let Some(service) = by_id.get(&value.service_id) else {
                 continue;
             };
-            registry.used_backend_ids.insert(index as u32);
+            registry.backend_ids.insert(index as u32);
             let backend = Backend {
                 ip: ip_from(value.family, &value.addr),
                 port: u16::from_be_bytes(value.port),
@@ -611,6 +759,16 @@ impl Dataplane {
             services = registry.services.len()
         );
         self.registry = registry;
+        self.probe_table_kind()
+    }
+
+    /// Which inner maps the (pinned) `MAGLEV` map takes; tried in a service id no one holds.
+    fn probe_table_kind(&mut self) -> Result<()> {
+        let Some(free) = self.registry.service_ids.take(self.capacities.services) else {
+            return Ok(());
+        };
+        self.registry.service_ids.release(free);
+        self.registry.table_kind = tables::probe_kind(self.maglev_map()?, free)?;
         Ok(())
     }
 }
@@ -697,12 +855,44 @@ mod tests {
         }
     }
 
+    /// The lowest free id by walking every id in use from 0.
+    fn lowest_free(used: &BTreeSet<u32>, capacity: u32) -> Option<u32> {
+        (0..capacity).find(|id| !used.contains(id))
+    }
+
     #[test]
-    fn lowest_free_id_fills_holes_first() {
-        let used: BTreeSet<u32> = [0, 1, 3].into_iter().collect();
-        assert_eq!(lowest_free(&used, 10), Some(2));
-        let full: BTreeSet<u32> = [0, 1].into_iter().collect();
-        assert_eq!(lowest_free(&full, 2), None);
+    fn ids_give_the_lowest_free_id_like_a_walk_from_zero_through_random_takes_and_releases() {
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as u32
+        };
+        for capacity in [1, 2, 17, 300] {
+            let (mut ids, mut model) = (Ids::default(), BTreeSet::new());
+            for step in 0..3000 {
+                if next() % 3 == 0 && !model.is_empty() {
+                    let victim = *model.iter().nth(next() as usize % model.len()).unwrap();
+                    model.remove(&victim);
+                    ids.release(victim);
+                } else {
+                    let want = lowest_free(&model, capacity);
+                    assert_eq!(ids.take(capacity), want, "capacity {capacity}, step {step}");
+                    if let Some(id) = want {
+                        model.insert(id);
+                    }
+                }
+                assert_eq!(ids.len(), model.len());
+            }
+        }
+        let mut recovered = Ids::default();
+        for id in [0, 1, 3] {
+            recovered.insert(id);
+        }
+        assert_eq!(recovered.take(10), Some(2));
+        assert_eq!(recovered.take(10), Some(4));
+        assert_eq!(recovered.take(5), None);
     }
 
     #[test]
