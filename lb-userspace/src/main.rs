@@ -134,6 +134,10 @@ enum Command {
         /// A full pass this often, in seconds, even when no watch event came.
         #[arg(long, default_value_t = 60)]
         resync_seconds: u64,
+        /// Writes to the API server (status patches, conditions, Events) per second, at most;
+        /// 16 are in flight at once. 0: no limit.
+        #[arg(long, default_value_t = lb_userspace::k8s::limit::DEFAULT_WRITES_PER_SECOND)]
+        api_writes_per_second: u32,
         /// The namespace of MetalLB's objects (metallb.io IPAddressPool, L2Advertisement,
         /// BGPAdvertisement, BGPPeer, BFDProfile, Community), read as they are when MetalLB's
         /// CRDs are installed. Empty: read none.
@@ -385,8 +389,10 @@ fn main() -> ExitCode {
             classless,
             metrics_address,
             resync_seconds,
+            api_writes_per_second,
             metallb_namespace,
         } => lb_userspace::k8s::controller::run(lb_userspace::k8s::controller::Options {
+            api_writes_per_second,
             metallb_namespace: (!metallb_namespace.is_empty()).then_some(metallb_namespace),
             namespace,
             identity: identity.unwrap_or_else(host_name),

@@ -427,13 +427,24 @@ fn only_the_lease_holder_allocates_and_a_standby_takes_over_when_it_dies() {
             && standby.metrics().contains("sluice_controller_leader 0"))
         .then_some(())
     });
-    // The standby watched everything but wrote nothing: one Event, from the leader.
-    let recorded: Vec<Value> = api
-        .list(EVENTS)
-        .into_iter()
-        .filter(|e| e["regarding"]["name"] == "one")
-        .collect();
-    assert_eq!(recorded.len(), 1);
+    // The standby watched everything but wrote nothing: one Event, from the leader (Events
+    // are published in the background, after the status).
+    let recorded: Vec<Value> = wait_for("the leader's Event", &[&leader, &standby], || {
+        let recorded: Vec<Value> = api
+            .list(EVENTS)
+            .into_iter()
+            .filter(|e| e["regarding"]["name"] == "one")
+            .collect();
+        (!recorded.is_empty()).then_some(recorded)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        api.list(EVENTS)
+            .iter()
+            .filter(|e| e["regarding"]["name"] == "one")
+            .count(),
+        1
+    );
     assert_eq!(recorded[0]["reportingInstance"], holder.as_str());
 
     // The leader dies without releasing the Lease (SIGKILL).

@@ -358,5 +358,7 @@ fn run_release_bin(name: &str) -> Result<()> {
 
 fn bench() -> Result<()> {
     run_release_bin("xdp-bench")?;
-    run_release_bin("control-bench")
+    run_release_bin("control-bench")?;
+    build_release_sluice()?;
+    run_release_bin("controller-bench")
 }

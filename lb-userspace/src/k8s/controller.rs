@@ -18,10 +18,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::StreamExt;
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,
-        core::v1::{Namespace, Service},
+        core::v1::{Namespace, ObjectReference, Service},
     },
     apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time},
     jiff::Timestamp,
@@ -42,6 +43,7 @@ use tracing::{debug, info, warn};
 use super::{
     crd::{BFDProfile, BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement},
     lease::{self, Decision},
+    limit::{WriteLimit, CONCURRENT_WRITES},
     metallb,
     reconcile::{self, service_key, Plan},
     validity::{self, ObjectRef, Objects},
@@ -69,6 +71,8 @@ pub struct Options {
     pub metrics_address: SocketAddr,
     /// A full pass this often even when nothing changed.
     pub resync: Duration,
+    /// Writes to the API server per second, at most (0: no limit).
+    pub api_writes_per_second: u32,
 }
 
 /// What went wrong at the edge.
@@ -209,16 +213,20 @@ async fn run_async(options: Options) -> Result<(), ControllerError> {
         },
     };
     let ctx = Context {
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: MANAGER.into(),
-                instance: Some(options.identity.clone()),
-            },
-        ),
         client: client.clone(),
         leases: Api::namespaced(client.clone(), ns),
         status: status.clone(),
+        limit: WriteLimit::new(options.api_writes_per_second),
+        events: publish_events(
+            Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: MANAGER.into(),
+                    instance: Some(options.identity.clone()),
+                },
+            ),
+            WriteLimit::new(options.api_writes_per_second),
+        ),
         options: options.clone(),
     };
     info!(
@@ -246,7 +254,23 @@ async fn run_async(options: Options) -> Result<(), ControllerError> {
             status.lock().unwrap().leader = leader.leading;
         }
         if synced && leader.leading {
-            pass(&ctx, &stores, &mut memory).await;
+            // The Lease is renewed while a long pass writes (10,000 first statuses take 20 s
+            // at the default write limit); a lost Lease cancels the pass's remaining writes.
+            let writing = pass(&ctx, &stores, &mut memory);
+            tokio::pin!(writing);
+            loop {
+                tokio::select! {
+                    _ = &mut writing => break,
+                    _ = tokio::time::sleep_until(next_lease_step.into()) => {
+                        leader.step(&ctx).await;
+                        next_lease_step = Instant::now() + renew_every;
+                        status.lock().unwrap().leader = leader.leading;
+                        if !leader.leading {
+                            break;
+                        }
+                    }
+                }
+            }
             last_pass = Instant::now();
         }
         let wake = next_lease_step.min(last_pass + options.resync);
@@ -257,8 +281,9 @@ async fn run_async(options: Options) -> Result<(), ControllerError> {
                 info!("watchesSynced");
             }
             _ = notify.notified() => {
-                // Let a burst of watch events settle into one pass.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Let a burst of watch events settle into one pass (and events that come
+                // during a pass are handled together by the next).
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             _ = tokio::time::sleep_until(wake.into()) => {}
             _ = terminate.recv() => break,
@@ -274,10 +299,35 @@ async fn run_async(options: Options) -> Result<(), ControllerError> {
 
 struct Context {
     client: Client,
-    recorder: Recorder,
     leases: Api<Lease>,
     status: SharedControllerStatus,
+    limit: WriteLimit,
+    /// Events to publish, in the background (see [`publish_events`]).
+    events: tokio::sync::mpsc::UnboundedSender<(Event, ObjectReference)>,
     options: Options,
+}
+
+/// Publishes Events in the background, under their own write limit: a first pass's 10,000
+/// Events never hold back the next pass's status writes.
+fn publish_events(
+    recorder: Recorder,
+    limit: WriteLimit,
+) -> tokio::sync::mpsc::UnboundedSender<(Event, ObjectReference)> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Event, ObjectReference)>();
+    tokio::spawn(async move {
+        let (recorder, limit) = (&recorder, &limit);
+        futures::stream::poll_fn(|cx| rx.poll_recv(cx))
+            .map(|(event, reference)| async move {
+                limit.wait().await;
+                if let Err(e) = recorder.publish(&event, &reference).await {
+                    warn!(object = ?reference.name, reason = %event.reason, error = %e, "eventRecordFailed");
+                }
+            })
+            .buffer_unordered(CONCURRENT_WRITES)
+            .for_each(|()| async {})
+            .await;
+    });
+    tx
 }
 
 struct Stores {
@@ -435,11 +485,15 @@ async fn pass(ctx: &Context, stores: &Stores, memory: &mut Memory) {
         }
         services.push(s);
     }
-    memory
-        .written
-        .retain(|k, _| services.iter().any(|s| service_key(s) == *k));
-    release_deleted(ctx, &services, memory);
     services.sort_by_key(service_key);
+    let keys: Vec<String> = services.iter().map(service_key).collect();
+    let index: HashMap<&str, &Service> = keys
+        .iter()
+        .map(String::as_str)
+        .zip(services.iter())
+        .collect();
+    memory.written.retain(|k, _| index.contains_key(k.as_str()));
+    release_deleted(ctx, &index, memory);
     let namespace_labels: BTreeMap<String, BTreeMap<String, String>> = stores
         .namespaces
         .state()
@@ -459,12 +513,14 @@ async fn pass(ctx: &Context, stores: &Stores, memory: &mut Memory) {
         .map(|m| metallb::read(&m.objects()))
         .unwrap_or_default();
     objects.extend(from_metallb.objects.clone());
+    let planning = Instant::now();
     let plan = reconcile::plan(
         &objects,
         &services,
         &namespace_labels,
         ctx.options.classless_is_ours,
     );
+    let planned = planning.elapsed();
 
     {
         let mut status = ctx.status.lock().unwrap();
@@ -474,12 +530,23 @@ async fn pass(ctx: &Context, stores: &Stores, memory: &mut Memory) {
         status.addresses_out_of_pool = count("IPOutOfPool");
         status.invalid_objects = plan.validity.values().filter(|p| !p.is_empty()).count() as u64;
     }
-    let failed_writes = write_statuses(ctx, &services, &plan, memory).await;
-    record_events(ctx, &services, &plan, &failed_writes, memory).await;
+    let writing = Instant::now();
+    let failed_writes = write_statuses(ctx, &index, &plan, memory).await;
+    record_events(ctx, &index, &plan, &failed_writes, memory).await;
     write_out_of_pool_conditions(ctx, &services, &plan).await;
     write_object_statuses(ctx, &objects, &plan).await;
     report_metallb(ctx, &from_metallb, &plan, memory).await;
     ctx.status.lock().unwrap().api_write_errors_total += failed_writes.len() as u64;
+    if !plan.statuses.is_empty() {
+        info!(
+            services = services.len(),
+            statuses = plan.statuses.len(),
+            failed = failed_writes.len(),
+            planned_ms = planned.as_secs_f64() * 1e3,
+            written_ms = writing.elapsed().as_secs_f64() * 1e3,
+            "passWritten"
+        );
+    }
 }
 
 /// MetalLB's objects get no status from Sluice (they are MetalLB's): what Sluice does not do
@@ -516,7 +583,7 @@ async fn report_metallb(ctx: &Context, read: &metallb::Read, plan: &Plan, memory
             warn!(kind = %kind, name = %name, problems = %problems.join("; "), "metallbObjectProblem");
             problems.join("; ")
         };
-        let reference = k8s_openapi::api::core::v1::ObjectReference {
+        let reference = ObjectReference {
             api_version: Some(api_version),
             kind: Some(kind.clone()),
             name: Some(name.clone()),
@@ -540,9 +607,7 @@ async fn report_metallb(ctx: &Context, read: &metallb::Read, plan: &Plan, memory
             action: "Read".into(),
             secondary: None,
         };
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            warn!(kind = %kind, name = %name, error = %e, "eventRecordFailed");
-        }
+        let _ = ctx.events.send((event, reference));
     }
     ctx.status.lock().unwrap().invalid_objects +=
         now.values().filter(|p| !p.is_empty()).count() as u64;
@@ -551,14 +616,14 @@ async fn report_metallb(ctx: &Context, read: &metallb::Read, plan: &Plan, memory
 
 /// A deleted Service's IPs are free once it leaves the store; there is no object left to
 /// record an Event on, so this is logged and counted.
-fn release_deleted(ctx: &Context, services: &[Service], memory: &mut Memory) {
+fn release_deleted(ctx: &Context, services: &HashMap<&str, &Service>, memory: &mut Memory) {
     let now: BTreeMap<String, Vec<IpAddr>> = services
         .iter()
-        .map(|s| (service_key(s), reconcile::status_ips(s)))
+        .map(|(k, s)| (k.to_string(), reconcile::status_ips(s)))
         .filter(|(_, ips)| !ips.is_empty())
         .collect();
     for (service, ips) in &memory.assigned {
-        if !services.iter().any(|s| service_key(s) == *service) {
+        if !services.contains_key(service.as_str()) {
             info!(%service, ips = ?ips, "ipReleased");
             ctx.status.lock().unwrap().releases_total += 1;
         }
@@ -589,30 +654,40 @@ pub fn ingress_patch(ips: &[IpAddr]) -> Value {
     json!({"status": {"loadBalancer": {"ingress": ingress}}})
 }
 
-/// Writes the changed statuses; returns the keys whose write failed.
+/// Writes the changed statuses, [`CONCURRENT_WRITES`] at a time under the write limit;
+/// returns the keys whose write failed.
 async fn write_statuses(
     ctx: &Context,
-    services: &[Service],
+    services: &HashMap<&str, &Service>,
     plan: &Plan,
     memory: &mut Memory,
 ) -> BTreeSet<String> {
+    let writes = plan
+        .statuses
+        .iter()
+        .filter_map(|(k, ips)| services.get(k.as_str()).map(|s| (k, ips, *s)));
+    let results: Vec<_> = futures::stream::iter(writes)
+        .map(|(k, ips, service)| async move {
+            ctx.limit.wait().await;
+            let api: Api<Service> =
+                Api::namespaced(ctx.client.clone(), &service.namespace().unwrap_or_default());
+            let patch = Patch::Merge(ingress_patch(ips));
+            let result = api
+                .patch_status(&service.name_any(), &PatchParams::default(), &patch)
+                .await;
+            (k, ips, service.resource_version(), result.map(|_| ()))
+        })
+        .buffer_unordered(CONCURRENT_WRITES)
+        .collect()
+        .await;
     let mut failed = BTreeSet::new();
-    for (k, ips) in &plan.statuses {
-        let Some(service) = services.iter().find(|s| service_key(s) == *k) else {
-            continue;
-        };
-        let api: Api<Service> =
-            Api::namespaced(ctx.client.clone(), &service.namespace().unwrap_or_default());
-        let patch = Patch::Merge(ingress_patch(ips));
-        match api
-            .patch_status(&service.name_any(), &PatchParams::default(), &patch)
-            .await
-        {
-            Ok(_) => {
+    for (k, ips, resource_version, result) in results {
+        match result {
+            Ok(()) => {
                 info!(service = %k, ips = ?ips, "serviceStatusWritten");
                 memory
                     .written
-                    .insert(k.clone(), (service.resource_version(), ips.clone()));
+                    .insert(k.clone(), (resource_version, ips.clone()));
             }
             Err(e) => {
                 warn!(service = %k, error = %e, "serviceStatusWriteFailed");
@@ -624,14 +699,16 @@ async fn write_statuses(
 }
 
 /// Records the plan's Events that are new: a condition that persists is recorded once.
+/// Published in the background ([`publish_events`]).
 async fn record_events(
     ctx: &Context,
-    services: &[Service],
+    services: &HashMap<&str, &Service>,
     plan: &Plan,
     failed_writes: &BTreeSet<String>,
     memory: &mut Memory,
 ) {
     let mut now_holding = BTreeSet::new();
+    let mut new_events = Vec::new();
     for event in &plan.events {
         // An allocation or release that was not written did not happen.
         if failed_writes.contains(&event.service)
@@ -644,7 +721,7 @@ async fn record_events(
         if memory.recorded.contains(&id) {
             continue;
         }
-        let Some(service) = services.iter().find(|s| service_key(s) == event.service) else {
+        let Some(service) = services.get(event.service.as_str()) else {
             continue;
         };
         match event.reason {
@@ -658,37 +735,34 @@ async fn record_events(
                 warn!(service = %event.service, reason = event.reason, detail = %event.message, "serviceWarning")
             }
         }
-        let published = ctx
-            .recorder
-            .publish(
-                &Event {
-                    type_: if event.type_ == "Warning" {
-                        EventType::Warning
-                    } else {
-                        EventType::Normal
-                    },
-                    reason: event.reason.to_string(),
-                    note: Some(event.message.clone()),
-                    action: match event.reason {
-                        "IPReleased" => "Release",
-                        _ => "Allocate",
-                    }
-                    .into(),
-                    secondary: None,
-                },
-                &service.object_ref(&()),
-            )
-            .await;
-        if let Err(e) = published {
-            warn!(service = %event.service, error = %e, "eventRecordFailed");
+        {
+            let mut status = ctx.status.lock().unwrap();
+            match event.reason {
+                "IPAllocated" => status.allocations_total += 1,
+                "IPReleased" => status.releases_total += 1,
+                "AllocationFailed" => status.allocation_failures_total += 1,
+                _ => {}
+            }
         }
-        let mut status = ctx.status.lock().unwrap();
-        match event.reason {
-            "IPAllocated" => status.allocations_total += 1,
-            "IPReleased" => status.releases_total += 1,
-            "AllocationFailed" => status.allocation_failures_total += 1,
-            _ => {}
-        }
+        new_events.push((event, service.object_ref(&())));
+    }
+    for (event, reference) in new_events {
+        let event = Event {
+            type_: if event.type_ == "Warning" {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: event.reason.to_string(),
+            note: Some(event.message.clone()),
+            action: match event.reason {
+                "IPReleased" => "Release",
+                _ => "Allocate",
+            }
+            .into(),
+            secondary: None,
+        };
+        let _ = ctx.events.send((event, reference));
     }
     memory.recorded = now_holding;
 }
@@ -769,6 +843,7 @@ async fn write_out_of_pool_conditions(ctx: &Context, services: &[Service], plan:
             "metadata": {"resourceVersion": service.resource_version()},
             "status": {"conditions": conditions},
         });
+        ctx.limit.wait().await;
         match api
             .patch_status(
                 &service.name_any(),
@@ -901,6 +976,7 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
 {
     let kind = K::kind(&());
+    ctx.limit.wait().await;
     match api
         .patch_status(name, &PatchParams::default(), &Patch::Merge(body))
         .await

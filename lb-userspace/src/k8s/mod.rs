@@ -9,6 +9,7 @@ pub mod announce;
 pub mod controller;
 pub mod crd;
 pub mod lease;
+pub mod limit;
 pub mod liveness;
 pub mod manifests;
 pub mod metallb;

@@ -23,6 +23,8 @@ use super::metallb;
 /// word (a frozen or partitioned API server) is noticed within this, plus kube's 5 s margin.
 const WATCH_SECONDS: u32 = 10;
 
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// Retries of a failed watch or list: 250 ms, then 500 ms, then every second, never more. When
 /// the API server comes back after an outage the watches resume within a second; an expired
 /// resource version (410) re-lists at once (kube's watcher), not after a long back-off.
@@ -69,8 +71,13 @@ where
     let writer = reflector::store::Writer::new(dyntype);
     let reader = writer.as_reader();
     let config = watcher::Config::default().timeout(WATCH_SECONDS);
-    let stream =
-        reflector::reflector(writer, watcher(api, config)).backoff(QuickBackoff::default());
+    // The caches keep what Sluice reads: not the server-side-apply bookkeeping nor kubectl's
+    // copy of the last applied object, which are most of an object's size in a real cluster.
+    let trimmed = watcher(api, config).modify(|object: &mut K| {
+        object.managed_fields_mut().clear();
+        object.annotations_mut().remove(LAST_APPLIED);
+    });
+    let stream = reflector::reflector(writer, trimmed).backoff(QuickBackoff::default());
     let notify = notify.clone();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
