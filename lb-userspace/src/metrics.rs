@@ -699,8 +699,30 @@ pub fn serve(address: SocketAddr, status: SharedStatus, pin_dir: PathBuf) -> std
     )
 }
 
+/// What the controller's /metrics and /readyz report (the controller fills it in).
+#[derive(Debug, Clone, Default)]
+pub struct ControllerStatus {
+    /// Every watch has listed once.
+    pub synced: bool,
+    pub leader: bool,
+    /// Per pool: (addresses total, addresses in use).
+    pub pools: std::collections::BTreeMap<String, (i64, i64)>,
+    pub allocations_total: u64,
+    pub allocation_failures_total: u64,
+    pub releases_total: u64,
+    /// Services whose request cannot be met right now.
+    pub services_failing: u64,
+    /// Addresses kept by Services although no pool holds them any more.
+    pub addresses_out_of_pool: u64,
+    /// Sluice objects with `Valid=False`.
+    pub invalid_objects: u64,
+    pub api_write_errors_total: u64,
+}
+
+pub type SharedControllerStatus = std::sync::Arc<std::sync::Mutex<ControllerStatus>>;
+
 /// Renders the controller's metrics (Prometheus text format).
-pub fn render_controller(status: &crate::k8s::controller::ControllerStatus) -> String {
+pub fn render_controller(status: &ControllerStatus) -> String {
     let mut out = String::new();
     family(
         &mut out,
@@ -793,7 +815,7 @@ pub fn render_controller(status: &crate::k8s::controller::ControllerStatus) -> S
 /// Serves the controller's /metrics, /healthz and /readyz (ready once every watch has listed).
 pub fn serve_controller(
     address: SocketAddr,
-    status: crate::k8s::controller::SharedControllerStatus,
+    status: SharedControllerStatus,
 ) -> std::io::Result<()> {
     let ready = status.clone();
     serve_endpoints(

@@ -357,11 +357,17 @@ impl Daemon {
             self.dp.allow_redirect(iface.ifindex)?;
         }
         let now: BTreeSet<(IpAddr, u32)> = vips.iter().map(|v| (v.ip, v.ifindex)).collect();
-        for vip in vips
+        let new: Vec<&L2Vip> = vips
             .iter()
             .filter(|v| !self.announced.contains(&(v.ip, v.ifindex)))
-        {
-            match crate::l2::announce(vip.ifindex, vip.mac, vip.ip) {
+            .collect();
+        let sent = crate::l2::announce_all(
+            &new.iter()
+                .map(|vip| (vip.ifindex, vip.mac, vip.ip))
+                .collect::<Vec<_>>(),
+        );
+        for (vip, result) in new.iter().zip(sent) {
+            match result {
                 Ok(()) => {
                     tracing::info!(event = "l2Announced", ip = %vip.ip, ifindex = vip.ifindex)
                 }

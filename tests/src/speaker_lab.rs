@@ -495,6 +495,15 @@ impl Lab {
         self.speakers[i] = Some(p);
     }
 
+    /// The log of node i's latest speaker.
+    pub fn log_of(&self, i: usize) -> Option<PathBuf> {
+        self.logs
+            .iter()
+            .rev()
+            .find(|l| l.to_string_lossy().contains(&self.nodes[i].name))
+            .cloned()
+    }
+
     /// Does node i's Lease say it answers for the VIP?
     pub fn announces(&self, i: usize) -> bool {
         self.api

@@ -360,5 +360,6 @@ fn bench() -> Result<()> {
     run_release_bin("xdp-bench")?;
     run_release_bin("control-bench")?;
     build_release_sluice()?;
-    run_release_bin("controller-bench")
+    run_release_bin("controller-bench")?;
+    run_release_bin("speaker-bench")
 }

@@ -432,8 +432,8 @@ async fn sync_routes(
         .copied()
         .collect();
     let mut updates = 0u64;
-    if !gone.is_empty() {
-        send(conn, &wire::withdraw(&gone)?).await?;
+    for message in wire::withdrawals(&gone)? {
+        send(conn, &message).await?;
         updates += 1;
     }
     for (prefix, route) in &wanted {

@@ -287,16 +287,38 @@ pub fn announce(prefixes: &[IpNet], attrs: &Attributes) -> Result<BgpMessage, St
 }
 
 /// An UPDATE withdrawing `prefixes` (IPv4 in the withdrawn routes, IPv6 in MP_UNREACH_NLRI).
+/// Prefixes withdrawn per UPDATE at most: 200 IPv6 /128s take 3,400 bytes, so every such
+/// message fits BGP's 4,096-byte limit (RFC 4271 §4.1).
+pub const MAX_WITHDRAWN_PER_UPDATE: usize = 200;
+
+/// UPDATEs withdrawing `prefixes`, [`MAX_WITHDRAWN_PER_UPDATE`] at a time.
+pub fn withdrawals(prefixes: &[IpNet]) -> Result<Vec<BgpMessage>, String> {
+    prefixes
+        .chunks(MAX_WITHDRAWN_PER_UPDATE)
+        .map(withdraw)
+        .collect()
+}
+
 pub fn withdraw(prefixes: &[IpNet]) -> Result<BgpMessage, String> {
     let (v4, v6) = split(prefixes)?;
     let path = if v6.is_empty() {
         Vec::new()
     } else {
-        vec![attribute(
-            PathAttributeValue::MpUnreach(MpUnreach::Ipv6Unicast { nlri: v6.into() }),
+        // Extended length when the attribute is longer than a one-byte length can say (15
+        // /128s are): AFI, SAFI, then each prefix's length byte and its significant bytes.
+        let length: usize = 3 + prefixes
+            .iter()
+            .filter(|p| matches!(p, IpNet::V6(_)))
+            .map(|p| 1 + (p.prefix_len() as usize).div_ceil(8))
+            .sum::<usize>();
+        vec![PathAttribute::from(
             true,
             false,
-        )]
+            false,
+            length > 255,
+            PathAttributeValue::MpUnreach(MpUnreach::Ipv6Unicast { nlri: v6.into() }),
+        )
+        .expect("flags chosen to match the attribute type")]
     };
     Ok(BgpMessage::Update(BgpUpdateMessage::new(
         v4,
@@ -587,6 +609,51 @@ mod tests {
         let mut full = header((19 + want.len()) as u16, 1);
         full.extend_from_slice(&want);
         assert_eq!(bytes, full);
+    }
+
+    #[test]
+    fn withdrawing_thousands_of_prefixes_takes_updates_that_each_fit_4096_bytes() {
+        let v4: Vec<IpNet> = (0..5000u32)
+            .map(|i| {
+                IpNet::from(ipnet::Ipv4Net::from(std::net::Ipv4Addr::from(
+                    0x0a5a_0000 + i,
+                )))
+            })
+            .collect();
+        let v6: Vec<IpNet> = (0..5000u128)
+            .map(|i| {
+                IpNet::from(ipnet::Ipv6Net::from(std::net::Ipv6Addr::from(
+                    0xfd00_u128 << 112 | i,
+                )))
+            })
+            .collect();
+        for prefixes in [v4, v6] {
+            let messages = withdrawals(&prefixes).unwrap();
+            assert_eq!(messages.len(), 25);
+            let mut withdrawn = 0;
+            for m in &messages {
+                let bytes = encode(m, true).unwrap();
+                assert!(bytes.len() <= 4096, "{} bytes", bytes.len());
+                let mut reader = Reader::new(true);
+                reader.feed(&bytes);
+                match reader.next_message() {
+                    Ok(Some(BgpMessage::Update(u))) => {
+                        withdrawn += u.withdraw_routes().len()
+                            + u.path_attributes()
+                                .iter()
+                                .map(|a| match a.value() {
+                                    PathAttributeValue::MpUnreach(MpUnreach::Ipv6Unicast {
+                                        nlri,
+                                    }) => nlri.len(),
+                                    _ => 0,
+                                })
+                                .sum::<usize>();
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(withdrawn, 5000);
+        }
     }
 
     #[test]

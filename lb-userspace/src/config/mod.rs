@@ -18,6 +18,9 @@ use std::{
     str::FromStr,
 };
 
+/// Where the data plane pins its maps unless told otherwise (under the kernel's bpffs mount).
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sluice";
+
 /// One problem in a config file: where (a field path like `services[0].ports[1].port`) and what.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileError {

@@ -579,7 +579,7 @@ fn build_merged(
                 .pin_dir
                 .clone()
                 .map(PathBuf::from)
-                .unwrap_or_else(crate::dataplane::default_pin_dir),
+                .unwrap_or_else(|| PathBuf::from(super::DEFAULT_PIN_DIR)),
             node_ipv6,
             flood_guard_new_flows_per_second: flood_guard,
         },

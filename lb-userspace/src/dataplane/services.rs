@@ -23,6 +23,8 @@ use super::{map_error, tables, Dataplane, DataplaneError, Result};
 /// Services whose tables are built together and switched in with one update in
 /// [`Dataplane::sync`] (each table's map stays open until its batch is switched in).
 const SYNC_BATCH: usize = 256;
+/// Tables built at once, on every core, before they are written.
+const BUILD_TOGETHER: usize = 16;
 pub use crate::config::{Backend, Protocol, Service};
 use crate::maglev;
 
@@ -517,28 +519,31 @@ impl Dataplane {
             .filter(|(service, backends)| current.get(service) != Some(backends))
             .map(|(service, backends)| (*service, backends.as_slice()))
             .collect();
-        // Tables are built on every core a batch at a time (a table is 64 KiB at the default
-        // M: building them all first would hold them all), then switched in per batch.
+        // Tables are built on every core a few at a time and each written into its own inner
+        // map at once (a table is 64 KiB at the default M: building a whole batch first would
+        // hold them all); a batch's tables are then switched in together.
         for batch in changed.chunks(SYNC_BATCH) {
-            let lists: Vec<Vec<maglev::Backend>> = batch
-                .iter()
-                .map(|(_, backends)| maglev_backends(backends))
-                .collect();
-            let tables = maglev::build_many(&lists, self.table_size);
             let mut staged = Vec::with_capacity(batch.len());
-            for ((service, backends), table) in batch.iter().zip(tables) {
-                let change = table
-                    .map_err(|e| DataplaneError::InvalidService {
-                        service: service.to_string(),
-                        reason: e.to_string(),
-                    })
-                    .and_then(|table| self.upsert_stage(*service, backends, table));
-                match change {
-                    Ok(change) => staged.push(change),
-                    Err(e) => {
-                        // What was staged is committed: no id is left allocated to nothing.
-                        self.commit(staged)?;
-                        return Err(e);
+            for few in batch.chunks(BUILD_TOGETHER) {
+                let lists: Vec<Vec<maglev::Backend>> = few
+                    .iter()
+                    .map(|(_, backends)| maglev_backends(backends))
+                    .collect();
+                let tables = maglev::build_many(&lists, self.table_size);
+                for ((service, backends), table) in few.iter().zip(tables) {
+                    let change = table
+                        .map_err(|e| DataplaneError::InvalidService {
+                            service: service.to_string(),
+                            reason: e.to_string(),
+                        })
+                        .and_then(|table| self.upsert_stage(*service, backends, table));
+                    match change {
+                        Ok(change) => staged.push(change),
+                        Err(e) => {
+                            // What was staged is committed: no id is left allocated to nothing.
+                            self.commit(staged)?;
+                            return Err(e);
+                        }
                     }
                 }
             }

@@ -293,7 +293,7 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 
 /// The default pin directory.
 pub fn default_pin_dir() -> PathBuf {
-    Path::new(BPFFS_ROOT).join("sluice")
+    PathBuf::from(crate::config::DEFAULT_PIN_DIR)
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use std::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::request::{Family, PortKey, Request};
+pub use super::shared::selector_matches;
 use crate::{
     config::Pool,
     ipam::{self, usable},
@@ -57,26 +58,6 @@ pub enum Outcome {
     Assigned(Vec<(IpAddr, Option<String>)>),
     /// Nothing could be given; the reason names what is wrong.
     Failed(String),
-}
-
-/// Does a label selector match these labels? (`matchLabels` and `matchExpressions`.)
-pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let labels_ok = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let expressions_ok = selector.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.clone().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
-            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
-            "Exists" => labels.contains_key(&e.key),
-            "DoesNotExist" => !labels.contains_key(&e.key),
-            _ => false,
-        }
-    });
-    labels_ok && expressions_ok
 }
 
 fn allows(rules: &PoolRules, service: &ServiceInput) -> bool {

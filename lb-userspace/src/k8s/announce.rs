@@ -12,18 +12,18 @@
 //! `interfaces`, and (policy Local) it has a ready endpoint of the Service.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::ResourceExt;
 
 use super::{
-    allocate::selector_matches,
     crd::L2Advertisement,
-    reconcile::{self, service_key, status_ips},
     request,
+    shared::{self, selector_matches, service_key, status_ips},
     validity::Objects,
 };
 use crate::{
@@ -54,8 +54,10 @@ pub struct NodeView {
 pub struct Input<'a> {
     pub me: &'a str,
     pub objects: &'a Objects,
-    pub services: &'a [Service],
-    pub slices: &'a [EndpointSlice],
+    /// Shared with the watch caches, not copied: a pass over 10,000 Services and their
+    /// EndpointSlices would otherwise hold them twice.
+    pub services: &'a [Arc<Service>],
+    pub slices: &'a [Arc<EndpointSlice>],
     pub nodes: &'a [NodeView],
     /// Who announces each IP in L2 now (from the speakers' Leases).
     pub announcers: &'a BTreeMap<IpAddr, String>,
@@ -92,12 +94,15 @@ pub struct NodePlan {
 }
 
 impl NodePlan {
-    /// The Services (`namespace/name`) that have this IP.
-    pub fn services_with(&self, ip: IpAddr) -> impl Iterator<Item = &String> {
-        self.service_ips
-            .iter()
-            .filter(move |(_, ips)| ips.contains(&ip))
-            .map(|(k, _)| k)
+    /// The Services (`namespace/name`) that have each IP.
+    pub fn services_by_ip(&self) -> BTreeMap<IpAddr, Vec<&String>> {
+        let mut index: BTreeMap<IpAddr, Vec<&String>> = BTreeMap::new();
+        for (service, ips) in &self.service_ips {
+            for ip in ips {
+                index.entry(*ip).or_default().push(service);
+            }
+        }
+        index
     }
 }
 
@@ -118,7 +123,7 @@ struct Svc {
 
 fn read_service(
     s: &Service,
-    slices: &[EndpointSlice],
+    slices: &[&EndpointSlice],
     me: &str,
     problems: &mut Vec<Problem>,
 ) -> Svc {
@@ -149,14 +154,9 @@ fn read_service(
     let ips = status_ips(s);
     let has_v4 = ips.iter().any(IpAddr::is_ipv4);
     let has_v6 = ips.iter().any(IpAddr::is_ipv6);
-    let namespace = s.namespace().unwrap_or_default();
-    let name = s.name_any();
     let mut local_endpoints = LocalEndpoints::new();
     let mut endpoint_nodes = BTreeSet::new();
-    for slice in slices.iter().filter(|e| {
-        e.namespace().as_deref() == Some(namespace.as_str())
-            && e.labels().get("kubernetes.io/service-name") == Some(&name)
-    }) {
+    for slice in slices {
         let slice_name = slice.name_any();
         let v4 = match slice.address_type.as_str() {
             "IPv4" => true,
@@ -275,7 +275,7 @@ fn node_matches(
 /// Decides for node `input.me`. Invalid objects are left out (the controller marks them).
 pub fn plan(input: Input<'_>) -> NodePlan {
     let mut out = NodePlan::default();
-    let (_, config, valid) = reconcile::valid_subset(input.objects);
+    let (_, config, valid) = shared::valid_subset(input.objects);
     let Some(config) = config else {
         return out;
     };
@@ -293,12 +293,27 @@ pub fn plan(input: Input<'_>) -> NodePlan {
     let me = input.nodes.iter().find(|n| n.name == input.me);
     let up = |n: &NodeView| n.ready && n.alive;
 
+    // Each Service's EndpointSlices, found by (namespace, service name) once for all.
+    let mut slices_of: HashMap<(String, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in input.slices {
+        if let Some(service) = slice.labels().get("kubernetes.io/service-name") {
+            slices_of
+                .entry((slice.namespace().unwrap_or_default(), service.as_str()))
+                .or_default()
+                .push(slice);
+        }
+    }
     let mut services: Vec<Svc> = Vec::new();
     for s in input.services {
         if !request::is_ours(s, input.classless_is_ours) || status_ips(s).is_empty() {
             continue;
         }
-        let svc = read_service(s, input.slices, input.me, &mut out.problems);
+        let name = s.name_any();
+        let slices = slices_of
+            .get(&(s.namespace().unwrap_or_default(), name.as_str()))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let svc = read_service(s, slices, input.me, &mut out.problems);
         out.service_ips.insert(svc.key.clone(), svc.ips.clone());
         services.push(svc);
     }
@@ -562,11 +577,13 @@ mod tests {
         slices: &[EndpointSlice],
         nodes: &[NodeView],
     ) -> NodePlan {
+        let services: Vec<Arc<Service>> = services.iter().cloned().map(Arc::new).collect();
+        let slices: Vec<Arc<EndpointSlice>> = slices.iter().cloned().map(Arc::new).collect();
         plan(Input {
             me,
             objects,
-            services,
-            slices,
+            services: &services,
+            slices: &slices,
             nodes,
             announcers: &BTreeMap::new(),
             sticky: true,
@@ -743,7 +760,7 @@ mod tests {
             let p = plan(Input {
                 me: "a",
                 objects: &o,
-                services: &svcs,
+                services: &svcs.clone().map(Arc::new),
                 slices: &[],
                 nodes: &nodes,
                 announcers: &announcers,

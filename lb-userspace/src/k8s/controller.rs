@@ -14,7 +14,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt::Debug,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -42,10 +42,12 @@ use tracing::{debug, info, warn};
 
 use super::{
     crd::{BFDProfile, BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement},
+    events,
     lease::{self, Decision},
     limit::{WriteLimit, CONCURRENT_WRITES},
     metallb,
-    reconcile::{self, service_key, Plan},
+    reconcile::{self, Plan},
+    shared::{service_key, status_ips},
     validity::{self, ObjectRef, Objects},
     watch,
 };
@@ -90,27 +92,7 @@ pub enum ControllerError {
     Runtime(#[source] std::io::Error),
 }
 
-/// What /metrics and /readyz report.
-#[derive(Debug, Clone, Default)]
-pub struct ControllerStatus {
-    /// Every watch has listed once.
-    pub synced: bool,
-    pub leader: bool,
-    /// Per pool: (addresses total, addresses in use).
-    pub pools: BTreeMap<String, (i64, i64)>,
-    pub allocations_total: u64,
-    pub allocation_failures_total: u64,
-    pub releases_total: u64,
-    /// Services whose request cannot be met right now.
-    pub services_failing: u64,
-    /// Addresses kept by Services although no pool holds them any more.
-    pub addresses_out_of_pool: u64,
-    /// Sluice objects with `Valid=False`.
-    pub invalid_objects: u64,
-    pub api_write_errors_total: u64,
-}
-
-pub type SharedControllerStatus = Arc<Mutex<ControllerStatus>>;
+pub use crate::metrics::{ControllerStatus, SharedControllerStatus};
 
 /// Runs the controller until SIGTERM or SIGINT; releases the Lease on the way out.
 pub fn run(options: Options) -> Result<(), ControllerError> {
@@ -217,7 +199,9 @@ async fn run_async(options: Options) -> Result<(), ControllerError> {
         leases: Api::namespaced(client.clone(), ns),
         status: status.clone(),
         limit: WriteLimit::new(options.api_writes_per_second),
-        events: publish_events(
+        // Under their own limit: a first pass's 10,000 Events never hold back the next pass's
+        // status writes.
+        events: events::publisher(
             Recorder::new(
                 client.clone(),
                 Reporter {
@@ -226,6 +210,7 @@ async fn run_async(options: Options) -> Result<(), ControllerError> {
                 },
             ),
             WriteLimit::new(options.api_writes_per_second),
+            Duration::from_secs(10),
         ),
         options: options.clone(),
     };
@@ -302,32 +287,9 @@ struct Context {
     leases: Api<Lease>,
     status: SharedControllerStatus,
     limit: WriteLimit,
-    /// Events to publish, in the background (see [`publish_events`]).
-    events: tokio::sync::mpsc::UnboundedSender<(Event, ObjectReference)>,
+    /// Events to publish, in the background.
+    events: events::EventSender,
     options: Options,
-}
-
-/// Publishes Events in the background, under their own write limit: a first pass's 10,000
-/// Events never hold back the next pass's status writes.
-fn publish_events(
-    recorder: Recorder,
-    limit: WriteLimit,
-) -> tokio::sync::mpsc::UnboundedSender<(Event, ObjectReference)> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Event, ObjectReference)>();
-    tokio::spawn(async move {
-        let (recorder, limit) = (&recorder, &limit);
-        futures::stream::poll_fn(|cx| rx.poll_recv(cx))
-            .map(|(event, reference)| async move {
-                limit.wait().await;
-                if let Err(e) = recorder.publish(&event, &reference).await {
-                    warn!(object = ?reference.name, reason = %event.reason, error = %e, "eventRecordFailed");
-                }
-            })
-            .buffer_unordered(CONCURRENT_WRITES)
-            .for_each(|()| async {})
-            .await;
-    });
-    tx
 }
 
 struct Stores {
@@ -619,7 +581,7 @@ async fn report_metallb(ctx: &Context, read: &metallb::Read, plan: &Plan, memory
 fn release_deleted(ctx: &Context, services: &HashMap<&str, &Service>, memory: &mut Memory) {
     let now: BTreeMap<String, Vec<IpAddr>> = services
         .iter()
-        .map(|(k, s)| (k.to_string(), reconcile::status_ips(s)))
+        .map(|(k, s)| (k.to_string(), status_ips(s)))
         .filter(|(_, ips)| !ips.is_empty())
         .collect();
     for (service, ips) in &memory.assigned {
@@ -699,7 +661,7 @@ async fn write_statuses(
 }
 
 /// Records the plan's Events that are new: a condition that persists is recorded once.
-/// Published in the background ([`publish_events`]).
+/// Published in the background ([`events::publisher`]).
 async fn record_events(
     ctx: &Context,
     services: &HashMap<&str, &Service>,

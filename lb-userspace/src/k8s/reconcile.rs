@@ -13,10 +13,11 @@ use std::{
 use k8s_openapi::api::core::v1::Service;
 use kube::ResourceExt;
 
+pub use super::shared::{service_key, status_ips, valid_subset};
 use super::{
     allocate::{self, Outcome, PoolRules, ServiceInput},
     request,
-    validity::{self, ObjectRef, Objects},
+    validity::{ObjectRef, Objects},
 };
 
 /// An Event to record on a Service.
@@ -40,73 +41,6 @@ pub struct Plan {
     pub validity: BTreeMap<ObjectRef, Vec<String>>,
     /// Per pool: (addresses total, addresses in use).
     pub pool_usage: BTreeMap<String, (i64, i64)>,
-}
-
-/// The ingress IPs in a Service's status.
-pub fn status_ips(service: &Service) -> Vec<IpAddr> {
-    service
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i.ip.as_deref()?.parse().ok())
-        .collect()
-}
-
-/// A Service's key in plans and Events: `namespace/name`.
-pub fn service_key(service: &Service) -> String {
-    format!(
-        "{}/{}",
-        service.namespace().unwrap_or_default(),
-        service.name_any()
-    )
-}
-
-/// Drops invalid objects until what is left validates (an object that referred to a dropped
-/// one becomes invalid in turn). Returns every object's problems and the valid set's config.
-pub fn valid_subset(
-    objects: &Objects,
-) -> (
-    BTreeMap<ObjectRef, Vec<String>>,
-    Option<crate::config::Config>,
-    Objects,
-) {
-    let mut all_problems = BTreeMap::new();
-    let mut current = objects.clone();
-    // Each pass either validates or drops at least one object, so this ends.
-    loop {
-        let verdict = validity::validate(&current);
-        let bad: BTreeSet<ObjectRef> = verdict
-            .problems
-            .iter()
-            .filter(|(_, p)| !p.is_empty())
-            .map(|(o, _)| o.clone())
-            .collect();
-        for (o, p) in verdict.problems {
-            if !p.is_empty() || !all_problems.contains_key(&o) {
-                all_problems.insert(o, p);
-            }
-        }
-        if bad.is_empty() {
-            return (all_problems, verdict.config, current);
-        }
-        let keep = |kind: &'static str, name: String| !bad.contains(&ObjectRef { kind, name });
-        current
-            .pools
-            .retain(|o| keep("IPAddressPool", o.name_any()));
-        current
-            .l2_advertisements
-            .retain(|o| keep("L2Advertisement", o.name_any()));
-        current.peers.retain(|o| keep("BGPPeer", o.name_any()));
-        current
-            .bgp_advertisements
-            .retain(|o| keep("BGPAdvertisement", o.name_any()));
-        current
-            .bfd_profiles
-            .retain(|o| keep("BFDProfile", o.name_any()));
-    }
 }
 
 /// Decides everything for one pass of the controller.

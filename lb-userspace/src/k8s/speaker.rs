@@ -18,7 +18,7 @@
 //! ([`dataplane::L2DeadlineKeeper`]), so a dead speaker's node falls silent by itself.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt::Debug,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
@@ -53,6 +53,8 @@ pub use super::liveness::{
 use super::{
     announce::{self, NodePlan},
     crd::{BFDProfile, BGPAdvertisement, BGPPeer, IPAddressPool, L2Advertisement},
+    events,
+    limit::WriteLimit,
     liveness::{self, MeshVerdict},
     validity::Objects,
     watch,
@@ -70,6 +72,9 @@ pub const MANAGER: &str = "sluice-speaker";
 const SETTLE: Duration = Duration::from_secs(3);
 /// Every request to the API server gives up after this.
 pub const API_TIMEOUT: Duration = Duration::from_secs(2);
+/// Events a speaker publishes per second, at most (a node that takes 5,000 IPs over at once
+/// reports them over a minute rather than in one burst from every node).
+const EVENTS_PER_SECOND: u32 = 100;
 
 /// What a stopping speaker (SIGTERM, SIGINT) does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -349,12 +354,16 @@ async fn run_async(
 
     let mut speaker = Speaker {
         lease: record,
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: MANAGER.into(),
-                instance: Some(options.node_name.clone()),
-            },
+        events: events::publisher(
+            Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: MANAGER.into(),
+                    instance: Some(options.node_name.clone()),
+                },
+            ),
+            WriteLimit::new(EVENTS_PER_SECOND),
+            API_TIMEOUT,
         ),
         interfaces,
         dp,
@@ -700,7 +709,7 @@ impl LeaseRecord {
 struct Speaker {
     options: Options,
     lease: LeaseRecord,
-    recorder: Recorder,
+    events: events::EventSender,
     interfaces: Vec<dataplane::Interface>,
     dp: Dataplane,
     bgp: Option<crate::bgp::speaker::Speaker>,
@@ -937,8 +946,8 @@ impl Speaker {
         if let Some(m) = &stores.metallb {
             objects.extend(super::metallb::read(&m.objects()).objects);
         }
-        let services = watch::sorted(&stores.services);
-        let slices = watch::sorted(&stores.slices);
+        let services = watch::shared_sorted(&stores.services);
+        let slices = watch::shared_sorted(&stores.slices);
         let leases: Vec<Lease> = watch::sorted(&stores.leases)
             .into_iter()
             .filter(|l| l.name_any().starts_with(LEASE_PREFIX))
@@ -987,6 +996,7 @@ impl Speaker {
             me.interfaces = up.iter().cloned().collect();
             me.subnets = subnets.clone();
         }
+        let planning = Instant::now();
         let mut plan = announce::plan(announce::Input {
             me: &self.options.node_name,
             objects: &objects,
@@ -1019,9 +1029,19 @@ impl Speaker {
             plan.l2_owners.clear();
         }
         self.update_readiness();
+        let planned = planning.elapsed();
         if plan != self.last {
             let claims = liveness::claims(&leases);
+            let applying = Instant::now();
             self.apply(&plan);
+            info!(
+                services = plan.services.len(),
+                l2 = plan.l2.len(),
+                bgp = plan.bgp_ips.len(),
+                planned_ms = planned.as_secs_f64() * 1e3,
+                applied_ms = applying.elapsed().as_secs_f64() * 1e3,
+                "planApplied"
+            );
             self.record(&plan, &services, &claims, view.as_ref()).await;
             self.last = plan;
         }
@@ -1063,19 +1083,27 @@ impl Speaker {
             return;
         }
         let before: BTreeSet<&(IpAddr, String)> = self.last.l2.iter().collect();
-        for vip in &vips {
-            let name = self.interface_name(vip.ifindex);
-            if before.contains(&(vip.ip, name.clone())) {
-                continue;
-            }
-            // Takeover: tell the segment at once (gratuitous ARP / unsolicited NA).
-            match crate::l2::announce(vip.ifindex, vip.mac, vip.ip) {
+        let taken: Vec<(&L2Vip, String)> = vips
+            .iter()
+            .map(|vip| (vip, self.interface_name(vip.ifindex)))
+            .filter(|(vip, name)| !before.contains(&(vip.ip, name.clone())))
+            .collect();
+        // Takeover: tell the segment at once (gratuitous ARP / unsolicited NA).
+        let sent = crate::l2::announce_all(
+            &taken
+                .iter()
+                .map(|(vip, _)| (vip.ifindex, vip.mac, vip.ip))
+                .collect::<Vec<_>>(),
+        );
+        for ((vip, name), result) in taken.iter().zip(sent) {
+            match result {
                 Ok(()) => info!(ip = %vip.ip, interface = %name, "l2Announced"),
                 Err(e) => warn!(ip = %vip.ip, interface = %name, error = %e, "l2AnnounceFailed"),
             }
         }
+        let now: BTreeSet<&IpAddr> = plan.l2.iter().map(|(ip, _)| ip).collect();
         for (ip, interface) in &self.last.l2 {
-            if !plan.l2.iter().any(|(i, _)| i == ip) {
+            if !now.contains(ip) {
                 info!(%ip, %interface, "l2Withdrawn");
             }
         }
@@ -1093,8 +1121,15 @@ impl Speaker {
     /// Gratuitous ARP / unsolicited NA again for every IP answered here, so switches' FDB entries
     /// and hosts' neighbour caches stay fresh.
     fn refresh_announcements(&self) {
-        for vip in L2Vip::on(&self.interfaces, &self.last.l2) {
-            if let Err(e) = crate::l2::announce(vip.ifindex, vip.mac, vip.ip) {
+        let vips = L2Vip::on(&self.interfaces, &self.last.l2);
+        let sent = crate::l2::announce_all(
+            &vips
+                .iter()
+                .map(|vip| (vip.ifindex, vip.mac, vip.ip))
+                .collect::<Vec<_>>(),
+        );
+        for (vip, result) in vips.iter().zip(sent) {
+            if let Err(e) = result {
                 warn!(ip = %vip.ip, error = %e, "l2AnnounceFailed");
             }
         }
@@ -1161,12 +1196,19 @@ impl Speaker {
     async fn record(
         &mut self,
         plan: &NodePlan,
-        services: &[Service],
+        services: &[Arc<Service>],
         claims: &BTreeMap<IpAddr, String>,
         view: Option<&MeshView>,
     ) {
         let me = self.options.node_name.clone();
         let mut events: Vec<(String, EventType, &'static str, String)> = Vec::new();
+        let (services_now, services_before) = (plan.services_by_ip(), self.last.services_by_ip());
+        fn services_with<'a>(
+            index: &BTreeMap<IpAddr, Vec<&'a String>>,
+            ip: &IpAddr,
+        ) -> Vec<&'a String> {
+            index.get(ip).cloned().unwrap_or_default()
+        }
         let mine_before: BTreeSet<IpAddr> = self.last.l2.iter().map(|(ip, _)| *ip).collect();
         let mine_now: BTreeMap<IpAddr, Vec<&str>> =
             plan.l2.iter().fold(BTreeMap::new(), |mut m, (ip, i)| {
@@ -1183,7 +1225,7 @@ impl Speaker {
                 .filter(|owner| **owner != me)
                 .and_then(|owner| Some((owner, view?.members.get(owner)?)))
                 .filter(|(_, m)| m.state == crate::mesh::MemberState::Down);
-            for s in plan.services_with(*ip) {
+            for s in services_with(&services_now, ip) {
                 let (reason, note) = match failed {
                     Some((owner, m)) => {
                         let noticed = m
@@ -1217,7 +1259,7 @@ impl Speaker {
                 .map(|p| p.peer_address.to_string())
                 .collect();
             for ip in plan.bgp_ips.difference(&self.last.bgp_ips) {
-                for s in plan.services_with(*ip) {
+                for s in services_with(&services_now, ip) {
                     events.push((
                         s.clone(),
                         EventType::Normal,
@@ -1227,7 +1269,7 @@ impl Speaker {
                 }
             }
             for ip in self.last.bgp_ips.difference(&plan.bgp_ips) {
-                for s in self.last.services_with(*ip) {
+                for s in services_with(&services_before, ip) {
                     events.push((
                         s.clone(),
                         EventType::Normal,
@@ -1254,12 +1296,17 @@ impl Speaker {
             ));
         }
         self.reported = now_problems;
+        let by_key: HashMap<String, &Service> = if events.is_empty() {
+            HashMap::new()
+        } else {
+            services
+                .iter()
+                .map(|s| (super::shared::service_key(s), &**s))
+                .collect()
+        };
         for (service, type_, reason, note) in events {
             info!(%service, reason, detail = %note, "serviceEvent");
-            let Some(s) = services
-                .iter()
-                .find(|s| super::reconcile::service_key(s) == service)
-            else {
+            let Some(s) = by_key.get(&service) else {
                 continue;
             };
             let event = Event {
@@ -1269,16 +1316,7 @@ impl Speaker {
                 action: "Announce".into(),
                 secondary: None,
             };
-            let recorder = self.recorder.clone();
-            let reference = s.object_ref(&());
-            tokio::spawn(async move {
-                match tokio::time::timeout(API_TIMEOUT, recorder.publish(&event, &reference)).await
-                {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => warn!(%service, error = %e, "eventRecordFailed"),
-                    Err(_) => warn!(%service, "eventRecordFailed: the API server did not answer"),
-                }
-            });
+            let _ = self.events.send((event, s.object_ref(&())));
         }
     }
 

@@ -167,6 +167,13 @@ impl MetallbStores {
 }
 
 /// The store's objects, owned, sorted by name.
+/// The store's objects by name, shared with it (not copied).
+pub fn shared_sorted<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<Arc<K>> {
+    let mut all = store.state();
+    all.sort_by_cached_key(|o| o.name_any());
+    all
+}
+
 pub fn sorted<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
     let mut all: Vec<K> = store.state().iter().map(|o| (**o).clone()).collect();
     all.sort_by_key(|o| o.name_any());
