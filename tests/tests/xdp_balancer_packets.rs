@@ -302,6 +302,83 @@ fn a_sync_of_many_services_switches_in_every_table_across_batches_and_a_resync_c
 }
 
 #[test]
+fn syncing_change_after_change_leaves_the_same_tables_as_one_sync_of_the_end_state_on_random_changes(
+) {
+    type Wanted = std::collections::BTreeMap<Service, Vec<Backend>>;
+    let capacities = Capacities {
+        services: 128,
+        backends: 1024,
+        flows: 8192,
+    };
+    lab_sized(true, capacities, move |dp, veth0, _| {
+        let mut seed = 0x51_u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as u32
+        };
+        let service = |port: u16| Service { port, ..tcp80() };
+        let mut wanted = Wanted::new();
+        for _ in 0..30 {
+            // Each step adds, changes or removes a few of 80 possible services; backends are
+            // 1 to 4 of the ten, with weights 1 to 3.
+            for _ in 0..1 + next() % 12 {
+                let port = 1 + (next() % 80) as u16;
+                if next() % 4 == 0 {
+                    wanted.remove(&service(port));
+                } else {
+                    let mut backends: Vec<Backend> = Vec::new();
+                    for _ in 0..1 + next() % 4 {
+                        let b = Backend {
+                            weight: 1 + next() % 3,
+                            ..b4(10 + (next() % 10) as u8)
+                        };
+                        if !backends.iter().any(|x| x.ip == b.ip) {
+                            backends.push(b);
+                        }
+                    }
+                    wanted.insert(service(port), backends);
+                }
+            }
+            dp.sync(&[], &wanted, &[]).unwrap();
+        }
+        let fresh = Dataplane::load(&DataplaneOptions {
+            pin_dir: None,
+            capacities,
+            maglev_table_size: M,
+            ..DataplaneOptions::default()
+        })
+        .unwrap();
+        let mut fresh = fresh;
+        fresh
+            .allow_redirect(dataplane::interface("veth1").unwrap().ifindex)
+            .unwrap();
+        fresh.sync(&[], &wanted, &[]).unwrap();
+        assert_eq!(dp.services(), fresh.services());
+        // New flows (source ports no flow used) go to the same backend through both.
+        let mut compared = 0;
+        for port in 1..=80u16 {
+            for sport in [61000u16, 61001, 61002] {
+                let a = dp.run_ingress(veth0, &syn4(sport, port)).unwrap();
+                let b = fresh.run_ingress(veth0, &syn4(sport, port)).unwrap();
+                assert_eq!(a.action, b.action, "port {port}");
+                if wanted.contains_key(&service(port)) {
+                    assert_eq!(a.action, XdpAction::Redirect, "port {port}");
+                    assert_eq!(
+                        dest4(&a.frame),
+                        dest4(&b.frame),
+                        "port {port}, sport {sport}"
+                    );
+                    compared += 1;
+                }
+            }
+        }
+        assert!(compared > 60, "{compared}");
+    });
+}
+
+#[test]
 fn established_flows_keep_their_backend_when_the_set_changes_while_it_exists() {
     lab(|dp, veth0, _| {
         let first = [b4(10), b4(11), b4(12)];

@@ -495,7 +495,24 @@ impl Dataplane {
         services: &BTreeMap<Service, Vec<Backend>>,
         l2: &[super::L2Vip],
     ) -> Result<()> {
-        for (service, backends) in services {
+        // Only what differs from what is written is validated and written: a service equal
+        // to its written state was validated when it was written.
+        let unchanged = |registry: &Registry, service: &Service, backends: &[Backend]| {
+            registry.services.get(service).is_some_and(|state| {
+                state.backends.len() == backends.len()
+                    && state
+                        .backends
+                        .iter()
+                        .zip(backends)
+                        .all(|((b, _), w)| b == w)
+            })
+        };
+        let changed: Vec<(Service, &[Backend])> = services
+            .iter()
+            .filter(|(service, backends)| !unchanged(&self.registry, service, backends))
+            .map(|(service, backends)| (*service, backends.as_slice()))
+            .collect();
+        for (service, backends) in &changed {
             validate(service, backends, self.table_size)?;
         }
         let wanted: BTreeSet<u32> = interfaces.iter().map(|i| i.ifindex).collect();
@@ -508,17 +525,16 @@ impl Dataplane {
             self.detach(ifindex);
         }
         self.attach_all(interfaces)?;
-        let current: BTreeMap<Service, Vec<Backend>> = self.services().into_iter().collect();
-        for service in current.keys() {
-            if !services.contains_key(service) {
-                self.remove_service(service)?;
-            }
-        }
-        let changed: Vec<(Service, &[Backend])> = services
-            .iter()
-            .filter(|(service, backends)| current.get(service) != Some(backends))
-            .map(|(service, backends)| (*service, backends.as_slice()))
+        let removed: Vec<Service> = self
+            .registry
+            .services
+            .keys()
+            .filter(|service| !services.contains_key(service))
+            .copied()
             .collect();
+        for service in &removed {
+            self.remove_service(service)?;
+        }
         // Tables are built on every core a few at a time and each written into its own inner
         // map at once (a table is 64 KiB at the default M: building a whole batch first would
         // hold them all); a batch's tables are then switched in together.

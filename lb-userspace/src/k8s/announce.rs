@@ -128,7 +128,8 @@ fn read_service(
     problems: &mut Vec<Problem>,
 ) -> Svc {
     let k = service_key(s);
-    let spec = s.spec.clone().unwrap_or_default();
+    let no_spec = k8s_openapi::api::core::v1::ServiceSpec::default();
+    let spec = s.spec.as_ref().unwrap_or(&no_spec);
     let local = spec.external_traffic_policy.as_deref() == Some("Local");
     let mut ports = Vec::new();
     for p in spec.ports.iter().flatten() {
@@ -365,24 +366,45 @@ pub fn plan(input: Input<'_>) -> NodePlan {
         })
         .collect();
     l2s.sort_by_key(|(a, _)| a.name_any());
+    // Per advertisement, the nodes that may answer for it (up, and matching its node
+    // selectors), by name: computed once, not once per IP.
+    let candidates: Vec<BTreeMap<&str, &NodeView>> = l2s
+        .iter()
+        .map(|(adv, _)| {
+            input
+                .nodes
+                .iter()
+                .filter(|n| up(n) && node_matches(n, &adv.spec.node_selectors))
+                .map(|n| (n.name.as_str(), n))
+                .collect()
+        })
+        .collect();
     let mut ballots = Vec::new();
     let mut my_interfaces: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
     for svc in &services {
         for ip in &svc.ips {
             let Some(pool) = pool_of(*ip) else { continue };
-            let advs: Vec<&L2Advertisement> = l2s
+            let advs: Vec<(&L2Advertisement, &BTreeMap<&str, &NodeView>)> = l2s
                 .iter()
-                .filter(|(_, pools)| pools.contains(&pool))
-                .map(|(a, _)| *a)
+                .zip(&candidates)
+                .filter(|((_, pools), _)| pools.contains(&pool))
+                .map(|((a, _), c)| (*a, c))
                 .collect();
             if advs.is_empty() {
                 continue;
             }
             let mut eligible = BTreeSet::new();
-            for adv in advs {
-                for node in input.nodes.iter().filter(|n| {
-                    up(n) && node_matches(n, &adv.spec.node_selectors) && serves(svc, &n.name)
-                }) {
+            for (adv, candidates) in advs {
+                // A Local service only on the nodes of its ready endpoints.
+                let serving: Vec<&NodeView> = if svc.local {
+                    svc.endpoint_nodes
+                        .iter()
+                        .filter_map(|n| candidates.get(n.as_str()).copied())
+                        .collect()
+                } else {
+                    candidates.values().copied().collect()
+                };
+                for node in serving {
                     let usable = usable_interfaces(adv, node, *ip);
                     if usable.is_empty() {
                         if node.name == input.me {

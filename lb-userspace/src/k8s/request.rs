@@ -98,8 +98,13 @@ fn annotation(service: &Service, key: &str) -> Result<Option<(String, String)>, 
     };
     let mut found: Option<(String, String)> = None;
     for prefix in PREFIXES {
-        let name = format!("{prefix}{key}");
-        if let Some(value) = annotations.get(&name) {
+        // Looked up without building "prefix + key" (a Service has few annotations; this runs
+        // for every key of every Service on every pass).
+        let hit = annotations
+            .iter()
+            .find(|(k, _)| k.strip_prefix(prefix) == Some(key));
+        if let Some((name, value)) = hit {
+            let name = name.clone();
             let value = value.trim().to_string();
             match &found {
                 Some((first, v)) if *v != value => {
@@ -119,7 +124,8 @@ fn annotation(service: &Service, key: &str) -> Result<Option<(String, String)>, 
 
 /// Reads the request of a Service that [`is_ours`].
 pub fn read(service: &Service) -> Result<Request, RequestError> {
-    let spec = service.spec.clone().unwrap_or_default();
+    let no_spec = k8s_openapi::api::core::v1::ServiceSpec::default();
+    let spec = service.spec.as_ref().unwrap_or(&no_spec);
     let namespace = service.metadata.namespace.clone().unwrap_or_default();
 
     // Requested IPs: the annotation, or the deprecated spec.loadBalancerIP.

@@ -458,7 +458,9 @@ async fn run_async(
                 info!("watchesSynced");
             }
             _ = notify.notified() => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Let a burst of events settle into one pass (those that come during a pass
+                // are handled together by the next).
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 // Something changed (a watch event, a mesh member, the API server's health).
                 seen = None;
             }
