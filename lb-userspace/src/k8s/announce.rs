@@ -110,6 +110,7 @@ impl NodePlan {
 type LocalEndpoints = BTreeMap<bool, BTreeMap<Option<String>, BTreeSet<(IpAddr, u16)>>>;
 
 /// One Service as the speaker needs it.
+#[derive(Debug)]
 struct Svc {
     key: String,
     ips: Vec<IpAddr>,
@@ -273,8 +274,120 @@ fn node_matches(
     selectors.is_empty() || selectors.iter().any(|s| selector_matches(s, &node.labels))
 }
 
+/// What [`plan_with`] read from each Service and EndpointSlice, by object: the watch caches
+/// hand the same `Arc` for an object until it changes, so an object whose `Arc` is the one
+/// read before is not read again (its fields are not even touched: 10,000 Services and their
+/// slices are tens of megabytes, and reading them all was most of a pass).
+#[derive(Debug, Default)]
+pub struct ReadCache {
+    /// (node, classless_is_ours) the entries were read for.
+    reader: Option<(String, bool)>,
+    /// By the slice's address: the slice (kept alive, so the address is not reused) and its
+    /// (namespace, service name).
+    slices: HashMap<usize, (Arc<EndpointSlice>, Option<(String, String)>)>,
+    /// By the Service's address.
+    services: HashMap<usize, CachedService>,
+}
+
+#[derive(Debug)]
+struct CachedService {
+    /// Kept alive, so that its address is not reused by another object.
+    _service: Arc<Service>,
+    /// (namespace, name).
+    key: (String, String),
+    /// The slices it was read with, by address.
+    slices: Vec<usize>,
+    /// `None`: not Sluice's, or without IPs.
+    svc: Option<Svc>,
+    problems: Vec<Problem>,
+}
+
+/// Every Service of ours with IPs, read (or taken from `cache` when neither it nor its
+/// slices changed); their problems and IPs go into `out`.
+fn read_services<'c>(
+    input: Input<'_>,
+    cache: &'c mut ReadCache,
+    out: &mut NodePlan,
+) -> Vec<&'c Svc> {
+    let reader = Some((input.me.to_string(), input.classless_is_ours));
+    if cache.reader != reader {
+        *cache = ReadCache {
+            reader,
+            ..ReadCache::default()
+        };
+    }
+    // Each Service's EndpointSlices, found by (namespace, service name) once for all.
+    let mut slices = HashMap::with_capacity(input.slices.len());
+    let mut slices_of: HashMap<(String, String), Vec<(usize, &EndpointSlice)>> = HashMap::new();
+    for slice in input.slices {
+        let at = Arc::as_ptr(slice) as usize;
+        let key = match cache.slices.remove(&at) {
+            Some((_, key)) => key,
+            None => slice
+                .labels()
+                .get("kubernetes.io/service-name")
+                .map(|service| (slice.namespace().unwrap_or_default(), service.clone())),
+        };
+        if let Some(key) = &key {
+            slices_of.entry(key.clone()).or_default().push((at, slice));
+        }
+        slices.insert(at, (slice.clone(), key));
+    }
+    cache.slices = slices;
+    let mut order = Vec::with_capacity(input.services.len());
+    let mut cached = HashMap::with_capacity(input.services.len());
+    for s in input.services {
+        let at = Arc::as_ptr(s) as usize;
+        let before = cache.services.remove(&at);
+        let key = match &before {
+            Some(c) => c.key.clone(),
+            None => (s.namespace().unwrap_or_default(), s.name_any()),
+        };
+        let own: &[(usize, &EndpointSlice)] =
+            slices_of.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let addresses: Vec<usize> = own.iter().map(|(at, _)| *at).collect();
+        let entry = match before {
+            Some(c) if c.slices == addresses => c,
+            _ => {
+                let mut problems = Vec::new();
+                let svc = (request::is_ours(s, input.classless_is_ours)
+                    && !status_ips(s).is_empty())
+                .then(|| {
+                    let own: Vec<&EndpointSlice> = own.iter().map(|(_, slice)| *slice).collect();
+                    read_service(s, &own, input.me, &mut problems)
+                });
+                CachedService {
+                    _service: s.clone(),
+                    key,
+                    slices: addresses,
+                    svc,
+                    problems,
+                }
+            }
+        };
+        if let Some(svc) = &entry.svc {
+            out.problems.extend(entry.problems.iter().cloned());
+            out.service_ips.insert(svc.key.clone(), svc.ips.clone());
+            order.push(at);
+        }
+        cached.insert(at, entry);
+    }
+    cache.services = cached;
+    let cache: &'c ReadCache = cache;
+    order
+        .iter()
+        .filter_map(|at| cache.services.get(at)?.svc.as_ref())
+        .collect()
+}
+
 /// Decides for node `input.me`. Invalid objects are left out (the controller marks them).
 pub fn plan(input: Input<'_>) -> NodePlan {
+    plan_with(input, &mut ReadCache::default())
+}
+
+/// [`plan`], reading only the Services and EndpointSlices that changed since `cache` was
+/// filled (the result is the same: a test checks it on random changes).
+pub fn plan_with(input: Input<'_>, cache: &mut ReadCache) -> NodePlan {
     let mut out = NodePlan::default();
     let (_, config, valid) = shared::valid_subset(input.objects);
     let Some(config) = config else {
@@ -294,31 +407,7 @@ pub fn plan(input: Input<'_>) -> NodePlan {
     let me = input.nodes.iter().find(|n| n.name == input.me);
     let up = |n: &NodeView| n.ready && n.alive;
 
-    // Each Service's EndpointSlices, found by (namespace, service name) once for all.
-    let mut slices_of: HashMap<(String, &str), Vec<&EndpointSlice>> = HashMap::new();
-    for slice in input.slices {
-        if let Some(service) = slice.labels().get("kubernetes.io/service-name") {
-            slices_of
-                .entry((slice.namespace().unwrap_or_default(), service.as_str()))
-                .or_default()
-                .push(slice);
-        }
-    }
-    let mut services: Vec<Svc> = Vec::new();
-    for s in input.services {
-        if !request::is_ours(s, input.classless_is_ours) || status_ips(s).is_empty() {
-            continue;
-        }
-        let name = s.name_any();
-        let slices = slices_of
-            .get(&(s.namespace().unwrap_or_default(), name.as_str()))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let svc = read_service(s, slices, input.me, &mut out.problems);
-        out.service_ips.insert(svc.key.clone(), svc.ips.clone());
-        services.push(svc);
-    }
-
+    let services = read_services(input, cache, &mut out);
     // Balanced here: Local services, each port over this node's ready endpoints.
     for svc in services.iter().filter(|s| s.local) {
         for ip in &svc.ips {
@@ -615,6 +704,97 @@ mod tests {
 
     fn vip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn planning_with_the_read_cache_equals_planning_afresh_through_random_changes() {
+        let o = objects(&["eth1"], None);
+        let nodes = [
+            node("a", &["eth1"]),
+            node("b", &["eth1"]),
+            node("c", &["eth1"]),
+        ];
+        let mut seed = 0x2545_u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize
+        };
+        let random_service = |name: &str, n: &mut dyn FnMut() -> usize| {
+            let ip = format!("198.51.100.{}", n() % 14 + 1);
+            let ips: Vec<&str> = if n() % 5 == 0 {
+                vec![]
+            } else {
+                vec![ip.as_str()]
+            };
+            let mut s = service(name, &ips, ["Local", "Cluster"][n() % 2]);
+            if n() % 7 == 0 {
+                s.spec.as_mut().unwrap().load_balancer_class = Some("other.io/lb".into());
+            }
+            Arc::new(s)
+        };
+        let random_slice = |service: &str, name: &str, n: &mut dyn FnMut() -> usize| {
+            let endpoints: Vec<(String, &str, bool)> = (0..n() % 4)
+                .map(|i| {
+                    (
+                        format!("10.0.{}.{i}", n() % 9),
+                        ["a", "b", "c"][n() % 3],
+                        n() % 4 != 0,
+                    )
+                })
+                .collect();
+            let endpoints: Vec<(&str, &str, bool)> = endpoints
+                .iter()
+                .map(|(a, b, c)| (a.as_str(), *b, *c))
+                .collect();
+            Arc::new(slice(service, name, "IPv4", &endpoints))
+        };
+        let names = ["s0", "s1", "s2", "s3", "s4", "s5"];
+        let mut services: Vec<Arc<Service>> =
+            names.iter().map(|n| random_service(n, &mut next)).collect();
+        let mut slices: Vec<Arc<EndpointSlice>> = names
+            .iter()
+            .map(|n| random_slice(n, &format!("{n}-x"), &mut next))
+            .collect();
+        let mut cache = ReadCache::default();
+        for step in 0..300 {
+            // Change a few objects: a new Arc, as the watch caches hand a changed object.
+            for _ in 0..1 + next() % 3 {
+                let i = next() % names.len();
+                match next() % 4 {
+                    0 => services[i] = random_service(names[i], &mut next),
+                    1 => slices[i] = random_slice(names[i], &format!("{}-x", names[i]), &mut next),
+                    2 => {
+                        // A second slice for a Service, or one less.
+                        let extra = format!("{}-y", names[i]);
+                        match slices
+                            .iter()
+                            .position(|s| s.metadata.name.as_deref() == Some(&extra))
+                        {
+                            Some(at) => {
+                                slices.remove(at);
+                            }
+                            None => slices.push(random_slice(names[i], &extra, &mut next)),
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            // This node changes now and then (the cache starts over).
+            let me = if step / 100 == 1 { "b" } else { "a" };
+            let input = Input {
+                me,
+                objects: &o,
+                services: &services,
+                slices: &slices,
+                nodes: &nodes,
+                announcers: &BTreeMap::new(),
+                sticky: true,
+                classless_is_ours: true,
+            };
+            assert_eq!(plan_with(input, &mut cache), plan(input), "step {step}");
+        }
     }
 
     #[test]

@@ -354,6 +354,7 @@ async fn run_async(
 
     let mut speaker = Speaker {
         lease: record,
+        read_cache: announce::ReadCache::default(),
         events: events::publisher(
             Recorder::new(
                 client.clone(),
@@ -712,6 +713,8 @@ struct Speaker {
     options: Options,
     lease: LeaseRecord,
     events: events::EventSender,
+    /// What the last passes read from Services and EndpointSlices (see `announce::ReadCache`).
+    read_cache: announce::ReadCache,
     interfaces: Vec<dataplane::Interface>,
     dp: Dataplane,
     bgp: Option<crate::bgp::speaker::Speaker>,
@@ -999,16 +1002,19 @@ impl Speaker {
             me.subnets = subnets.clone();
         }
         let planning = Instant::now();
-        let mut plan = announce::plan(announce::Input {
-            me: &self.options.node_name,
-            objects: &objects,
-            services: &services,
-            slices: &slices,
-            nodes: &nodes,
-            announcers: &announcers,
-            sticky: self.options.sticky,
-            classless_is_ours: self.options.classless_is_ours,
-        });
+        let mut plan = announce::plan_with(
+            announce::Input {
+                me: &self.options.node_name,
+                objects: &objects,
+                services: &services,
+                slices: &slices,
+                nodes: &nodes,
+                announcers: &announcers,
+                sticky: self.options.sticky,
+                classless_is_ours: self.options.classless_is_ours,
+            },
+            &mut self.read_cache,
+        );
         let isolated = self.cut_off(view.as_ref(), node_objects.len());
         if isolated != self.isolated {
             if isolated {

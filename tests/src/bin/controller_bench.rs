@@ -124,14 +124,11 @@ impl Drop for Controller {
 }
 
 fn with_ip(api: &FakeApi) -> usize {
-    api.list("/api/v1/services")
-        .iter()
-        .filter(|s| {
-            s["status"]["loadBalancer"]["ingress"]
-                .as_array()
-                .is_some_and(|a| !a.is_empty())
-        })
-        .count()
+    api.count("/api/v1/services", |s| {
+        s["status"]["loadBalancer"]["ingress"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    })
 }
 
 fn patches(api: &FakeApi) -> usize {
