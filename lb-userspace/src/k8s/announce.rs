@@ -284,10 +284,12 @@ pub struct ReadCache {
     reader: Option<(String, bool)>,
     /// By the slice's address: the slice (kept alive, so the address is not reused) and its
     /// (namespace, service name).
-    slices: HashMap<usize, (Arc<EndpointSlice>, Option<(String, String)>)>,
+    slices: HashMap<usize, CachedSlice>,
     /// By the Service's address.
     services: HashMap<usize, CachedService>,
 }
+
+type CachedSlice = (Arc<EndpointSlice>, Option<(String, String)>);
 
 #[derive(Debug)]
 struct CachedService {
@@ -723,13 +725,13 @@ mod tests {
         };
         let random_service = |name: &str, n: &mut dyn FnMut() -> usize| {
             let ip = format!("198.51.100.{}", n() % 14 + 1);
-            let ips: Vec<&str> = if n() % 5 == 0 {
+            let ips: Vec<&str> = if n().is_multiple_of(5) {
                 vec![]
             } else {
                 vec![ip.as_str()]
             };
             let mut s = service(name, &ips, ["Local", "Cluster"][n() % 2]);
-            if n() % 7 == 0 {
+            if n().is_multiple_of(7) {
                 s.spec.as_mut().unwrap().load_balancer_class = Some("other.io/lb".into());
             }
             Arc::new(s)
@@ -740,7 +742,7 @@ mod tests {
                     (
                         format!("10.0.{}.{i}", n() % 9),
                         ["a", "b", "c"][n() % 3],
-                        n() % 4 != 0,
+                        !n().is_multiple_of(4),
                     )
                 })
                 .collect();
