@@ -434,25 +434,31 @@ struct Memory {
 
 /// One pass: read the stores, plan, write what differs.
 async fn pass(ctx: &Context, stores: &Stores, memory: &mut Memory) {
-    let mut services: Vec<Service> = Vec::new();
+    // Shared with the watch cache, not copied; only a Service whose status we wrote and whose
+    // watch event has not come yet is copied, with that status.
+    let mut services: Vec<(String, Arc<Service>)> = Vec::new();
     for s in stores.services.state() {
-        let mut s = (*s).clone();
         let k = service_key(&s);
-        if let Some((rv, ips)) = memory.written.get(&k) {
-            if *rv == s.resource_version() {
-                set_ingress(&mut s, ips);
-            } else {
-                memory.written.remove(&k);
+        let s = match memory.written.get(&k) {
+            Some((rv, ips)) if *rv == s.resource_version() => {
+                let mut written = (*s).clone();
+                set_ingress(&mut written, ips);
+                Arc::new(written)
             }
-        }
-        services.push(s);
+            Some(_) => {
+                memory.written.remove(&k);
+                s
+            }
+            None => s,
+        };
+        services.push((k, s));
     }
-    services.sort_by_key(service_key);
-    let keys: Vec<String> = services.iter().map(service_key).collect();
+    services.sort_by(|a, b| a.0.cmp(&b.0));
+    let (keys, services): (Vec<String>, Vec<Arc<Service>>) = services.into_iter().unzip();
     let index: HashMap<&str, &Service> = keys
         .iter()
         .map(String::as_str)
-        .zip(services.iter())
+        .zip(services.iter().map(|s| &**s))
         .collect();
     memory.written.retain(|k, _| index.contains_key(k.as_str()));
     release_deleted(ctx, &index, memory);
@@ -779,7 +785,7 @@ pub fn out_of_pool_conditions(
 }
 
 /// Marks Services that keep an IP no pool holds (and clears the mark when that is over).
-async fn write_out_of_pool_conditions(ctx: &Context, services: &[Service], plan: &Plan) {
+async fn write_out_of_pool_conditions(ctx: &Context, services: &[Arc<Service>], plan: &Plan) {
     let mut warnings: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for e in plan.events.iter().filter(|e| e.reason == "IPOutOfPool") {
         warnings.entry(&e.service).or_default().push(&e.message);

@@ -44,9 +44,9 @@ pub struct Plan {
 }
 
 /// Decides everything for one pass of the controller.
-pub fn plan(
+pub fn plan<S: std::borrow::Borrow<Service>>(
     objects: &Objects,
-    services: &[Service],
+    services: &[S],
     namespace_labels: &BTreeMap<String, BTreeMap<String, String>>,
     classless_is_ours: bool,
 ) -> Plan {
@@ -74,6 +74,7 @@ pub fn plan(
 
     let mut inputs = Vec::new();
     for s in services {
+        let s: &Service = s.borrow();
         let k = service_key(s);
         let current = status_ips(s);
         if !request::is_ours(s, classless_is_ours) {
