@@ -20,3 +20,14 @@ pub mod signals;
 pub mod sockopt;
 pub mod standalone;
 pub mod trace;
+
+/// A deterministic pseudo-random sequence for randomized tests (a 64-bit LCG, upper bits).
+#[cfg(test)]
+pub(crate) fn test_sequence(mut seed: u64) -> impl FnMut() -> u32 {
+    move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as u32
+    }
+}

@@ -281,13 +281,7 @@ mod tests {
 
     #[test]
     fn the_running_position_fill_equals_the_papers_formula_on_random_backends() {
-        let mut seed = 0x5eed_u64;
-        let mut next = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) as u32
-        };
+        let mut next = crate::test_sequence(0x5eed);
         for round in 0..200 {
             let n = 1 + next() as usize % 40;
             let size = [101, 251, 1021, 4093, DEFAULT_TABLE_SIZE][round % 5];

@@ -883,17 +883,11 @@ mod tests {
 
     #[test]
     fn ids_give_the_lowest_free_id_like_a_walk_from_zero_through_random_takes_and_releases() {
-        let mut seed = 7u64;
-        let mut next = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) as u32
-        };
+        let mut next = crate::test_sequence(7);
         for capacity in [1, 2, 17, 300] {
             let (mut ids, mut model) = (Ids::default(), BTreeSet::new());
             for step in 0..3000 {
-                if next() % 3 == 0 && !model.is_empty() {
+                if next().is_multiple_of(3) && !model.is_empty() {
                     let victim = *model.iter().nth(next() as usize % model.len()).unwrap();
                     model.remove(&victim);
                     ids.release(victim);

@@ -716,13 +716,8 @@ mod tests {
             node("b", &["eth1"]),
             node("c", &["eth1"]),
         ];
-        let mut seed = 0x2545_u64;
-        let mut next = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) as usize
-        };
+        let mut sequence = crate::test_sequence(0x2545);
+        let mut next = move || sequence() as usize;
         let random_service = |name: &str, n: &mut dyn FnMut() -> usize| {
             let ip = format!("198.51.100.{}", n() % 14 + 1);
             let ips: Vec<&str> = if n().is_multiple_of(5) {

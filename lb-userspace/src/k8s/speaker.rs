@@ -941,6 +941,7 @@ impl Speaker {
     }
 
     async fn pass(&mut self, stores: &Stores) {
+        let reading = Instant::now();
         let mut objects = Objects {
             pools: watch::sorted(&stores.pools),
             l2_advertisements: watch::sorted(&stores.l2),
@@ -1046,6 +1047,7 @@ impl Speaker {
                 services = plan.services.len(),
                 l2 = plan.l2.len(),
                 bgp = plan.bgp_ips.len(),
+                read_ms = (planning - reading).as_secs_f64() * 1e3,
                 planned_ms = planned.as_secs_f64() * 1e3,
                 applied_ms = applying.elapsed().as_secs_f64() * 1e3,
                 "planApplied"
