@@ -170,10 +170,14 @@ fn maglev_backends(backends: &[Backend]) -> Vec<maglev::Backend> {
 }
 
 fn build_table(service: &Service, backends: &[Backend], size: u32) -> Result<maglev::Table> {
-    maglev::build(&maglev_backends(backends), size).map_err(|e| DataplaneError::InvalidService {
+    maglev::build(&maglev_backends(backends), size).map_err(|e| invalid_table(service, e))
+}
+
+fn invalid_table(service: &Service, e: maglev::MaglevError) -> DataplaneError {
+    DataplaneError::InvalidService {
         service: service.to_string(),
         reason: e.to_string(),
-    })
+    }
 }
 
 /// Checks a service and its backends; every error names the offending value.
@@ -210,16 +214,6 @@ impl Dataplane {
     pub fn upsert_service(&mut self, service: Service, backends: &[Backend]) -> Result<()> {
         validate(&service, backends, self.table_size)?;
         let table = build_table(&service, backends, self.table_size)?;
-        self.upsert_built(service, backends, table)
-    }
-
-    /// [`Self::upsert_service`] with the service's table already built.
-    fn upsert_built(
-        &mut self,
-        service: Service,
-        backends: &[Backend],
-        table: maglev::Table,
-    ) -> Result<()> {
         let staged = self.upsert_stage(service, backends, table)?;
         self.commit(vec![staged])
     }
@@ -258,16 +252,6 @@ impl Dataplane {
     pub fn set_backends(&mut self, service: &Service, backends: &[Backend]) -> Result<()> {
         validate(service, backends, self.table_size)?;
         let table = build_table(service, backends, self.table_size)?;
-        self.set_built(service, backends, table)
-    }
-
-    /// [`Self::set_backends`] with the table built for `backends`, in their order.
-    fn set_built(
-        &mut self,
-        service: &Service,
-        backends: &[Backend],
-        table: maglev::Table,
-    ) -> Result<()> {
         let staged = self.stage(service, backends, table)?;
         self.commit(vec![staged])
     }
@@ -548,10 +532,7 @@ impl Dataplane {
                 let tables = maglev::build_many(&lists, self.table_size);
                 for ((service, backends), table) in few.iter().zip(tables) {
                     let change = table
-                        .map_err(|e| DataplaneError::InvalidService {
-                            service: service.to_string(),
-                            reason: e.to_string(),
-                        })
+                        .map_err(|e| invalid_table(service, e))
                         .and_then(|table| self.upsert_stage(*service, backends, table));
                     match change {
                         Ok(change) => staged.push(change),

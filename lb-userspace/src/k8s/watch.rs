@@ -175,10 +175,12 @@ pub fn shared_sorted<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) ->
     all
 }
 
+/// The store's objects by name, copied.
 pub fn sorted<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
-    let mut all: Vec<K> = store.state().iter().map(|o| (**o).clone()).collect();
-    all.sort_by_key(|o| o.name_any());
-    all
+    shared_sorted(store)
+        .into_iter()
+        .map(|o| (*o).clone())
+        .collect()
 }
 
 #[cfg(test)]
