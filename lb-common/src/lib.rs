@@ -187,6 +187,11 @@ pub mod decision {
     pub const ICMP_UNMATCHED: u8 = 15;
     pub const REVERSE_NAT: u8 = 16;
     pub const ICMP_TO_CLIENT: u8 = 17;
+    /// Encapsulated to the backend's node (the event's `to_addr` is the backend).
+    pub const TUNNELLED: u8 = 18;
+    pub const TUNNEL_FORGED: u8 = 19;
+    pub const TUNNEL_MISMATCH: u8 = 20;
+    pub const TUNNEL_TOO_BIG: u8 = 21;
 }
 
 /// One traced decision. Addresses: IPv4 in the first four bytes (ARP: sender and target).
@@ -262,6 +267,10 @@ pub struct ServiceValue {
 
 /// Backend flag: the backend is in use (flows may go to it).
 pub const BACKEND_ACTIVE: u8 = 1;
+/// Backend flag: the backend is on another node. Its packets are not rewritten here: they are
+/// encapsulated (IPIP, or IPv6 in IPv6) to [`BackendValue::node`], whose program decapsulates
+/// them and balances them as its own.
+pub const BACKEND_REMOTE: u8 = 2;
 
 /// Value of [`MAP_BACKENDS`].
 #[repr(C)]
@@ -285,6 +294,56 @@ pub struct BackendValue {
     pub csum_ip: u16,
     /// What the DNAT adds to the TCP/UDP checksum (pseudo-header address and port).
     pub csum_l4: u16,
+    /// [`BACKEND_REMOTE`]: the address of the backend's node, the tunnel's far end (the
+    /// backend's family). Zero for a local backend.
+    pub node: [u8; 16],
+}
+
+/// Array, one slot: [`TunnelSettings`]. Written by user space.
+pub const MAP_TUNNEL_SETTINGS: &str = "TUNNEL_SETTINGS";
+/// Per-CPU hash [`NodeKey`] → [`TunnelStats`]: the cluster's other nodes. Tunnelled packets
+/// are accepted only from these addresses (the others are dropped and counted as forged); each
+/// node's entry counts the packets it tunnelled here.
+pub const MAP_TUNNEL_PEERS: &str = "TUNNEL_PEERS";
+pub const TUNNEL_PEERS_CAPACITY: u32 = 4096;
+/// Outer header bytes of an IPv4 tunnel (IPIP) and an IPv6 one (IPv6 in IPv6).
+pub const TUNNEL_OVERHEAD_V4: u32 = 20;
+pub const TUNNEL_OVERHEAD_V6: u32 = 40;
+/// IP protocol numbers of the tunnels' inner packets.
+pub const PROTO_IPIP: u8 = 4;
+pub const PROTO_IPV6_IN_IP: u8 = 41;
+
+/// This node's end of the tunnels.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TunnelSettings {
+    /// This node's IPv4 address: the source of IPIP packets, and the only destination of the
+    /// ones accepted. Zero: no IPv4 tunnel.
+    pub src_v4: [u8; 4],
+    /// The largest packet the node network carries (its MTU): a packet that would be larger
+    /// once encapsulated is not sent (and counted); TCP replies of tunnelled flows get their
+    /// MSS clamped below it. 0: no limit.
+    pub mtu: u32,
+    /// This node's IPv6 address (IPv6 in IPv6). Zero: no IPv6 tunnel.
+    pub src_v6: [u8; 16],
+}
+
+/// Key of [`MAP_TUNNEL_PEERS`]: a node's address (IPv4 in the first four bytes). Aligned to 4
+/// bytes: the XDP program writes it in words.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct NodeKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Packets (and bytes, outer headers included) one node tunnelled to this one, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TunnelStats {
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// The one's-complement sum, folded to 16 bits, of `!old + new` over the 16-bit words of two
@@ -478,8 +537,14 @@ pub struct ReverseNatValue {
     pub addr: [u8; 16],
     pub port: [u8; 2],
     pub family: u8,
-    pub _pad: u8,
+    /// [`REVERSE_VIA_TUNNEL`].
+    pub flags: u8,
 }
+
+/// [`ReverseNatValue::flags`]: the flow came through a tunnel from another node; its replies
+/// leave from here straight to the client, and a SYN-ACK gets its MSS clamped so that the
+/// client's segments still fit the tunnel.
+pub const REVERSE_VIA_TUNNEL: u8 = 1;
 
 /// Traffic counters of one service or backend, per CPU.
 #[repr(C)]
@@ -611,6 +676,16 @@ pub struct GlobalStats {
     pub icmp_to_client: u64,
     /// ICMP errors to a VIP whose embedded packet names no tracked flow: left to the kernel.
     pub icmp_unmatched: u64,
+    /// Service packets encapsulated to their backend's node (`XDP_TX`/`XDP_REDIRECT`, or
+    /// passed to the kernel while that node's next hop is not resolved).
+    pub tunnel_out: u64,
+    /// Tunnelled packets for a service from an address that is not a node's: dropped.
+    pub tunnel_forged: u64,
+    /// Tunnelled packets whose flow this node would send to yet another node (the nodes'
+    /// tables disagree, for a moment): dropped rather than tunnelled again.
+    pub tunnel_mismatch: u64,
+    /// Packets too large for the node network once encapsulated: dropped.
+    pub tunnel_too_big: u64,
 }
 
 impl GlobalStats {
@@ -628,6 +703,10 @@ impl GlobalStats {
             icmp_to_backend: self.icmp_to_backend + other.icmp_to_backend,
             icmp_to_client: self.icmp_to_client + other.icmp_to_client,
             icmp_unmatched: self.icmp_unmatched + other.icmp_unmatched,
+            tunnel_out: self.tunnel_out + other.tunnel_out,
+            tunnel_forged: self.tunnel_forged + other.tunnel_forged,
+            tunnel_mismatch: self.tunnel_mismatch + other.tunnel_mismatch,
+            tunnel_too_big: self.tunnel_too_big + other.tunnel_too_big,
         }
     }
 }
@@ -664,6 +743,9 @@ mod user {
     unsafe impl aya::Pod for super::FloodSettings {}
     unsafe impl aya::Pod for super::FloodState {}
     unsafe impl aya::Pod for super::TrafficStats {}
+    unsafe impl aya::Pod for super::TunnelSettings {}
+    unsafe impl aya::Pod for super::NodeKey {}
+    unsafe impl aya::Pod for super::TunnelStats {}
 }
 
 #[cfg(test)]
@@ -808,7 +890,9 @@ mod tests {
     fn key_and_value_layouts_match_what_the_bpf_program_expects() {
         assert_eq!(core::mem::size_of::<L2VipKey>(), 24);
         assert_eq!(core::mem::size_of::<L2VipValue>(), 8);
-        assert_eq!(core::mem::size_of::<GlobalStats>(), 88);
+        assert_eq!(core::mem::size_of::<GlobalStats>(), 120);
+        assert_eq!(core::mem::size_of::<TunnelSettings>(), 24);
+        assert_eq!(core::mem::size_of::<NodeKey>(), 20);
         assert_eq!(core::mem::size_of::<ServiceKey>(), 20);
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
         assert_eq!(core::mem::size_of::<FlowValue>(), 40);
@@ -819,7 +903,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<TraceEvent>(), 80);
         assert_eq!(core::mem::size_of::<ReverseCacheEntry>(), 64);
         assert_eq!(core::mem::align_of::<FlowKey>(), 8);
-        assert_eq!(core::mem::size_of::<BackendValue>(), 36);
+        assert_eq!(core::mem::size_of::<BackendValue>(), 52);
         assert_eq!(core::mem::size_of::<BenchFrame>(), 8 + BENCH_FRAME_MAX);
     }
 
@@ -837,6 +921,10 @@ mod tests {
             icmp_to_backend: 9,
             icmp_to_client: 10,
             icmp_unmatched: 11,
+            tunnel_out: 12,
+            tunnel_forged: 13,
+            tunnel_mismatch: 14,
+            tunnel_too_big: 15,
         };
         let b = a.add(a);
         assert_eq!(b.arp_replies, 2);
@@ -846,5 +934,9 @@ mod tests {
         assert_eq!(b.icmp_to_backend, 18);
         assert_eq!(b.icmp_to_client, 20);
         assert_eq!(b.icmp_unmatched, 22);
+        assert_eq!(b.tunnel_out, 24);
+        assert_eq!(b.tunnel_forged, 26);
+        assert_eq!(b.tunnel_mismatch, 28);
+        assert_eq!(b.tunnel_too_big, 30);
     }
 }

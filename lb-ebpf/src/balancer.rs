@@ -12,9 +12,9 @@ use aya_ebpf::{
 use lb_common::{
     apply_checksum_delta, flow_cache_slot, flow_cache_slot_of_words, flow_hash, vip_slot,
     vip_slot_of_words, BackendValue, FlowCacheEntry, FlowKey, FlowValue, NextHop, ReverseNatValue,
-    ServiceKey, BACKEND_ACTIVE, FAMILY_IPV4, FAMILY_IPV6, FLOW_BACKEND_FIN, FLOW_CACHE_KEY_TAIL,
-    FLOW_CACHE_REFRESH, FLOW_CACHE_SLOTS, FLOW_CLIENT_FIN, NEXT_HOP_VIA_KERNEL, PROTO_TCP,
-    PROTO_UDP,
+    ServiceKey, BACKEND_ACTIVE, BACKEND_REMOTE, FAMILY_IPV4, FAMILY_IPV6, FLOW_BACKEND_FIN,
+    FLOW_CACHE_KEY_TAIL, FLOW_CACHE_REFRESH, FLOW_CACHE_SLOTS, FLOW_CLIENT_FIN,
+    NEXT_HOP_VIA_KERNEL, PROTO_TCP, PROTO_UDP, REVERSE_VIA_TUNNEL,
 };
 
 use crate::{
@@ -51,6 +51,9 @@ pub struct Packet {
     /// flood guard), with its Maglev slot; cleared by the trace before each traced packet.
     pub(crate) trace_new_flow: u32,
     pub(crate) trace_slot: u32,
+    /// 1 when the packet came through a tunnel from another node (it may only go to a backend
+    /// of this node).
+    tunnelled: u32,
     l3_offset: usize,
     l4_offset: usize,
 }
@@ -110,7 +113,7 @@ fn set_mac(dst: &mut [u8; 6], src: &[u8; 6]) {
 /// False when no service has this destination address: the inlined first test (an array
 /// lookup, no helper call), so other traffic costs next to nothing. True may be a collision.
 #[inline(always)]
-fn may_be_vip(words: &[u32; 4]) -> bool {
+pub(crate) fn may_be_vip(words: &[u32; 4]) -> bool {
     VIP_FILTER
         .get(vip_slot_of_words(*words))
         .is_some_and(|services| *services != 0)
@@ -155,9 +158,17 @@ fn fill_service_key(packet: &mut Packet) {
     packet.service_key.family = packet.flow.family;
 }
 
-/// IPv4: only plain TCP/UDP (no options, no fragments) can be balanced.
+/// A remote backend for a packet that came through a tunnel: the nodes' tables disagree (for
+/// a moment); tunnelling it again could loop.
 #[inline(always)]
-pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
+fn bounced(backend: &BackendValue, tunnelled: bool) -> bool {
+    tunnelled && backend.flags & BACKEND_REMOTE != 0
+}
+
+/// IPv4: only plain TCP/UDP (no options, no fragments) can be balanced. `tunnelled`: it came
+/// through a tunnel from another node (and was decapsulated).
+#[inline(always)]
+pub fn ipv4(ctx: &XdpContext, l2: &L2, tunnelled: bool) -> Outcome {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_offset) else {
         return Outcome::Malformed;
     };
@@ -208,6 +219,9 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
     if flags & (TCP_FIN | TCP_RST) == 0 {
         if let Some(cached) = cached_flow(&key, index) {
             if let Some(backend) = live_backend(cached.backend_id, cached.generation) {
+                if bounced(backend, tunnelled) {
+                    return Outcome::TunnelMismatch;
+                }
                 return forward_cached(ctx, cached, backend, l2.l3_offset, l4_offset, ip.proto);
             }
         }
@@ -222,12 +236,13 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Outcome {
     packet.l3_offset = l2.l3_offset;
     packet.l4_offset = l4_offset;
     packet.ip_len = total as u16;
+    packet.tunnelled = tunnelled as u32;
     balance(ctx, packet, flags, index)
 }
 
 /// IPv6 with TCP or UDP directly after the fixed header (no extension headers).
 #[inline(always)]
-pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
+pub fn ipv6(ctx: &XdpContext, l2: &L2, tunnelled: bool) -> Outcome {
     let Some(ip6) = ptr_at::<Ipv6Hdr>(ctx, l2.l3_offset) else {
         return Outcome::Malformed;
     };
@@ -268,6 +283,7 @@ pub fn ipv6(ctx: &XdpContext, l2: &L2) -> Outcome {
         ip_len,
         ports as *const u8,
     );
+    packet.tunnelled = tunnelled as u32;
     balance_cached(ctx, packet)
 }
 
@@ -395,16 +411,24 @@ fn may_track_new_flow() -> bool {
     false
 }
 
-/// Writes the flow's connection-table entry and the reverse mapping its replies need.
+/// Writes the flow's connection-table entry and the reverse mapping its replies need (none for
+/// a backend on another node: its replies leave from there).
 #[inline(never)]
 fn record_flow(packet: &Packet, backend: &BackendValue, entry: &FlowValue) {
     let _ = CONNTRACK.insert(&packet.flow, entry, 0);
+    if backend.flags & BACKEND_REMOTE != 0 {
+        return;
+    }
     let reverse_key = reverse_key(packet, backend);
     let reverse = ReverseNatValue {
         addr: packet.flow.dst,
         port: packet.flow.dport,
         family: packet.family,
-        _pad: 0,
+        flags: if packet.tunnelled != 0 {
+            REVERSE_VIA_TUNNEL
+        } else {
+            0
+        },
     };
     let _ = REVERSE_NAT.insert(&reverse_key, &reverse, 0);
 }
@@ -458,6 +482,9 @@ fn balance_cached(ctx: &XdpContext, packet: &mut Packet) -> Outcome {
     if flags & (TCP_FIN | TCP_RST) == 0 {
         if let Some(cached) = cached_flow(as_words(&packet.flow), index) {
             if let Some(backend) = live_backend(cached.backend_id, cached.generation) {
+                if bounced(backend, packet.tunnelled != 0) {
+                    return Outcome::TunnelMismatch;
+                }
                 let (l3, l4, proto) = (packet.l3(), packet.l4(), packet.proto);
                 return forward_cached(ctx, cached, backend, l3, l4, proto);
             }
@@ -475,6 +502,9 @@ fn balance(ctx: &XdpContext, packet: &mut Packet, flags: u8, cache_index: u32) -
     if let Some(entry) = CONNTRACK.get_ptr_mut(&packet.flow) {
         let entry = unsafe { &mut *entry };
         if let Some(backend) = live_backend(entry.backend_id, entry.generation) {
+            if bounced(backend, packet.tunnelled != 0) {
+                return Outcome::TunnelMismatch;
+            }
             if entry.next_hop.ifindex == 0 {
                 resolve_next_hop(ctx, packet, backend, entry);
             }
@@ -511,6 +541,9 @@ fn balance(ctx: &XdpContext, packet: &mut Packet, flags: u8, cache_index: u32) -
     };
     if backend.flags & BACKEND_ACTIVE == 0 || backend.service_id != service.id {
         return Outcome::NoBackend;
+    }
+    if bounced(backend, packet.tunnelled != 0) {
+        return Outcome::TunnelMismatch;
     }
     let fin = if flags & TCP_FIN != 0 {
         FLOW_CLIENT_FIN
@@ -584,6 +617,12 @@ fn resolve_next_hop(
     params.dport = u16::from_ne_bytes(backend.port);
     params.__bindgen_anon_1.tot_len = packet.ip_len;
     params.ifindex = ctx.ingress_ifindex() as u32;
+    // A backend on another node: the way to that node.
+    let to = if backend.flags & BACKEND_REMOTE != 0 {
+        &backend.node
+    } else {
+        &backend.addr
+    };
     if packet.family == FAMILY_IPV4 {
         params.family = AF_INET;
         params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([
@@ -592,16 +631,11 @@ fn resolve_next_hop(
             packet.flow.src[2],
             packet.flow.src[3],
         ]);
-        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([
-            backend.addr[0],
-            backend.addr[1],
-            backend.addr[2],
-            backend.addr[3],
-        ]);
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([to[0], to[1], to[2], to[3]]);
     } else {
         params.family = AF_INET6;
         params.__bindgen_anon_3.ipv6_src = bytemuck_words(&packet.flow.src);
-        params.__bindgen_anon_4.ipv6_dst = bytemuck_words(&backend.addr);
+        params.__bindgen_anon_4.ipv6_dst = bytemuck_words(to);
     }
     let rc = unsafe {
         bpf_fib_lookup(
@@ -645,6 +679,9 @@ fn forward(
     backend: &BackendValue,
     next_hop: &NextHop,
 ) -> Outcome {
+    if backend.flags & BACKEND_REMOTE != 0 {
+        return tunnel_out(ctx, l3, backend, next_hop);
+    }
     let rewritten = if backend.family == FAMILY_IPV4 {
         dnat_v4(ctx, l3, l4, proto, backend)
     } else {
@@ -655,6 +692,21 @@ fn forward(
         return Outcome::Passed;
     }
     send(ctx, next_hop)
+}
+
+/// A packet for a backend on another node: encapsulated to that node, then sent to the next
+/// hop toward it (the packet itself is not rewritten: the endpoint's node does that).
+#[inline(always)]
+fn tunnel_out(ctx: &XdpContext, l3: usize, backend: &BackendValue, next_hop: &NextHop) -> Outcome {
+    match crate::tunnel::encap(ctx, l3, backend) {
+        crate::tunnel::ENCAP_OK => match send(ctx, next_hop) {
+            Outcome::Forwarded(action) => Outcome::Tunnelled(action),
+            Outcome::ToKernel => Outcome::Tunnelled(xdp_action::XDP_PASS),
+            other => other,
+        },
+        crate::tunnel::ENCAP_TOO_BIG => Outcome::TunnelTooBig,
+        _ => Outcome::Malformed,
+    }
 }
 
 /// Sends a rewritten packet to the flow's next hop: MACs from the entry, then `XDP_TX` or a

@@ -9,7 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     flow_cache_slot, FlowKey, ReverseNatValue, FAMILY_IPV4, FAMILY_IPV6, FLOW_BACKEND_FIN,
-    FLOW_CACHE_REFRESH, PROTO_TCP, PROTO_UDP,
+    FLOW_CACHE_REFRESH, PROTO_TCP, PROTO_UDP, REVERSE_VIA_TUNNEL, TUNNEL_OVERHEAD_V4,
+    TUNNEL_OVERHEAD_V6,
 };
 
 use crate::{
@@ -17,10 +18,11 @@ use crate::{
     checksum::{copy32, diff16, load32, Delta},
     headers::{
         Ipv4Hdr, Ipv6Hdr, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, ICMP_HLEN, IPPROTO_ICMP,
-        IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, TCP_FIN, TCP_FLAGS_OFFSET, TCP_RST, VLAN_HLEN,
+        IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, TCP_FIN, TCP_FLAGS_OFFSET, TCP_RST, TCP_SYN,
+        VLAN_HLEN,
     },
     icmp::{is_error_v4, is_error_v6, l4_csum_offset, reversed, rewrite_embedded_checksum},
-    maps::{CONNTRACK, REVERSE_CACHE, REVERSE_NAT},
+    maps::{CONNTRACK, REVERSE_CACHE, REVERSE_NAT, TUNNEL_SETTINGS},
     stats,
 };
 
@@ -249,6 +251,7 @@ fn ipv4(ctx: &TcContext, l3: usize) {
     if ok.is_ok() {
         stats::count_reverse_nat();
         after_reply(flags, &key, rv);
+        clamp_syn_mss(ctx, l4, proto, flags, rv, TUNNELLED_MSS_V4);
     }
 }
 
@@ -294,6 +297,85 @@ fn ipv6(ctx: &TcContext, l3: usize) {
     if ok.is_ok() {
         stats::count_reverse_nat();
         after_reply(flags, &key, rv);
+        clamp_syn_mss(ctx, l4, proto, flags, rv, TUNNELLED_MSS_V6);
+    }
+}
+
+/// What an MSS must leave room for, below the node network's MTU, for the client's segments
+/// to fit the tunnel: the outer header, the inner IP header and the TCP header.
+const TUNNELLED_MSS_V4: u32 = TUNNEL_OVERHEAD_V4 + 20 + 20;
+const TUNNELLED_MSS_V6: u32 = TUNNEL_OVERHEAD_V6 + 40 + 20;
+
+/// A SYN-ACK of a flow that came through a tunnel: its MSS option is lowered so that the
+/// client's segments, once the ingress node encapsulates them, still fit the node network's
+/// MTU (`TunnelSettings::mtu`). The option is found within the first few options (where
+/// every TCP stack puts it).
+#[inline(always)]
+fn clamp_syn_mss(
+    ctx: &TcContext,
+    l4: usize,
+    proto: u8,
+    flags: u8,
+    rv: &ReverseNatValue,
+    room: u32,
+) {
+    if proto != PROTO_TCP || flags & TCP_SYN == 0 || rv.flags & REVERSE_VIA_TUNNEL == 0 {
+        return;
+    }
+    let mtu = TUNNEL_SETTINGS.get(0).map_or(0, |s| s.mtu);
+    if mtu > room {
+        clamp_mss(ctx, l4, (mtu - room) as u16);
+    }
+}
+
+#[inline(never)]
+fn clamp_mss(ctx: &TcContext, l4: usize, max: u16) {
+    let l4 = l4 & 0x7f;
+    let Some(offset) = at::<u8>(ctx, l4 + 12) else {
+        return;
+    };
+    let header = ((unsafe { *offset } >> 4) as usize * 4) & 0x3c;
+    let mut at_option = 20usize;
+    let mut i = 0;
+    while i < 8 {
+        at_option &= 0x3f;
+        if at_option + 4 > header {
+            return;
+        }
+        let Some(option) = at::<[u8; 4]>(ctx, l4 + at_option) else {
+            return;
+        };
+        let option = unsafe { &mut *option };
+        match option[0] {
+            0 => return,
+            1 => at_option += 1,
+            2 => {
+                if option[1] != 4 {
+                    return;
+                }
+                let old = u16::from_be_bytes([option[2], option[3]]);
+                if old <= max {
+                    return;
+                }
+                let new = max.to_be_bytes();
+                option[2] = new[0];
+                option[3] = new[1];
+                let _ = ctx.l4_csum_replace(
+                    l4 + 16,
+                    old.to_be() as u64,
+                    u16::from_ne_bytes(new) as u64,
+                    2,
+                );
+                return;
+            }
+            _ => {
+                if option[1] < 2 {
+                    return;
+                }
+                at_option += option[1] as usize;
+            }
+        }
+        i += 1;
     }
 }
 

@@ -14,6 +14,7 @@ pub const ETH_P_8021AD: u16 = 0x88A8;
 pub const TCP_FLAGS_OFFSET: usize = 13;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
 /// Where TCP and UDP headers hold their checksums.
 pub const TCP_CSUM_OFFSET: usize = 16;
 pub const UDP_CSUM_OFFSET: usize = 6;

@@ -18,6 +18,7 @@ mod parse;
 mod runtime;
 mod stats;
 mod trace;
+mod tunnel;
 
 use aya_ebpf::{
     bindings::TC_ACT_OK,
@@ -25,8 +26,10 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
-use headers::{Ipv6Hdr, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_ICMPV6, IPV6_HLEN};
-use lb_common::{PROTO_TCP, PROTO_UDP, TRACE_HOOK_TC, TRACE_HOOK_XDP};
+use headers::{Ipv4Hdr, Ipv6Hdr, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_ICMPV6, IPV6_HLEN};
+use lb_common::{
+    PROTO_IPIP, PROTO_IPV6_IN_IP, PROTO_TCP, PROTO_UDP, TRACE_HOOK_TC, TRACE_HOOK_XDP,
+};
 use stats::Outcome;
 
 #[xdp]
@@ -57,18 +60,46 @@ fn process_packet(ctx: &XdpContext) -> Outcome {
     };
     match l2.proto {
         ETH_P_ARP => l2_responder::arp(ctx, &l2),
-        ETH_P_IPV4 => balancer::ipv4(ctx, &l2),
-        ETH_P_IPV6 => match parse::ptr_at::<Ipv6Hdr>(ctx, l2.l3_offset) {
-            None => Outcome::Malformed,
-            Some(ip6) => match unsafe { (*ip6).next_header } {
-                IPPROTO_ICMPV6 => match parse::ptr_at::<u8>(ctx, l2.l3_offset + IPV6_HLEN) {
-                    Some(t) if icmp::is_error_v6(unsafe { *t }) => icmp::ipv6(ctx, l2.l3_offset),
-                    _ => l2_responder::ndp(ctx, &l2),
+        ETH_P_IPV4 => {
+            // A packet another node tunnelled here: its outer header goes, then it is
+            // balanced like any other (only to this node's backends).
+            let tunnelled = parse::ptr_at::<Ipv4Hdr>(ctx, l2.l3_offset)
+                .is_some_and(|ip| unsafe { (*ip).proto } == PROTO_IPIP);
+            if tunnelled {
+                let outcome = tunnel::decap_v4(ctx, l2.l3_offset);
+                if !matches!(outcome, Outcome::Decapsulated) {
+                    return outcome;
+                }
+            }
+            balancer::ipv4(ctx, &l2, tunnelled)
+        }
+        ETH_P_IPV6 => {
+            let Some(ip6) = parse::ptr_at::<Ipv6Hdr>(ctx, l2.l3_offset) else {
+                return Outcome::Malformed;
+            };
+            let tunnelled = unsafe { (*ip6).next_header } == PROTO_IPV6_IN_IP;
+            if tunnelled {
+                let outcome = tunnel::decap_v6(ctx, l2.l3_offset);
+                if !matches!(outcome, Outcome::Decapsulated) {
+                    return outcome;
+                }
+            }
+            match parse::ptr_at::<Ipv6Hdr>(ctx, l2.l3_offset) {
+                None => Outcome::Malformed,
+                Some(ip6) => match unsafe { (*ip6).next_header } {
+                    IPPROTO_ICMPV6 if !tunnelled => {
+                        match parse::ptr_at::<u8>(ctx, l2.l3_offset + IPV6_HLEN) {
+                            Some(t) if icmp::is_error_v6(unsafe { *t }) => {
+                                icmp::ipv6(ctx, l2.l3_offset)
+                            }
+                            _ => l2_responder::ndp(ctx, &l2),
+                        }
+                    }
+                    PROTO_TCP | PROTO_UDP => balancer::ipv6(ctx, &l2, tunnelled),
+                    _ => Outcome::Passed,
                 },
-                PROTO_TCP | PROTO_UDP => balancer::ipv6(ctx, &l2),
-                _ => Outcome::Passed,
-            },
-        },
+            }
+        }
         _ => Outcome::Passed,
     }
 }

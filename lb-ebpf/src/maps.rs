@@ -3,15 +3,16 @@
 //! and sets their capacities at load time (the sizes here are the defaults).
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     macros::btf_map,
 };
 use lb_common::{
     BackendValue, FloodSettings, FloodState, FlowCacheEntry, FlowKey, FlowValue, GlobalStats,
-    L2VipKey, L2VipValue, ReverseCacheEntry, ReverseNatValue, ServiceKey, ServiceValue, TraceEvent,
-    TraceFilter, TrafficStats, BACKENDS_DEFAULT_CAPACITY, BPF_F_INNER_MAP, BPF_F_MMAPABLE,
-    FLOWS_DEFAULT_CAPACITY, FLOW_CACHE_SLOTS, L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE,
-    REDIRECT_TARGETS_CAPACITY, SERVICES_DEFAULT_CAPACITY, TRACE_EVENTS_BYTES, VIP_FILTER_SLOTS,
+    L2VipKey, L2VipValue, NodeKey, ReverseCacheEntry, ReverseNatValue, ServiceKey, ServiceValue,
+    TraceEvent, TraceFilter, TrafficStats, TunnelSettings, TunnelStats, BACKENDS_DEFAULT_CAPACITY,
+    BPF_F_INNER_MAP, BPF_F_MMAPABLE, FLOWS_DEFAULT_CAPACITY, FLOW_CACHE_SLOTS,
+    L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE, REDIRECT_TARGETS_CAPACITY,
+    SERVICES_DEFAULT_CAPACITY, TRACE_EVENTS_BYTES, TUNNEL_PEERS_CAPACITY, VIP_FILTER_SLOTS,
 };
 
 /// (ifindex, IP) → MAC to answer ARP/NDP with. No entry for an ifindex: no answer there.
@@ -113,3 +114,13 @@ pub static TRACE_EVENTS: RingBuf<TraceEvent, { TRACE_EVENTS_BYTES as usize }> = 
 /// Per-CPU: the traced packet's headers as they arrived, until its event is written.
 #[btf_map]
 pub static TRACE_SCRATCH: PerCpuArray<TraceEvent, 1> = PerCpuArray::new();
+
+/// This node's end of the tunnels (see lb-common's `TunnelSettings`).
+#[btf_map]
+pub static TUNNEL_SETTINGS: Array<TunnelSettings, 1> = Array::new();
+
+/// The cluster's other nodes: tunnelled packets are accepted from these only, and counted per
+/// node (see lb-common's `MAP_TUNNEL_PEERS`).
+#[btf_map]
+pub static TUNNEL_PEERS: PerCpuHashMap<NodeKey, TunnelStats, { TUNNEL_PEERS_CAPACITY as usize }> =
+    PerCpuHashMap::new();

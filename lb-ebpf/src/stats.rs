@@ -22,6 +22,17 @@ pub enum Outcome {
     IcmpTranslated(u32),
     /// An ICMP error to a VIP whose embedded packet names no tracked flow: left to the kernel.
     IcmpUnmatched,
+    /// Encapsulated to the backend's node and sent with this action (`XDP_PASS` while that
+    /// node's next hop is not resolved).
+    Tunnelled(u32),
+    /// A tunnelled packet for a service from an address that is not a node's: dropped.
+    TunnelForged,
+    /// A tunnelled packet this node would tunnel again: dropped.
+    TunnelMismatch,
+    /// Too large for the node network once encapsulated: dropped.
+    TunnelTooBig,
+    /// Not an outcome: the outer header is gone, balance the inner packet (never counted).
+    Decapsulated,
 }
 
 impl Outcome {
@@ -33,8 +44,14 @@ impl Outcome {
             Outcome::Passed | Outcome::Malformed | Outcome::ToKernel | Outcome::IcmpUnmatched => {
                 xdp_action::XDP_PASS
             }
-            Outcome::Forwarded(action) | Outcome::IcmpTranslated(action) => action,
-            Outcome::NoBackend => xdp_action::XDP_DROP,
+            Outcome::Forwarded(action)
+            | Outcome::IcmpTranslated(action)
+            | Outcome::Tunnelled(action) => action,
+            Outcome::NoBackend
+            | Outcome::TunnelForged
+            | Outcome::TunnelMismatch
+            | Outcome::TunnelTooBig => xdp_action::XDP_DROP,
+            Outcome::Decapsulated => xdp_action::XDP_PASS,
         }
     }
 }
@@ -54,6 +71,11 @@ pub fn count(outcome: Outcome) {
             Outcome::NoBackend => stats.lb_no_backend += 1,
             Outcome::IcmpTranslated(_) => stats.icmp_to_backend += 1,
             Outcome::IcmpUnmatched => stats.icmp_unmatched += 1,
+            Outcome::Tunnelled(_) => stats.tunnel_out += 1,
+            Outcome::TunnelForged => stats.tunnel_forged += 1,
+            Outcome::TunnelMismatch => stats.tunnel_mismatch += 1,
+            Outcome::TunnelTooBig => stats.tunnel_too_big += 1,
+            Outcome::Decapsulated => stats.passed += 1,
         }
     }
 }

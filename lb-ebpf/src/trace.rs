@@ -183,6 +183,11 @@ pub fn decision_of(outcome: Outcome) -> u8 {
         Outcome::NoBackend => NO_BACKEND,
         Outcome::IcmpTranslated(_) => ICMP_TO_BACKEND,
         Outcome::IcmpUnmatched => ICMP_UNMATCHED,
+        Outcome::Tunnelled(_) => TUNNELLED,
+        Outcome::TunnelForged => TUNNEL_FORGED,
+        Outcome::TunnelMismatch => TUNNEL_MISMATCH,
+        Outcome::TunnelTooBig => TUNNEL_TOO_BIG,
+        Outcome::Decapsulated => 0,
     }
 }
 
@@ -221,9 +226,10 @@ pub fn emit_xdp(ctx: &XdpContext, decision: u8, action: u32) {
     }
     let rewritten = matches!(
         ev.decision,
-        CONNTRACK_HIT | NEW_FLOW | NEW_FLOW_FLOOD_GUARD | ICMP_TO_BACKEND
+        CONNTRACK_HIT | NEW_FLOW | NEW_FLOW_FLOOD_GUARD | ICMP_TO_BACKEND | TUNNELLED
     );
-    // Now the frame holds the backend as its destination (for an ICMP error, the outer one).
+    // Now the frame holds the backend as its destination (for an ICMP error, the outer one;
+    // tunnelled, the backend's node, port 0).
     let mut now = *ev;
     if rewritten && read_tuple(ctx, &mut now).is_some() {
         copy32::<4>(ev.to_addr.as_mut_ptr(), now.dst.as_ptr());

@@ -937,6 +937,7 @@ mod tests {
                     ip: "10.0.0.2".parse().unwrap(),
                     port: 8080,
                     weight: 1,
+                    node: None,
                 },
                 TrafficStats {
                     packets: 10,

@@ -88,6 +88,7 @@ pub fn desired(
                     ip: b.ip,
                     port: b.port.unwrap_or(port.target_port),
                     weight: b.weight,
+                    node: None,
                 })
                 .collect();
             services.insert(
@@ -537,6 +538,7 @@ impl Daemon {
                     ip: key.1,
                     port: key.2,
                     weight: 1,
+                    node: None,
                 }
                 .maglev_key(),
                 healthy: self.health.get(key).is_none_or(|h| h.healthy),

@@ -513,3 +513,65 @@ mod tests {
         assert_eq!(&f[12..14], &[0x08, 0x06]);
     }
 }
+
+/// A frame's IP packet (after its 14-byte Ethernet header) put in an outer IPv4 header (IPIP:
+/// protocol 4, TTL 64, don't fragment), in a new Ethernet frame.
+pub fn ipv4_in_ipv4(
+    eth_dst: Mac,
+    eth_src: Mac,
+    outer_src: Ipv4Addr,
+    outer_dst: Ipv4Addr,
+    inner: &[u8],
+) -> Vec<u8> {
+    let packet = &inner[14..];
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + packet.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 4, 0, 0]);
+    ip.extend_from_slice(&outer_src.octets());
+    ip.extend_from_slice(&outer_dst.octets());
+    let check = internet_checksum(0, &ip);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    ip.extend_from_slice(packet);
+    ethernet(eth_dst, eth_src, ETH_P_IPV4, &ip)
+}
+
+/// A frame's IPv6 packet put in an outer IPv6 header (next header 41, hop limit 64).
+pub fn ipv6_in_ipv6(
+    eth_dst: Mac,
+    eth_src: Mac,
+    outer_src: Ipv6Addr,
+    outer_dst: Ipv6Addr,
+    inner: &[u8],
+) -> Vec<u8> {
+    let packet = &inner[14..];
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&(packet.len() as u16).to_be_bytes());
+    ip.extend_from_slice(&[41, 64]);
+    ip.extend_from_slice(&outer_src.octets());
+    ip.extend_from_slice(&outer_dst.octets());
+    ip.extend_from_slice(packet);
+    ethernet(eth_dst, eth_src, ETH_P_IPV6, &ip)
+}
+
+/// A TCP segment with `flags` and one option, MSS `mss`, in IPv4 (checksums valid).
+#[allow(clippy::too_many_arguments)]
+pub fn ipv4_tcp_with_mss(
+    eth_dst: Mac,
+    eth_src: Mac,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    mss: u16,
+) -> Vec<u8> {
+    let mut t = Vec::new();
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&7u32.to_be_bytes());
+    t.extend_from_slice(&2u32.to_be_bytes());
+    t.extend_from_slice(&[0x60, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    t.extend_from_slice(&[2, 4]);
+    t.extend_from_slice(&mss.to_be_bytes());
+    ipv4_frame(eth_dst, eth_src, src, dst, 6, t, 16)
+}

@@ -49,6 +49,7 @@ fn backend(i: usize, v6: bool, port: u16) -> Backend {
         ip: backend_ip(i, v6).parse().unwrap(),
         port,
         weight: 1,
+        node: None,
     }
 }
 

@@ -125,6 +125,7 @@ fn path(v6: bool, small_mtu: u32) -> Path {
                     ip: backend_ip,
                     port: 8080,
                     weight: 1,
+                    node: None,
                 }],
             )
             .unwrap();

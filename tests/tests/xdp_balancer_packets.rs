@@ -38,6 +38,7 @@ fn b4(last: u8) -> Backend {
         ip: IpAddr::V4(Ipv4Addr::new(198, 18, 2, last)),
         port: 8080,
         weight: 1,
+        node: None,
     }
 }
 fn b6(last: u16) -> Backend {
@@ -45,6 +46,7 @@ fn b6(last: u16) -> Backend {
         ip: IpAddr::V6(Ipv6Addr::new(0xfd53, 2, 0, 0, 0, 0, 0, last)),
         port: 8080,
         weight: 1,
+        node: None,
     }
 }
 fn tcp80() -> Service {
@@ -332,6 +334,7 @@ fn syncing_change_after_change_leaves_the_same_tables_as_one_sync_of_the_end_sta
                     for _ in 0..1 + next() % 4 {
                         let b = Backend {
                             weight: 1 + next() % 3,
+                            node: None,
                             ..b4(10 + (next() % 10) as u8)
                         };
                         if !backends.iter().any(|x| x.ip == b.ip) {
@@ -657,6 +660,7 @@ fn unresolved_next_hop_passes_the_rewritten_packet_to_the_kernel() {
             ip: IpAddr::V4(Ipv4Addr::new(198, 18, 2, 99)),
             port: 8080,
             weight: 1,
+            node: None,
         };
         dp.upsert_service(tcp80(), &[far]).unwrap();
         let frame = syn4(40000, 80);
@@ -780,6 +784,7 @@ fn bad_backend_sets_are_refused_and_the_running_table_keeps_serving() {
                         ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
                         port: 8080,
                         weight: 1,
+                        node: None,
                     },
                 ],
                 "loopback",

@@ -129,6 +129,9 @@ pub struct Backend {
     pub ip: IpAddr,
     pub port: u16,
     pub weight: u32,
+    /// The node the backend runs on, when that is another node: its packets are tunnelled
+    /// there (cluster-wide balancing). `None`: this node's own backend, reached by DNAT.
+    pub node: Option<IpAddr>,
 }
 
 impl Backend {
@@ -266,7 +269,12 @@ pub fn parse_service(field: &str, text: &str) -> Result<(Service, Vec<Backend>),
             )));
         }
         validate_service_ip(field, ip)?;
-        backends.push(Backend { ip, port, weight });
+        backends.push(Backend {
+            ip,
+            port,
+            weight,
+            node: None,
+        });
     }
     Ok((
         Service {

@@ -12,7 +12,9 @@ mod services;
 mod system;
 mod tables;
 mod trace;
+mod tunnels;
 pub use trace::TraceSession;
+pub use tunnels::Tunnels;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -121,7 +123,7 @@ impl MapShape {
 }
 
 /// Every map the data plane pins, with its shape as this build's programs and `options` want it.
-fn expected_shapes(options: &DataplaneOptions) -> [(&'static str, MapShape); 16] {
+fn expected_shapes(options: &DataplaneOptions) -> [(&'static str, MapShape); 18] {
     use lb_common::{
         BackendValue, FloodSettings, FloodState, ReverseNatValue, ServiceKey, ServiceValue,
         TrafficStats, REDIRECT_TARGETS_CAPACITY, VIP_FILTER_SLOTS,
@@ -178,6 +180,16 @@ fn expected_shapes(options: &DataplaneOptions) -> [(&'static str, MapShape); 16]
         (
             lb_common::MAP_TRACE_FILTER,
             MapShape::of::<u32, lb_common::TraceFilter>(1),
+        ),
+        (
+            lb_common::MAP_TUNNEL_SETTINGS,
+            MapShape::of::<u32, lb_common::TunnelSettings>(1),
+        ),
+        (
+            lb_common::MAP_TUNNEL_PEERS,
+            MapShape::of::<lb_common::NodeKey, lb_common::TunnelStats>(
+                lb_common::TUNNEL_PEERS_CAPACITY,
+            ),
         ),
         (
             lb_common::MAP_TRACE_EVENTS,
@@ -345,6 +357,8 @@ pub struct Dataplane {
     /// What `L2_VIPS` holds, as last written here (`None`: not read yet; read once from the
     /// map, which may have been pinned by an earlier process). Only this process writes it.
     l2_written: Option<BTreeSet<L2Vip>>,
+    /// This node's end of the tunnels, as last set (`None`: never set by this process).
+    tunnels: Option<Tunnels>,
 }
 
 /// The XDP ingress and TC egress programs on one interface.
@@ -424,6 +438,7 @@ impl Dataplane {
             },
             adopted: false,
             l2_written: None,
+            tunnels: None,
         };
         if options.pin_dir.is_some() {
             dataplane.recover_registry()?;
@@ -1148,6 +1163,8 @@ pub struct PinnedView {
     conntrack: HashMap<MapData, FlowKey, FlowValue>,
     l2_deadline: Option<aya::maps::Array<MapData, u64>>,
     flood: Option<PerCpuArray<MapData, lb_common::FloodState>>,
+    tunnel_peers:
+        Option<aya::maps::PerCpuHashMap<MapData, lb_common::NodeKey, lb_common::TunnelStats>>,
 }
 
 impl PinnedView {
@@ -1182,7 +1199,19 @@ impl PinnedView {
             flood: open(lb_common::MAP_FLOOD_STATE)
                 .ok()
                 .and_then(|m| PerCpuArray::try_from(Map::PerCpuArray(m)).ok()),
+            // Absent in pin directories of versions before cluster-wide balancing.
+            tunnel_peers: open(lb_common::MAP_TUNNEL_PEERS)
+                .ok()
+                .and_then(|m| aya::maps::PerCpuHashMap::try_from(Map::PerCpuHashMap(m)).ok()),
         })
+    }
+
+    /// The packets each other node tunnelled here (none before cluster-wide balancing).
+    pub fn tunnel_peers(&self) -> Result<Vec<(IpAddr, lb_common::TunnelStats)>> {
+        match &self.tunnel_peers {
+            Some(map) => tunnels::read_peers(map),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// The flood guard's counters (`None` before the flood guard existed).

@@ -14,8 +14,8 @@ use std::{
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
     dnat_checksum_deltas, vip_slot, BackendValue, ServiceKey, ServiceValue, TrafficStats,
-    BACKEND_ACTIVE, FAMILY_IPV4, FAMILY_IPV6, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_MAGLEV,
-    MAP_SERVICES, MAP_SERVICE_STATS, MAP_VIP_FILTER, PROTO_TCP, PROTO_UDP,
+    BACKEND_ACTIVE, BACKEND_REMOTE, FAMILY_IPV4, FAMILY_IPV6, MAP_BACKENDS, MAP_BACKEND_STATS,
+    MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_STATS, MAP_VIP_FILTER, PROTO_TCP, PROTO_UDP,
 };
 
 use super::{map_error, tables, Dataplane, DataplaneError, Result};
@@ -159,6 +159,11 @@ impl Ids {
     }
 }
 
+/// The node of a backend read back from the map (`None`: this node's).
+fn backend_node(value: &BackendValue) -> Option<IpAddr> {
+    (value.flags & BACKEND_REMOTE != 0).then(|| ip_from(value.family, &value.node))
+}
+
 fn maglev_backends(backends: &[Backend]) -> Vec<maglev::Backend> {
     backends
         .iter()
@@ -205,6 +210,17 @@ pub fn validate(service: &Service, backends: &[Backend], table_size: u32) -> Res
         if b.port == 0 {
             return Err(invalid(format!("backend {} has port 0", b.ip)));
         }
+        if let Some(node) = b.node {
+            if node.is_ipv4() != b.ip.is_ipv4() {
+                return Err(invalid(format!(
+                    "backend {} is on node {node}, of another address family: it cannot be tunnelled there",
+                    b.maglev_key()
+                )));
+            }
+            if let Err(e) = crate::config::validate_service_ip("backend's node", node) {
+                return Err(invalid(e.to_string()));
+            }
+        }
     }
     maglev::check(&maglev_backends(backends), table_size).map_err(|e| invalid(e.to_string()))
 }
@@ -213,6 +229,7 @@ impl Dataplane {
     /// Creates the service or replaces its backends.
     pub fn upsert_service(&mut self, service: Service, backends: &[Backend]) -> Result<()> {
         validate(&service, backends, self.table_size)?;
+        self.check_tunnels(&service, backends)?;
         let table = build_table(&service, backends, self.table_size)?;
         let staged = self.upsert_stage(service, backends, table)?;
         self.commit(vec![staged])
@@ -251,6 +268,7 @@ impl Dataplane {
     /// removed backend move; a new backend takes only new flows.
     pub fn set_backends(&mut self, service: &Service, backends: &[Backend]) -> Result<()> {
         validate(service, backends, self.table_size)?;
+        self.check_tunnels(service, backends)?;
         let table = build_table(service, backends, self.table_size)?;
         let staged = self.stage(service, backends, table)?;
         self.commit(vec![staged])
@@ -335,13 +353,18 @@ impl Dataplane {
                     addr: addr16(&b.ip),
                     port: b.port.to_be_bytes(),
                     family: family(&b.ip),
-                    flags: BACKEND_ACTIVE,
+                    flags: if b.node.is_some() {
+                        BACKEND_ACTIVE | BACKEND_REMOTE
+                    } else {
+                        BACKEND_ACTIVE
+                    },
                     service_id: state.id,
                     generation: existing
                         .map_or(generation_base.wrapping_add(i as u32), |e| e.generation),
                     weight: b.weight,
                     csum_ip,
                     csum_l4,
+                    node: b.node.as_ref().map_or([0; 16], addr16),
                 };
                 array.set(*id, value, 0).map_err(map_error(MAP_BACKENDS))?;
             }
@@ -498,6 +521,7 @@ impl Dataplane {
             .collect();
         for (service, backends) in &changed {
             validate(service, backends, self.table_size)?;
+            self.check_tunnels(service, backends)?;
         }
         let wanted: BTreeSet<u32> = interfaces.iter().map(|i| i.ifindex).collect();
         let gone: Vec<u32> = self
@@ -751,6 +775,7 @@ impl Dataplane {
                 ip: ip_from(value.family, &value.addr),
                 port: u16::from_be_bytes(value.port),
                 weight: value.weight,
+                node: backend_node(&value),
             };
             if let Some(state) = registry.services.get_mut(service) {
                 state.backends.push((backend, index as u32));
@@ -826,6 +851,7 @@ pub(super) fn read_services<T: std::borrow::Borrow<MapData>>(
                 ip: ip_from(value.family, &value.addr),
                 port: u16::from_be_bytes(value.port),
                 weight: value.weight,
+                node: backend_node(&value),
             };
             let traffic = sum_stats(backend_stats, index as u32, MAP_BACKEND_STATS)?;
             stats.traffic = stats.traffic.add(traffic);
@@ -854,6 +880,7 @@ mod tests {
             ip: ip.parse().unwrap(),
             port,
             weight: 1,
+            node: None,
         }
     }
 

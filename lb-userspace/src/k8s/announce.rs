@@ -424,6 +424,7 @@ pub fn plan_with(input: Input<'_>, cache: &mut ReadCache) -> NodePlan {
                         ip: *ip,
                         port: *port,
                         weight: 1,
+                        node: None,
                     })
                     .collect();
                 if !backends.is_empty() {
@@ -822,12 +823,14 @@ mod tests {
                 Backend {
                     ip: vip("10.0.0.1"),
                     port: 8080,
-                    weight: 1
+                    weight: 1,
+                    node: None,
                 },
                 Backend {
                     ip: vip("10.0.0.2"),
                     port: 8080,
-                    weight: 1
+                    weight: 1,
+                    node: None,
                 },
             ]
         );
@@ -1022,7 +1025,8 @@ mod tests {
             &vec![Backend {
                 ip: vip("10.0.0.1"),
                 port: 8080,
-                weight: 1
+                weight: 1,
+                node: None,
             }]
         );
     }

@@ -101,6 +101,7 @@ fn backend(i: usize, j: usize) -> Backend {
         ip: IpAddr::from([192, 168, ((i / 250) % 250) as u8, host as u8]),
         port: 8080,
         weight: 1,
+        node: None,
     }
 }
 

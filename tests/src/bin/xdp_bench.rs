@@ -94,6 +94,7 @@ fn main() -> Result<()> {
             ip: "198.18.2.10".parse()?,
             port: 8080,
             weight: 1,
+            node: None,
         }],
     )?;
     dp.upsert_service(
@@ -106,6 +107,7 @@ fn main() -> Result<()> {
             ip: "fd53:2::10".parse()?,
             port: 8080,
             weight: 1,
+            node: None,
         }],
     )?;
     // Time the XDP redirect path (a real NIC's case); test runs never transmit into veth1.

@@ -1,0 +1,294 @@
+//! Cluster-wide balancing: a flow whose backend is on another node is encapsulated to that node
+//! (IPIP for IPv4, IPv6 in IPv6 for IPv6: the smallest headers, and what the kernel's own
+//! `ipip`/`ip6tnl` understand, so a node without Sluice's program still decapsulates them); the
+//! endpoint's node decapsulates it, only from the cluster's nodes, and balances it as its own.
+//! Its replies leave from there straight to the client (direct server return).
+
+use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::{
+    BackendValue, NodeKey, FAMILY_IPV4, FAMILY_IPV6, PROTO_IPIP, PROTO_IPV6_IN_IP,
+    TUNNEL_OVERHEAD_V4, TUNNEL_OVERHEAD_V6,
+};
+
+use crate::{
+    balancer::may_be_vip,
+    checksum::{copy32, fold64, load16, load32, store16, store32},
+    headers::{Ipv4Hdr, Ipv6Hdr, ETH_HLEN, IPV4_HLEN, IPV6_HLEN},
+    maps::{TUNNEL_PEERS, TUNNEL_SETTINGS},
+    parse::ptr_at,
+    stats::Outcome,
+};
+
+/// The Ethernet header (and VLAN tag) of a frame, held in registers while the frame's head
+/// moves.
+struct Link {
+    macs: [u32; 3],
+    ethertype: u16,
+    /// The VLAN tag's TCI and inner EtherType, when `tagged`.
+    vlan: u32,
+    tagged: bool,
+}
+
+/// Bytes of the frame checked before the link header is read or written: a tagged header's
+/// (an IP header follows either, so every frame handled here is longer).
+const LINK_MAX: usize = ETH_HLEN + 4;
+
+#[inline(always)]
+fn save_link(ctx: &XdpContext, l3: usize) -> Option<Link> {
+    let head = ptr_at::<[u8; LINK_MAX]>(ctx, 0)? as *const u8;
+    let tagged = l3 != ETH_HLEN;
+    let vlan = if tagged {
+        load32(unsafe { head.add(ETH_HLEN) })
+    } else {
+        0
+    };
+    Some(Link {
+        macs: [
+            load32(head),
+            load32(unsafe { head.add(4) }),
+            load32(unsafe { head.add(8) }),
+        ],
+        ethertype: load16(unsafe { head.add(12) }),
+        vlan,
+        tagged,
+    })
+}
+
+#[inline(always)]
+fn restore_link(ctx: &XdpContext, link: &Link) -> bool {
+    let Some(head) = ptr_at::<[u8; LINK_MAX]>(ctx, 0) else {
+        return false;
+    };
+    let head = head as *mut u8;
+    store32(head, link.macs[0]);
+    store32(unsafe { head.add(4) }, link.macs[1]);
+    store32(unsafe { head.add(8) }, link.macs[2]);
+    store16(unsafe { head.add(12) }, link.ethertype);
+    if link.tagged {
+        store32(unsafe { head.add(ETH_HLEN) }, link.vlan);
+    }
+    true
+}
+
+/// The link header's length as one of its two constants (14, or 18 tagged): with a masked
+/// variable offset the verifier would not know that a check further into the frame covers the
+/// header's bytes.
+#[inline(always)]
+fn link_len(l3: usize) -> usize {
+    if l3 == ETH_HLEN {
+        ETH_HLEN
+    } else {
+        LINK_MAX
+    }
+}
+
+/// Moves the frame's start by `delta` bytes (negative: room for an outer header), keeping its
+/// Ethernet header (and VLAN tag) in front.
+#[inline(always)]
+fn move_head(ctx: &XdpContext, l3: usize, delta: i32) -> bool {
+    let Some(link) = save_link(ctx, l3) else {
+        return false;
+    };
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
+        return false;
+    }
+    restore_link(ctx, &link)
+}
+
+/// An IPv4 packet of IP protocol IPIP: when it comes from a node to this one and carries a
+/// packet for a service, its outer header is removed (`Outcome::Decapsulated`: the caller
+/// balances the inner packet). From an address that is not a node's: dropped and counted.
+/// Anything else (another tunnel's traffic: Calico's IPIP between nodes, say) passes untouched.
+#[inline(never)]
+pub fn decap_v4(ctx: &XdpContext, l3: usize) -> Outcome {
+    let l3 = link_len(l3);
+    let (Some(ip), Some(inner)) = (
+        ptr_at::<Ipv4Hdr>(ctx, l3),
+        ptr_at::<Ipv4Hdr>(ctx, l3 + IPV4_HLEN),
+    ) else {
+        return Outcome::Passed;
+    };
+    let (ip, inner) = unsafe { (&*ip, &*inner) };
+    if ip.version_ihl != 0x45 || u16::from_be_bytes(ip.frag) & 0x3fff != 0 {
+        return Outcome::Passed;
+    }
+    if !may_be_vip(&[load32(inner.dst.as_ptr()), 0, 0, 0]) {
+        return Outcome::Passed;
+    }
+    let Some(settings) = TUNNEL_SETTINGS.get(0) else {
+        return Outcome::Passed;
+    };
+    let ours = load32(settings.src_v4.as_ptr());
+    if ours == 0 || ours != load32(ip.dst.as_ptr()) {
+        return Outcome::Passed;
+    }
+    let src = load32(ip.src.as_ptr());
+    let key = node_key(&[src, 0, 0, 0], FAMILY_IPV4);
+    count_in(&key, ctx)
+        .then(|| decapsulate(ctx, l3, TUNNEL_OVERHEAD_V4 as i32))
+        .unwrap_or(Outcome::TunnelForged)
+}
+
+/// [`decap_v4`] for IPv6 in IPv6.
+#[inline(never)]
+pub fn decap_v6(ctx: &XdpContext, l3: usize) -> Outcome {
+    let l3 = link_len(l3);
+    let (Some(ip6), Some(inner)) = (
+        ptr_at::<Ipv6Hdr>(ctx, l3),
+        ptr_at::<Ipv6Hdr>(ctx, l3 + IPV6_HLEN),
+    ) else {
+        return Outcome::Passed;
+    };
+    let (ip6, inner) = unsafe { (&*ip6, &*inner) };
+    let d = inner.dst.as_ptr();
+    let words = unsafe {
+        [
+            load32(d),
+            load32(d.add(4)),
+            load32(d.add(8)),
+            load32(d.add(12)),
+        ]
+    };
+    if !may_be_vip(&words) {
+        return Outcome::Passed;
+    }
+    let Some(settings) = TUNNEL_SETTINGS.get(0) else {
+        return Outcome::Passed;
+    };
+    if !same16(&settings.src_v6, &ip6.dst) || settings.src_v6[0] == 0 {
+        return Outcome::Passed;
+    }
+    let s = ip6.src.as_ptr();
+    let src = unsafe { [load32(s), load32(s.add(4)), load32(s.add(8)), load32(s.add(12))] };
+    let key = node_key(&src, FAMILY_IPV6);
+    count_in(&key, ctx)
+        .then(|| decapsulate(ctx, l3, TUNNEL_OVERHEAD_V6 as i32))
+        .unwrap_or(Outcome::TunnelForged)
+}
+
+/// A node's key, written in words (a struct literal with arrays is zeroed by a memset call).
+#[inline(always)]
+fn node_key(addr: &[u32; 4], family: u8) -> NodeKey {
+    let mut slot = core::mem::MaybeUninit::<NodeKey>::uninit();
+    let p = slot.as_mut_ptr() as *mut u32;
+    let mut i = 0;
+    while i < 4 {
+        unsafe { p.add(i).write_volatile(addr[i]) };
+        i += 1;
+    }
+    unsafe { p.add(4).write_volatile(family as u32) };
+    // SAFETY: every byte written.
+    unsafe { slot.assume_init() }
+}
+
+/// True when `key` is a node's; counts the packet on its entry.
+#[inline(always)]
+fn count_in(key: &NodeKey, ctx: &XdpContext) -> bool {
+    let Some(stats) = TUNNEL_PEERS.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: this CPU's copy of the value.
+    let stats = unsafe { &mut *stats };
+    stats.packets += 1;
+    stats.bytes += (ctx.data_end() - ctx.data()) as u64;
+    true
+}
+
+#[inline(always)]
+fn decapsulate(ctx: &XdpContext, l3: usize, overhead: i32) -> Outcome {
+    if move_head(ctx, l3, overhead) {
+        Outcome::Decapsulated
+    } else {
+        Outcome::Malformed
+    }
+}
+
+#[inline(always)]
+fn same16(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let (a, b) = (a.as_ptr(), b.as_ptr());
+    unsafe {
+        load32(a) == load32(b)
+            && load32(a.add(4)) == load32(b.add(4))
+            && load32(a.add(8)) == load32(b.add(8))
+            && load32(a.add(12)) == load32(b.add(12))
+    }
+}
+
+/// [`encap`]'s results.
+pub const ENCAP_OK: u32 = 0;
+pub const ENCAP_TOO_BIG: u32 = 1;
+pub const ENCAP_FAILED: u32 = 2;
+
+/// Puts an outer header in front of the packet at `l3` (a service's packet, not rewritten),
+/// from this node to the backend's node. The caller then sends the frame to that node's next
+/// hop.
+#[inline(never)]
+pub fn encap(ctx: &XdpContext, l3: usize, backend: &BackendValue) -> u32 {
+    let l3 = link_len(l3);
+    let Some(settings) = TUNNEL_SETTINGS.get(0) else {
+        return ENCAP_FAILED;
+    };
+    if backend.family == FAMILY_IPV4 {
+        let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
+            return ENCAP_FAILED;
+        };
+        let (len, tos) = unsafe { (u16::from_be_bytes((*inner).total_len), (*inner).tos) };
+        let total = len as u32 + TUNNEL_OVERHEAD_V4;
+        if settings.mtu != 0 && total > settings.mtu {
+            return ENCAP_TOO_BIG;
+        }
+        let src = load32(settings.src_v4.as_ptr());
+        let dst = load32(backend.node.as_ptr());
+        if src == 0 || !move_head(ctx, l3, -(TUNNEL_OVERHEAD_V4 as i32)) {
+            return ENCAP_FAILED;
+        }
+        let Some(outer) = ptr_at::<[u8; IPV4_HLEN]>(ctx, l3) else {
+            return ENCAP_FAILED;
+        };
+        let o = outer as *mut u8;
+        // Version 4, IHL 5, the inner TOS; no fragmentation (DF); TTL 64, protocol IPIP.
+        let words: [u16; 4] = [u16::from_be_bytes([0x45, tos]), total as u16, 0, 0x4000];
+        let ttl_proto = u16::from_be_bytes([64, PROTO_IPIP]);
+        let mut sum: u64 = 0;
+        let mut i = 0;
+        while i < 4 {
+            store16(unsafe { o.add(2 * i) }, words[i].to_be());
+            sum += words[i] as u64;
+            i += 1;
+        }
+        store16(unsafe { o.add(8) }, ttl_proto.to_be());
+        sum += ttl_proto as u64;
+        store32(unsafe { o.add(12) }, src);
+        store32(unsafe { o.add(16) }, dst);
+        // The addresses as stored (network order) summed in the CPU's order, then swapped:
+        // RFC 1071 §2(B).
+        let addrs = fold64(src as u64 + dst as u64).swap_bytes();
+        let check = !crate::checksum::fold(sum as u32 + addrs as u32);
+        store16(unsafe { o.add(10) }, check.to_be());
+    } else {
+        let Some(inner) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
+            return ENCAP_FAILED;
+        };
+        let payload = u16::from_be_bytes(unsafe { (*inner).payload_len }) as u32 + IPV6_HLEN as u32;
+        if settings.mtu != 0 && payload + IPV6_HLEN as u32 > settings.mtu {
+            return ENCAP_TOO_BIG;
+        }
+        if settings.src_v6[0] == 0 || !move_head(ctx, l3, -(TUNNEL_OVERHEAD_V6 as i32)) {
+            return ENCAP_FAILED;
+        }
+        let Some(outer) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
+            return ENCAP_FAILED;
+        };
+        let o = outer as *mut u8;
+        // Version 6, no traffic class or flow label; next header IPv6, hop limit 64.
+        store32(o, u32::from_be_bytes([0x60, 0, 0, 0]).to_be());
+        store16(unsafe { o.add(4) }, (payload as u16).to_be());
+        store16(
+            unsafe { o.add(6) },
+            u16::from_be_bytes([PROTO_IPV6_IN_IP, 64]).to_be(),
+        );
+        copy32::<4>(unsafe { o.add(8) }, settings.src_v6.as_ptr());
+        copy32::<4>(unsafe { o.add(24) }, backend.node.as_ptr());
+    }
+    ENCAP_OK
+}
