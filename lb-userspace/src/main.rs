@@ -224,6 +224,17 @@ enum Command {
         /// tracked, so a flood of new flows cannot evict established ones (0: no limit).
         #[arg(long, default_value_t = lb_userspace::config::DEFAULT_FLOOD_GUARD)]
         flood_guard_new_flows_per_second: u64,
+        /// Balance Services of externalTrafficPolicy Cluster in XDP on every node, over every
+        /// ready endpoint in the cluster: a flow for another node's endpoint is tunnelled there
+        /// (IPIP, IPv6 in IPv6) and its replies go straight to the client. false: leave them to
+        /// kube-proxy (as MetalLB does).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        cluster_balancing: bool,
+        /// The node network's MTU, for the tunnels: larger packets are not tunnelled, and
+        /// tunnelled TCP flows get their MSS clamped below it. Default: the smallest MTU of the
+        /// --interfaces.
+        #[arg(long)]
+        tunnel_mtu: Option<u32>,
         /// Where the speaker writes its status (mesh members, BGP sessions) for `sluice inspect`.
         #[arg(long, default_value = "/var/lib/sluice/status.json")]
         status_file: PathBuf,
@@ -425,8 +436,12 @@ fn main() -> ExitCode {
             on_stop,
             status_file,
             flood_guard_new_flows_per_second,
+            cluster_balancing,
+            tunnel_mtu,
         } => lb_userspace::k8s::speaker::run(lb_userspace::k8s::speaker::Options {
             flood_guard_new_flows_per_second,
+            cluster_balancing,
+            tunnel_mtu,
             metallb_namespace: (!metallb_namespace.is_empty()).then_some(metallb_namespace),
             node_name,
             namespace,
@@ -826,6 +841,7 @@ fn inspect(
     let census = view.flow_census();
     let flows = census.total();
     let flood = view.flood_stats().unwrap_or_default();
+    let tunnels = dataplane::traffic_by_node(&services, &view.tunnel_peers()?);
     if json {
         let services: Vec<_> = services
             .iter()
@@ -839,6 +855,7 @@ fn inspect(
                     "newFlows": s.traffic.new_flows,
                     "backends": s.backends.iter().map(|(b, t)| serde_json::json!({
                         "backend": b.maglev_key(),
+                        "node": b.node.map(|n| n.to_string()),
                         "health": health_of(&name, &b.maglev_key()),
                         "weight": b.weight,
                         "packets": t.packets,
@@ -895,7 +912,18 @@ fn inspect(
                 "icmpErrorsToBackend": stats.icmp_to_backend,
                 "icmpErrorsToClient": stats.icmp_to_client,
                 "icmpErrorsUnmatched": stats.icmp_unmatched,
-            }
+                "tunnelled": stats.tunnel_out,
+                "droppedTunnelForged": stats.tunnel_forged,
+                "droppedTunnelMismatch": stats.tunnel_mismatch,
+                "droppedTunnelTooBig": stats.tunnel_too_big,
+            },
+            "tunnels": tunnels.iter().map(|t| serde_json::json!({
+                "node": t.node.map(|n| n.to_string()),
+                "inPackets": t.in_packets,
+                "inBytes": t.in_bytes,
+                "outPackets": t.out_packets,
+                "outBytes": t.out_bytes,
+            })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
@@ -946,7 +974,7 @@ fn inspect(
         }
         for (b, t) in &s.backends {
             println!(
-                "    → {:<40} packets {:<10} bytes {:<12} new flows {}{}",
+                "    → {:<40} packets {:<10} bytes {:<12} new flows {}{}{}",
                 format!("{} ({})", b.maglev_key(), health_of(&name, &b.maglev_key())),
                 t.packets,
                 t.bytes,
@@ -955,7 +983,10 @@ fn inspect(
                     String::new()
                 } else {
                     format!("  (weight {})", b.weight)
-                }
+                },
+                b.node
+                    .map(|n| format!("  (on node {n}: tunnelled)"))
+                    .unwrap_or_default()
             );
         }
     }
@@ -1078,5 +1109,23 @@ fn inspect(
         "  ICMP errors  {} to backends, {} to clients, {} matching no flow",
         stats.icmp_to_backend, stats.icmp_to_client, stats.icmp_unmatched
     );
+    println!(
+        "  tunnelled    {} out; dropped: {} forged, {} to another node again, {} too big",
+        stats.tunnel_out, stats.tunnel_forged, stats.tunnel_mismatch, stats.tunnel_too_big
+    );
+    if !tunnels.is_empty() {
+        println!();
+        println!("Tunnels (cluster-wide balancing), per other node");
+        for t in &tunnels {
+            println!(
+                "  {:<40} in {} packets ({} bytes), out {} packets ({} bytes)",
+                t.node.map(|n| n.to_string()).unwrap_or_default(),
+                t.in_packets,
+                t.in_bytes,
+                t.out_packets,
+                t.out_bytes
+            );
+        }
+    }
     Ok(())
 }

@@ -219,6 +219,7 @@ pub fn render(
     global: Option<&lb_common::GlobalStats>,
     flows: Option<crate::dataplane::flows::FlowCensus>,
     flood: Option<&crate::dataplane::FloodStats>,
+    tunnels: &[crate::dataplane::TunnelTraffic],
 ) -> String {
     let mut out = String::new();
     let name_of = |key: &str| status.service_name(key).unwrap_or_default();
@@ -413,6 +414,10 @@ pub fn render(
             ("icmp_error_to_backend", g.icmp_to_backend),
             ("icmp_error_to_client", g.icmp_to_client),
             ("icmp_error_unmatched", g.icmp_unmatched),
+            ("tunnelled", g.tunnel_out),
+            ("dropped_tunnel_forged", g.tunnel_forged),
+            ("dropped_tunnel_mismatch", g.tunnel_mismatch),
+            ("dropped_tunnel_too_big", g.tunnel_too_big),
         ] {
             let _ = writeln!(out, "sluice_packets_total{{outcome=\"{outcome}\"}} {v}");
         }
@@ -454,6 +459,29 @@ pub fn render(
             "sluice_closed_flows_removed_total {}",
             crate::dataplane::flows::removed_total()
         );
+    }
+    if !tunnels.is_empty() {
+        for (metric, help, pick) in [
+            (
+                "sluice_tunnel_packets_total",
+                "Packets tunnelled between this node and another (cluster-wide balancing), by direction: in (from that node, to this node's endpoints), out (to that node's endpoints).",
+                (|t: &crate::dataplane::TunnelTraffic| (t.in_packets, t.out_packets))
+                    as fn(&crate::dataplane::TunnelTraffic) -> (u64, u64),
+            ),
+            (
+                "sluice_tunnel_bytes_total",
+                "Bytes tunnelled between this node and another, by direction (in: outer headers included; out: the packets as the clients sent them).",
+                |t| (t.in_bytes, t.out_bytes),
+            ),
+        ] {
+            family(&mut out, metric, "counter", help);
+            for t in tunnels {
+                let node = t.node.map(|n| n.to_string()).unwrap_or_default();
+                let (i, o) = pick(t);
+                let _ = writeln!(out, "{metric}{{node=\"{node}\",direction=\"in\"}} {i}");
+                let _ = writeln!(out, "{metric}{{node=\"{node}\",direction=\"out\"}} {o}");
+            }
+        }
     }
     if let Some(f) = flood {
         family(
@@ -694,7 +722,19 @@ pub fn serve(address: SocketAddr, status: SharedStatus, pin_dir: PathBuf) -> std
             let global = view.as_ref().and_then(|v| v.stats().ok());
             let flows = view.as_ref().map(|v| v.flow_census());
             let flood = view.as_ref().and_then(|v| v.flood_stats());
-            render(&s, &services, global.as_ref(), flows, flood.as_ref())
+            let peers = view
+                .as_ref()
+                .and_then(|v| v.tunnel_peers().ok())
+                .unwrap_or_default();
+            let tunnels = crate::dataplane::traffic_by_node(&services, &peers);
+            render(
+                &s,
+                &services,
+                global.as_ref(),
+                flows,
+                flood.as_ref(),
+                &tunnels,
+            )
         },
     )
 }
@@ -951,7 +991,21 @@ mod tests {
             half_closed: 0,
             closed: 2,
         };
-        let text = render(&status, &services, None, Some(census), None);
+        let tunnels = [crate::dataplane::TunnelTraffic {
+            node: Some("192.0.2.7".parse().unwrap()),
+            in_packets: 3,
+            in_bytes: 300,
+            out_packets: 5,
+            out_bytes: 500,
+        }];
+        let text = render(&status, &services, None, Some(census), None, &tunnels);
+        assert!(
+            text.contains("sluice_tunnel_packets_total{node=\"192.0.2.7\",direction=\"in\"} 3")
+                && text.contains(
+                    "sluice_tunnel_bytes_total{node=\"192.0.2.7\",direction=\"out\"} 500"
+                ),
+            "{text}"
+        );
         for line in [
             "sluice_service_packets_total{name=\"web\",service=\"198.51.100.1:80/tcp\"} 10",
             "sluice_backend_flows_total{name=\"web\",service=\"198.51.100.1:80/tcp\",backend=\"10.0.0.2:8080\"} 2",

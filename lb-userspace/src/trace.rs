@@ -159,6 +159,22 @@ pub fn describe(code: u8) -> (&'static str, &'static str) {
         ICMP_UNMATCHED => ("passed", "an ICMP error naming no tracked flow"),
         REVERSE_NAT => ("reverse-nat", "a backend's reply: now from the VIP"),
         ICMP_TO_CLIENT => ("icmp-translated", "a backend's ICMP error: to the client"),
+        TUNNELLED => (
+            "tunnelled",
+            "its backend is on another node: encapsulated to that node",
+        ),
+        TUNNEL_FORGED => (
+            "dropped",
+            "tunnelled to a service from an address that is not a node's",
+        ),
+        TUNNEL_MISMATCH => (
+            "dropped",
+            "tunnelled here, but this node's table sends the flow to another node (tables disagree for a moment)",
+        ),
+        TUNNEL_TOO_BIG => (
+            "dropped",
+            "too large for the node network once encapsulated",
+        ),
         _ => (
             "unknown",
             "a decision this sluice does not know (newer programs?)",
@@ -179,7 +195,11 @@ pub fn decode(ev: &TraceEvent, interface_name: impl Fn(u32) -> Option<String>) -
         58 => "icmpv6",
         _ => "other",
     };
-    let via = (ev.to_addr != [0; 16]).then(|| endpoint(ev.family, &ev.to_addr, port(ev.to_port)));
+    // Tunnelled: the node it went to (no port).
+    let to_port = (ev.decision != decision::TUNNELLED)
+        .then(|| port(ev.to_port))
+        .flatten();
+    let via = (ev.to_addr != [0; 16]).then(|| endpoint(ev.family, &ev.to_addr, to_port));
     Event {
         time_ns: ev.time,
         hook: if ev.hook == TRACE_HOOK_TC {
@@ -315,6 +335,11 @@ mod tests {
 
     #[test]
     fn hits_passes_arp_and_replies_read_as_what_happened() {
+        let mut tunnelled = event(decision::TUNNELLED);
+        tunnelled.to_addr[..4].copy_from_slice(&[192, 0, 2, 7]);
+        let t = decode(&tunnelled, |_| None);
+        assert_eq!(t.via.as_deref(), Some("192.0.2.7"), "the node, no port");
+        assert!(line(&t).contains("tunnelled → 192.0.2.7"), "{}", line(&t));
         let hit = decode(&event(decision::CONNTRACK_HIT), |_| None);
         assert_eq!((hit.decision, hit.maglev_slot), ("conntrack-hit", None));
         assert!(!line(&hit).contains("kernel"));

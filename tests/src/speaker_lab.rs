@@ -202,12 +202,18 @@ impl Lab {
                 .unwrap();
         }
         let names = &NAMES[..self.nodes.len()];
-        for name in names {
+        for (i, name) in names.iter().enumerate() {
+            // Its InternalIPs: its addresses on the data segment (where tunnels go).
+            let n = i + 1;
             api.create(
                 "/api/v1/nodes",
                 json!({"apiVersion": "v1", "kind": "Node",
                        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-                       "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+                       "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                                  "addresses": [
+                                      {"type": "InternalIP", "address": format!("198.18.50.{n}")},
+                                      {"type": "InternalIP", "address": format!("fd53:50::{n}")},
+                                      {"type": "Hostname", "address": name}]}}),
             )
             .unwrap();
         }

@@ -14,7 +14,7 @@ mod tables;
 mod trace;
 mod tunnels;
 pub use trace::TraceSession;
-pub use tunnels::Tunnels;
+pub use tunnels::{traffic_by_node, TunnelTraffic, Tunnels};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -45,7 +45,7 @@ pub use error::{DataplaneError, Result};
 pub use services::{validate as validate_service, Backend, Protocol, Service, ServiceStats};
 pub use system::{
     default_pin_dir, driver, format_mac, interface, interface_name, interfaces, ipv4_addresses,
-    link_up, require_root, subnets, Interface, BPFFS_ROOT,
+    link_up, mtu, require_root, subnets, Interface, BPFFS_ROOT,
 };
 
 /// The data plane object, built by `cargo xtask build-ebpf` and embedded at compile time.
@@ -1309,7 +1309,7 @@ mod tests {
         let stale = stale_pins(&expected, &[(MAP_GLOBAL_STATS, older)]);
         assert_eq!(stale.len(), 1);
         assert!(
-            stale[0].starts_with("GLOBAL_STATS: pinned with key 4 B, value 64 B"),
+            stale[0].starts_with("GLOBAL_STATS: pinned with key 4 B, value 96 B"),
             "{stale:?}"
         );
 

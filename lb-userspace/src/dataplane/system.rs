@@ -21,6 +21,15 @@ pub struct Interface {
     pub mac: [u8; 6],
 }
 
+/// An interface's MTU (from sysfs), `None` when it cannot be read.
+pub fn mtu(name: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Entries of `FLOW_CACHE`: [`lb_common::FLOW_CACHE_SLOTS`] for every possible CPU (CPU
 /// numbers run up to the possible count, not just the online ones).
 pub fn flow_cache_entries() -> Result<u32> {

@@ -55,6 +55,64 @@ fn node_ip(key: &NodeKey) -> IpAddr {
     }
 }
 
+/// The traffic between this node and one other through the tunnels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TunnelTraffic {
+    pub node: Option<IpAddr>,
+    /// Tunnelled here by that node (outer headers included).
+    pub in_packets: u64,
+    pub in_bytes: u64,
+    /// Tunnelled there by this node: the traffic of the backends on that node (inner bytes).
+    pub out_packets: u64,
+    pub out_bytes: u64,
+}
+
+/// Per other node, what came in (`peers`, from the map of nodes) and what went out (the
+/// counters of the backends on that node), by node address.
+pub fn traffic_by_node(
+    services: &[super::ServiceStats],
+    peers: &[(IpAddr, TunnelStats)],
+) -> Vec<TunnelTraffic> {
+    let mut by: std::collections::BTreeMap<IpAddr, TunnelTraffic> = Default::default();
+    for (node, stats) in peers {
+        let t = by.entry(*node).or_default();
+        t.in_packets += stats.packets;
+        t.in_bytes += stats.bytes;
+    }
+    for s in services {
+        for (backend, traffic) in &s.backends {
+            if let Some(node) = backend.node {
+                let t = by.entry(node).or_default();
+                t.out_packets += traffic.packets;
+                t.out_bytes += traffic.bytes;
+            }
+        }
+    }
+    by.into_iter()
+        .map(|(node, t)| TunnelTraffic {
+            node: Some(node),
+            ..t
+        })
+        .collect()
+}
+
+/// Sends an empty UDP datagram to the discard port (9) of each node, so that the kernel
+/// resolves its next hop: the XDP program finds a flow's next hop in the kernel's neighbour
+/// table, and a tunnelled packet it cannot send itself cannot be left to the kernel (its source
+/// is this node's own address, which the kernel refuses on input).
+pub fn warm(peers: &[IpAddr]) {
+    let (v4, v6) = (
+        std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)),
+        std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)),
+    );
+    for peer in peers {
+        let socket = if peer.is_ipv4() { &v4 } else { &v6 };
+        if let Ok(socket) = socket {
+            let _ = socket.send_to(&[], (*peer, 9));
+        }
+    }
+}
+
 /// Every node's counters, summed over CPUs.
 pub(super) fn read_peers<T: std::borrow::Borrow<MapData>>(
     map: &PerCpuHashMap<T, NodeKey, TunnelStats>,
@@ -121,6 +179,8 @@ impl Dataplane {
                 .insert(node_key(new), zeros, 0)
                 .map_err(map_error(MAP_TUNNEL_PEERS))?;
         }
+        let added: Vec<IpAddr> = tunnels.peers.difference(&held).copied().collect();
+        warm(&added);
         tracing::info!(
             event = "tunnelsSet",
             local_v4 = ?tunnels.local_v4,
@@ -130,6 +190,13 @@ impl Dataplane {
         );
         self.tunnels = Some(tunnels.clone());
         Ok(())
+    }
+
+    /// Has the kernel resolve (again) the next hop toward every other node; see [`warm`].
+    pub fn warm_tunnel_peers(&self) {
+        if let Some(tunnels) = &self.tunnels {
+            warm(&tunnels.peers.iter().copied().collect::<Vec<_>>());
+        }
     }
 
     /// The packets each other node tunnelled here.

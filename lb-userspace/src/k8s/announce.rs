@@ -47,6 +47,19 @@ pub struct NodeView {
     /// Their own subnets, as its speaker reported them: where advertisements naming no
     /// interface answer (`onlink`).
     pub subnets: Vec<crate::onlink::Subnet>,
+    /// Its addresses (the Node's InternalIPs, else ExternalIPs): where the other nodes tunnel
+    /// flows for its endpoints.
+    pub addresses: Vec<IpAddr>,
+}
+
+impl NodeView {
+    /// Its first address of the family of `like`.
+    pub fn address_like(&self, like: IpAddr) -> Option<IpAddr> {
+        self.addresses
+            .iter()
+            .find(|a| a.is_ipv4() == like.is_ipv4())
+            .copied()
+    }
 }
 
 /// Everything the decision needs.
@@ -64,6 +77,10 @@ pub struct Input<'a> {
     /// Keep current announcers while they stay eligible.
     pub sticky: bool,
     pub classless_is_ours: bool,
+    /// Balance `externalTrafficPolicy: Cluster` Services here too, over every ready endpoint
+    /// in the cluster (tunnelling to the endpoint's node); false: leave them to the service
+    /// proxy (kube-proxy), as MetalLB does.
+    pub cluster_wide: bool,
 }
 
 /// A problem to report on a Service.
@@ -77,8 +94,13 @@ pub struct Problem {
 /// What this node should do.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodePlan {
-    /// Services balanced here (policy Local), with this node's ready endpoints.
+    /// Services balanced here: policy Local over this node's ready endpoints; policy Cluster
+    /// (when balanced cluster-wide) over every ready endpoint of a live node, those of other
+    /// nodes with their node's address. The same on every node for a Cluster service.
     pub services: BTreeMap<config::Service, Vec<Backend>>,
+    /// This node's end of the tunnels (its addresses) and the other nodes' addresses, when
+    /// Cluster services are balanced here.
+    pub tunnels: Option<(Vec<IpAddr>, BTreeSet<IpAddr>)>,
     /// (IP, interface): answer ARP/NDP for the IP on that interface.
     pub l2: Vec<(IpAddr, String)>,
     /// Every L2 IP's elected node (`None`: no node is eligible), for every node.
@@ -106,8 +128,9 @@ impl NodePlan {
     }
 }
 
-/// Per family (true: IPv4), per port name: this node's ready endpoints (IP, port).
-type LocalEndpoints = BTreeMap<bool, BTreeMap<Option<String>, BTreeSet<(IpAddr, u16)>>>;
+/// Per family (true: IPv4), per port name: the ready endpoints (IP, port, node), in one
+/// order on every node (the Maglev tables built from them must be the same everywhere).
+type Endpoints = BTreeMap<bool, BTreeMap<Option<String>, BTreeSet<(IpAddr, u16, String)>>>;
 
 /// One Service as the speaker needs it.
 #[derive(Debug)]
@@ -117,17 +140,12 @@ struct Svc {
     local: bool,
     /// (port, protocol, port name).
     ports: Vec<(u16, Protocol, Option<String>)>,
-    local_endpoints: LocalEndpoints,
+    endpoints: Endpoints,
     /// Nodes with a ready endpoint.
     endpoint_nodes: BTreeSet<String>,
 }
 
-fn read_service(
-    s: &Service,
-    slices: &[&EndpointSlice],
-    me: &str,
-    problems: &mut Vec<Problem>,
-) -> Svc {
+fn read_service(s: &Service, slices: &[&EndpointSlice], problems: &mut Vec<Problem>) -> Svc {
     let k = service_key(s);
     let no_spec = k8s_openapi::api::core::v1::ServiceSpec::default();
     let spec = s.spec.as_ref().unwrap_or(&no_spec);
@@ -156,7 +174,7 @@ fn read_service(
     let ips = status_ips(s);
     let has_v4 = ips.iter().any(IpAddr::is_ipv4);
     let has_v6 = ips.iter().any(IpAddr::is_ipv6);
-    let mut local_endpoints = LocalEndpoints::new();
+    let mut endpoints = Endpoints::new();
     let mut endpoint_nodes = BTreeSet::new();
     for slice in slices {
         let slice_name = slice.name_any();
@@ -202,21 +220,14 @@ fn read_service(
                 continue;
             };
             endpoint_nodes.insert(node.to_string());
-            if node != me {
-                continue;
-            }
             for p in slice.ports.iter().flatten() {
                 let Some(port) = p.port.and_then(|p| u16::try_from(p).ok()) else {
                     continue;
                 };
                 let name = p.name.clone().filter(|n| !n.is_empty());
-                let set = local_endpoints
-                    .entry(v4)
-                    .or_default()
-                    .entry(name)
-                    .or_default();
+                let set = endpoints.entry(v4).or_default().entry(name).or_default();
                 for ip in &addresses {
-                    set.insert((*ip, port));
+                    set.insert((*ip, port, node.to_string()));
                 }
             }
         }
@@ -226,7 +237,7 @@ fn read_service(
         ips,
         local,
         ports,
-        local_endpoints,
+        endpoints,
         endpoint_nodes,
     }
 }
@@ -356,7 +367,7 @@ fn read_services<'c>(
                     && !status_ips(s).is_empty())
                 .then(|| {
                     let own: Vec<&EndpointSlice> = own.iter().map(|(_, slice)| *slice).collect();
-                    read_service(s, &own, input.me, &mut problems)
+                    read_service(s, &own, &mut problems)
                 });
                 CachedService {
                     _service: s.clone(),
@@ -410,23 +421,60 @@ pub fn plan_with(input: Input<'_>, cache: &mut ReadCache) -> NodePlan {
     let up = |n: &NodeView| n.ready && n.alive;
 
     let services = read_services(input, cache, &mut out);
-    // Balanced here: Local services, each port over this node's ready endpoints.
-    for svc in services.iter().filter(|s| s.local) {
+    let by_name: HashMap<&str, &NodeView> =
+        input.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    // Balanced here: Local services, each port over this node's ready endpoints; Cluster ones
+    // (cluster-wide) over every ready endpoint of a live node.
+    let cluster_wide = input.cluster_wide && me.is_some();
+    if cluster_wide {
+        let mine = me.map(|n| n.addresses.clone()).unwrap_or_default();
+        let others: BTreeSet<IpAddr> = input
+            .nodes
+            .iter()
+            .filter(|n| n.name != input.me)
+            .flat_map(|n| n.addresses.iter().copied())
+            .collect();
+        out.tunnels = Some((mine, others));
+    }
+    for svc in services.iter().filter(|s| s.local || cluster_wide) {
         for ip in &svc.ips {
             for (port, protocol, name) in &svc.ports {
-                let backends: Vec<Backend> = svc
-                    .local_endpoints
+                let mut backends = Vec::new();
+                let endpoints = svc
+                    .endpoints
                     .get(&ip.is_ipv4())
                     .and_then(|by_name| by_name.get(name))
                     .into_iter()
-                    .flatten()
-                    .map(|(ip, port)| Backend {
-                        ip: *ip,
-                        port: *port,
+                    .flatten();
+                for (address, target, node) in endpoints {
+                    let node = if node == input.me {
+                        None
+                    } else if svc.local {
+                        continue;
+                    } else {
+                        // Another node's endpoint: while that node is up, at its address.
+                        let Some(view) = by_name.get(node.as_str()).filter(|n| up(n)) else {
+                            continue;
+                        };
+                        let Some(at) = view.address_like(*ip) else {
+                            out.problems.push(Problem {
+                                service: svc.key.clone(),
+                                message: format!(
+                                    "node {node} has no {} address (status.addresses): its endpoint {address} is not balanced to from other nodes",
+                                    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+                                ),
+                            });
+                            continue;
+                        };
+                        Some(at)
+                    };
+                    backends.push(Backend {
+                        ip: *address,
+                        port: *target,
                         weight: 1,
-                        node: None,
-                    })
-                    .collect();
+                        node,
+                    });
+                }
                 if !backends.is_empty() {
                     out.services.insert(
                         config::Service {
@@ -647,7 +695,17 @@ mod tests {
                     other => crate::onlink::parse(&format!("{other}=10.99.0.0/16")),
                 })
                 .collect(),
+            addresses: node_addresses(name),
         }
+    }
+
+    /// Node `a` is at 192.0.2.1 and fd00::1, `b` at .2 and ::2, ...
+    fn node_addresses(name: &str) -> Vec<IpAddr> {
+        let n = name.bytes().next().unwrap() - b'a' + 1;
+        vec![
+            IpAddr::from([192, 0, 2, n]),
+            IpAddr::from(std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, n as u16)),
+        ]
     }
 
     fn service(name: &str, ips: &[&str], policy: &str) -> Service {
@@ -691,6 +749,17 @@ mod tests {
         slices: &[EndpointSlice],
         nodes: &[NodeView],
     ) -> NodePlan {
+        run_with(me, objects, services, slices, nodes, false)
+    }
+
+    fn run_with(
+        me: &str,
+        objects: &Objects,
+        services: &[Service],
+        slices: &[EndpointSlice],
+        nodes: &[NodeView],
+        cluster_wide: bool,
+    ) -> NodePlan {
         let services: Vec<Arc<Service>> = services.iter().cloned().map(Arc::new).collect();
         let slices: Vec<Arc<EndpointSlice>> = slices.iter().cloned().map(Arc::new).collect();
         plan(Input {
@@ -702,6 +771,7 @@ mod tests {
             announcers: &BTreeMap::new(),
             sticky: true,
             classless_is_ours: true,
+            cluster_wide,
         })
     }
 
@@ -790,6 +860,7 @@ mod tests {
                 announcers: &BTreeMap::new(),
                 sticky: true,
                 classless_is_ours: true,
+                cluster_wide: step % 3 != 0,
             };
             assert_eq!(plan_with(input, &mut cache), plan(input), "step {step}");
         }
@@ -844,8 +915,158 @@ mod tests {
         assert_eq!(on_b.services.values().next().unwrap().len(), 1);
     }
 
+    fn web_http() -> config::Service {
+        config::Service {
+            vip: vip("198.51.100.1"),
+            port: 80,
+            protocol: Protocol::Tcp,
+        }
+    }
+
     #[test]
-    fn a_cluster_service_is_announced_but_left_to_the_service_proxy() {
+    fn a_cluster_service_is_balanced_on_every_node_over_every_ready_endpoint_in_one_order() {
+        let o = objects(&["eth1"], None);
+        let svcs = [service("web", &["198.51.100.1"], "Cluster")];
+        let endpoints = [
+            ("10.0.1.1", "b", true),
+            ("10.0.0.2", "a", true),
+            ("10.0.2.1", "c", true),
+            ("10.0.0.1", "a", true),
+            ("10.0.2.9", "c", false),
+        ];
+        let nodes = [
+            node("a", &["eth1"]),
+            node("b", &["eth1"]),
+            node("c", &["eth1"]),
+        ];
+        let slices = [slice("web", "web-1", "IPv4", &endpoints)];
+        let on_a = run_with("a", &o, &svcs, &slices, &nodes, true);
+        let b_at = Some(vip("192.0.2.2"));
+        let c_at = Some(vip("192.0.2.3"));
+        let backend = |ip: &str, node: Option<IpAddr>| Backend {
+            ip: vip(ip),
+            port: 8080,
+            weight: 1,
+            node,
+        };
+        assert_eq!(
+            on_a.services[&web_http()],
+            vec![
+                backend("10.0.0.1", None),
+                backend("10.0.0.2", None),
+                backend("10.0.1.1", b_at),
+                backend("10.0.2.1", c_at),
+            ],
+            "this node's endpoints by DNAT, the others' through their node"
+        );
+        assert_eq!(
+            on_a.tunnels,
+            Some((
+                node_addresses("a"),
+                ["b", "c"].iter().flat_map(|n| node_addresses(n)).collect()
+            ))
+        );
+        // Every node builds its table from the same backends in the same order, however the
+        // EndpointSlices list them: the same Maglev table everywhere.
+        let maglev_inputs = |plan: &NodePlan| -> Vec<String> {
+            plan.services[&web_http()]
+                .iter()
+                .map(Backend::maglev_key)
+                .collect()
+        };
+        let table = |plan: &NodePlan| {
+            let backends: Vec<crate::maglev::Backend> = plan.services[&web_http()]
+                .iter()
+                .map(|b| crate::maglev::Backend {
+                    key: b.maglev_key(),
+                    weight: b.weight,
+                })
+                .collect();
+            crate::maglev::build(&backends, 1009).unwrap().slots
+        };
+        let mut shuffled = endpoints;
+        shuffled.reverse();
+        let split = [
+            slice("web", "web-2", "IPv4", &shuffled[..2]),
+            slice("web", "web-3", "IPv4", &shuffled[2..]),
+        ];
+        for (me, slices) in [("b", &slices[..]), ("c", &split[..]), ("a", &split[..])] {
+            let plan = run_with(me, &o, &svcs, slices, &nodes, true);
+            assert_eq!(maglev_inputs(&plan), maglev_inputs(&on_a), "on {me}");
+            assert_eq!(table(&plan), table(&on_a), "on {me}: the same Maglev table");
+            let mine: Vec<_> = plan.services[&web_http()]
+                .iter()
+                .filter(|b| b.node.is_none())
+                .map(|b| b.ip)
+                .collect();
+            let expected: Vec<_> = endpoints
+                .iter()
+                .filter(|(_, n, ready)| *n == me && *ready)
+                .map(|(ip, _, _)| vip(ip))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            assert_eq!(mine, expected, "on {me}: its own endpoints are local");
+        }
+        // A Local service stays on its own endpoints.
+        let local = [service("web", &["198.51.100.1"], "Local")];
+        let p = run_with("a", &o, &local, &slices, &nodes, true);
+        assert!(p.services[&web_http()].iter().all(|b| b.node.is_none()));
+        assert_eq!(p.services[&web_http()].len(), 2);
+    }
+
+    #[test]
+    fn endpoints_of_a_node_declared_dead_or_not_ready_leave_every_table_at_once() {
+        let o = objects(&["eth1"], None);
+        let svcs = [service("web", &["198.51.100.1"], "Cluster")];
+        let slices = [slice(
+            "web",
+            "web-1",
+            "IPv4",
+            &[
+                ("10.0.0.1", "a", true),
+                ("10.0.1.1", "b", true),
+                ("10.0.2.1", "c", true),
+            ],
+        )];
+        let mut nodes = [
+            node("a", &["eth1"]),
+            node("b", &["eth1"]),
+            node("c", &["eth1"]),
+        ];
+        // The mesh says b is dead (its endpoints are still ready in Kubernetes); c is NotReady.
+        nodes[1].alive = false;
+        nodes[2].ready = false;
+        let p = run_with("a", &o, &svcs, &slices, &nodes, true);
+        let ips: Vec<IpAddr> = p.services[&web_http()].iter().map(|b| b.ip).collect();
+        assert_eq!(ips, [vip("10.0.0.1")]);
+    }
+
+    #[test]
+    fn an_endpoint_on_a_node_without_an_address_of_its_family_is_left_out_and_reported() {
+        let o = objects(&["eth1"], None);
+        let svcs = [service("web", &["198.51.100.1"], "Cluster")];
+        let slices = [slice(
+            "web",
+            "web-1",
+            "IPv4",
+            &[("10.0.0.1", "a", true), ("10.0.1.1", "b", true)],
+        )];
+        let mut nodes = [node("a", &["eth1"]), node("b", &["eth1"])];
+        nodes[1].addresses.retain(IpAddr::is_ipv6);
+        let p = run_with("a", &o, &svcs, &slices, &nodes, true);
+        assert_eq!(p.services[&web_http()].len(), 1);
+        assert!(
+            p.problems
+                .iter()
+                .any(|pr| pr.message.contains("node b has no IPv4 address")),
+            "{:?}",
+            p.problems
+        );
+    }
+
+    #[test]
+    fn with_cluster_balancing_off_a_cluster_service_is_announced_but_left_to_the_service_proxy() {
         let o = objects(&["eth1"], None);
         let svcs = [service("web", &["198.51.100.1"], "Cluster")];
         let nodes = [node("a", &["eth1"]), node("b", &["eth1"])];
@@ -968,6 +1189,7 @@ mod tests {
                 announcers: &announcers,
                 sticky: true,
                 classless_is_ours: true,
+                cluster_wide: false,
             });
             assert_eq!(p.l2_owners[&vip("198.51.100.1")].as_deref(), Some(current));
         }

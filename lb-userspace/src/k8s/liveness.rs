@@ -72,6 +72,29 @@ pub fn alive(lease_live: bool, renew: Option<&str>, verdict: Option<&MeshVerdict
     }
 }
 
+/// A Node's addresses other nodes reach it at: its InternalIPs, else its ExternalIPs.
+pub fn node_addresses(node: &Node) -> Vec<IpAddr> {
+    let listed = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let of = |kind: &str| -> Vec<IpAddr> {
+        listed
+            .iter()
+            .filter(|a| a.type_ == kind)
+            .filter_map(|a| a.address.parse().ok())
+            .collect()
+    };
+    let internal = of("InternalIP");
+    if internal.is_empty() {
+        of("ExternalIP")
+    } else {
+        internal
+    }
+}
+
 fn split(list: Option<&String>) -> impl Iterator<Item = &str> {
     list.into_iter()
         .flat_map(|l| l.split(','))
@@ -137,6 +160,7 @@ pub fn node_views(
             }
         }
         views.push(NodeView {
+            addresses: node_addresses(node),
             name,
             labels: node.labels().clone(),
             ready,

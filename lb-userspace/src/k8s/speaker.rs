@@ -75,6 +75,10 @@ pub const API_TIMEOUT: Duration = Duration::from_secs(2);
 /// Events a speaker publishes per second, at most (a node that takes 5,000 IPs over at once
 /// reports them over a minute rather than in one burst from every node).
 const EVENTS_PER_SECOND: u32 = 100;
+/// How often the next hops toward the other nodes are resolved again (the kernel's neighbour
+/// entries go stale, and are collected, when nothing uses them; the XDP program does not
+/// count as use).
+const WARM_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What a stopping speaker (SIGTERM, SIGINT) does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -134,6 +138,10 @@ pub struct Options {
     pub on_stop: OnStop,
     /// Where the speaker writes its status for `sluice inspect`.
     pub status_file: Option<PathBuf>,
+    /// Balance policy-Cluster Services here, over every ready endpoint in the cluster.
+    pub cluster_balancing: bool,
+    /// The node network's MTU for the tunnels (`None`: the interfaces' smallest).
+    pub tunnel_mtu: Option<u32>,
 }
 
 /// What went wrong at the edge.
@@ -355,6 +363,14 @@ async fn run_async(
     let mut speaker = Speaker {
         lease: record,
         read_cache: announce::ReadCache::default(),
+        warmed: None,
+        tunnel_mtu: options.tunnel_mtu.unwrap_or_else(|| {
+            interfaces
+                .iter()
+                .filter_map(|i| dataplane::mtu(&i.name))
+                .min()
+                .unwrap_or(1500)
+        }),
         events: events::publisher(
             Recorder::new(
                 client.clone(),
@@ -716,6 +732,10 @@ struct Speaker {
     /// What the last passes read from Services and EndpointSlices (see `announce::ReadCache`).
     read_cache: announce::ReadCache,
     interfaces: Vec<dataplane::Interface>,
+    /// The node network's MTU for the tunnels.
+    tunnel_mtu: u32,
+    /// When the next hops toward the other nodes were last resolved again.
+    warmed: Option<Instant>,
     dp: Dataplane,
     bgp: Option<crate::bgp::speaker::Speaker>,
     /// What the last pass made true.
@@ -1013,6 +1033,7 @@ impl Speaker {
                 announcers: &announcers,
                 sticky: self.options.sticky,
                 classless_is_ours: self.options.classless_is_ours,
+                cluster_wide: self.options.cluster_balancing,
             },
             &mut self.read_cache,
         );
@@ -1055,6 +1076,11 @@ impl Speaker {
             self.record(&plan, &services, &claims, view.as_ref()).await;
             self.last = plan;
         }
+        // Keep the next hops toward the other nodes resolved (set_tunnels resolves new ones).
+        if self.warmed.is_none_or(|at| at.elapsed() > WARM_INTERVAL) {
+            self.dp.warm_tunnel_peers();
+            self.warmed = Some(Instant::now());
+        }
         // Others learn which interfaces are up and who announces what from our Lease.
         let wish = LeaseWish {
             interfaces: up,
@@ -1088,6 +1114,23 @@ impl Speaker {
     /// Makes the data plane, the ARP/NDP answers and the BGP routes what `plan` says.
     fn apply(&mut self, plan: &NodePlan) {
         let vips = L2Vip::on(&self.interfaces, &plan.l2);
+        if let Some((mine, others)) = &plan.tunnels {
+            let tunnels = dataplane::Tunnels {
+                local_v4: mine.iter().find_map(|a| match a {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                }),
+                local_v6: mine.iter().find_map(|a| match a {
+                    IpAddr::V6(v6) => Some(*v6),
+                    IpAddr::V4(_) => None,
+                }),
+                mtu: self.tunnel_mtu,
+                peers: others.clone(),
+            };
+            if let Err(e) = self.dp.set_tunnels(&tunnels) {
+                warn!(error = %e, "tunnelsFailed");
+            }
+        }
         if let Err(e) = self.dp.sync(&self.interfaces, &plan.services, &vips) {
             warn!(error = %e, "dataplaneSyncFailed");
             return;

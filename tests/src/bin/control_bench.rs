@@ -216,6 +216,7 @@ fn plans() -> Result<()> {
             alive: true,
             interfaces: ["eth1".to_string()].into(),
             subnets: vec![],
+            addresses: vec![IpAddr::from([10, 1, (k / 250) as u8, (k % 250) as u8 + 1])],
         })
         .collect();
     println!();
@@ -294,6 +295,7 @@ fn plans() -> Result<()> {
         });
         let nobody = BTreeMap::new();
         let input = |announcers| announce::Input {
+            cluster_wide: true,
             me: "node-a",
             objects: &objects,
             services: &settled,
