@@ -41,3 +41,28 @@ pub fn spawn_name_servers(ns: &NetNs, name: &str, port: u16) {
         }
     });
 }
+
+/// Starts a TCP server on `port` inside `ns` that answers each line with its name and the
+/// address the connection came from (`pod-a 198.18.50.100`): what a pod sees of its client.
+pub fn spawn_peer_server(ns: &NetNs, name: &str, port: u16) {
+    let name = name.to_string();
+    let tcp = ns.run(move || TcpListener::bind(("::", port)).expect("bind TCP"));
+    std::thread::spawn(move || {
+        for conn in tcp.incoming() {
+            let Ok(conn) = conn else { return };
+            let name = name.clone();
+            std::thread::spawn(move || {
+                let peer = match conn.peer_addr() {
+                    Ok(p) => p.ip().to_canonical().to_string(),
+                    Err(_) => return,
+                };
+                let mut writer = conn.try_clone().unwrap();
+                for line in BufReader::new(conn).lines() {
+                    if line.is_err() || writeln!(writer, "{name} {peer}").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}

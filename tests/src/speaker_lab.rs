@@ -11,7 +11,9 @@
 //!   (fake API server)         └───── [eth0 198.18.60.2] node-b
 //! ```
 //! The Service's IP 198.18.50.200 is announced on eth1 only (the L2Advertisement's interfaces),
-//! although each speaker's program is attached to eth0 too.
+//! although each speaker's program is attached to eth0 too. Each pod serves its name on TCP and
+//! UDP 8080, and its name and the client's address as it sees it on TCP 8081. The Nodes'
+//! InternalIPs are their data-segment addresses (where cluster-wide balancing tunnels to).
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener},
@@ -139,6 +141,7 @@ pub fn lab(count: usize) -> Lab {
         pod.ip(&["addr", "add", &format!("10.244.{n}.2/24"), "dev", "eth0"]);
         pod.ip(&["route", "add", "default", "via", &format!("10.244.{n}.1")]);
         servers::spawn_name_servers(&pod, &format!("pod-{name}"), 8080);
+        servers::spawn_peer_server(&pod, &format!("pod-{name}"), 8081);
         nodes.push(node);
         pods.push(pod);
     }
