@@ -37,6 +37,12 @@ impl Router {
         Self::start_with(ns, tag, neighbors, None, true)
     }
 
+    /// [`Router::start`], and the routes learned installed into the namespace's kernel, the
+    /// equal ones from several neighbours merged into one multipath (ECMP) route.
+    pub fn start_ecmp(ns: &NetNs, tag: &str, neighbors: &[Neighbor]) -> Router {
+        Self::start_full(ns, tag, neighbors, None, true, true)
+    }
+
     /// [`Router::start`] with an IPv4 channel only: the sessions negotiate IPv4 unicast alone.
     pub fn start_ipv4_only(ns: &NetNs, tag: &str, neighbors: &[Neighbor]) -> Router {
         Self::start_with(ns, tag, neighbors, None, false)
@@ -59,6 +65,17 @@ impl Router {
         bfd: Option<&str>,
         ipv6: bool,
     ) -> Router {
+        Self::start_full(ns, tag, neighbors, bfd, ipv6, false)
+    }
+
+    fn start_full(
+        ns: &NetNs,
+        tag: &str,
+        neighbors: &[Neighbor],
+        bfd: Option<&str>,
+        ipv6: bool,
+        kernel_ecmp: bool,
+    ) -> Router {
         let dir = std::env::temp_dir().join(format!("sluice-bird-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -67,6 +84,11 @@ impl Router {
             dir.join("bird.log").display(),
             neighbors[0].local
         );
+        if kernel_ecmp {
+            conf.push_str(
+                "protocol kernel { ipv4 { export all; }; merge paths on; learn off; scan time 10; }\n",
+            );
+        }
         if let Some(interface) = bfd {
             conf.push_str(&format!(
                 "protocol bfd {{\n  interface \"{interface}\" {{ min rx interval 300 ms; min tx interval 300 ms; multiplier 3; }};\n}}\n"

@@ -465,55 +465,6 @@ pub fn icmpv4_checksum_ok(frame: &[u8], l3: usize) -> bool {
     internet_checksum(0, &frame[l3 + 20..l3 + total]) == 0
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn checksum_matches_the_rfc_1071_example() {
-        // RFC 1071 §3: words 0001 f203 f4f5 f6f7 sum to ddf2 (one's complement 220d).
-        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
-        assert_eq!(internet_checksum(0, &data), !0xddf2);
-    }
-
-    #[test]
-    fn built_neighbor_messages_carry_valid_checksums() {
-        let ns = neighbor_solicitation(
-            [2, 0, 0, 0, 0, 2],
-            "fd53:1::2".parse().unwrap(),
-            "fd53:1::100".parse().unwrap(),
-        );
-        assert!(icmpv6_checksum_ok(&ns, 14));
-        assert_eq!(ns.len(), 14 + 40 + 32);
-        let dad = neighbor_solicitation(
-            [2, 0, 0, 0, 0, 2],
-            Ipv6Addr::UNSPECIFIED,
-            "fd53:1::100".parse().unwrap(),
-        );
-        assert_eq!(dad.len(), 14 + 40 + 24);
-        assert!(icmpv6_checksum_ok(&dad, 14));
-    }
-
-    #[test]
-    fn solicited_node_address_uses_the_low_24_bits() {
-        let (ip, mac) = solicited_node(&"fd53:1::1:2345".parse().unwrap());
-        assert_eq!(ip, "ff02::1:ff01:2345".parse::<Ipv6Addr>().unwrap());
-        assert_eq!(mac, [0x33, 0x33, 0xff, 0x01, 0x23, 0x45]);
-    }
-
-    #[test]
-    fn arp_request_is_42_bytes_and_broadcast() {
-        let f = arp_request(
-            [2, 0, 0, 0, 0, 2],
-            Ipv4Addr::new(198, 18, 1, 2),
-            Ipv4Addr::new(198, 18, 1, 100),
-        );
-        assert_eq!(f.len(), 42);
-        assert_eq!(&f[..6], &BROADCAST);
-        assert_eq!(&f[12..14], &[0x08, 0x06]);
-    }
-}
-
 /// A frame's IP packet (after its 14-byte Ethernet header) put in an outer IPv4 header (IPIP:
 /// protocol 4, TTL 64, don't fragment), in a new Ethernet frame.
 pub fn ipv4_in_ipv4(
@@ -574,4 +525,53 @@ pub fn ipv4_tcp_with_mss(
     t.extend_from_slice(&[2, 4]);
     t.extend_from_slice(&mss.to_be_bytes());
     ipv4_frame(eth_dst, eth_src, src, dst, 6, t, 16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_matches_the_rfc_1071_example() {
+        // RFC 1071 §3: words 0001 f203 f4f5 f6f7 sum to ddf2 (one's complement 220d).
+        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(internet_checksum(0, &data), !0xddf2);
+    }
+
+    #[test]
+    fn built_neighbor_messages_carry_valid_checksums() {
+        let ns = neighbor_solicitation(
+            [2, 0, 0, 0, 0, 2],
+            "fd53:1::2".parse().unwrap(),
+            "fd53:1::100".parse().unwrap(),
+        );
+        assert!(icmpv6_checksum_ok(&ns, 14));
+        assert_eq!(ns.len(), 14 + 40 + 32);
+        let dad = neighbor_solicitation(
+            [2, 0, 0, 0, 0, 2],
+            Ipv6Addr::UNSPECIFIED,
+            "fd53:1::100".parse().unwrap(),
+        );
+        assert_eq!(dad.len(), 14 + 40 + 24);
+        assert!(icmpv6_checksum_ok(&dad, 14));
+    }
+
+    #[test]
+    fn solicited_node_address_uses_the_low_24_bits() {
+        let (ip, mac) = solicited_node(&"fd53:1::1:2345".parse().unwrap());
+        assert_eq!(ip, "ff02::1:ff01:2345".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(mac, [0x33, 0x33, 0xff, 0x01, 0x23, 0x45]);
+    }
+
+    #[test]
+    fn arp_request_is_42_bytes_and_broadcast() {
+        let f = arp_request(
+            [2, 0, 0, 0, 0, 2],
+            Ipv4Addr::new(198, 18, 1, 2),
+            Ipv4Addr::new(198, 18, 1, 100),
+        );
+        assert_eq!(f.len(), 42);
+        assert_eq!(&f[..6], &BROADCAST);
+        assert_eq!(&f[12..14], &[0x08, 0x06]);
+    }
 }

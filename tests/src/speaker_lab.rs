@@ -85,7 +85,7 @@ impl Drop for Lab {
     }
 }
 
-/// A lab of `count` nodes (2 or 3), each with one pod serving its name on port 8080.
+/// A lab of `count` nodes (1 to 4), each with one pod serving its name on port 8080.
 pub fn lab(count: usize) -> Lab {
     assert!((1..=NAMES.len()).contains(&count));
     require_root();
@@ -113,7 +113,7 @@ pub fn lab(count: usize) -> Lab {
     keepers.push(napi_keeper(&mgmt, "m0"));
     let mut nodes = Vec::new();
     let mut pods = Vec::new();
-    for (i, name) in ["a", "b", "c"].iter().take(count).enumerate() {
+    for (i, name) in ["a", "b", "c", "d"].iter().take(count).enumerate() {
         let n = i + 1;
         let node = NetNs::new(&format!("node-{name}"));
         keepers.push(port(&node, "eth1", &format!("{name}1"), "br0"));
@@ -170,7 +170,7 @@ pub fn lab(count: usize) -> Lab {
     }
 }
 
-pub const NAMES: [&str; 3] = ["node-a", "node-b", "node-c"];
+pub const NAMES: [&str; 4] = ["node-a", "node-b", "node-c", "node-d"];
 
 impl Lab {
     pub fn objects(&self, policy: &str) {
@@ -179,20 +179,26 @@ impl Lab {
 
     pub fn objects_with(&self, policy: &str, ips: &[String]) {
         self.cluster_with(policy, ips);
+        self.pool();
         let api = &self.api;
         let crds = "/apis/sluice.dev/v1alpha1/namespaces/sluice-system";
-        api.create(
-            &format!("{crds}/ipaddresspools"),
-            json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "IPAddressPool",
-                   "metadata": {"name": "lab"}, "spec": {"addresses": ["198.18.50.200/29", "fd53:50::200/125"]}}),
-        )
-        .unwrap();
         api.create(
             &format!("{crds}/l2advertisements"),
             json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "L2Advertisement",
                    "metadata": {"name": "data"}, "spec": {"interfaces": ["eth1"]}}),
         )
         .unwrap();
+    }
+
+    /// The IPAddressPool `lab`: 198.18.50.200/29 and fd53:50::200/125.
+    pub fn pool(&self) {
+        self.api
+            .create(
+                "/apis/sluice.dev/v1alpha1/namespaces/sluice-system/ipaddresspools",
+                json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "IPAddressPool",
+                       "metadata": {"name": "lab"}, "spec": {"addresses": ["198.18.50.200/29", "fd53:50::200/125"]}}),
+            )
+            .unwrap();
     }
 
     /// The cluster without Sluice's objects: namespaces, Ready nodes, the Service `web` (with
@@ -316,6 +322,134 @@ impl Lab {
 
     fn start_bird_with(&self, tag: &str, bfd: bool) -> (Router, NetNs) {
         let (router, ns) = self.bird_router(tag, bfd);
+        self.bgp_objects(bfd);
+        (router, ns)
+    }
+
+    /// BIRD as in [`Lab::start_bird`], installing what it learns into its kernel as multipath
+    /// routes (ECMP, hashed on the 5-tuple), with the client `far` behind it (198.18.70.100,
+    /// the router 198.18.70.1): its flows to the VIP are spread over the nodes that announce
+    /// it. Every node routes 198.18.70.0/24 through the router (replies leave straight from
+    /// the pod's node). Returns the router, its namespace and the far client's.
+    pub fn start_bird_ecmp(&self, tag: &str) -> (Router, NetNs, NetNs) {
+        let ns = NetNs::new("router");
+        veth(&ns, "r0", &self.seg, "rt");
+        self.seg.ip(&["link", "set", "rt", "master", "br0"]);
+        ns.ip(&["addr", "add", "198.18.50.254/24", "dev", "r0"]);
+        ns.exec(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
+        ns.exec(&["sysctl", "-qw", "net.ipv4.fib_multipath_hash_policy=1"]);
+        let far = NetNs::new("far");
+        veth(&ns, "r1", &far, "f0");
+        ns.ip(&["addr", "add", "198.18.70.1/24", "dev", "r1"]);
+        far.ip(&["addr", "add", "198.18.70.100/24", "dev", "f0"]);
+        far.ip(&["route", "add", "default", "via", "198.18.70.1"]);
+        // Whole checksums, as on a wire: a veth hands a partial one along, which the XDP
+        // program's redirect does not carry over.
+        far.exec(&["ethtool", "-K", "f0", "tx", "off"]);
+        for node in &self.nodes {
+            node.ip(&["route", "add", "198.18.70.0/24", "via", "198.18.50.254"]);
+        }
+        let addresses: Vec<String> = (1..=self.nodes.len())
+            .map(|n| format!("198.18.50.{n}"))
+            .collect();
+        let neighbors: Vec<Neighbor> = addresses
+            .iter()
+            .map(|address| Neighbor {
+                local: "198.18.50.254",
+                router_as: 64512,
+                address,
+                peer_as: 64513,
+                password: None,
+            })
+            .collect();
+        let router = Router::start_ecmp(&ns, tag, &neighbors);
+        self.bgp_objects(false);
+        (router, ns, far)
+    }
+
+    /// kube-proxy's work for the Service `web` (port 80) of policy Cluster, done the way it
+    /// does it, in every node: a random pod among `pods` (iptables DNAT with `statistic`),
+    /// traffic to another node's pod masqueraded, and a route to each node's pod subnet (a
+    /// CNI's). What Services of policy Cluster get without cluster-wide balancing.
+    pub fn emulate_kube_proxy(&self, pods: &[usize]) {
+        for (i, node) in self.nodes.iter().enumerate() {
+            for (j, _) in self.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
+                node.ip(&[
+                    "route",
+                    "add",
+                    &format!("10.244.{}.0/24", j + 1),
+                    "via",
+                    &format!("198.18.50.{}", j + 1),
+                ]);
+            }
+            let ipt = |args: &[&str]| {
+                let mut cmd = vec!["iptables", "-w", "-t", "nat"];
+                cmd.extend_from_slice(args);
+                node.exec(&cmd);
+            };
+            ipt(&["-N", "WEB"]);
+            ipt(&[
+                "-A",
+                "PREROUTING",
+                "-d",
+                &VIP.to_string(),
+                "-p",
+                "tcp",
+                "--dport",
+                "80",
+                "-j",
+                "WEB",
+            ]);
+            for (k, pod) in pods.iter().enumerate() {
+                let to = format!("10.244.{}.2:8080", pod + 1);
+                let left = pods.len() - k;
+                if left > 1 {
+                    let p = format!("{:.5}", 1.0 / left as f64);
+                    ipt(&[
+                        "-A",
+                        "WEB",
+                        "-p",
+                        "tcp",
+                        "-m",
+                        "statistic",
+                        "--mode",
+                        "random",
+                        "--probability",
+                        &p,
+                        "-j",
+                        "DNAT",
+                        "--to-destination",
+                        &to,
+                    ]);
+                } else {
+                    ipt(&[
+                        "-A",
+                        "WEB",
+                        "-p",
+                        "tcp",
+                        "-j",
+                        "DNAT",
+                        "--to-destination",
+                        &to,
+                    ]);
+                }
+            }
+            ipt(&[
+                "-A",
+                "POSTROUTING",
+                "-d",
+                "10.244.0.0/16",
+                "-o",
+                "eth1",
+                "-j",
+                "MASQUERADE",
+            ]);
+        }
+    }
+
+    /// The BGPPeer `tor` (the router, 198.18.50.254, AS 64512; this side AS 64513) and the
+    /// BGPAdvertisement `all`; with BFD, the BFDProfile `fast` the peer names.
+    fn bgp_objects(&self, bfd: bool) {
         let crds = "/apis/sluice.dev/v1alpha1/namespaces/sluice-system";
         let mut spec = json!({"peerAddress": "198.18.50.254", "peerASN": 64512, "myASN": 64513,
                               "connectTime": "1s"});
@@ -344,7 +478,6 @@ impl Lab {
                        "metadata": {"name": "all"}, "spec": {}}),
             )
             .unwrap();
-        (router, ns)
     }
 
     /// Waits until node i alone answers ARP for the VIP.

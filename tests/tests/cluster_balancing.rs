@@ -237,3 +237,123 @@ fn established_connections_survive_the_l2_owners_failover() {
         assert_eq!(&answer, pod, "connection {i} keeps its pod");
     }
 }
+
+/// What happened to 200 long-lived connections from behind an ECMP router while a fourth node
+/// joined the multipath set and left it again.
+struct EcmpRun {
+    /// Connections that failed or reached another pod once node-d had joined.
+    broken_after_join: usize,
+    /// ... and once it had left again.
+    broken_after_leave: usize,
+    /// Packets node-d balanced while it was in the set.
+    carried_by_d: u64,
+}
+
+/// The multipath route to the VIP in the router's kernel: its next hops.
+fn next_hops(router: &sluice_tests::netns::NetNs) -> usize {
+    router
+        .exec(&["ip", "-4", "route", "show", &format!("{VIP}/32")])
+        .matches("via 198.18.50.")
+        .count()
+}
+
+/// Pods on nodes a, b and c; BIRD spreads the far client's flows over the nodes announcing
+/// the VIP by BGP. `cluster_balancing`: the speakers balance the Service themselves (false:
+/// kube-proxy's way, emulated with iptables).
+fn ecmp_run(cluster_balancing: bool) -> EcmpRun {
+    let mut lab = speaker_lab::lab(4);
+    lab.cluster_with("Cluster", &[VIP.to_string()]);
+    lab.pool();
+    let (_bird, router, far) = lab.start_bird_ecmp(if cluster_balancing { "on" } else { "off" });
+    if !cluster_balancing {
+        lab.emulate_kube_proxy(&[0, 1, 2]);
+    }
+    set_pods(&lab, &[0, 1, 2]);
+    let flag = if cluster_balancing { "true" } else { "false" };
+    let extra = ["--cluster-balancing", flag, "--on-stop", "handover"];
+    for i in 0..3 {
+        lab.start_mesh_speaker(i, "15", &extra);
+    }
+    wait_for(
+        "three next hops for the VIP",
+        Duration::from_secs(30),
+        || (next_hops(&router) == 3).then_some(()),
+    );
+    if cluster_balancing {
+        for i in 0..3 {
+            wait_for(
+                "every speaker to balance web",
+                Duration::from_secs(20),
+                || (backends_of(&lab.inspect(i)).len() == 3).then_some(()),
+            );
+        }
+    }
+    let mut conns: Vec<(Conn, String)> = (0..200)
+        .map(|i| {
+            let mut c = Conn::open(&far, SocketAddr::from((VIP, 80)))
+                .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            let pod = c.ask().unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            (c, pod)
+        })
+        .collect();
+    let still_answered = |conns: &mut Vec<(Conn, String)>| -> usize {
+        let mut broken = 0;
+        for (c, pod) in conns.iter_mut() {
+            if c.ask().ok().as_ref() != Some(pod) {
+                broken += 1;
+            }
+        }
+        broken
+    };
+    assert_eq!(still_answered(&mut conns), 0, "before any change");
+
+    // Node d joins: its speaker announces the VIP too, and the router re-hashes.
+    lab.start_mesh_speaker(3, "15", &extra);
+    wait_for(
+        "four next hops for the VIP",
+        Duration::from_secs(30),
+        || (next_hops(&router) == 4).then_some(()),
+    );
+    let broken_after_join = still_answered(&mut conns);
+    let carried_by_d = if cluster_balancing {
+        counter(&lab.inspect(3), "tunnelled")
+    } else {
+        0
+    };
+    // Node d leaves (its speaker hands over and withdraws its routes).
+    let d = lab.speakers[3].take().expect("node d's speaker");
+    assert!(d.stop(libc::SIGTERM).success());
+    wait_for("three next hops again", Duration::from_secs(30), || {
+        (next_hops(&router) == 3).then_some(())
+    });
+    let broken_after_leave = still_answered(&mut conns);
+    EcmpRun {
+        broken_after_join,
+        broken_after_leave,
+        carried_by_d,
+    }
+}
+
+#[test]
+fn long_lived_connections_survive_a_node_joining_and_leaving_the_routers_ecmp_set() {
+    let _serial = one_at_a_time();
+    let run = ecmp_run(true);
+    eprintln!(
+        "ECMP with cluster-wide balancing: 200 connections; node d carried {} packets while in the set; broken after it joined: {}, after it left: {}",
+        run.carried_by_d, run.broken_after_join, run.broken_after_leave
+    );
+    assert!(run.carried_by_d > 0, "the router moved flows to node d");
+    assert_eq!(run.broken_after_join, 0);
+    assert_eq!(run.broken_after_leave, 0);
+}
+
+#[test]
+fn without_cluster_wide_balancing_the_connections_the_router_moves_break() {
+    let _serial = one_at_a_time();
+    let run = ecmp_run(false);
+    eprintln!(
+        "ECMP with kube-proxy's way (cluster-wide balancing off): 200 connections; broken after node d joined: {}, after it left: {}",
+        run.broken_after_join, run.broken_after_leave
+    );
+    assert!(run.broken_after_join > 0, "moved connections break");
+}

@@ -29,6 +29,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ethtool", "ethtool"),
     ("nft", "nftables"),
+    ("iptables", "iptables"),
     ("bird", "bird2"),
     ("vtysh", "frr"),
     ("gobgpd", "gobgpd"),
