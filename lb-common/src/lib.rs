@@ -321,8 +321,8 @@ pub struct TunnelSettings {
     /// ones accepted. Zero: no IPv4 tunnel.
     pub src_v4: [u8; 4],
     /// The largest packet the node network carries (its MTU): a packet that would be larger
-    /// once encapsulated is not sent (and counted); TCP replies of tunnelled flows get their
-    /// MSS clamped below it. 0: no limit.
+    /// once encapsulated is answered with an ICMP error carrying the MTU that fits (and
+    /// counted); TCP SYN-ACKs of tunnelled flows get their MSS clamped below it. 0: no limit.
     pub mtu: u32,
     /// This node's IPv6 address (IPv6 in IPv6). Zero: no IPv6 tunnel.
     pub src_v6: [u8; 16],
@@ -684,7 +684,8 @@ pub struct GlobalStats {
     /// Tunnelled packets whose flow this node would send to yet another node (the nodes'
     /// tables disagree, for a moment): dropped rather than tunnelled again.
     pub tunnel_mismatch: u64,
-    /// Packets too large for the node network once encapsulated: dropped.
+    /// Packets too large for the node network once encapsulated: answered with an ICMP
+    /// "fragmentation needed" / "packet too big" carrying the MTU that fits (`XDP_TX`).
     pub tunnel_too_big: u64,
 }
 

@@ -704,7 +704,9 @@ fn tunnel_out(ctx: &XdpContext, l3: usize, backend: &BackendValue, next_hop: &Ne
             Outcome::ToKernel => Outcome::Tunnelled(xdp_action::XDP_PASS),
             other => other,
         },
-        crate::tunnel::ENCAP_TOO_BIG => Outcome::TunnelTooBig,
+        crate::tunnel::ENCAP_TOO_BIG => {
+            Outcome::TunnelTooBig(crate::tunnel::too_big(ctx, l3, backend.family))
+        }
         _ => Outcome::Malformed,
     }
 }

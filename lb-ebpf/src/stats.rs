@@ -29,8 +29,9 @@ pub enum Outcome {
     TunnelForged,
     /// A tunnelled packet this node would tunnel again: dropped.
     TunnelMismatch,
-    /// Too large for the node network once encapsulated: dropped.
-    TunnelTooBig,
+    /// Too large for the node network once encapsulated: turned into an ICMP error to its
+    /// sender (`XDP_TX`), or dropped.
+    TunnelTooBig(u32),
     /// Not an outcome: the outer header is gone, balance the inner packet (never counted).
     Decapsulated,
 }
@@ -46,11 +47,11 @@ impl Outcome {
             }
             Outcome::Forwarded(action)
             | Outcome::IcmpTranslated(action)
-            | Outcome::Tunnelled(action) => action,
-            Outcome::NoBackend
-            | Outcome::TunnelForged
-            | Outcome::TunnelMismatch
-            | Outcome::TunnelTooBig => xdp_action::XDP_DROP,
+            | Outcome::Tunnelled(action)
+            | Outcome::TunnelTooBig(action) => action,
+            Outcome::NoBackend | Outcome::TunnelForged | Outcome::TunnelMismatch => {
+                xdp_action::XDP_DROP
+            }
             Outcome::Decapsulated => xdp_action::XDP_PASS,
         }
     }
@@ -74,7 +75,7 @@ pub fn count(outcome: Outcome) {
             Outcome::Tunnelled(_) => stats.tunnel_out += 1,
             Outcome::TunnelForged => stats.tunnel_forged += 1,
             Outcome::TunnelMismatch => stats.tunnel_mismatch += 1,
-            Outcome::TunnelTooBig => stats.tunnel_too_big += 1,
+            Outcome::TunnelTooBig(_) => stats.tunnel_too_big += 1,
             Outcome::Decapsulated => stats.passed += 1,
         }
     }

@@ -186,7 +186,7 @@ pub fn decision_of(outcome: Outcome) -> u8 {
         Outcome::Tunnelled(_) => TUNNELLED,
         Outcome::TunnelForged => TUNNEL_FORGED,
         Outcome::TunnelMismatch => TUNNEL_MISMATCH,
-        Outcome::TunnelTooBig => TUNNEL_TOO_BIG,
+        Outcome::TunnelTooBig(_) => TUNNEL_TOO_BIG,
         Outcome::Decapsulated => 0,
     }
 }

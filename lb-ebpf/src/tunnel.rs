@@ -4,7 +4,11 @@
 //! endpoint's node decapsulates it, only from the cluster's nodes, and balances it as its own.
 //! Its replies leave from there straight to the client (direct server return).
 
-use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
 use lb_common::{
     BackendValue, NodeKey, FAMILY_IPV4, FAMILY_IPV6, PROTO_IPIP, PROTO_IPV6_IN_IP,
     TUNNEL_OVERHEAD_V4, TUNNEL_OVERHEAD_V6,
@@ -159,7 +163,14 @@ pub fn decap_v6(ctx: &XdpContext, l3: usize) -> Outcome {
         return Outcome::Passed;
     }
     let s = ip6.src.as_ptr();
-    let src = unsafe { [load32(s), load32(s.add(4)), load32(s.add(8)), load32(s.add(12))] };
+    let src = unsafe {
+        [
+            load32(s),
+            load32(s.add(4)),
+            load32(s.add(8)),
+            load32(s.add(12)),
+        ]
+    };
     let key = node_key(&src, FAMILY_IPV6);
     count_in(&key, ctx)
         .then(|| decapsulate(ctx, l3, TUNNEL_OVERHEAD_V6 as i32))
@@ -291,4 +302,164 @@ pub fn encap(ctx: &XdpContext, l3: usize, backend: &BackendValue) -> u32 {
         copy32::<4>(unsafe { o.add(24) }, backend.node.as_ptr());
     }
     ENCAP_OK
+}
+
+/// ICMP error lengths: what goes in front of the original packet (IP header and ICMP header),
+/// and how much of the original is quoted.
+const ICMP4_FRONT: usize = IPV4_HLEN + 8;
+const ICMP4_QUOTE: usize = IPV4_HLEN + 8;
+const ICMP6_FRONT: usize = IPV6_HLEN + 8;
+const ICMP6_QUOTE: usize = IPV6_HLEN + 8;
+
+/// The one's-complement sum of `N` 16-bit words at `p` (as stored: the sum of words in the
+/// CPU's order is the checksum in the same order, RFC 1071 §2(B)).
+#[inline(always)]
+fn sum16<const N: usize>(p: *const u8) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < N {
+        sum += load16(unsafe { p.add(2 * i) }) as u32;
+        i += 1;
+    }
+    sum
+}
+
+/// Turns the frame around as the start of an ICMP error to its sender: MACs swapped, `front`
+/// bytes made in front of the packet at `l3`, the packet cut to `quote` bytes after them.
+/// False (the frame may be half changed: drop it) when the frame cannot be moved.
+#[inline(always)]
+fn turn_around(ctx: &XdpContext, l3: usize, front: usize, quote: usize) -> bool {
+    let Some(head) = ptr_at::<[u8; LINK_MAX]>(ctx, 0) else {
+        return false;
+    };
+    let h = head as *const u8;
+    let mut macs = [0u16; 6];
+    let mut i = 0;
+    while i < 6 {
+        macs[i] = load16(unsafe { h.add(2 * i) });
+        i += 1;
+    }
+    let ethertype = load16(unsafe { h.add(12) });
+    let vlan = load32(unsafe { h.add(ETH_HLEN) });
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(front as i32)) } != 0 {
+        return false;
+    }
+    let len = ctx.data_end() - ctx.data();
+    let want = l3 + front + quote;
+    if len < want || unsafe { bpf_xdp_adjust_tail(ctx.ctx, want as i32 - len as i32) } != 0 {
+        return false;
+    }
+    let Some(head) = ptr_at::<[u8; LINK_MAX]>(ctx, 0) else {
+        return false;
+    };
+    let h = head as *mut u8;
+    let mut i = 0;
+    while i < 3 {
+        // The sender's MAC becomes the destination, ours the source.
+        store16(unsafe { h.add(2 * i) }, macs[3 + i]);
+        store16(unsafe { h.add(6 + 2 * i) }, macs[i]);
+        i += 1;
+    }
+    store16(unsafe { h.add(12) }, ethertype);
+    if l3 != ETH_HLEN {
+        store32(unsafe { h.add(ETH_HLEN) }, vlan);
+    }
+    true
+}
+
+/// A packet too large for the node network once encapsulated: an ICMP "fragmentation needed"
+/// (IPv4) or "packet too big" (IPv6) goes back to its sender, from the service's address, with
+/// the MTU that fits (`XDP_TX`), so that the sender's path MTU discovery sends smaller packets.
+/// Returns the XDP action.
+#[inline(never)]
+pub fn too_big(ctx: &XdpContext, l3: usize, family: u8) -> u32 {
+    let l3 = link_len(l3);
+    let mtu = TUNNEL_SETTINGS.get(0).map_or(0, |s| s.mtu);
+    if family == FAMILY_IPV4 {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
+            return xdp_action::XDP_DROP;
+        };
+        let (src, dst) = unsafe { (load32((*ip).src.as_ptr()), load32((*ip).dst.as_ptr())) };
+        if !turn_around(ctx, l3, ICMP4_FRONT, ICMP4_QUOTE) {
+            return xdp_action::XDP_DROP;
+        }
+        let Some(out) = ptr_at::<[u8; ICMP4_FRONT + ICMP4_QUOTE]>(ctx, l3) else {
+            return xdp_action::XDP_DROP;
+        };
+        let o = out as *mut u8;
+        let words: [u16; 5] = [
+            0x4500,
+            (ICMP4_FRONT + ICMP4_QUOTE) as u16,
+            0,
+            0,
+            u16::from_be_bytes([64, crate::headers::IPPROTO_ICMP]),
+        ];
+        let mut i = 0;
+        while i < 5 {
+            store16(unsafe { o.add(2 * i) }, words[i].to_be());
+            i += 1;
+        }
+        store16(unsafe { o.add(10) }, 0);
+        store32(unsafe { o.add(12) }, dst);
+        store32(unsafe { o.add(16) }, src);
+        let check = !crate::checksum::fold(sum16::<10>(o));
+        store16(unsafe { o.add(10) }, check);
+        // Destination unreachable, fragmentation needed, with the next hop's MTU.
+        let icmp = unsafe { o.add(IPV4_HLEN) };
+        store16(icmp, u16::from_be_bytes([3, 4]).to_be());
+        store16(unsafe { icmp.add(2) }, 0);
+        store16(unsafe { icmp.add(4) }, 0);
+        store16(
+            unsafe { icmp.add(6) },
+            (mtu.saturating_sub(TUNNEL_OVERHEAD_V4) as u16).to_be(),
+        );
+        let check = !crate::checksum::fold(sum16::<{ (8 + ICMP4_QUOTE) / 2 }>(icmp));
+        store16(unsafe { icmp.add(2) }, check);
+    } else {
+        let Some(ip6) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
+            return xdp_action::XDP_DROP;
+        };
+        let mut addrs = [0u32; 8];
+        let a = unsafe { (*ip6).src.as_ptr() };
+        let mut i = 0;
+        while i < 8 {
+            addrs[i] = load32(unsafe { a.add(4 * i) });
+            i += 1;
+        }
+        if !turn_around(ctx, l3, ICMP6_FRONT, ICMP6_QUOTE) {
+            return xdp_action::XDP_DROP;
+        }
+        let Some(out) = ptr_at::<[u8; ICMP6_FRONT + ICMP6_QUOTE]>(ctx, l3) else {
+            return xdp_action::XDP_DROP;
+        };
+        let o = out as *mut u8;
+        let payload = (8 + ICMP6_QUOTE) as u16;
+        store32(o, u32::from_be_bytes([0x60, 0, 0, 0]).to_be());
+        store16(unsafe { o.add(4) }, payload.to_be());
+        store16(
+            unsafe { o.add(6) },
+            u16::from_be_bytes([crate::headers::IPPROTO_ICMPV6, 64]).to_be(),
+        );
+        let mut i = 0;
+        while i < 4 {
+            // From the service's address (the packet's destination) to its source.
+            store32(unsafe { o.add(8 + 4 * i) }, addrs[4 + i]);
+            store32(unsafe { o.add(24 + 4 * i) }, addrs[i]);
+            i += 1;
+        }
+        let icmp = unsafe { o.add(IPV6_HLEN) };
+        store16(icmp, u16::from_be_bytes([2, 0]).to_be());
+        store16(unsafe { icmp.add(2) }, 0);
+        store32(
+            unsafe { icmp.add(4) },
+            mtu.saturating_sub(TUNNEL_OVERHEAD_V6).to_be(),
+        );
+        // The pseudo-header: both addresses, the length and next header as 32-bit words.
+        let sum = sum16::<16>(unsafe { o.add(8) })
+            + payload.to_be() as u32
+            + (crate::headers::IPPROTO_ICMPV6 as u16).to_be() as u32
+            + sum16::<{ (8 + ICMP6_QUOTE) / 2 }>(icmp);
+        store16(unsafe { icmp.add(2) }, !crate::checksum::fold(sum));
+    }
+    xdp_action::XDP_TX
 }

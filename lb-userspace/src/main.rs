@@ -915,7 +915,7 @@ fn inspect(
                 "tunnelled": stats.tunnel_out,
                 "droppedTunnelForged": stats.tunnel_forged,
                 "droppedTunnelMismatch": stats.tunnel_mismatch,
-                "droppedTunnelTooBig": stats.tunnel_too_big,
+                "tunnelTooBig": stats.tunnel_too_big,
             },
             "tunnels": tunnels.iter().map(|t| serde_json::json!({
                 "node": t.node.map(|n| n.to_string()),
@@ -1110,8 +1110,8 @@ fn inspect(
         stats.icmp_to_backend, stats.icmp_to_client, stats.icmp_unmatched
     );
     println!(
-        "  tunnelled    {} out; dropped: {} forged, {} to another node again, {} too big",
-        stats.tunnel_out, stats.tunnel_forged, stats.tunnel_mismatch, stats.tunnel_too_big
+        "  tunnelled    {} out; {} too big (ICMP sent back); dropped: {} forged, {} to another node again",
+        stats.tunnel_out, stats.tunnel_too_big, stats.tunnel_forged, stats.tunnel_mismatch
     );
     if !tunnels.is_empty() {
         println!();

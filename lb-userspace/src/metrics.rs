@@ -417,7 +417,7 @@ pub fn render(
             ("tunnelled", g.tunnel_out),
             ("dropped_tunnel_forged", g.tunnel_forged),
             ("dropped_tunnel_mismatch", g.tunnel_mismatch),
-            ("dropped_tunnel_too_big", g.tunnel_too_big),
+            ("tunnel_too_big", g.tunnel_too_big),
         ] {
             let _ = writeln!(out, "sluice_packets_total{{outcome=\"{outcome}\"}} {v}");
         }

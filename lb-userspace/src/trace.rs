@@ -172,8 +172,8 @@ pub fn describe(code: u8) -> (&'static str, &'static str) {
             "tunnelled here, but this node's table sends the flow to another node (tables disagree for a moment)",
         ),
         TUNNEL_TOO_BIG => (
-            "dropped",
-            "too large for the node network once encapsulated",
+            "too-big",
+            "too large for the node network once encapsulated: an ICMP error with the MTU that fits went back",
         ),
         _ => (
             "unknown",

@@ -343,9 +343,11 @@ fn a_tunnelled_packet_whose_flow_this_node_would_send_elsewhere_is_dropped_not_t
 }
 
 #[test]
-fn a_packet_too_big_for_the_node_network_once_encapsulated_is_dropped_and_counted() {
+fn a_packet_too_big_for_the_node_network_once_encapsulated_gets_an_icmp_error_with_the_mtu_that_fits(
+) {
     lab(|dp, veth0, _| {
-        dp.set_tunnels(&tunnels(&[NODE_B4.into()], 1500)).unwrap();
+        dp.set_tunnels(&tunnels(&[NODE_B4.into(), node_b6().into()], 1500))
+            .unwrap();
         let service = Service {
             vip: VIP4.into(),
             port: 53,
@@ -375,8 +377,60 @@ fn a_packet_too_big_for_the_node_network_once_encapsulated_is_dropped_and_counte
             53,
             &[7; 1481 - 28],
         );
-        assert_eq!(dp.run_ingress(veth0, &big).unwrap().action, XdpAction::Drop);
+        let out = dp.run_ingress(veth0, &big).unwrap();
+        assert_eq!(out.action, XdpAction::Tx, "back to the sender");
+        let f = &out.frame;
+        assert_eq!(
+            f.len(),
+            14 + 20 + 8 + 28,
+            "IP, ICMP, the quoted header and 8 bytes"
+        );
+        assert_eq!(&f[0..6], &CLIENT_MAC);
+        assert_eq!(&f[6..12], &NODE_MAC);
+        assert_eq!(f[23], 1, "ICMP");
+        assert_eq!(&f[26..30], &VIP4.octets(), "from the service's address");
+        assert_eq!(&f[30..34], &CLIENT4.octets());
+        assert!(ipv4_header_checksum_ok(f, 14));
+        assert_eq!((f[34], f[35]), (3, 4), "fragmentation needed");
+        assert_eq!(
+            u16::from_be_bytes([f[40], f[41]]),
+            1480,
+            "the MTU that fits"
+        );
+        assert_eq!(&f[42..70], &big[14..42], "the packet's header and 8 bytes");
+        assert!(icmpv4_checksum_ok(f, 14));
         assert_eq!(dp.stats().unwrap().tunnel_too_big, 1);
+
+        // IPv6: packet too big, quoting the header and 8 bytes.
+        let pod6: Ipv6Addr = "fd00:10:244:2::2".parse().unwrap();
+        let service6 = Service {
+            vip: vip6().into(),
+            ..service
+        };
+        dp.upsert_service(service6, &[on_node(pod6.into(), Some(node_b6().into()))])
+            .unwrap();
+        let big6 = ipv6_udp(
+            NODE_MAC,
+            CLIENT_MAC,
+            client6(),
+            vip6(),
+            5000,
+            53,
+            &[7; 1461 - 48],
+        );
+        let out = dp.run_ingress(veth0, &big6).unwrap();
+        assert_eq!(out.action, XdpAction::Tx);
+        let f = &out.frame;
+        assert_eq!(f.len(), 14 + 40 + 8 + 48);
+        assert_eq!(&f[0..6], &CLIENT_MAC);
+        assert_eq!(f[20], 58, "ICMPv6");
+        assert_eq!(&f[22..38], &vip6().octets());
+        assert_eq!(&f[38..54], &client6().octets());
+        assert_eq!((f[54], f[55]), (2, 0), "packet too big");
+        assert_eq!(u32::from_be_bytes([f[58], f[59], f[60], f[61]]), 1460);
+        assert_eq!(&f[62..110], &big6[14..62]);
+        assert!(icmpv6_checksum_ok(f, 14));
+        assert_eq!(dp.stats().unwrap().tunnel_too_big, 2);
     });
 }
 
