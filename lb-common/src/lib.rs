@@ -27,6 +27,9 @@ pub mod bench {
     /// A program that copies [`super::BenchFrame`] over the packet, then tail-calls slot 0 of
     /// [`MAP_TARGET`]: lets a rewriting program be timed on the same input each iteration.
     pub const PROG_RESTORE_THEN_CALL: &str = "bench_restore_then_call";
+    /// Floors that move the frame's start by 20 bytes first (back: `push`; forward: `pop`).
+    pub const PROG_PUSH_FLOOR: &str = "bench_push_floor";
+    pub const PROG_POP_FLOOR: &str = "bench_pop_floor";
     /// The same two for TC programs (skb).
     pub const PROG_TC_FLOOR: &str = "bench_tc_floor";
     pub const PROG_TC_RESTORE_THEN_CALL: &str = "bench_tc_restore_then_call";

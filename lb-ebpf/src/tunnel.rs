@@ -99,6 +99,30 @@ fn move_head(ctx: &XdpContext, l3: usize, delta: i32) -> bool {
     restore_link(ctx, &link)
 }
 
+/// [`move_head`] for a packet that leaves through [`crate::balancer::send`], which writes both
+/// MACs: only the EtherType (and VLAN tag) are carried over.
+#[inline(always)]
+fn move_head_for_send(ctx: &XdpContext, l3: usize, delta: i32) -> bool {
+    let Some(head) = ptr_at::<[u8; LINK_MAX]>(ctx, 0) else {
+        return false;
+    };
+    let h = head as *const u8;
+    let ethertype = load16(unsafe { h.add(12) });
+    let vlan = load32(unsafe { h.add(ETH_HLEN) });
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
+        return false;
+    }
+    let Some(head) = ptr_at::<[u8; LINK_MAX]>(ctx, 0) else {
+        return false;
+    };
+    let h = head as *mut u8;
+    store16(unsafe { h.add(12) }, ethertype);
+    if l3 != ETH_HLEN {
+        store32(unsafe { h.add(ETH_HLEN) }, vlan);
+    }
+    true
+}
+
 /// An IPv4 packet of IP protocol IPIP: when it comes from a node to this one and carries a
 /// packet for a service, its outer header is removed (`Outcome::Decapsulated`: the caller
 /// balances the inner packet). From an address that is not a node's: dropped and counted.
@@ -232,7 +256,7 @@ pub const ENCAP_FAILED: u32 = 2;
 
 /// Puts an outer header in front of the packet at `l3` (a service's packet, not rewritten),
 /// from this node to the backend's node. The caller then sends the frame to that node's next
-/// hop.
+/// hop (which writes its MACs).
 #[inline(never)]
 pub fn encap(ctx: &XdpContext, l3: usize, backend: &BackendValue) -> u32 {
     let l3 = link_len(l3);
@@ -250,7 +274,7 @@ pub fn encap(ctx: &XdpContext, l3: usize, backend: &BackendValue) -> u32 {
         }
         let src = load32(settings.src_v4.as_ptr());
         let dst = load32(backend.node.as_ptr());
-        if src == 0 || !move_head(ctx, l3, -(TUNNEL_OVERHEAD_V4 as i32)) {
+        if src == 0 || !move_head_for_send(ctx, l3, -(TUNNEL_OVERHEAD_V4 as i32)) {
             return ENCAP_FAILED;
         }
         let Some(outer) = ptr_at::<[u8; IPV4_HLEN]>(ctx, l3) else {
@@ -284,7 +308,7 @@ pub fn encap(ctx: &XdpContext, l3: usize, backend: &BackendValue) -> u32 {
         if settings.mtu != 0 && payload + IPV6_HLEN as u32 > settings.mtu {
             return ENCAP_TOO_BIG;
         }
-        if settings.src_v6[0] == 0 || !move_head(ctx, l3, -(TUNNEL_OVERHEAD_V6 as i32)) {
+        if settings.src_v6[0] == 0 || !move_head_for_send(ctx, l3, -(TUNNEL_OVERHEAD_V6 as i32)) {
             return ENCAP_FAILED;
         }
         let Some(outer) = ptr_at::<Ipv6Hdr>(ctx, l3) else {

@@ -46,7 +46,12 @@ impl BenchHarness {
             let program: &mut SchedClassifier = program_mut(&mut bench, name)?;
             super::retry_eagain(|| program.load()).map_err(|e| program_load_error(name, e))?;
         }
-        for name in [names::PROG_FLOOR, names::PROG_RESTORE_THEN_CALL] {
+        for name in [
+            names::PROG_FLOOR,
+            names::PROG_RESTORE_THEN_CALL,
+            names::PROG_PUSH_FLOOR,
+            names::PROG_POP_FLOOR,
+        ] {
             let program: &mut Xdp = program_mut(&mut bench, name)?;
             super::retry_eagain(|| program.load()).map_err(|e| program_load_error(name, e))?;
         }
@@ -168,6 +173,54 @@ impl BenchHarness {
                 outcome: direct,
             },
             overhead - floor,
+        ))
+    }
+
+    /// [`Self::ingress_restored`] for a path that moves the frame's start by 20 bytes
+    /// (`push`: puts an outer header on; else takes one off): the restore wrapper then moves
+    /// it back each run, which the program itself does not pay for. That move is measured
+    /// (the wrapper in front of a floor that moves the head the same way: two moves) and half
+    /// of it subtracted too. Returns the timing and the cost of one head move.
+    pub fn ingress_restored_moving(
+        &mut self,
+        ifindex: u32,
+        frame: &[u8],
+        repeat: u32,
+        push: bool,
+    ) -> Result<(Timing, f64)> {
+        let (timing, _) = self.ingress_restored(ifindex, frame, repeat)?;
+        let name = if push {
+            names::PROG_PUSH_FLOOR
+        } else {
+            names::PROG_POP_FLOOR
+        };
+        let mover_fd = program_fd(self.program(name)?, name)?;
+        self.set_target(&mover_fd)?;
+        let wrapper = self.program(names::PROG_RESTORE_THEN_CALL)?;
+        let with_mover = self.time(
+            wrapper,
+            names::PROG_RESTORE_THEN_CALL,
+            ifindex,
+            frame,
+            repeat,
+        )?;
+        let floor_fd = program_fd(self.program(names::PROG_FLOOR)?, names::PROG_FLOOR)?;
+        self.set_target(&floor_fd)?;
+        let wrapper = self.program(names::PROG_RESTORE_THEN_CALL)?;
+        let overhead = self.time(
+            wrapper,
+            names::PROG_RESTORE_THEN_CALL,
+            ifindex,
+            frame,
+            repeat,
+        )?;
+        let one_move = ((with_mover - overhead) / 2.0).max(0.0);
+        Ok((
+            Timing {
+                ns_per_packet: timing.ns_per_packet - one_move,
+                outcome: timing.outcome,
+            },
+            one_move,
         ))
     }
 
