@@ -152,9 +152,11 @@ pub fn decap_v4(ctx: &XdpContext, l3: usize) -> Outcome {
     }
     let src = load32(ip.src.as_ptr());
     let key = node_key(&[src, 0, 0, 0], FAMILY_IPV4);
-    count_in(&key, ctx)
-        .then(|| decapsulate(ctx, l3, TUNNEL_OVERHEAD_V4 as i32))
-        .unwrap_or(Outcome::TunnelForged)
+    if count_in(&key, ctx) {
+        decapsulate(ctx, l3, TUNNEL_OVERHEAD_V4 as i32)
+    } else {
+        Outcome::TunnelForged
+    }
 }
 
 /// [`decap_v4`] for IPv6 in IPv6.
@@ -196,9 +198,11 @@ pub fn decap_v6(ctx: &XdpContext, l3: usize) -> Outcome {
         ]
     };
     let key = node_key(&src, FAMILY_IPV6);
-    count_in(&key, ctx)
-        .then(|| decapsulate(ctx, l3, TUNNEL_OVERHEAD_V6 as i32))
-        .unwrap_or(Outcome::TunnelForged)
+    if count_in(&key, ctx) {
+        decapsulate(ctx, l3, TUNNEL_OVERHEAD_V6 as i32)
+    } else {
+        Outcome::TunnelForged
+    }
 }
 
 /// A node's key, written in words (a struct literal with arrays is zeroed by a memset call).
