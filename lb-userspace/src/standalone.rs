@@ -88,7 +88,7 @@ pub fn desired(
                     ip: b.ip,
                     port: b.port.unwrap_or(port.target_port),
                     weight: b.weight,
-                    node: None,
+                    node: b.node,
                 })
                 .collect();
             services.insert(
@@ -351,6 +351,9 @@ impl Daemon {
             .map(|name| dataplane::interface(name).context("dataplane.redirectVeths"))
             .collect::<Result<Vec<_>>>()?;
         let vips = L2Vip::on(&interfaces, &plan.l2);
+        if let Some(tunnels) = &config.dataplane.tunnels {
+            self.dp.set_tunnels(tunnels)?;
+        }
         self.dp.sync(&interfaces, &plan.services, &vips)?;
         self.dp
             .set_flood_guard(config.dataplane.flood_guard_new_flows_per_second)?;

@@ -36,6 +36,25 @@ services:
   backends: [{ip: 10.77.1.2}]
 ";
 
+/// The same service with its backend on another host: this node (10.77.1.1 on the backend
+/// side) tunnels every flow to the backend's namespace as if it were another node (its sink
+/// counts the IPIP frames as "other": the check is off for this path).
+const TUNNEL_CONFIG: &str = "\
+dataplane:
+  interfaces: [n-g]
+  redirectVeths: [n-b]
+  pinDir: /sys/fs/bpf/sluice-e2e-bench
+  stateFile: STATE
+  metricsAddress: 127.0.0.1:9120
+  tunnels: {addresses: [10.77.1.1], nodes: [10.77.1.2]}
+pools: [{name: e2e, addresses: [10.77.9.0/24]}]
+services:
+- name: bench
+  ip: 10.77.9.1
+  ports: [{port: 80, protocol: UDP, targetPort: 8080}]
+  backends: [{ip: 10.244.7.2, node: 10.77.1.2}]
+";
+
 /// Programs whose cost in place is reported, in this order.
 const PROGRAMS: &[(&str, &str)] = &[
     ("xdp_fwd", "xdp-fwd: the minimal XDP forwarder"),
@@ -63,8 +82,13 @@ pub fn bench_e2e() -> Result<()> {
         &config,
         CONFIG.replace("STATE", &state.display().to_string()),
     )?;
+    let tunnel_config = work.join("sluice-tunnel.yaml");
+    fs::write(
+        &tunnel_config,
+        TUNNEL_CONFIG.replace("STATE", &state.display().to_string()),
+    )?;
     let sluice = root().join("target/release/sluice");
-    let bench = |paths: &str, reps: &str| {
+    let bench_with = |config: &PathBuf, paths: &str, reps: &str| {
         let mut cmd = Command::new("bash");
         cmd.arg(&script)
             .env("E2E_PROJECT_NAME", "sluice")
@@ -82,6 +106,7 @@ pub fn bench_e2e() -> Result<()> {
             .env("E2E_REPS", reps);
         cmd
     };
+    let bench = |paths: &str, reps: &str| bench_with(&config, paths, reps);
 
     println!("== packets per second through the node's core (E2E_PATHS, E2E_REPS to change)");
     let paths = env::var("E2E_PATHS").unwrap_or_else(|_| "iptables xdp-fwd xdp-fib sluice".into());
@@ -90,7 +115,59 @@ pub fn bench_e2e() -> Result<()> {
 
     println!("\n== each XDP program's own cost in place (bpf_stats; one more round, stats on)");
     let stats = BpfStats::enable()?;
-    let mut child = bench("xdp-fwd sluice", "2")
+    let windows = costs_in_place(&stats, bench("xdp-fwd sluice", "2"))?;
+    let median = |name: &str| median_of(&windows, name);
+    for (name, what) in PROGRAMS {
+        match median(name) {
+            Some(ns) => println!(
+                "{what:<40} {ns:6.1} ns per packet ({} windows of 2 s)",
+                windows[*name].len()
+            ),
+            None => println!("{what:<40}      - (no window with traffic)"),
+        }
+    }
+    if let (Some(fwd), Some(ours)) = (median("xdp_fwd"), median("sluice_ingress")) {
+        println!(
+            "sluice − xdp-fwd: {:.1} ns per packet (both include bpf_stats' own ~40 ns: compare differences)",
+            ours - fwd
+        );
+    }
+
+    println!(
+        "\n== cluster-wide balancing: the ingress program's own cost per packet, its backend here \
+         (DNAT) or on another node (IPIP), rounds interleaved (bpf_stats)"
+    );
+    let (mut local, mut tunnelled) = (BTreeMap::new(), BTreeMap::new());
+    for _ in 0..2 {
+        for (into, config) in [(&mut local, &config), (&mut tunnelled, &tunnel_config)] {
+            let windows = costs_in_place(&stats, bench_with(config, "sluice", "1"))?;
+            for (name, v) in windows {
+                into.entry(name).or_insert_with(Vec::new).extend(v);
+            }
+        }
+    }
+    drop(stats);
+    let (here, there) = (
+        median_of(&local, "sluice_ingress"),
+        median_of(&tunnelled, "sluice_ingress"),
+    );
+    match (here, there) {
+        (Some(here), Some(there)) => println!(
+            "backend here: {here:.1} ns per packet; on another node: {there:.1} ns ({:.2}×; both \
+             include bpf_stats' own ~40 ns, so the programs' own ratio is higher: compare the \
+             difference, {:.1} ns, with xdp-bench's)",
+            there / here,
+            there - here
+        ),
+        _ => println!("(no window with traffic)"),
+    }
+    Ok(())
+}
+
+/// Runs the bench `command` (its check off, its output hidden) with run statistics on, and
+/// returns each program's ns per packet over 2-second windows with traffic all through.
+fn costs_in_place(stats: &BpfStats, mut command: Command) -> Result<BTreeMap<String, Vec<f64>>> {
+    let mut child = command
         .env("E2E_CHECK", "0")
         .stdout(Stdio::null())
         .spawn()
@@ -111,28 +188,13 @@ pub fn bench_e2e() -> Result<()> {
         }
         previous = now;
     }
-    drop(stats);
-    let median = |name: &str| -> Option<f64> {
-        let mut v = windows.get(name)?.clone();
-        v.sort_by(f64::total_cmp);
-        Some(v[v.len() / 2])
-    };
-    for (name, what) in PROGRAMS {
-        match median(name) {
-            Some(ns) => println!(
-                "{what:<40} {ns:6.1} ns per packet ({} windows of 2 s)",
-                windows[*name].len()
-            ),
-            None => println!("{what:<40}      - (no window with traffic)"),
-        }
-    }
-    if let (Some(fwd), Some(ours)) = (median("xdp_fwd"), median("sluice_ingress")) {
-        println!(
-            "sluice − xdp-fwd: {:.1} ns per packet (both include bpf_stats' own ~40 ns: compare differences)",
-            ours - fwd
-        );
-    }
-    Ok(())
+    Ok(windows)
+}
+
+fn median_of(windows: &BTreeMap<String, Vec<f64>>, name: &str) -> Option<f64> {
+    let mut v = windows.get(name)?.clone();
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
 }
 
 /// `kernel.bpf_stats_enabled` on while it lives, back to what it was after.

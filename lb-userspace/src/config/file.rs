@@ -131,6 +131,25 @@ pub struct DataplaneSection {
     /// tracked, so a flood cannot evict established flows (default 125000; 0: no limit).
     #[serde(default)]
     pub flood_guard_new_flows_per_second: Option<i64>,
+    /// Backends on other hosts, reached through tunnels (IPIP, IPv6 in IPv6).
+    #[serde(default)]
+    pub tunnels: Option<TunnelsSection>,
+}
+
+/// `dataplane.tunnels`: this host's end of the tunnels to backends on other hosts
+/// (`services[].backends[].node`), and the hosts it accepts tunnelled flows from.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TunnelsSection {
+    /// This host's addresses (one per family) on the network between the hosts.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// The other hosts' addresses: tunnelled flows are accepted from these only.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// The network's MTU (default 1500).
+    #[serde(default)]
+    pub mtu: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -195,6 +214,10 @@ pub struct BackendSpec {
     pub port: Option<i64>,
     #[serde(default)]
     pub weight: Option<i64>,
+    /// The host the backend runs on, when not this one: its flows are tunnelled there, and
+    /// its replies go from there straight to the client.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

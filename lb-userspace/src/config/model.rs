@@ -45,6 +45,8 @@ pub struct DataplaneSettings {
     pub node_ipv6: Option<std::net::Ipv6Addr>,
     /// New flows per CPU and second past which new flows are not tracked (0: no limit).
     pub flood_guard_new_flows_per_second: u64,
+    /// This host's end of the tunnels to backends on other hosts (`None`: no tunnels).
+    pub tunnels: Option<crate::dataplane::Tunnels>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +96,8 @@ pub struct BackendDef {
     /// Overrides the port's target port (single-port services only).
     pub port: Option<u16>,
     pub weight: u32,
+    /// The host it runs on, when not this one (reached through a tunnel).
+    pub node: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -414,6 +418,8 @@ fn build_merged(
         .unwrap_or(0) as u64,
     };
 
+    let tunnels = section.tunnels.as_ref().map(|t| tunnels(&mut p, t));
+
     // pools
     let mut pools: Vec<Pool> = Vec::new();
     let mut warnings: Vec<FileError> = Vec::new();
@@ -519,6 +525,26 @@ fn build_merged(
     let mut seen_services = BTreeSet::new();
     for (i, spec) in merged.services.iter().enumerate() {
         if let Some(s) = service(&mut p, i, spec, &pools, &mut seen_services) {
+            // A backend on another host needs this host's end of a tunnel of its family.
+            for (j, b) in s.backends.iter().enumerate() {
+                let Some(node) = b.node else { continue };
+                let local = tunnels.as_ref().is_some_and(|t| {
+                    if node.is_ipv4() {
+                        t.local_v4.is_some()
+                    } else {
+                        t.local_v6.is_some()
+                    }
+                });
+                if !local {
+                    p.add(
+                        format!("services[{i}].backends[{j}].node"),
+                        format!(
+                            "{node} is another host: dataplane.tunnels.addresses needs this host's {} address",
+                            if node.is_ipv4() { "IPv4" } else { "IPv6" }
+                        ),
+                    );
+                }
+            }
             services.push(s);
         }
     }
@@ -582,6 +608,7 @@ fn build_merged(
                 .unwrap_or_else(|| PathBuf::from(super::DEFAULT_PIN_DIR)),
             node_ipv6,
             flood_guard_new_flows_per_second: flood_guard,
+            tunnels,
         },
         pools,
         l2_advertisements: l2,
@@ -708,10 +735,21 @@ fn service(
                 format!("backend {addr} is listed twice"),
             );
         }
+        let node = b.node.as_ref().and_then(|n| {
+            let at = ip(p, &format!("{bp}.node"), n)?;
+            if at.is_ipv4() != addr.is_ipv4() {
+                p.add(
+                    format!("{bp}.node"),
+                    format!("{at} is not of the backend's address family: it cannot be tunnelled there"),
+                );
+            }
+            Some(at)
+        });
         backends.push(BackendDef {
             ip: addr,
             port,
             weight,
+            node,
         });
     }
     let ipv4 = requested_ip
@@ -749,6 +787,30 @@ fn service(
         backends,
         health_check,
     })
+}
+
+/// `dataplane.tunnels`: at most one address per family, the other hosts, the MTU.
+fn tunnels(p: &mut Problems, t: &file::TunnelsSection) -> crate::dataplane::Tunnels {
+    let mut out = crate::dataplane::Tunnels {
+        mtu: ranged(p, "dataplane.tunnels.mtu", t.mtu.unwrap_or(1500), 576, 65535).unwrap_or(1500)
+            as u32,
+        ..Default::default()
+    };
+    for (i, a) in t.addresses.iter().enumerate() {
+        let path = format!("dataplane.tunnels.addresses[{i}]");
+        match ip(p, &path, a) {
+            Some(IpAddr::V4(v4)) if out.local_v4.is_none() => out.local_v4 = Some(v4),
+            Some(IpAddr::V6(v6)) if out.local_v6.is_none() => out.local_v6 = Some(v6),
+            Some(other) => p.add(path, format!("{other}: one address per family")),
+            None => {}
+        }
+    }
+    for (i, n) in t.nodes.iter().enumerate() {
+        if let Some(at) = ip(p, &format!("dataplane.tunnels.nodes[{i}]"), n) {
+            out.peers.insert(at);
+        }
+    }
+    out
 }
 
 fn seconds(p: &mut Problems, path: &str, value: Option<f64>, default: f64) -> Duration {
@@ -1164,6 +1226,10 @@ bgpAdvertisements:
             ("services: [{name: s, ports: [{port: 80}], backends: [{ip: 10.0.0.1}, {ip: 10.0.0.1}]}]", "services[0].backends[1].ip: backend 10.0.0.1 is listed twice"),
             ("services: [{name: s, ports: [{port: 80}], backends: [{ip: 10.0.0.1}, {ip: \"2001:db8::1\"}]}]", "services[0].backends[1].ip: 2001:db8::1 is not of the service's address family"),
             ("services: [{name: s, ports: [{port: 80}, {port: 81}], backends: [{ip: 10.0.0.1, port: 8080}]}]", "services[0].backends[0].port: a backend port only goes with a single service port"),
+            ("services: [{name: s, ports: [{port: 80}], backends: [{ip: 10.0.0.1, node: 192.0.2.7}]}]", "services[0].backends[0].node: 192.0.2.7 is another host: dataplane.tunnels.addresses needs this host's IPv4 address"),
+            ("dataplane: {tunnels: {addresses: [192.0.2.1]}}\nservices: [{name: s, ports: [{port: 80}], backends: [{ip: 10.0.0.1, node: \"2001:db8::7\"}]}]", "services[0].backends[0].node: 2001:db8::7 is not of the backend's address family"),
+            ("dataplane: {tunnels: {addresses: [192.0.2.1, 192.0.2.2]}}", "dataplane.tunnels.addresses[1]: 192.0.2.2: one address per family"),
+            ("dataplane: {tunnels: {mtu: 100}}", "dataplane.tunnels.mtu"),
             ("services: [{name: s, ports: [{port: 80}], healthCheck: {type: icmp}}]", "services[0].healthCheck.type: \"icmp\" is neither tcp nor http"),
             ("services: [{name: s, ports: [{port: 80}], healthCheck: {type: tcp, intervalSeconds: 1, timeoutSeconds: 2}}]", "services[0].healthCheck.timeoutSeconds: 2 s is longer than the interval"),
             ("l2Advertisements: [{ipAddressPools: [nope], interfaces: [eth0]}]", "l2Advertisements[0].ipAddressPools[0]: no pool is named \"nope\""),
@@ -1195,6 +1261,22 @@ bgpAdvertisements:
                 "{text}\n  expected {expected:?}\n  got {errors:#?}"
             );
         }
+    }
+
+    #[test]
+    fn backends_on_other_hosts_come_with_this_hosts_end_of_the_tunnels() {
+        let c = build_one(
+            "dataplane:\n  tunnels: {addresses: [192.0.2.1, \"2001:db8::1\"], nodes: [192.0.2.7, 192.0.2.8], mtu: 9000}\npools: [{name: p, addresses: [198.51.100.0/24]}]\nservices: [{name: s, ip: 198.51.100.1, ports: [{port: 80}], backends: [{ip: 10.0.0.1}, {ip: 10.0.7.1, node: 192.0.2.7}]}]\n",
+        )
+        .unwrap();
+        let t = c.dataplane.tunnels.unwrap();
+        assert_eq!(t.local_v4, Some("192.0.2.1".parse().unwrap()));
+        assert_eq!(t.local_v6, Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(t.mtu, 9000);
+        assert_eq!(t.peers.len(), 2);
+        let backends = &c.services[0].backends;
+        assert_eq!(backends[0].node, None);
+        assert_eq!(backends[1].node, Some("192.0.2.7".parse().unwrap()));
     }
 
     #[test]
