@@ -303,6 +303,10 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also list up to this many tracked flows: each one's backend, and whether it goes
+        /// to this node's pod or through a tunnel to another node.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        flows: usize,
     },
 }
 
@@ -506,7 +510,8 @@ fn main() -> ExitCode {
             configs,
             json,
             status_file,
-        } => inspect(pin_dir, &configs, status_file, json),
+            flows,
+        } => inspect(pin_dir, &configs, status_file, json, flows),
         Command::Trace {
             vip,
             client,
@@ -798,6 +803,7 @@ fn inspect(
     configs: &[PathBuf],
     status_file: Option<PathBuf>,
     json: bool,
+    flow_limit: usize,
 ) -> Result<()> {
     let config = if configs.is_empty() {
         None
@@ -842,6 +848,7 @@ fn inspect(
     let flows = census.total();
     let flood = view.flood_stats().unwrap_or_default();
     let tunnels = dataplane::traffic_by_node(&services, &view.tunnel_peers()?);
+    let listed = view.flows(flow_limit);
     if json {
         let services: Vec<_> = services
             .iter()
@@ -917,6 +924,19 @@ fn inspect(
                 "droppedTunnelMismatch": stats.tunnel_mismatch,
                 "tunnelTooBig": stats.tunnel_too_big,
             },
+            "flows": listed.iter().map(|f| serde_json::json!({
+                "client": f.client.to_string(),
+                "service": f.service.to_string(),
+                "protocol": f.protocol,
+                "backend": f.backend.map(|b| b.to_string()),
+                "via": match (f.backend, f.node) {
+                    (None, _) => "gone",
+                    (Some(_), None) => "local",
+                    (Some(_), Some(_)) => "tunnel",
+                },
+                "node": f.node.map(|n| n.to_string()),
+                "state": f.state,
+            })).collect::<Vec<_>>(),
             "tunnels": tunnels.iter().map(|t| serde_json::json!({
                 "node": t.node.map(|n| n.to_string()),
                 "inPackets": t.in_packets,
@@ -1113,6 +1133,21 @@ fn inspect(
         "  tunnelled    {} out; {} too big (ICMP sent back); dropped: {} forged, {} to another node again",
         stats.tunnel_out, stats.tunnel_too_big, stats.tunnel_forged, stats.tunnel_mismatch
     );
+    if !listed.is_empty() {
+        println!();
+        println!("Flows (the first {} of {flows})", listed.len());
+        for f in &listed {
+            let to = match (f.backend, f.node) {
+                (None, _) => "(its backend is gone)".to_string(),
+                (Some(b), None) => format!("{b} (this node)"),
+                (Some(b), Some(n)) => format!("{b} (tunnelled to node {n})"),
+            };
+            println!(
+                "  {} {} → {} → {to}  {}",
+                f.protocol, f.client, f.service, f.state
+            );
+        }
+    }
     if !tunnels.is_empty() {
         println!();
         println!("Tunnels (cluster-wide balancing), per other node");

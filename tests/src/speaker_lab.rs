@@ -513,8 +513,8 @@ impl Lab {
         self.start_speaker_with(i, &args);
     }
 
-    /// `sluice inspect --json` on node i, as an operator runs it there (its speaker's status
-    /// file and pinned maps).
+    /// `sluice inspect --json --flows 1000` on node i, as an operator runs it there (its
+    /// speaker's status file and pinned maps).
     pub fn inspect(&self, i: usize) -> Value {
         let status = self.status_path_of(&self.nodes[i].name);
         let pin_dir = self.pin_dir(i);
@@ -528,6 +528,8 @@ impl Lab {
                     status.to_str().unwrap(),
                     "--pin-dir",
                     pin_dir.to_str().unwrap(),
+                    "--flows",
+                    "1000",
                 ],
             )
     }

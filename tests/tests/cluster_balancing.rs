@@ -174,6 +174,34 @@ fn every_pod_of_a_cluster_service_answers_through_the_owner_sees_the_client_and_
             counter(&docs[i], "reverseNat")
         );
     }
+    // `sluice inspect --flows` on the owner: each flow to another node's pod is tunnelled to
+    // that node; on the pods' nodes, the same flows go to their own pod.
+    let flows = docs[owner]["flows"].as_array().cloned().unwrap_or_default();
+    let own_pod = format!("10.244.{}.2:8080", owner + 1);
+    let tunnelled: Vec<&Value> = flows.iter().filter(|f| f["via"] == "tunnel").collect();
+    assert!(!tunnelled.is_empty(), "{flows:?}");
+    for f in &tunnelled {
+        let backend = f["backend"].as_str().unwrap();
+        let node = f["node"].as_str().unwrap();
+        let n: usize = node.trim_start_matches("198.18.50.").parse().unwrap();
+        assert_eq!(backend, format!("10.244.{n}.2:8080"), "{f}");
+    }
+    assert!(flows
+        .iter()
+        .filter(|f| f["via"] == "local")
+        .all(|f| f["backend"] == own_pod.as_str()));
+    for i in (0..3).filter(|&i| i != owner) {
+        let here = docs[i]["flows"].as_array().cloned().unwrap_or_default();
+        assert!(
+            here.iter().any(|f| f["via"] == "local"
+                && f["client"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&CLIENT_IP.to_string())),
+            "{}: {here:?}",
+            NAMES[i]
+        );
+    }
     let replies: Vec<u64> = docs.iter().map(|d| counter(d, "reverseNat")).collect();
     eprintln!(
         "replies rewritten per node (owner {}): {replies:?}; connections per pod: {pods:?}",

@@ -740,7 +740,9 @@ fn service(
             if at.is_ipv4() != addr.is_ipv4() {
                 p.add(
                     format!("{bp}.node"),
-                    format!("{at} is not of the backend's address family: it cannot be tunnelled there"),
+                    format!(
+                        "{at} is not of the backend's address family: it cannot be tunnelled there"
+                    ),
                 );
             }
             Some(at)
@@ -792,8 +794,14 @@ fn service(
 /// `dataplane.tunnels`: at most one address per family, the other hosts, the MTU.
 fn tunnels(p: &mut Problems, t: &file::TunnelsSection) -> crate::dataplane::Tunnels {
     let mut out = crate::dataplane::Tunnels {
-        mtu: ranged(p, "dataplane.tunnels.mtu", t.mtu.unwrap_or(1500), 576, 65535).unwrap_or(1500)
-            as u32,
+        mtu: ranged(
+            p,
+            "dataplane.tunnels.mtu",
+            t.mtu.unwrap_or(1500),
+            576,
+            65535,
+        )
+        .unwrap_or(1500) as u32,
         ..Default::default()
     };
     for (i, a) in t.addresses.iter().enumerate() {

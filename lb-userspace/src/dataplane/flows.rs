@@ -83,6 +83,69 @@ pub fn reverse_key(key: &FlowKey, value: &FlowValue, backend: &BackendValue) -> 
     })
 }
 
+/// One tracked flow as `sluice inspect --flows` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackedFlow {
+    pub client: std::net::SocketAddr,
+    /// The VIP and port.
+    pub service: std::net::SocketAddr,
+    pub protocol: &'static str,
+    /// Its backend, while the backend's slot still holds it.
+    pub backend: Option<std::net::SocketAddr>,
+    /// The backend's node when it is another node (the flow is tunnelled there).
+    pub node: Option<std::net::IpAddr>,
+    /// `open`, `half-closed` or `closed`.
+    pub state: &'static str,
+}
+
+fn ip_of(family: u8, addr: &[u8; 16]) -> std::net::IpAddr {
+    if family == lb_common::FAMILY_IPV4 {
+        std::net::IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
+    } else {
+        std::net::IpAddr::from(*addr)
+    }
+}
+
+/// Up to `limit` tracked flows, each with its backend and whether it goes to another node.
+pub fn list<C: Borrow<MapData>, B: Borrow<MapData>>(
+    conntrack: &HashMap<C, FlowKey, FlowValue>,
+    backends: &Array<B, BackendValue>,
+    limit: usize,
+) -> Vec<TrackedFlow> {
+    let mut out = Vec::new();
+    for (key, value) in conntrack.iter().filter_map(|entry| entry.ok()).take(limit) {
+        let backend = backends
+            .get(&value.backend_id, 0)
+            .ok()
+            .filter(|b| b.generation == value.generation);
+        let mut census = FlowCensus::default();
+        census.count(&value);
+        let state = if census.closed > 0 {
+            "closed"
+        } else if census.half_closed > 0 {
+            "half-closed"
+        } else {
+            "open"
+        };
+        out.push(TrackedFlow {
+            client: (ip_of(key.family, &key.src), u16::from_be_bytes(key.sport)).into(),
+            service: (ip_of(key.family, &key.dst), u16::from_be_bytes(key.dport)).into(),
+            protocol: if key.proto == lb_common::PROTO_TCP {
+                "tcp"
+            } else {
+                "udp"
+            },
+            backend: backend.map(|b| (ip_of(b.family, &b.addr), u16::from_be_bytes(b.port)).into()),
+            node: backend
+                .filter(|b| b.flags & lb_common::BACKEND_REMOTE != 0)
+                .map(|b| ip_of(b.family, &b.node)),
+            state,
+        });
+    }
+    out.sort_by_key(|f| (f.service, f.client));
+    out
+}
+
 /// Counts tracked flows by state.
 pub fn census<T: Borrow<MapData>>(conntrack: &HashMap<T, FlowKey, FlowValue>) -> FlowCensus {
     let mut census = FlowCensus::default();

@@ -1239,6 +1239,11 @@ impl PinnedView {
         flows::census(&self.conntrack)
     }
 
+    /// Up to `limit` tracked flows, with their backends and nodes.
+    pub fn flows(&self, limit: usize) -> Vec<flows::TrackedFlow> {
+        flows::list(&self.conntrack, &self.backends, limit)
+    }
+
     pub fn l2_vips(&self) -> Result<Vec<L2Vip>> {
         read_l2_vips(&self.l2_vips)
     }
