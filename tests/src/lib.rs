@@ -4,6 +4,7 @@
 
 pub mod bfd_lab;
 pub mod bird;
+pub mod cluster_lab;
 pub mod fakeapi;
 pub mod frames;
 pub mod frr;

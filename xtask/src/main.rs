@@ -7,7 +7,8 @@
 //!   runs the shared end-to-end bench with Sluice as a path, and each program's cost in place
 //! - `soak`       setup, build-ebpf, then the speaker mesh's failovers, 10 runs each, with the
 //!   figures (needs root; `cargo xtask soak -- RUNS` for another count); `soak bfd` does the
-//!   same for BGP with BFD against BIRD and FRR
+//!   same for BGP with BFD against BIRD and FRR; `soak cluster` for cluster-wide balancing
+//!   (connections under ECMP changes and the L2 owner's failover, 5 runs)
 //! - `manifests`  writes deploy/crds/ from the Rust CRD types (a test fails when they differ)
 //! - `demo`       Sluice in network namespaces: a client, a node, three backends (needs root)
 
@@ -67,7 +68,7 @@ fn main() -> Result<()> {
             demo()
         }
         _ => {
-            eprintln!("usage: cargo xtask <setup | build-ebpf | test [-- cargo test args] | bench | soak [mesh|bfd] [-- RUNS] | manifests | demo>");
+            eprintln!("usage: cargo xtask <setup | build-ebpf | test [-- cargo test args] | bench | soak [mesh|bfd|cluster] [-- RUNS] | manifests | demo>");
             std::process::exit(2);
         }
     }
@@ -332,11 +333,13 @@ fn demo() -> Result<()> {
     run_release_bin("demo")
 }
 
-/// `soak [mesh|bfd] [-- RUNS]`: the speaker mesh's failovers (the default) or BGP's with BFD.
+/// `soak [mesh|bfd|cluster] [-- RUNS]`: the speaker mesh's failovers (the default), BGP's with
+/// BFD, or cluster-wide balancing's (ECMP changes, the L2 owner's failover).
 fn soak(extra: &[String]) -> Result<()> {
     let (bin, rest) = match extra.first().map(String::as_str) {
         Some("bfd") => ("bfd-soak", &extra[1..]),
         Some("mesh") => ("mesh-soak", &extra[1..]),
+        Some("cluster") => ("cluster-soak", &extra[1..]),
         _ => ("mesh-soak", extra),
     };
     run(cargo().args(["build", "--package", "lb-userspace", "--bin", "sluice"]))?;
