@@ -271,8 +271,12 @@ pub fn encap(ctx: &XdpContext, l3: usize, backend: &BackendValue) -> u32 {
         let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
             return ENCAP_FAILED;
         };
-        let (len, tos) = unsafe { (u16::from_be_bytes((*inner).total_len), (*inner).tos) };
-        let total = len as u32 + TUNNEL_OVERHEAD_V4;
+        // The inner header's first word (version and IHL, TOS, total length) is the outer's
+        // but for the length: words as stored, in the CPU's order (RFC 1071 §2(B): the
+        // checksum of words summed so is the checksum as stored).
+        let first = load32(inner as *const u8);
+        let len = u16::from_be((first >> 16) as u16) as u32;
+        let total = len + TUNNEL_OVERHEAD_V4;
         if settings.mtu != 0 && total > settings.mtu {
             return ENCAP_TOO_BIG;
         }
@@ -285,25 +289,22 @@ pub fn encap(ctx: &XdpContext, l3: usize, backend: &BackendValue) -> u32 {
             return ENCAP_FAILED;
         };
         let o = outer as *mut u8;
-        // Version 4, IHL 5, the inner TOS; no fragmentation (DF); TTL 64, protocol IPIP.
-        let words: [u16; 4] = [u16::from_be_bytes([0x45, tos]), total as u16, 0, 0x4000];
-        let ttl_proto = u16::from_be_bytes([64, PROTO_IPIP]);
-        let mut sum: u64 = 0;
-        let mut i = 0;
-        while i < 4 {
-            store16(unsafe { o.add(2 * i) }, words[i].to_be());
-            sum += words[i] as u64;
-            i += 1;
-        }
-        store16(unsafe { o.add(8) }, ttl_proto.to_be());
-        sum += ttl_proto as u64;
+        let w0 = (first & 0xffff) | ((total as u16).to_be() as u32) << 16;
+        // No fragmentation (DF); TTL 64, protocol IPIP.
+        let w1 = u32::from_ne_bytes([0, 0, 0x40, 0]);
+        let w2 = u32::from_ne_bytes([64, PROTO_IPIP, 0, 0]);
+        let half = |w: u32| (w & 0xffff) + (w >> 16);
+        let sum = half(w0) as u64
+            + half(w1) as u64
+            + half(w2) as u64
+            + half(src) as u64
+            + half(dst) as u64;
+        let check = !fold64(sum);
+        store32(o, w0);
+        store32(unsafe { o.add(4) }, w1);
+        store32(unsafe { o.add(8) }, w2 | (check as u32) << 16);
         store32(unsafe { o.add(12) }, src);
         store32(unsafe { o.add(16) }, dst);
-        // The addresses as stored (network order) summed in the CPU's order, then swapped:
-        // RFC 1071 §2(B).
-        let addrs = fold64(src as u64 + dst as u64).swap_bytes();
-        let check = !crate::checksum::fold(sum as u32 + addrs as u32);
-        store16(unsafe { o.add(10) }, check.to_be());
     } else {
         let Some(inner) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
             return ENCAP_FAILED;
