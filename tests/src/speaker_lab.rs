@@ -274,6 +274,18 @@ impl Lab {
 
     /// BIRD in its namespace on the data segment, a neighbour per node, BFD on `r0` or not.
     fn bird_router(&self, tag: &str, bfd: bool) -> (Router, NetNs) {
+        self.router_with(|ns, neighbors| {
+            if bfd {
+                Router::start_with_bfd(ns, tag, neighbors, "r0")
+            } else {
+                Router::start(ns, tag, neighbors)
+            }
+        })
+    }
+
+    /// The router's namespace on the data segment (198.18.50.254/24 on `r0`), BIRD started in
+    /// it by `start` with a neighbour per node (AS 64512 here, 64513 on the nodes).
+    fn router_with(&self, start: impl FnOnce(&NetNs, &[Neighbor]) -> Router) -> (Router, NetNs) {
         let ns = NetNs::new("router");
         veth(&ns, "r0", &self.seg, "rt");
         self.seg.ip(&["link", "set", "rt", "master", "br0"]);
@@ -291,11 +303,7 @@ impl Lab {
                 password: None,
             })
             .collect();
-        let router = if bfd {
-            Router::start_with_bfd(&ns, tag, &neighbors, "r0")
-        } else {
-            Router::start(&ns, tag, &neighbors)
-        };
+        let router = start(&ns, &neighbors);
         (router, ns)
     }
 
@@ -332,10 +340,7 @@ impl Lab {
     /// it. Every node routes 198.18.70.0/24 through the router (replies leave straight from
     /// the pod's node). Returns the router, its namespace and the far client's.
     pub fn start_bird_ecmp(&self, tag: &str) -> (Router, NetNs, NetNs) {
-        let ns = NetNs::new("router");
-        veth(&ns, "r0", &self.seg, "rt");
-        self.seg.ip(&["link", "set", "rt", "master", "br0"]);
-        ns.ip(&["addr", "add", "198.18.50.254/24", "dev", "r0"]);
+        let (router, ns) = self.router_with(|ns, neighbors| Router::start_ecmp(ns, tag, neighbors));
         ns.exec(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
         ns.exec(&["sysctl", "-qw", "net.ipv4.fib_multipath_hash_policy=1"]);
         let far = NetNs::new("far");
@@ -349,20 +354,6 @@ impl Lab {
         for node in &self.nodes {
             node.ip(&["route", "add", "198.18.70.0/24", "via", "198.18.50.254"]);
         }
-        let addresses: Vec<String> = (1..=self.nodes.len())
-            .map(|n| format!("198.18.50.{n}"))
-            .collect();
-        let neighbors: Vec<Neighbor> = addresses
-            .iter()
-            .map(|address| Neighbor {
-                local: "198.18.50.254",
-                router_as: 64512,
-                address,
-                peer_as: 64513,
-                password: None,
-            })
-            .collect();
-        let router = Router::start_ecmp(&ns, tag, &neighbors);
         self.bgp_objects(false);
         (router, ns, far)
     }

@@ -36,24 +36,20 @@ services:
   backends: [{ip: 10.77.1.2}]
 ";
 
-/// The same service with its backend on another host: this node (10.77.1.1 on the backend
-/// side) tunnels every flow to the backend's namespace as if it were another node (its sink
-/// counts the IPIP frames as "other": the check is off for this path).
-const TUNNEL_CONFIG: &str = "\
-dataplane:
-  interfaces: [n-g]
-  redirectVeths: [n-b]
-  pinDir: /sys/fs/bpf/sluice-e2e-bench
-  stateFile: STATE
-  metricsAddress: 127.0.0.1:9120
-  tunnels: {addresses: [10.77.1.1], nodes: [10.77.1.2]}
-pools: [{name: e2e, addresses: [10.77.9.0/24]}]
-services:
-- name: bench
-  ip: 10.77.9.1
-  ports: [{port: 80, protocol: UDP, targetPort: 8080}]
-  backends: [{ip: 10.244.7.2, node: 10.77.1.2}]
-";
+/// [`CONFIG`] with its backend on another host: this node (10.77.1.1 on the backend side)
+/// tunnels every flow to the backend's namespace as if it were another node (its sink counts
+/// the IPIP frames as "other": the check is off for this path).
+fn tunnel_config() -> String {
+    CONFIG
+        .replace(
+            "  metricsAddress: 127.0.0.1:9120\n",
+            "  metricsAddress: 127.0.0.1:9120\n  tunnels: {addresses: [10.77.1.1], nodes: [10.77.1.2]}\n",
+        )
+        .replace(
+            "backends: [{ip: 10.77.1.2}]",
+            "backends: [{ip: 10.244.7.2, node: 10.77.1.2}]",
+        )
+}
 
 /// Programs whose cost in place is reported, in this order.
 const PROGRAMS: &[(&str, &str)] = &[
@@ -82,10 +78,10 @@ pub fn bench_e2e() -> Result<()> {
         &config,
         CONFIG.replace("STATE", &state.display().to_string()),
     )?;
-    let tunnel_config = work.join("sluice-tunnel.yaml");
+    let tunnel_path = work.join("sluice-tunnel.yaml");
     fs::write(
-        &tunnel_config,
-        TUNNEL_CONFIG.replace("STATE", &state.display().to_string()),
+        &tunnel_path,
+        tunnel_config().replace("STATE", &state.display().to_string()),
     )?;
     let sluice = root().join("target/release/sluice");
     let bench_with = |config: &PathBuf, paths: &str, reps: &str| {
@@ -139,7 +135,7 @@ pub fn bench_e2e() -> Result<()> {
     );
     let (mut local, mut tunnelled) = (BTreeMap::new(), BTreeMap::new());
     for _ in 0..2 {
-        for (into, config) in [(&mut local, &config), (&mut tunnelled, &tunnel_config)] {
+        for (into, config) in [(&mut local, &config), (&mut tunnelled, &tunnel_path)] {
             let windows = costs_in_place(&stats, bench_with(config, "sluice", "1"))?;
             for (name, v) in windows {
                 into.entry(name).or_insert_with(Vec::new).extend(v);
@@ -262,6 +258,19 @@ fn parse_prog_show(text: &str) -> BTreeMap<u32, (String, u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tunnel_config_is_the_bench_config_with_its_backend_on_another_host() {
+        let c = tunnel_config();
+        assert!(
+            c.contains("tunnels: {addresses: [10.77.1.1], nodes: [10.77.1.2]}"),
+            "{c}"
+        );
+        assert!(
+            c.contains("backends: [{ip: 10.244.7.2, node: 10.77.1.2}]"),
+            "{c}"
+        );
+    }
 
     #[test]
     fn prog_show_lines_with_run_statistics_are_read_and_others_skipped() {
