@@ -102,10 +102,40 @@ pub fn assert_refused(
     );
 }
 
+/// A data plane loaded unpinned with `capacities` and Maglev table size `table_size`, in a
+/// private network namespace set up by [`balancer_namespace_setup`]; `f` gets it, veth0's
+/// ifindex and veth1's MAC. `allow_veth1`: veth1 is a redirect target (BPF_PROG_TEST_RUN never
+/// transmits, so its peer does not matter).
+pub fn balancer_lab<T: Send + 'static>(
+    allow_veth1: bool,
+    capacities: lb_userspace::dataplane::Capacities,
+    table_size: u32,
+    f: impl FnOnce(&mut lb_userspace::dataplane::Dataplane, u32, [u8; 6]) -> T + Send + 'static,
+) -> T {
+    use lb_userspace::dataplane::{self, Dataplane, DataplaneOptions};
+    require_root();
+    netns::in_private_netns_with_veth(move |veth0, veth1| {
+        balancer_namespace_setup();
+        let veth1_mac = dataplane::interface("veth1").unwrap().mac;
+        let mut dp = Dataplane::load(&DataplaneOptions {
+            pin_dir: None,
+            capacities,
+            maglev_table_size: table_size,
+            ..DataplaneOptions::default()
+        })
+        .expect("load the data plane");
+        if allow_veth1 {
+            dp.allow_redirect(veth1).unwrap();
+        }
+        f(&mut dp, veth0, veth1_mac)
+    })
+}
+
 /// Addresses, forwarding and permanent neighbours for balancer tests and benchmarks, in the
 /// caller's (private) network namespace, which holds the veth pair veth0/veth1: veth0 faces the
 /// clients (198.18.1.1/24, fd53:1::1/64), veth1 the backends (198.18.2.1/24, fd53:2::1/64), and
-/// backends 198.18.2.10..=19 and fd53:2::10..=19 have neighbour entries with MAC 02:be:00:00:00:NN.
+/// backends 198.18.2.10..=19 and fd53:2::a..=13 (the same numbers, in hex) have neighbour entries
+/// with MAC 02:be:00:00:00:NN.
 pub fn balancer_namespace_setup() {
     for args in [
         vec!["ip", "link", "set", "veth0", "up"],

@@ -16,7 +16,7 @@ use lb_userspace::{
     },
     maglev,
 };
-use sluice_tests::{frames::*, netns::in_private_netns_with_veth, require_root};
+use sluice_tests::{frames::*, require_root};
 
 const M: u32 = 1009;
 const CLIENT_MAC: Mac = [0x02, 0xc1, 0, 0, 0, 2];
@@ -84,22 +84,7 @@ fn lab_sized<T: Send + 'static>(
     capacities: Capacities,
     f: impl FnOnce(&mut Dataplane, u32, [u8; 6]) -> T + Send + 'static,
 ) -> T {
-    require_root();
-    in_private_netns_with_veth(move |veth0, veth1| {
-        sluice_tests::balancer_namespace_setup();
-        let veth1_mac = dataplane::interface("veth1").unwrap().mac;
-        let mut dp = Dataplane::load(&DataplaneOptions {
-            pin_dir: None,
-            capacities,
-            maglev_table_size: M,
-            ..DataplaneOptions::default()
-        })
-        .expect("load the data plane");
-        if allow_veth1 {
-            dp.allow_redirect(veth1).unwrap();
-        }
-        f(&mut dp, veth0, veth1_mac)
-    })
+    sluice_tests::balancer_lab(allow_veth1, capacities, M, f)
 }
 
 fn addr16(ip: IpAddr) -> [u8; 16] {

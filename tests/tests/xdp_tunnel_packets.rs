@@ -11,9 +11,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_userspace::dataplane::{
-    self, Backend, Capacities, Dataplane, DataplaneOptions, Protocol, Service, Tunnels, XdpAction,
+    Backend, Capacities, Dataplane, Protocol, Service, Tunnels, XdpAction,
 };
-use sluice_tests::{frames::*, netns::in_private_netns_with_veth, require_root};
+use sluice_tests::frames::*;
 
 const CLIENT_MAC: Mac = [0x02, 0xc1, 0, 0, 0, 2];
 const NODE_MAC: Mac = [0x02, 0x5e, 0, 0, 0, 1];
@@ -68,24 +68,12 @@ fn tunnels(peers: &[IpAddr], mtu: u32) -> Tunnels {
 }
 
 fn lab<T: Send + 'static>(f: impl FnOnce(&mut Dataplane, u32, [u8; 6]) -> T + Send + 'static) -> T {
-    require_root();
-    in_private_netns_with_veth(move |veth0, veth1| {
-        sluice_tests::balancer_namespace_setup();
-        let veth1_mac = dataplane::interface("veth1").unwrap().mac;
-        let mut dp = Dataplane::load(&DataplaneOptions {
-            pin_dir: None,
-            capacities: Capacities {
-                services: 16,
-                backends: 64,
-                flows: 1024,
-            },
-            maglev_table_size: 1009,
-            ..DataplaneOptions::default()
-        })
-        .expect("load the data plane");
-        dp.allow_redirect(veth1).unwrap();
-        f(&mut dp, veth0, veth1_mac)
-    })
+    let capacities = Capacities {
+        services: 16,
+        backends: 64,
+        flows: 1024,
+    };
+    sluice_tests::balancer_lab(true, capacities, 1009, f)
 }
 
 #[test]
