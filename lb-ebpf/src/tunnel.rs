@@ -261,75 +261,89 @@ pub const ENCAP_FAILED: u32 = 2;
 /// Puts an outer header in front of the packet at `l3` (a service's packet, not rewritten),
 /// from this node to the backend's node. The caller then sends the frame to that node's next
 /// hop (which writes its MACs).
-#[inline(never)]
+#[inline(always)]
 pub fn encap(ctx: &XdpContext, l3: usize, backend: &BackendValue) -> u32 {
+    if backend.family == FAMILY_IPV4 {
+        encap_v4(ctx, l3, backend)
+    } else {
+        encap_v6(ctx, l3, backend)
+    }
+}
+
+/// [`encap`] for IPv4 (IPIP), inlined into the hit path.
+#[inline(always)]
+fn encap_v4(ctx: &XdpContext, l3: usize, backend: &BackendValue) -> u32 {
     let l3 = link_len(l3);
     let Some(settings) = TUNNEL_SETTINGS.get(0) else {
         return ENCAP_FAILED;
     };
-    if backend.family == FAMILY_IPV4 {
-        let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
-            return ENCAP_FAILED;
-        };
-        // The inner header's first word (version and IHL, TOS, total length) is the outer's
-        // but for the length: words as stored, in the CPU's order (RFC 1071 §2(B): the
-        // checksum of words summed so is the checksum as stored).
-        let first = load32(inner as *const u8);
-        let len = u16::from_be((first >> 16) as u16) as u32;
-        let total = len + TUNNEL_OVERHEAD_V4;
-        if settings.mtu != 0 && total > settings.mtu {
-            return ENCAP_TOO_BIG;
-        }
-        let src = load32(settings.src_v4.as_ptr());
-        let dst = load32(backend.node.as_ptr());
-        if src == 0 || !move_head_for_send(ctx, l3, -(TUNNEL_OVERHEAD_V4 as i32)) {
-            return ENCAP_FAILED;
-        }
-        let Some(outer) = ptr_at::<[u8; IPV4_HLEN]>(ctx, l3) else {
-            return ENCAP_FAILED;
-        };
-        let o = outer as *mut u8;
-        let w0 = (first & 0xffff) | ((total as u16).to_be() as u32) << 16;
-        // No fragmentation (DF); TTL 64, protocol IPIP.
-        let w1 = u32::from_ne_bytes([0, 0, 0x40, 0]);
-        let w2 = u32::from_ne_bytes([64, PROTO_IPIP, 0, 0]);
-        let half = |w: u32| (w & 0xffff) + (w >> 16);
-        let sum = half(w0) as u64
-            + half(w1) as u64
-            + half(w2) as u64
-            + half(src) as u64
-            + half(dst) as u64;
-        let check = !fold64(sum);
-        store32(o, w0);
-        store32(unsafe { o.add(4) }, w1);
-        store32(unsafe { o.add(8) }, w2 | (check as u32) << 16);
-        store32(unsafe { o.add(12) }, src);
-        store32(unsafe { o.add(16) }, dst);
-    } else {
-        let Some(inner) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
-            return ENCAP_FAILED;
-        };
-        let payload = u16::from_be_bytes(unsafe { (*inner).payload_len }) as u32 + IPV6_HLEN as u32;
-        if settings.mtu != 0 && payload + IPV6_HLEN as u32 > settings.mtu {
-            return ENCAP_TOO_BIG;
-        }
-        if settings.src_v6[0] == 0 || !move_head_for_send(ctx, l3, -(TUNNEL_OVERHEAD_V6 as i32)) {
-            return ENCAP_FAILED;
-        }
-        let Some(outer) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
-            return ENCAP_FAILED;
-        };
-        let o = outer as *mut u8;
-        // Version 6, no traffic class or flow label; next header IPv6, hop limit 64.
-        store32(o, u32::from_be_bytes([0x60, 0, 0, 0]).to_be());
-        store16(unsafe { o.add(4) }, (payload as u16).to_be());
-        store16(
-            unsafe { o.add(6) },
-            u16::from_be_bytes([PROTO_IPV6_IN_IP, 64]).to_be(),
-        );
-        copy32::<4>(unsafe { o.add(8) }, settings.src_v6.as_ptr());
-        copy32::<4>(unsafe { o.add(24) }, backend.node.as_ptr());
+    let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
+        return ENCAP_FAILED;
+    };
+    // The inner header's first word (version and IHL, TOS, total length) is the outer's
+    // but for the length: words as stored, in the CPU's order (RFC 1071 §2(B): the
+    // checksum of words summed so is the checksum as stored).
+    let first = load32(inner as *const u8);
+    let len = u16::from_be((first >> 16) as u16) as u32;
+    let total = len + TUNNEL_OVERHEAD_V4;
+    if settings.mtu != 0 && total > settings.mtu {
+        return ENCAP_TOO_BIG;
     }
+    let src = load32(settings.src_v4.as_ptr());
+    let dst = load32(backend.node.as_ptr());
+    if src == 0 || !move_head_for_send(ctx, l3, -(TUNNEL_OVERHEAD_V4 as i32)) {
+        return ENCAP_FAILED;
+    }
+    let Some(outer) = ptr_at::<[u8; IPV4_HLEN]>(ctx, l3) else {
+        return ENCAP_FAILED;
+    };
+    let o = outer as *mut u8;
+    let w0 = (first & 0xffff) | ((total as u16).to_be() as u32) << 16;
+    // No fragmentation (DF); TTL 64, protocol IPIP.
+    let w1 = u32::from_ne_bytes([0, 0, 0x40, 0]);
+    let w2 = u32::from_ne_bytes([64, PROTO_IPIP, 0, 0]);
+    let half = |w: u32| (w & 0xffff) + (w >> 16);
+    let sum =
+        half(w0) as u64 + half(w1) as u64 + half(w2) as u64 + half(src) as u64 + half(dst) as u64;
+    let check = !fold64(sum);
+    store32(o, w0);
+    store32(unsafe { o.add(4) }, w1);
+    store32(unsafe { o.add(8) }, w2 | (check as u32) << 16);
+    store32(unsafe { o.add(12) }, src);
+    store32(unsafe { o.add(16) }, dst);
+    ENCAP_OK
+}
+
+/// [`encap`] for IPv6 (IPv6 in IPv6).
+#[inline(never)]
+fn encap_v6(ctx: &XdpContext, l3: usize, backend: &BackendValue) -> u32 {
+    let l3 = link_len(l3);
+    let Some(settings) = TUNNEL_SETTINGS.get(0) else {
+        return ENCAP_FAILED;
+    };
+    let Some(inner) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
+        return ENCAP_FAILED;
+    };
+    let payload = u16::from_be_bytes(unsafe { (*inner).payload_len }) as u32 + IPV6_HLEN as u32;
+    if settings.mtu != 0 && payload + IPV6_HLEN as u32 > settings.mtu {
+        return ENCAP_TOO_BIG;
+    }
+    if settings.src_v6[0] == 0 || !move_head_for_send(ctx, l3, -(TUNNEL_OVERHEAD_V6 as i32)) {
+        return ENCAP_FAILED;
+    }
+    let Some(outer) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
+        return ENCAP_FAILED;
+    };
+    let o = outer as *mut u8;
+    // Version 6, no traffic class or flow label; next header IPv6, hop limit 64.
+    store32(o, u32::from_be_bytes([0x60, 0, 0, 0]).to_be());
+    store16(unsafe { o.add(4) }, (payload as u16).to_be());
+    store16(
+        unsafe { o.add(6) },
+        u16::from_be_bytes([PROTO_IPV6_IN_IP, 64]).to_be(),
+    );
+    copy32::<4>(unsafe { o.add(8) }, settings.src_v6.as_ptr());
+    copy32::<4>(unsafe { o.add(24) }, backend.node.as_ptr());
     ENCAP_OK
 }
 
