@@ -325,6 +325,9 @@ fn encap_v6(ctx: &XdpContext, l3: usize, backend: &BackendValue) -> u32 {
         return ENCAP_FAILED;
     };
     let payload = u16::from_be_bytes(unsafe { (*inner).payload_len }) as u32 + IPV6_HLEN as u32;
+    // Version, traffic class and flow label, as the client set them: the flow label gives
+    // routers between the nodes the flow's entropy (RFC 6438).
+    let first = load32(inner as *const u8);
     if settings.mtu != 0 && payload + IPV6_HLEN as u32 > settings.mtu {
         return ENCAP_TOO_BIG;
     }
@@ -335,8 +338,9 @@ fn encap_v6(ctx: &XdpContext, l3: usize, backend: &BackendValue) -> u32 {
         return ENCAP_FAILED;
     };
     let o = outer as *mut u8;
-    // Version 6, no traffic class or flow label; next header IPv6, hop limit 64.
-    store32(o, u32::from_be_bytes([0x60, 0, 0, 0]).to_be());
+    // The inner header's version, traffic class and flow label; next header IPv6, hop
+    // limit 64.
+    store32(o, first);
     store16(unsafe { o.add(4) }, (payload as u16).to_be());
     store16(
         unsafe { o.add(6) },

@@ -125,12 +125,18 @@ fn an_ipv6_flow_to_a_backend_on_another_node_leaves_in_ipv6_in_ipv6() {
             &[on_node(pod6.into(), Some(node_b6().into()))],
         )
         .unwrap();
-        let syn = ipv6_tcp_syn(NODE_MAC, CLIENT_MAC, client6(), vip6(), 40000, 80);
+        let mut syn = ipv6_tcp_syn(NODE_MAC, CLIENT_MAC, client6(), vip6(), 40000, 80);
+        // A flow label (the IPv6 header has no checksum; the TCP one does not cover it).
+        syn[15..18].copy_from_slice(&[0x0a, 0xbc, 0xde]);
         let out = dp.run_ingress(veth0, &syn).unwrap();
         assert_eq!(out.action, XdpAction::Redirect);
         let f = &out.frame;
         assert_eq!(f.len(), syn.len() + 40);
-        assert_eq!(f[14] >> 4, 6);
+        assert_eq!(
+            &f[14..18],
+            &syn[14..18],
+            "version, class and flow label of the inner"
+        );
         assert_eq!(u16::from_be_bytes([f[18], f[19]]) as usize, syn.len() - 14);
         assert_eq!((f[20], f[21]), (41, 64), "next header IPv6, hop limit 64");
         assert_eq!(&f[22..38], &here6().octets());
