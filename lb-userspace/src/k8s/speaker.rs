@@ -232,6 +232,8 @@ struct ApiHealth {
     back_at: Option<Instant>,
     /// The last time our Lease was written.
     written: Option<Instant>,
+    /// The renew time that write put in it (our wall clock).
+    written_renew: Option<Timestamp>,
     /// Why the last write failed.
     error: Option<String>,
     /// What the last successful write said.
@@ -396,6 +398,7 @@ async fn run_async(
         health,
         isolated: false,
         rejoined: None,
+        catch_up: None,
         saved_peers: BTreeMap::new(),
         started: Instant::now(),
         options: options.clone(),
@@ -570,12 +573,13 @@ async fn lease_writer(mut w: LeaseWriter) {
             h.in_flight_since = None;
             let before = (h.unreachable_since.is_some(), h.error.clone());
             match result {
-                Ok(Ok(deleted)) => {
+                Ok(Ok((deleted, renewed))) => {
                     h.last_answer = Some((now, Timestamp::now()));
                     if h.unreachable_since.take().is_some() {
                         h.back_at = Some(now);
                     }
                     h.written = Some(now);
+                    h.written_renew = Some(renewed);
                     h.error = None;
                     h.published = Some(if deleted {
                         LeaseWish {
@@ -636,7 +640,8 @@ async fn lease_writer(mut w: LeaseWriter) {
 
 impl LeaseWriter {
     /// Writes our Lease; `Ok(true)` when it had been deleted (recreated claiming no L2 IP).
-    async fn write(&self, wish: &LeaseWish) -> Result<bool, kube::Error> {
+    /// Writes our Lease; says whether it had been deleted, and the renew time written.
+    async fn write(&self, wish: &LeaseWish) -> Result<(bool, Timestamp), kube::Error> {
         let current = self.record.get().await?;
         let written_before = self.health.lock().unwrap().written.is_some();
         let deleted = current.is_none() && written_before;
@@ -651,8 +656,8 @@ impl LeaseWriter {
         } else {
             wish.clone()
         };
-        self.record.put(current, &wish, self.lease_duration).await?;
-        Ok(deleted)
+        let renewed = self.record.put(current, &wish, self.lease_duration).await?;
+        Ok((deleted, renewed))
     }
 }
 
@@ -661,14 +666,16 @@ impl LeaseRecord {
         self.leases.get_opt(&self.name).await
     }
 
-    /// Writes our Lease over `current` (as just read; `None`: create it).
+    /// Writes our Lease over `current` (as just read; `None`: create it); returns the renew
+    /// time written.
     async fn put(
         &self,
         current: Option<Lease>,
         wish: &LeaseWish,
         duration: i32,
-    ) -> Result<(), kube::Error> {
-        let now = MicroTime(Timestamp::now());
+    ) -> Result<Timestamp, kube::Error> {
+        let renewed = Timestamp::now();
+        let now = MicroTime(renewed);
         let list = |ips: &BTreeSet<IpAddr>| {
             ips.iter()
                 .map(|ip| ip.to_string())
@@ -721,7 +728,7 @@ impl LeaseRecord {
         } else {
             self.leases.create(&PostParams::default(), &lease).await?;
         }
-        Ok(())
+        Ok(renewed)
     }
 }
 
@@ -755,6 +762,8 @@ struct Speaker {
     isolated: bool,
     /// When this node stopped being cut off (see [`Speaker::settling`]).
     rejoined: Option<Instant>,
+    /// The renew time of our first Lease write after the rejoin, awaited in the Lease watch.
+    catch_up: Option<Timestamp>,
     /// The mesh peers last written to the peers file.
     saved_peers: BTreeMap<String, SocketAddr>,
     started: Instant,
@@ -862,9 +871,44 @@ impl Speaker {
     }
 
     /// After being cut off, a node's objects are stale (its own Lease still claims the IPs the
-    /// others took over meanwhile): it answers nothing until the API server has answered again
-    /// and its watches have had [`SETTLE`] to catch up, so exactly one node answers per IP.
-    fn settling(&self) -> bool {
+    /// others took over meanwhile): it answers nothing until the API server has answered again,
+    /// its watches have had [`SETTLE`] to catch up, and its Lease watch has delivered a write of
+    /// its own made after the rejoin. A watch delivers in order, so by then every Lease the
+    /// others wrote meanwhile (the new owner's claim) is in the store: exactly one node answers
+    /// per IP, even when the old watch connection only wakes up seconds later (TCP's
+    /// retransmission back-off after a link was down). A watch that shows nothing for a whole
+    /// Lease duration is given up on.
+    fn settling(&mut self, leases: &[Lease]) -> bool {
+        let Some(t) = self.rejoined else {
+            return false;
+        };
+        {
+            let h = self.health.lock().unwrap();
+            if self.catch_up.is_none() && h.written.is_some_and(|w| w >= t) {
+                self.catch_up = h.written_renew;
+            }
+        }
+        if self.settle_waiting() {
+            return true;
+        }
+        let seen = self.catch_up.is_some_and(|written| {
+            leases
+                .iter()
+                .filter(|l| l.name_any() == self.lease.name)
+                .filter_map(|l| l.spec.as_ref()?.renew_time.as_ref())
+                .any(|r| r.0.as_microsecond() >= written.as_microsecond())
+        });
+        let given_up =
+            t.elapsed() >= Duration::from_secs(self.options.lease_duration.max(1) as u64);
+        if !seen && given_up {
+            warn!("rejoinedWithoutLeaseWatch: our own Lease write never came back through the watch; answering anyway");
+        }
+        !seen && !given_up
+    }
+
+    /// The part of [`Speaker::settling`] that time ends: the API server out of reach, or back
+    /// for less than [`SETTLE`].
+    fn settle_waiting(&self) -> bool {
         self.rejoined.is_some_and(|t| {
             let h = self.health.lock().unwrap();
             if h.unreachable_since.is_some() {
@@ -954,7 +998,7 @@ impl Speaker {
         (
             members,
             unreachable,
-            self.cut_off(view.as_ref(), nodes) || self.settling(),
+            self.cut_off(view.as_ref(), nodes) || self.settle_waiting(),
             up,
             subnets,
         )
@@ -1046,10 +1090,11 @@ impl Speaker {
             } else {
                 info!("rejoined: answering again once the watches have caught up");
                 self.rejoined = Some(Instant::now());
+                self.catch_up = None;
             }
             self.isolated = isolated;
         }
-        let settling = self.settling();
+        let settling = self.settling(&leases);
         if !settling {
             self.rejoined = None;
         }
@@ -1429,7 +1474,7 @@ impl Speaker {
                         .await
                 })
                 .await;
-                if !matches!(released, Ok(Ok(()))) {
+                if !matches!(released, Ok(Ok(_))) {
                     warn!("leaseReleaseFailed");
                 }
                 if let Err(e) = dataplane::detach_pinned(&self.options.pin_dir) {
