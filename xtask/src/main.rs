@@ -328,9 +328,23 @@ fn build_release_sluice() -> Result<()> {
     ]))
 }
 
+/// The demo in the dev profile, built by one cargo invocation: the same dependency artifacts
+/// as `cargo xtask test` (the workspace has no dev-dependencies, so features are the same), so
+/// a demo after the tests, or the tests after a demo, compiles only Sluice's own crates.
 fn demo() -> Result<()> {
-    build_release_sluice()?;
-    run_release_bin("demo")
+    run(cargo().args([
+        "build",
+        "--package",
+        "lb-userspace",
+        "--bin",
+        "sluice",
+        "--package",
+        "sluice-tests",
+        "--bin",
+        "demo",
+    ]))?;
+    let demo = root().join("target/debug/demo");
+    run(&mut clean_command(&demo))
 }
 
 /// `soak [mesh|bfd|cluster] [-- RUNS]`: the speaker mesh's failovers (the default), BGP's with
