@@ -18,13 +18,14 @@ fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
 
-/// The manifests kustomize installs: every YAML file but the kustomization and the examples.
+/// The manifests kustomize installs: every YAML file but the kustomization, the examples and
+/// the host install's files (host/: a systemd unit and Sluice's own config).
 fn manifests() -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
             if path.is_dir() {
-                if path.file_name().unwrap() != "examples" {
+                if !["examples", "host"].contains(&path.file_name().unwrap().to_str().unwrap()) {
                     walk(&path, out);
                 }
             } else if path.extension().is_some_and(|e| e == "yaml")

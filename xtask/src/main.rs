@@ -11,6 +11,8 @@
 //!   (connections under ECMP changes and the L2 owner's failover, 5 runs)
 //! - `manifests`  writes deploy/crds/ from the Rust CRD types (a test fails when they differ)
 //! - `demo`       Sluice in network namespaces: a client, a node, three backends (needs root)
+//! - `image`      the OCI image archive of `sluice`, without a container engine; prints its digest
+//! - `deb`        the Debian package for hosts: the binary, a systemd unit, /etc/sluice/sluice.yaml
 
 use std::{
     env,
@@ -21,7 +23,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+mod deb;
 mod e2e;
+mod image;
+mod staging;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and the data plane need: (command that proves it is there, package).
@@ -34,6 +39,11 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("bird", "bird2"),
     ("vtysh", "frr"),
     ("gobgpd", "gobgpd"),
+    // The install tests: the image read and run as users do, the package's tools.
+    ("skopeo", "skopeo"),
+    ("umoci", "umoci"),
+    ("runc", "runc"),
+    ("dpkg-deb", "dpkg"),
 ];
 
 fn main() -> Result<()> {
@@ -62,13 +72,15 @@ fn main() -> Result<()> {
             soak(&rest)
         }
         "manifests" => manifests(),
+        "image" => image::main(&rest),
+        "deb" => deb::main(&rest),
         "demo" => {
             setup()?;
             build_ebpf()?;
             demo()
         }
         _ => {
-            eprintln!("usage: cargo xtask <setup | build-ebpf | test [-- cargo test args] | bench | soak [mesh|bfd|cluster] [-- RUNS] | manifests | demo>");
+            eprintln!("usage: cargo xtask <setup | build-ebpf | test [-- cargo test args] | bench | soak [mesh|bfd|cluster] [-- RUNS] | manifests | demo | image | deb>");
             std::process::exit(2);
         }
     }
