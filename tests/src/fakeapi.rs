@@ -682,7 +682,7 @@ pub fn shipped_rules(
         .join(format!("../deploy/{component}/rbac.yaml"));
     let text = std::fs::read_to_string(&path).unwrap();
     let mut out = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
+    for doc in yaml_serde::Deserializer::from_str(&text) {
         let v: Value = serde::Deserialize::deserialize(doc).unwrap();
         let scope = match v["kind"].as_str() {
             Some("ClusterRole") => None,
@@ -866,7 +866,7 @@ fn handle(shared: &Shared, request: &Request) -> Result<(u16, Value), ApiError> 
     let body = || -> Result<Value, ApiError> {
         // Apply patches may be YAML; JSON is YAML, and kube sends JSON.
         serde_json::from_slice(&request.body)
-            .or_else(|_| serde_yaml::from_slice(&request.body))
+            .or_else(|_| yaml_serde::from_slice(&request.body))
             .map_err(|e| ApiError::new(400, "BadRequest", format!("the body does not parse: {e}")))
     };
     let mut state = shared.state.lock().unwrap();

@@ -43,7 +43,7 @@ fn manifests() -> Vec<PathBuf> {
 
 fn documents(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
+    yaml_serde::Deserializer::from_str(&text)
         .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
         .filter(|v| !v.is_null())
         .collect()
@@ -113,7 +113,7 @@ fn every_deploy_manifest_parses_as_the_kubernetes_type_it_claims_with_no_unknown
 fn the_kustomization_installs_every_manifest_and_names_no_missing_file() {
     let root = deploy();
     let k: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(root.join("kustomization.yaml")).unwrap())
+        yaml_serde::from_str(&std::fs::read_to_string(root.join("kustomization.yaml")).unwrap())
             .unwrap();
     let listed: Vec<PathBuf> = k["resources"]
         .as_array()

@@ -408,7 +408,7 @@ fn the_dockerfile_builds_what_xtask_image_builds_and_the_kustomization_names_tha
             "the Dockerfile lacks {line:?}, which `xtask image` builds"
         );
     }
-    let kustomization: serde_yaml::Value = serde_yaml::from_str(
+    let kustomization: yaml_serde::Value = yaml_serde::from_str(
         &std::fs::read_to_string(repo().join("deploy/kustomization.yaml")).unwrap(),
     )
     .unwrap();

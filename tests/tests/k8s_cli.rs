@@ -75,8 +75,8 @@ fn sluice_crds_prints_the_five_definitions_as_yaml_documents() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     let mut names = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v: serde_yaml::Value = serde::Deserialize::deserialize(doc).unwrap();
+    for doc in yaml_serde::Deserializer::from_str(&text) {
+        let v: yaml_serde::Value = serde::Deserialize::deserialize(doc).unwrap();
         assert_eq!(v["kind"].as_str(), Some("CustomResourceDefinition"));
         names.push(v["metadata"]["name"].as_str().unwrap().to_string());
     }

@@ -376,7 +376,7 @@ pub struct LegacyPeer {
     pub ebgp_multihop: bool,
     /// Accepted for compatibility; Sluice's standalone mode has no nodes to select.
     #[serde(default)]
-    pub node_selectors: Option<serde_yaml::Value>,
+    pub node_selectors: Option<yaml_serde::Value>,
     #[serde(default)]
     pub bfd_profile: Option<String>,
 }
@@ -413,7 +413,7 @@ pub fn parse(text: &str) -> Result<SluiceFile, FileError> {
     if let Some((legacy, prefix)) = legacy(text)? {
         return from_legacy(legacy, &prefix);
     }
-    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| FileError {
+    let value: yaml_serde::Value = yaml_serde::from_str(text).map_err(|e| FileError {
         path: String::new(),
         message: format!("not valid YAML: {e}"),
     })?;
@@ -426,7 +426,7 @@ pub fn parse(text: &str) -> Result<SluiceFile, FileError> {
 /// MetalLB's legacy configuration, when the text is one (a ConfigMap, or its `config` string
 /// alone), with the prefix of its paths (`data.config.`); `None` for anything else.
 pub fn legacy(text: &str) -> Result<Option<(LegacyConfig, String)>, FileError> {
-    let Ok(value) = serde_yaml::from_str::<serde_yaml::Value>(text) else {
+    let Ok(value) = yaml_serde::from_str::<yaml_serde::Value>(text) else {
         return Ok(None);
     };
     if value.get("kind").and_then(|k| k.as_str()) == Some("ConfigMap") {
@@ -448,7 +448,7 @@ pub fn legacy(text: &str) -> Result<Option<(LegacyConfig, String)>, FileError> {
     Ok(None)
 }
 
-fn has_kebab_peer(value: &serde_yaml::Value) -> bool {
+fn has_kebab_peer(value: &yaml_serde::Value) -> bool {
     value
         .get("peers")
         .and_then(|p| p.as_sequence())
@@ -457,7 +457,7 @@ fn has_kebab_peer(value: &serde_yaml::Value) -> bool {
 }
 
 fn parse_legacy(text: &str, prefix: &str) -> Result<(LegacyConfig, String), FileError> {
-    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| FileError {
+    let value: yaml_serde::Value = yaml_serde::from_str(text).map_err(|e| FileError {
         path: prefix.trim_end_matches('.').to_string(),
         message: format!("not valid YAML: {e}"),
     })?;
@@ -564,7 +564,7 @@ pub fn from_legacy(legacy: LegacyConfig, prefix: &str) -> Result<SluiceFile, Fil
 
 /// Deserializes with the failing field's path, and for an unknown field the closest known name.
 fn deserialize<T: for<'de> Deserialize<'de>>(
-    value: serde_yaml::Value,
+    value: yaml_serde::Value,
     prefix: &str,
 ) -> Result<T, FileError> {
     serde_path_to_error::deserialize(value).map_err(|e| {

@@ -264,7 +264,7 @@ pub fn manifest_files() -> Vec<(String, String)> {
         .into_iter()
         .map(|crd| {
             let name = crd.metadata.name.clone().unwrap_or_default();
-            let yaml = serde_yaml::to_string(&crd).expect("a CRD serializes to YAML");
+            let yaml = yaml_serde::to_string(&crd).expect("a CRD serializes to YAML");
             let text = format!(
                 "# Generated from lb-userspace/src/k8s/crd.rs by `cargo xtask manifests`; do not edit.\n{yaml}"
             );
@@ -359,7 +359,7 @@ spec:
     - matchExpressions: [{key: tier, operator: In, values: [front]}]
 "#;
         let renamed = metallb.replace("metallb.io/v1beta1", "sluice.dev/v1alpha1");
-        let pool: IPAddressPool = serde_yaml::from_str(&renamed).unwrap();
+        let pool: IPAddressPool = yaml_serde::from_str(&renamed).unwrap();
         assert_eq!(pool.spec.addresses.len(), 2);
         assert_eq!(pool.spec.auto_assign, Some(false));
         assert_eq!(pool.spec.avoid_buggy_ips, Some(true));

@@ -28,9 +28,9 @@ pub fn parse(name: &str, text: &str) -> Result<Parsed, String> {
     let mut metallb_docs = Vec::new();
     // Every document; a `kind: List` (what `kubectl get -o yaml` prints) gives its items.
     let mut documents = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, doc) in yaml_serde::Deserializer::from_str(text).enumerate() {
         let at = format!("{name}: document {}", i + 1);
-        let value = serde_yaml::Value::deserialize(doc).map_err(|e| format!("{at}: {e}"))?;
+        let value = yaml_serde::Value::deserialize(doc).map_err(|e| format!("{at}: {e}"))?;
         match value.get("items").and_then(|items| items.as_sequence()) {
             Some(items) if value.get("kind").and_then(|k| k.as_str()) == Some("List") => {
                 for (j, item) in items.iter().enumerate() {
@@ -66,7 +66,7 @@ pub fn parse(name: &str, text: &str) -> Result<Parsed, String> {
         fn typed<T: serde::de::DeserializeOwned>(
             at: &str,
             kind: &str,
-            v: serde_yaml::Value,
+            v: yaml_serde::Value,
         ) -> Result<T, String> {
             serde_path_to_error::deserialize(v)
                 .map_err(|e| format!("{at} ({kind}): {}: {}", e.path(), e.inner()))

@@ -86,7 +86,7 @@ where
             map.remove("status");
         }
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&value).map_err(|e| e.to_string())?);
+        out.push_str(&yaml_serde::to_string(&value).map_err(|e| e.to_string())?);
     }
     Ok(())
 }
@@ -117,18 +117,18 @@ fn duration(d: &Option<file::Duration>) -> Option<String> {
 }
 
 /// A legacy `node-selectors` entry (`match-labels`, `match-expressions`) as a LabelSelector.
-fn selector(value: &serde_yaml::Value, at: &str) -> Result<LabelSelector, String> {
+fn selector(value: &yaml_serde::Value, at: &str) -> Result<LabelSelector, String> {
     let match_labels = match value.get("match-labels") {
         None => None,
         Some(v) => Some(
-            serde_yaml::from_value::<BTreeMap<String, String>>(v.clone())
+            yaml_serde::from_value::<BTreeMap<String, String>>(v.clone())
                 .map_err(|e| format!("{at}.match-labels: {e}"))?,
         ),
     };
     let match_expressions = match value.get("match-expressions") {
         None => None,
         Some(v) => Some(
-            serde_yaml::from_value::<Vec<LabelSelectorRequirement>>(v.clone())
+            yaml_serde::from_value::<Vec<LabelSelectorRequirement>>(v.clone())
                 .map_err(|e| format!("{at}.match-expressions: {e}"))?,
         ),
     };
