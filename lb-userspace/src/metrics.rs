@@ -1,9 +1,8 @@
-//! The daemon's status and its HTTP endpoint: /metrics (Prometheus text format), /healthz and
-//! /readyz. Traffic counters are read from the pinned maps at scrape time; everything else comes
+//! The daemon's status and its HTTP endpoint: /metrics (OpenMetrics text, encoded by the
+//! Prometheus project's `prometheus-client`), /healthz and /readyz. Traffic counters are read from the pinned maps at scrape time; everything else comes
 //! from the shared [`Status`] the daemon keeps up to date. Rendering is pure.
 
 use std::{
-    fmt::Write as _,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -200,6 +199,8 @@ impl Status {
 
 pub type SharedStatus = Arc<Mutex<Status>>;
 
+/// Escapes a label value for the text format (backslash, double quote, newline), which
+/// prometheus-client leaves to the caller.
 fn escape(value: &str) -> String {
     value
         .replace('\\', "\\\\")
@@ -207,10 +208,159 @@ fn escape(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
+/// A sample's value: counters are whole, gauges whole or not.
+#[derive(Debug, Clone, Copy)]
+enum Value {
+    Whole(u64),
+    Real(f64),
 }
+
+impl From<u64> for Value {
+    fn from(v: u64) -> Self {
+        Value::Whole(v)
+    }
+}
+
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        u64::try_from(v).map_or(Value::Real(v as f64), Value::Whole)
+    }
+}
+
+impl Value {
+    /// A count kept as a float because it may exceed 2^64 (an IPv6 pool's addresses): whole
+    /// while it is exactly one.
+    fn count(v: f64) -> Self {
+        if v >= 0.0 && v.fract() == 0.0 && v < 9.0e15 {
+            Value::Whole(v as u64)
+        } else {
+            Value::Real(v)
+        }
+    }
+}
+
+impl From<usize> for Value {
+    fn from(v: usize) -> Self {
+        Value::Whole(v as u64)
+    }
+}
+
+impl From<f64> for Value {
+    fn from(v: f64) -> Self {
+        Value::Real(v)
+    }
+}
+
+impl From<bool> for Value {
+    fn from(v: bool) -> Self {
+        Value::Whole(u64::from(v))
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// One metric family of a scrape, its samples in the order they were added.
+#[derive(Debug)]
+struct MetricFamily {
+    /// The name as users query it (counters end in `_total`).
+    name: &'static str,
+    help: &'static str,
+    counter: bool,
+    samples: Vec<(Labels, Value)>,
+}
+
+impl MetricFamily {
+    /// Adds a sample; label values are escaped here.
+    fn sample(&mut self, labels: &[(&'static str, &str)], value: impl Into<Value>) -> &mut Self {
+        let labels = labels.iter().map(|(k, v)| (*k, escape(v))).collect();
+        self.samples.push((labels, value.into()));
+        self
+    }
+}
+
+/// What one scrape shows: families built from a snapshot, encoded by prometheus-client
+/// (OpenMetrics text: HELP and TYPE per family, counters' `_total`, `# EOF`).
+#[derive(Debug, Default)]
+struct Exposition {
+    families: Vec<MetricFamily>,
+}
+
+impl Exposition {
+    fn counter(&mut self, name: &'static str, help: &'static str) -> &mut MetricFamily {
+        self.family(name, help, true)
+    }
+
+    fn gauge(&mut self, name: &'static str, help: &'static str) -> &mut MetricFamily {
+        self.family(name, help, false)
+    }
+
+    fn family(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        counter: bool,
+    ) -> &mut MetricFamily {
+        self.families.push(MetricFamily {
+            name,
+            help,
+            counter,
+            samples: Vec::new(),
+        });
+        self.families.last_mut().expect("just pushed")
+    }
+
+    /// The OpenMetrics text of every family.
+    fn render(self) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(self));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
+
+impl prometheus_client::collector::Collector for Exposition {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{
+            encoding::EncodeMetric,
+            metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+        };
+        for f in &self.families {
+            let (name, kind) = if f.counter {
+                (
+                    f.name.strip_suffix("_total").unwrap_or(f.name),
+                    MetricType::Counter,
+                )
+            } else {
+                (f.name, MetricType::Gauge)
+            };
+            let mut metric = encoder.encode_descriptor(name, f.help, None, kind)?;
+            let encode =
+                |m: prometheus_client::encoding::MetricEncoder, v: Value| match (f.counter, v) {
+                    (true, Value::Whole(n)) => ConstCounter::new(n).encode(m),
+                    (true, Value::Real(x)) => ConstCounter::new(x).encode(m),
+                    (false, Value::Whole(n)) => ConstGauge::new(n as i64).encode(m),
+                    (false, Value::Real(x)) => ConstGauge::new(x).encode(m),
+                };
+            match f.samples.as_slice() {
+                [(labels, v)] if labels.is_empty() => encode(metric, *v)?,
+                samples => {
+                    for (labels, v) in samples {
+                        encode(metric.encode_family(labels)?, *v)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The content type of the exposition /metrics serves.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Renders every metric: traffic from the maps (when readable), state from `status`.
 pub fn render(
@@ -221,7 +371,7 @@ pub fn render(
     flood: Option<&crate::dataplane::FloodStats>,
     tunnels: &[crate::dataplane::TunnelTraffic],
 ) -> String {
-    let mut out = String::new();
+    let mut m = Exposition::default();
     let name_of = |key: &str| status.service_name(key).unwrap_or_default();
     for (metric, help, pick) in [
         (
@@ -236,16 +386,11 @@ pub fn render(
         ),
         ("sluice_service_flows_total", "New flows, per service.", 2),
     ] {
-        family(&mut out, metric, "counter", help);
+        let f = m.counter(metric, help);
         for s in services {
             let key = s.service.to_string();
             let v = [s.traffic.packets, s.traffic.bytes, s.traffic.new_flows][pick];
-            let _ = writeln!(
-                out,
-                "{metric}{{name=\"{}\",service=\"{}\"}} {v}",
-                escape(&name_of(&key)),
-                escape(&key)
-            );
+            f.sample(&[("name", &name_of(&key)), ("service", &key)], v);
         }
     }
     for (metric, help, pick) in [
@@ -261,102 +406,60 @@ pub fn render(
             2,
         ),
     ] {
-        family(&mut out, metric, "counter", help);
+        let f = m.counter(metric, help);
         for s in services {
             let key = s.service.to_string();
             for (b, t) in &s.backends {
                 let v = [t.packets, t.bytes, t.new_flows][pick];
-                let _ = writeln!(
-                    out,
-                    "{metric}{{name=\"{}\",service=\"{}\",backend=\"{}\"}} {v}",
-                    escape(&name_of(&key)),
-                    escape(&key),
-                    escape(&b.maglev_key())
+                f.sample(
+                    &[
+                        ("name", &name_of(&key)),
+                        ("service", &key),
+                        ("backend", &b.maglev_key()),
+                    ],
+                    v,
                 );
             }
         }
     }
-    family(
-        &mut out,
+    let f = m.gauge(
         "sluice_backend_healthy",
-        "gauge",
         "1 when the backend passes its health check (it is in the Maglev table).",
     );
     for h in &status.health {
-        let _ = writeln!(
-            out,
-            "sluice_backend_healthy{{name=\"{}\",backend=\"{}\"}} {}",
-            escape(&h.service),
-            escape(&h.backend),
-            u8::from(h.healthy)
-        );
+        f.sample(&[("name", &h.service), ("backend", &h.backend)], h.healthy);
     }
-    family(
-        &mut out,
+    let f = m.gauge(
         "sluice_allocator_addresses_in_use_total",
-        "gauge",
         "Addresses of a pool allocated to services.",
     );
     for (pool, in_use, _) in &status.pools {
-        let _ = writeln!(
-            out,
-            "sluice_allocator_addresses_in_use_total{{pool=\"{}\"}} {in_use}",
-            escape(pool)
-        );
+        f.sample(&[("pool", pool)], *in_use);
     }
-    family(
-        &mut out,
+    let f = m.gauge(
         "sluice_allocator_addresses_total",
-        "gauge",
         "Usable addresses of a pool.",
     );
     for (pool, _, total) in &status.pools {
-        let _ = writeln!(
-            out,
-            "sluice_allocator_addresses_total{{pool=\"{}\"}} {total}",
-            escape(pool)
-        );
+        f.sample(&[("pool", pool)], Value::count(*total));
     }
-    family(
-        &mut out,
+    m.counter(
         "sluice_config_reloads_total",
-        "counter",
         "Configuration reloads, by result.",
-    );
-    let _ = writeln!(
-        out,
-        "sluice_config_reloads_total{{result=\"success\"}} {}",
-        status.reloads_succeeded
-    );
-    let _ = writeln!(
-        out,
-        "sluice_config_reloads_total{{result=\"failure\"}} {}",
-        status.reloads_failed
-    );
-    family(
-        &mut out,
+    )
+    .sample(&[("result", "success")], status.reloads_succeeded)
+    .sample(&[("result", "failure")], status.reloads_failed);
+    m.gauge(
         "sluice_config_last_reload_successful",
-        "gauge",
         "1 when the last reload was applied, 0 when it was rejected.",
-    );
-    let _ = writeln!(
-        out,
-        "sluice_config_last_reload_successful {}",
-        u8::from(status.last_reload_error.is_none())
-    );
-    family(
-        &mut out,
+    )
+    .sample(&[], status.last_reload_error.is_none());
+    let f = m.gauge(
         "sluice_bgp_session_up",
-        "gauge",
         "1 when the BGP session with the peer is Established.",
     );
     for b in &status.bgp {
-        let _ = writeln!(
-            out,
-            "sluice_bgp_session_up{{peer=\"{}\"}} {}",
-            escape(&b.peer),
-            u8::from(b.state == "Established")
-        );
+        f.sample(&[("peer", &b.peer)], b.state == "Established");
     }
     for (metric, help, pick) in [
         (
@@ -375,31 +478,22 @@ pub fn render(
             2,
         ),
     ] {
-        family(&mut out, metric, "counter", help);
+        let f = m.counter(metric, help);
         for b in &status.bgp {
             let v = [b.updates_sent, b.updates_received, b.notifications][pick];
-            let _ = writeln!(out, "{metric}{{peer=\"{}\"}} {v}", escape(&b.peer));
+            f.sample(&[("peer", &b.peer)], v);
         }
     }
-    family(
-        &mut out,
+    let f = m.gauge(
         "sluice_bgp_prefixes_sent",
-        "gauge",
         "Prefixes announced to the peer now.",
     );
     for b in &status.bgp {
-        let _ = writeln!(
-            out,
-            "sluice_bgp_prefixes_sent{{peer=\"{}\"}} {}",
-            escape(&b.peer),
-            b.prefixes_sent
-        );
+        f.sample(&[("peer", &b.peer)], b.prefixes_sent);
     }
     if let Some(g) = global {
-        family(
-            &mut out,
+        let f = m.counter(
             "sluice_packets_total",
-            "counter",
             "Packets seen by the XDP program, by outcome.",
         );
         for (outcome, v) in [
@@ -419,46 +513,26 @@ pub fn render(
             ("dropped_tunnel_mismatch", g.tunnel_mismatch),
             ("tunnel_too_big", g.tunnel_too_big),
         ] {
-            let _ = writeln!(out, "sluice_packets_total{{outcome=\"{outcome}\"}} {v}");
+            f.sample(&[("outcome", outcome)], v);
         }
     }
-    render_mesh(&mut out, status);
-    render_bfd(&mut out, &status.bfd);
+    render_mesh(&mut m, status);
+    render_bfd(&mut m, &status.bfd);
     if let Some(census) = flows {
-        family(
-            &mut out,
-            "sluice_tracked_flows",
-            "gauge",
-            "Flows in the connection table.",
-        );
-        let _ = writeln!(out, "sluice_tracked_flows {}", census.total());
-        family(
-            &mut out,
+        m.gauge("sluice_tracked_flows", "Flows in the connection table.")
+            .sample(&[], census.total());
+        m.gauge(
             "sluice_tracked_flows_by_state",
-            "gauge",
             "Flows in the connection table by state: open, half_closed (one side sent a FIN), closed (both did; removed after a grace period).",
-        );
-        for (state, n) in [
-            ("open", census.open),
-            ("half_closed", census.half_closed),
-            ("closed", census.closed),
-        ] {
-            let _ = writeln!(
-                out,
-                "sluice_tracked_flows_by_state{{state=\"{state}\"}} {n}"
-            );
-        }
-        family(
-            &mut out,
+        )
+        .sample(&[("state", "open")], census.open)
+        .sample(&[("state", "half_closed")], census.half_closed)
+        .sample(&[("state", "closed")], census.closed);
+        m.counter(
             "sluice_closed_flows_removed_total",
-            "counter",
             "Flows closed from both sides that this process removed from the connection table.",
-        );
-        let _ = writeln!(
-            out,
-            "sluice_closed_flows_removed_total {}",
-            crate::dataplane::flows::removed_total()
-        );
+        )
+        .sample(&[], crate::dataplane::flows::removed_total());
     }
     if !tunnels.is_empty() {
         for (metric, help, pick) in [
@@ -474,182 +548,116 @@ pub fn render(
                 |t| (t.in_bytes, t.out_bytes),
             ),
         ] {
-            family(&mut out, metric, "counter", help);
+            let f = m.counter(metric, help);
             for t in tunnels {
                 let node = t.node.map(|n| n.to_string()).unwrap_or_default();
                 let (i, o) = pick(t);
-                let _ = writeln!(out, "{metric}{{node=\"{node}\",direction=\"in\"}} {i}");
-                let _ = writeln!(out, "{metric}{{node=\"{node}\",direction=\"out\"}} {o}");
+                f.sample(&[("node", &node), ("direction", "in")], i)
+                    .sample(&[("node", &node), ("direction", "out")], o);
             }
         }
     }
-    if let Some(f) = flood {
-        family(
-            &mut out,
+    if let Some(fl) = flood {
+        m.counter(
             "sluice_flood_guard_untracked_flows_total",
-            "counter",
             "New flows balanced but not tracked: over the flood guard's limit per CPU and second.",
-        );
-        let _ = writeln!(
-            out,
-            "sluice_flood_guard_untracked_flows_total {}",
-            f.untracked
-        );
-        family(
-            &mut out,
+        )
+        .sample(&[], fl.untracked);
+        m.counter(
             "sluice_flood_guard_activations_total",
-            "counter",
             "Seconds (per CPU) in which new flows reached the flood guard's limit.",
-        );
-        let _ = writeln!(
-            out,
-            "sluice_flood_guard_activations_total {}",
-            f.activations
-        );
+        )
+        .sample(&[], fl.activations);
     }
-    out
+    m.render()
 }
 
-fn render_bfd(out: &mut String, bfd: &BfdStatus) {
+fn render_bfd(m: &mut Exposition, bfd: &BfdStatus) {
     if bfd.sessions.is_empty() && bfd.dropped.is_empty() {
         return;
     }
-    family(
-        out,
+    let f = m.gauge(
         "sluice_bfd_session_up",
-        "gauge",
         "1 while the BFD session with the peer is Up.",
     );
     for s in &bfd.sessions {
-        let _ = writeln!(
-            out,
-            "sluice_bfd_session_up{{peer=\"{}\",profile=\"{}\"}} {}",
-            escape(&s.peer),
-            escape(&s.profile),
-            u8::from(s.state == "Up")
+        f.sample(
+            &[("peer", &s.peer), ("profile", &s.profile)],
+            s.state == "Up",
         );
     }
-    family(
-        out,
+    let f = m.gauge(
         "sluice_bfd_session_state",
-        "gauge",
         "The BFD session's state: 0 AdminDown, 1 Down, 2 Init, 3 Up (RFC 5880).",
     );
     for s in &bfd.sessions {
-        let code = match s.state.as_str() {
+        let code: u64 = match s.state.as_str() {
             "AdminDown" => 0,
             "Down" => 1,
             "Init" => 2,
             _ => 3,
         };
-        let _ = writeln!(
-            out,
-            "sluice_bfd_session_state{{peer=\"{}\"}} {code}",
-            escape(&s.peer)
-        );
+        f.sample(&[("peer", &s.peer)], code);
     }
-    family(
-        out,
+    let f = m.gauge(
         "sluice_bfd_detection_time_seconds",
-        "gauge",
         "How long the peer may stay silent before the session goes down.",
     );
     for s in &bfd.sessions {
-        let _ = writeln!(
-            out,
-            "sluice_bfd_detection_time_seconds{{peer=\"{}\"}} {:.3}",
-            escape(&s.peer),
-            s.detection_time_ms as f64 / 1000.0
-        );
+        f.sample(&[("peer", &s.peer)], s.detection_time_ms as f64 / 1000.0);
     }
-    family(
-        out,
+    let f = m.counter(
         "sluice_bfd_transitions_total",
-        "counter",
         "BFD session state changes, by new state and reason.",
     );
     for s in &bfd.sessions {
         for (to, reason, n) in &s.transitions {
-            let _ = writeln!(
-                out,
-                "sluice_bfd_transitions_total{{peer=\"{}\",to=\"{to}\",reason=\"{reason}\"}} {n}",
-                escape(&s.peer)
-            );
+            f.sample(&[("peer", &s.peer), ("to", to), ("reason", reason)], *n);
         }
     }
-    family(
-        out,
+    let f = m.counter(
         "sluice_bfd_packets_dropped_total",
-        "counter",
         "BFD packets dropped (bad length, version, discriminator, TTL, authentication, unknown session).",
     );
     for reason in crate::bfd::packet::Drop::ALL {
         let label = reason.label();
-        let _ = writeln!(
-            out,
-            "sluice_bfd_packets_dropped_total{{reason=\"{label}\"}} {}",
-            bfd.dropped.get(label).copied().unwrap_or(0)
+        f.sample(
+            &[("reason", label)],
+            bfd.dropped.get(label).copied().unwrap_or(0),
         );
     }
 }
 
-fn render_mesh(out: &mut String, status: &Status) {
+fn render_mesh(m: &mut Exposition, status: &Status) {
     if !status.mesh_enabled {
         return;
     }
     let mesh = &status.mesh;
-    family(
-        out,
+    let f = m.gauge(
         "sluice_mesh_member_alive",
-        "gauge",
         "1 while the other speaker counts alive (mesh state alive or suspect, or restarting within its grace).",
     );
-    for m in &mesh.members {
-        let _ = writeln!(
-            out,
-            "sluice_mesh_member_alive{{node=\"{}\",state=\"{}\"}} {}",
-            escape(&m.node),
-            escape(&m.state),
-            u8::from(m.counted_alive)
-        );
+    for s in &mesh.members {
+        f.sample(&[("node", &s.node), ("state", &s.state)], s.counted_alive);
     }
-    family(
-        out,
+    let f = m.gauge(
         "sluice_mesh_failure_detection_seconds",
-        "gauge",
         "For a speaker declared down: seconds from its last message to the verdict.",
     );
-    for m in &mesh.members {
-        if let Some(s) = m.noticed_after_seconds {
-            let _ = writeln!(
-                out,
-                "sluice_mesh_failure_detection_seconds{{node=\"{}\"}} {s:.3}",
-                escape(&m.node)
-            );
+    for s in &mesh.members {
+        if let Some(secs) = s.noticed_after_seconds {
+            f.sample(&[("node", &s.node)], secs);
         }
     }
-    family(
-        out,
+    m.counter(
         "sluice_mesh_datagrams_received_total",
-        "counter",
         "Mesh datagrams accepted.",
-    );
-    let _ = writeln!(
-        out,
-        "sluice_mesh_datagrams_received_total {}",
-        mesh.received
-    );
-    family(
-        out,
-        "sluice_mesh_datagrams_sent_total",
-        "counter",
-        "Mesh datagrams sent.",
-    );
-    let _ = writeln!(out, "sluice_mesh_datagrams_sent_total {}", mesh.sent);
-    family(
-        out,
+    )
+    .sample(&[], mesh.received);
+    m.counter("sluice_mesh_datagrams_sent_total", "Mesh datagrams sent.")
+        .sample(&[], mesh.sent);
+    let f = m.counter(
         "sluice_mesh_datagrams_dropped_total",
-        "counter",
         "Mesh datagrams dropped (wrong key, truncated, garbled, replayed, stale, unknown node).",
     );
     for reason in [
@@ -661,10 +669,9 @@ fn render_mesh(out: &mut String, status: &Status) {
         "replayed",
         "unknown_kind",
     ] {
-        let _ = writeln!(
-            out,
-            "sluice_mesh_datagrams_dropped_total{{reason=\"{reason}\"}} {}",
-            mesh.dropped.get(reason).copied().unwrap_or(0)
+        f.sample(
+            &[("reason", reason)],
+            mesh.dropped.get(reason).copied().unwrap_or(0),
         );
     }
 }
@@ -698,7 +705,16 @@ fn serve_endpoints(
                 "/metrics" => (200, metrics()),
                 _ => (404, "not found: try /metrics, /healthz or /readyz\n".into()),
             };
-            let response = tiny_http::Response::from_string(body).with_status_code(code);
+            let kind = if request.url() == "/metrics" {
+                CONTENT_TYPE
+            } else {
+                "text/plain; charset=utf-8"
+            };
+            let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], kind.as_bytes())
+                .expect("a valid header");
+            let response = tiny_http::Response::from_string(body)
+                .with_status_code(code)
+                .with_header(header);
             let _ = request.respond(response);
         }
     });
@@ -761,48 +777,26 @@ pub struct ControllerStatus {
 
 pub type SharedControllerStatus = std::sync::Arc<std::sync::Mutex<ControllerStatus>>;
 
-/// Renders the controller's metrics (Prometheus text format).
+/// Renders the controller's metrics (OpenMetrics text).
 pub fn render_controller(status: &ControllerStatus) -> String {
-    let mut out = String::new();
-    family(
-        &mut out,
+    let mut m = Exposition::default();
+    m.gauge(
         "sluice_controller_leader",
-        "gauge",
         "1 while this replica holds the Lease.",
-    );
-    let _ = writeln!(out, "sluice_controller_leader {}", u8::from(status.leader));
-    family(
-        &mut out,
-        "sluice_controller_synced",
-        "gauge",
-        "1 once every watch has listed.",
-    );
-    let _ = writeln!(out, "sluice_controller_synced {}", u8::from(status.synced));
-    family(
-        &mut out,
-        "sluice_pool_addresses_total",
-        "gauge",
-        "Addresses in the pool.",
-    );
+    )
+    .sample(&[], status.leader);
+    m.gauge("sluice_controller_synced", "1 once every watch has listed.")
+        .sample(&[], status.synced);
+    let f = m.gauge("sluice_pool_addresses_total", "Addresses in the pool.");
     for (pool, (total, _)) in &status.pools {
-        let _ = writeln!(
-            out,
-            "sluice_pool_addresses_total{{pool=\"{}\"}} {total}",
-            escape(pool)
-        );
+        f.sample(&[("pool", pool)], *total);
     }
-    family(
-        &mut out,
+    let f = m.gauge(
         "sluice_pool_addresses_in_use",
-        "gauge",
         "Addresses of the pool given to Services.",
     );
     for (pool, (_, in_use)) in &status.pools {
-        let _ = writeln!(
-            out,
-            "sluice_pool_addresses_in_use{{pool=\"{}\"}} {in_use}",
-            escape(pool)
-        );
+        f.sample(&[("pool", pool)], *in_use);
     }
     for (name, help, value) in [
         (
@@ -826,8 +820,7 @@ pub fn render_controller(status: &ControllerStatus) -> String {
             status.api_write_errors_total,
         ),
     ] {
-        family(&mut out, name, "counter", help);
-        let _ = writeln!(out, "{name} {value}");
+        m.counter(name, help).sample(&[], value);
     }
     for (name, help, value) in [
         (
@@ -846,10 +839,9 @@ pub fn render_controller(status: &ControllerStatus) -> String {
             status.invalid_objects,
         ),
     ] {
-        family(&mut out, name, "gauge", help);
-        let _ = writeln!(out, "{name} {value}");
+        m.gauge(name, help).sample(&[], value);
     }
-    out
+    m.render()
 }
 
 /// Serves the controller's /metrics, /healthz and /readyz (ready once every watch has listed).
@@ -1020,21 +1012,36 @@ mod tests {
             "sluice_bgp_session_up{peer=\"192.0.2.1\"} 1",
             "sluice_bgp_prefixes_sent{peer=\"192.0.2.1\"} 2",
             "sluice_mesh_member_alive{node=\"node-b\",state=\"down\"} 0",
-            "sluice_mesh_failure_detection_seconds{node=\"node-b\"} 0.800",
+            "sluice_mesh_failure_detection_seconds{node=\"node-b\"} 0.8",
             "sluice_mesh_datagrams_dropped_total{reason=\"bad_tag\"} 4",
             "sluice_mesh_datagrams_dropped_total{reason=\"replayed\"} 0",
             "sluice_mesh_datagrams_received_total 10",
             "sluice_bfd_session_up{peer=\"192.0.2.1\",profile=\"fast\"} 0",
             "sluice_bfd_session_state{peer=\"192.0.2.1\"} 1",
-            "sluice_bfd_detection_time_seconds{peer=\"192.0.2.1\"} 0.300",
+            "sluice_bfd_detection_time_seconds{peer=\"192.0.2.1\"} 0.3",
             "sluice_bfd_transitions_total{peer=\"192.0.2.1\",to=\"Down\",reason=\"detection time expired\"} 1",
             "sluice_bfd_packets_dropped_total{reason=\"ttl\"} 2",
             "sluice_bfd_packets_dropped_total{reason=\"version\"} 0",
             "# TYPE sluice_backend_healthy gauge",
-            "# TYPE sluice_service_packets_total counter",
+            "# TYPE sluice_service_packets counter",
+            "# HELP sluice_service_packets Packets balanced, per service.",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
-        assert_eq!(escape("a\"b\\c"), "a\\\"b\\\\c");
+        assert_eq!(text.lines().last(), Some("# EOF"));
+    }
+
+    #[test]
+    fn label_values_are_escaped_and_counters_get_their_total_suffix_once() {
+        let mut m = Exposition::default();
+        m.counter("sluice_x_total", "An x.")
+            .sample(&[("name", "a\"b\\c\nd")], 3u64);
+        m.gauge("sluice_y", "A y.").sample(&[], 1.5);
+        let text = m.render();
+        assert_eq!(
+            text,
+            "# HELP sluice_x An x.\n# TYPE sluice_x counter\nsluice_x_total{name=\"a\\\"b\\\\c\\nd\"} 3\n\
+             # HELP sluice_y A y.\n# TYPE sluice_y gauge\nsluice_y 1.5\n# EOF\n"
+        );
     }
 }
