@@ -1,5 +1,6 @@
 //! The install paths, checked with the tools users load them with: the OCI image archive
-//! (`cargo xtask image`) read by skopeo and umoci and run by runc, and the Debian package
+//! (`cargo xtask image`) read by skopeo and umoci, run by runc, imported into and run by
+//! containerd (`ctr`, as on a Kubernetes node), and the Debian package
 //! (`cargo xtask deb`) installed by dpkg into a scratch root, its unit checked by
 //! `systemd-analyze verify`. Both are built from this build's `sluice` (`--binary`): the same
 //! code as a release build, without a second build of the tree.
@@ -233,6 +234,114 @@ fn the_image_archive_is_an_oci_image_whose_binary_runs_under_runc_as_an_unprivil
         "a second build has another digest"
     );
     assert_eq!(sha256(&again), sha256(&archive));
+}
+
+/// A containerd of the test's own (its root, state and socket in `dir`), stopped by PID and its
+/// mounts undone when dropped.
+struct Containerd {
+    child: std::process::Child,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl Containerd {
+    fn start(dir: &Path) -> Self {
+        let socket = dir.join("containerd.sock");
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg("/dev/null")
+            .arg("--root")
+            .arg(dir.join("root"))
+            .arg("--state")
+            .arg(dir.join("state"))
+            .arg("--address")
+            .arg(&socket)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd (Debian package containerd; cargo xtask setup installs it)");
+        let me = Self {
+            child,
+            dir: dir.to_path_buf(),
+            socket,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while me.ctr(&["version"]).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "containerd did not answer: {}",
+                std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        me
+    }
+
+    /// `ctr -n k8s.io ARGS` against this containerd: stdout, or stdout and stderr as the error.
+    fn ctr(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", "k8s.io"])
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let dir = self.dir.display().to_string();
+        for target in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)) {
+            if target.starts_with(&dir) {
+                let _ = Command::new("umount").arg("-l").arg(target).status();
+            }
+        }
+    }
+}
+
+#[test]
+fn containerd_imports_the_image_under_the_name_the_manifests_use_and_runs_it() {
+    require_root();
+    let tmp = TempDir::new("containerd");
+    let archive = tmp.0.join("sluice.oci.tar");
+    let digest = build_image(&archive);
+    let containerd = Containerd::start(&tmp.0);
+    let archive = archive.display().to_string();
+    containerd
+        .ctr(&["images", "import", &archive])
+        .unwrap_or_else(|e| panic!("ctr images import: {e}"));
+    // The kubelet looks `image: sluice:0.1.0` up as docker.io/library/sluice:0.1.0.
+    let name = format!("docker.io/library/sluice:{}", version());
+    let listed = containerd.ctr(&["images", "ls"]).unwrap();
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(&format!("{name} ")) && l.contains(&digest)),
+        "{name} with {digest} is not among containerd's images:\n{listed}"
+    );
+    let id = format!("sluice-ctr-test-{}", std::process::id());
+    let out = containerd
+        .ctr(&[
+            "run",
+            "--rm",
+            &name,
+            &id,
+            "/usr/local/bin/sluice",
+            "--version",
+        ])
+        .unwrap_or_else(|e| panic!("ctr run: {e}"));
+    assert_eq!(out.trim(), format!("sluice {}", version()));
 }
 
 #[test]

@@ -7,12 +7,9 @@
 //! operator knows. Its maintainer scripts only tell a running systemd about the unit (and
 //! restart an enabled Sluice after an upgrade); they do nothing when dpkg works on another root.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{path::Path, process::Command};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use crate::staging::{self, need, quiet, Scratch};
 
@@ -63,31 +60,11 @@ exit 0
 
 /// `cargo xtask deb`: see [`USAGE`].
 pub fn main(args: &[String]) -> Result<()> {
-    let (mut out, mut binary, mut fast) = (None, None, false);
-    let mut args = args.iter();
-    while let Some(a) = args.next() {
-        let mut value = || {
-            args.next()
-                .with_context(|| format!("{a} needs a value: {USAGE}"))
-        };
-        match a.as_str() {
-            "--out" => out = Some(PathBuf::from(value()?)),
-            "--binary" => binary = Some(PathBuf::from(value()?)),
-            "--fast" => fast = true,
-            other => bail!("unknown argument {other:?}: {USAGE}"),
-        }
-    }
+    let o = staging::options(args, USAGE, false)?;
     need("dpkg-deb", "dpkg")?;
     let root = crate::root();
-    let binary = match binary {
-        Some(b) => b,
-        None => {
-            crate::build_ebpf()?;
-            crate::build_release_sluice()?;
-            root.join("target/release/sluice")
-        }
-    };
-    let version = crate::image::version_of(&binary)?;
+    let (binary, version) = staging::binary_and_version(&root, o.binary)?;
+    let (out, fast) = (o.out, o.fast);
     let arch = architecture()?;
     let out = out.unwrap_or_else(|| {
         root.join("target/deb")

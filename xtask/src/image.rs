@@ -16,7 +16,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::staging::{self, need, quiet, sha256, Scratch};
+use crate::staging::{self, need, sha256, Scratch};
 
 /// Where the binary goes inside the image (the Dockerfile puts it there too).
 pub const BINARY: &str = "/usr/local/bin/sluice";
@@ -41,31 +41,11 @@ const USAGE: &str =
 
 /// `cargo xtask image`: see [`USAGE`].
 pub fn main(args: &[String]) -> Result<()> {
-    let (mut tag, mut out, mut binary, mut level) = (None, None, None, 6);
-    let mut args = args.iter();
-    while let Some(a) = args.next() {
-        let mut value = || {
-            args.next()
-                .with_context(|| format!("{a} needs a value: {USAGE}"))
-        };
-        match a.as_str() {
-            "--tag" => tag = Some(value()?.clone()),
-            "--out" => out = Some(PathBuf::from(value()?)),
-            "--binary" => binary = Some(PathBuf::from(value()?)),
-            "--fast" => level = 1,
-            other => bail!("unknown argument {other:?}: {USAGE}"),
-        }
-    }
+    let o = staging::options(args, USAGE, true)?;
     let root = crate::root();
-    let binary = match binary {
-        Some(b) => b,
-        None => {
-            crate::build_ebpf()?;
-            crate::build_release_sluice()?;
-            root.join("target/release/sluice")
-        }
-    };
-    let version = version_of(&binary)?;
+    let (binary, version) = staging::binary_and_version(&root, o.binary)?;
+    let level = if o.fast { 1 } else { 6 };
+    let (tag, out) = (o.tag, o.out);
     let reference = tag.unwrap_or_else(|| format!("sluice:{version}"));
     let out = out.unwrap_or_else(|| {
         root.join("target/image")
@@ -91,15 +71,6 @@ pub fn main(args: &[String]) -> Result<()> {
         image.path.display()
     );
     Ok(())
-}
-
-/// `sluice --version`'s version ("sluice 0.1.0" → "0.1.0"): the binary runs here, too.
-pub fn version_of(binary: &Path) -> Result<String> {
-    let out = quiet(Command::new(binary).arg("--version"))?;
-    out.split_whitespace()
-        .nth(1)
-        .map(str::to_string)
-        .with_context(|| format!("{} --version printed {out:?}", binary.display()))
 }
 
 /// Writes the image archive of `binary` to `out` (through a temporary file beside it).

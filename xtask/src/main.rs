@@ -43,6 +43,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("skopeo", "skopeo"),
     ("umoci", "umoci"),
     ("runc", "runc"),
+    ("containerd", "containerd"),
     ("dpkg-deb", "dpkg"),
 ];
 

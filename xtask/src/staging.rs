@@ -33,6 +33,56 @@ impl Drop for Scratch {
     }
 }
 
+/// The options `xtask image` and `xtask deb` take.
+#[derive(Debug, Default)]
+pub struct Options {
+    pub out: Option<PathBuf>,
+    pub binary: Option<PathBuf>,
+    pub fast: bool,
+    pub tag: Option<String>,
+}
+
+/// Parses `--out FILE`, `--binary FILE`, `--fast`, and `--tag NAME:TAG` when `tag` allows it;
+/// an error names the argument and shows `usage`.
+pub fn options(args: &[String], usage: &str, tag: bool) -> Result<Options> {
+    let mut o = Options::default();
+    let mut args = args.iter();
+    while let Some(a) = args.next() {
+        let mut value = || {
+            args.next()
+                .with_context(|| format!("{a} needs a value: {usage}"))
+        };
+        match a.as_str() {
+            "--out" => o.out = Some(PathBuf::from(value()?)),
+            "--binary" => o.binary = Some(PathBuf::from(value()?)),
+            "--tag" if tag => o.tag = Some(value()?.clone()),
+            "--fast" => o.fast = true,
+            other => bail!("unknown argument {other:?}: {usage}"),
+        }
+    }
+    Ok(o)
+}
+
+/// The binary to package (`--binary`, else a release build made now) and its version, from
+/// its own `--version` ("sluice 0.1.0" → "0.1.0"): the binary runs here, too.
+pub fn binary_and_version(root: &Path, binary: Option<PathBuf>) -> Result<(PathBuf, String)> {
+    let binary = match binary {
+        Some(b) => b,
+        None => {
+            crate::build_ebpf()?;
+            crate::build_release_sluice()?;
+            root.join("target/release/sluice")
+        }
+    };
+    let out = quiet(Command::new(&binary).arg("--version"))?;
+    let version = out
+        .split_whitespace()
+        .nth(1)
+        .map(str::to_string)
+        .with_context(|| format!("{} --version printed {out:?}", binary.display()))?;
+    Ok((binary, version))
+}
+
 /// Fails unless `command` is on the PATH, naming the Debian package that has it.
 pub fn need(command: &str, package: &str) -> Result<()> {
     if crate::have(command) {
