@@ -380,6 +380,44 @@ fn image_and_package_builds_that_fail_name_the_cause_and_leave_nothing_behind() 
     }
 }
 
+/// A small tmpfs mounted for a test, unmounted when dropped.
+struct SmallDisk(PathBuf);
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_image_and_package_builds_by_name_and_leaves_the_disk_empty() {
+    require_root();
+    let tmp = TempDir::new("full-disk");
+    let disk = SmallDisk(tmp.0.join("disk"));
+    std::fs::create_dir_all(&disk.0).unwrap();
+    ok(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&disk.0));
+    for what in ["image", "deb"] {
+        let result = Command::new(xtask())
+            .args([what, "--fast", "--binary", &sluice_bin(), "--out"])
+            .arg(disk.0.join("out"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(!result.status.success(), "{what} succeeded on a 4 MB disk");
+        assert!(
+            stderr.contains("No space left on device") || stderr.contains("disk full"),
+            "{what}: the error does not say the disk is full: {stderr}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&disk.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{what} left {left:?} on the full disk");
+    }
+}
+
 #[test]
 fn the_debian_package_installs_three_files_its_unit_verifies_and_a_purge_removes_everything() {
     require_root();

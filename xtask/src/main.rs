@@ -47,6 +47,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("dpkg-deb", "dpkg"),
 ];
 
+/// What the demo needs of them (a first demo on a fresh machine installs no more).
+const DEMO_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("ethtool", "ethtool")];
+
 fn main() -> Result<()> {
     let mut args = env::args().skip(1);
     let command = args.next().unwrap_or_default();
@@ -76,7 +79,7 @@ fn main() -> Result<()> {
         "image" => image::main(&rest),
         "deb" => deb::main(&rest),
         "demo" => {
-            setup()?;
+            setup_with(DEMO_PACKAGES)?;
             build_ebpf()?;
             demo()
         }
@@ -176,6 +179,11 @@ fn have(command: &str) -> bool {
 }
 
 fn setup() -> Result<()> {
+    setup_with(DEBIAN_PACKAGES)
+}
+
+/// The toolchain pieces, and those of `packages` that are missing.
+fn setup_with(packages: &[(&str, &str)]) -> Result<()> {
     // 1. nightly with rust-src, for -Z build-std=core.
     let toolchains =
         output(clean_command("rustup").args(["toolchain", "list"])).unwrap_or_default();
@@ -207,7 +215,7 @@ fn setup() -> Result<()> {
     }
 
     // 3. Debian packages.
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(command, _)| !have(command))
         .map(|(_, package)| *package)
