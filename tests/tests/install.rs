@@ -1,6 +1,6 @@
 //! The install paths, checked with the tools users load them with: the OCI image archive
 //! (`cargo xtask image`) read by skopeo and umoci, run by runc, imported into and run by
-//! containerd (`ctr`, as on a Kubernetes node), and the Debian package
+//! containerd (`ctr`, as on a Kubernetes node), loaded by podman, and the Debian package
 //! (`cargo xtask deb`) installed by dpkg into a scratch root, its unit checked by
 //! `systemd-analyze verify`. Both are built from this build's `sluice` (`--binary`): the same
 //! code as a release build, without a second build of the tree.
@@ -342,6 +342,33 @@ fn containerd_imports_the_image_under_the_name_the_manifests_use_and_runs_it() {
         ])
         .unwrap_or_else(|e| panic!("ctr run: {e}"));
     assert_eq!(out.trim(), format!("sluice {}", version()));
+}
+
+#[test]
+fn podman_loads_the_image_archive_under_the_same_name() {
+    require_root();
+    let tmp = TempDir::new("podman");
+    let archive = tmp.0.join("sluice.oci.tar");
+    build_image(&archive);
+    // A storage of the test's own (vfs: no mounts), not the machine's.
+    let podman = |args: &[&str]| {
+        ok(Command::new("podman")
+            .arg("--root")
+            .arg(tmp.0.join("root"))
+            .arg("--runroot")
+            .arg(tmp.0.join("run"))
+            .args(["--storage-driver", "vfs"])
+            .args(args))
+    };
+    let loaded = podman(&["load", "--input", archive.to_str().unwrap()]);
+    let name = format!("docker.io/library/sluice:{}", version());
+    assert!(loaded.contains(&name), "podman load said: {loaded}");
+    let inspected: Value = serde_json::from_str(&podman(&["image", "inspect", &name])).unwrap();
+    assert_eq!(
+        inspected[0]["Config"]["Entrypoint"],
+        serde_json::json!(["/usr/local/bin/sluice"])
+    );
+    assert_eq!(inspected[0]["Config"]["User"], "65532:65532");
 }
 
 #[test]

@@ -44,6 +44,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("umoci", "umoci"),
     ("runc", "runc"),
     ("containerd", "containerd"),
+    ("podman", "podman"),
     ("dpkg-deb", "dpkg"),
 ];
 
