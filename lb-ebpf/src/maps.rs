@@ -9,10 +9,11 @@ use aya_ebpf::{
 use lb_common::{
     BackendValue, FloodSettings, FloodState, FlowCacheEntry, FlowKey, FlowValue, GlobalStats,
     L2VipKey, L2VipValue, NodeKey, ReverseCacheEntry, ReverseNatValue, ServiceKey, ServiceValue,
-    TraceEvent, TraceFilter, TrafficStats, TunnelSettings, TunnelStats, BACKENDS_DEFAULT_CAPACITY,
-    BPF_F_INNER_MAP, BPF_F_MMAPABLE, FLOWS_DEFAULT_CAPACITY, FLOW_CACHE_SLOTS,
-    L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE, REDIRECT_TARGETS_CAPACITY,
-    SERVICES_DEFAULT_CAPACITY, TRACE_EVENTS_BYTES, TUNNEL_PEERS_CAPACITY, VIP_FILTER_SLOTS,
+    TraceEvent, TraceFilter, TrafficStats, TunnelSettings, TunnelSlot, TunnelStats,
+    BACKENDS_DEFAULT_CAPACITY, BPF_F_INNER_MAP, BPF_F_MMAPABLE, FLOWS_DEFAULT_CAPACITY,
+    FLOW_CACHE_SLOTS, L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE, REDIRECT_TARGETS_CAPACITY,
+    SERVICES_DEFAULT_CAPACITY, TRACE_EVENTS_BYTES, TUNNEL_PEERS_CAPACITY,
+    TUNNEL_SLOTS as TUNNEL_SLOTS_LEN, VIP_FILTER_SLOTS,
 };
 
 /// (ifindex, IP) → MAC to answer ARP/NDP with. No entry for an ifindex: no answer there.
@@ -118,6 +119,12 @@ pub static TRACE_SCRATCH: PerCpuArray<TraceEvent, 1> = PerCpuArray::new();
 /// This node's end of the tunnels (see lb-common's `TunnelSettings`).
 #[btf_map]
 pub static TUNNEL_SETTINGS: Array<TunnelSettings, 1> = Array::new();
+
+/// The fast check of a tunnel's sender: nodes in slots near their address's hash, each slot
+/// counting what its node tunnelled here (see lb-common's `MAP_TUNNEL_SLOTS`).
+#[btf_map]
+pub static TUNNEL_SLOTS: PerCpuArray<TunnelSlot, { TUNNEL_SLOTS_LEN as usize }> =
+    PerCpuArray::new();
 
 /// The cluster's other nodes: tunnelled packets are accepted from these only, and counted per
 /// node (see lb-common's `MAP_TUNNEL_PEERS`).

@@ -10,15 +10,15 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BackendValue, NodeKey, FAMILY_IPV4, FAMILY_IPV6, PROTO_IPIP, PROTO_IPV6_IN_IP,
-    TUNNEL_OVERHEAD_V4, TUNNEL_OVERHEAD_V6,
+    tunnel_slot, BackendValue, NodeKey, FAMILY_IPV4, FAMILY_IPV6, PROTO_IPIP, PROTO_IPV6_IN_IP,
+    TUNNEL_OVERHEAD_V4, TUNNEL_OVERHEAD_V6, TUNNEL_SLOTS as TUNNEL_SLOTS_LEN, TUNNEL_SLOT_PROBES,
 };
 
 use crate::{
     balancer::may_be_vip,
     checksum::{copy32, fold64, load16, load32, store16, store32},
     headers::{Ipv4Hdr, Ipv6Hdr, ETH_HLEN, IPV4_HLEN, IPV6_HLEN},
-    maps::{TUNNEL_PEERS, TUNNEL_SETTINGS},
+    maps::{TUNNEL_PEERS, TUNNEL_SETTINGS, TUNNEL_SLOTS},
     parse::ptr_at,
     stats::Outcome,
 };
@@ -151,8 +151,9 @@ pub fn decap_v4(ctx: &XdpContext, l3: usize) -> Outcome {
         return Outcome::Passed;
     }
     let src = load32(ip.src.as_ptr());
-    let key = node_key(&[src, 0, 0, 0], FAMILY_IPV4);
-    if count_in(&key, ctx) {
+    let words = [src, 0, 0, 0];
+    let key = node_key(&words, FAMILY_IPV4);
+    if count_in(&key, &words, ctx) {
         decapsulate(ctx, l3, TUNNEL_OVERHEAD_V4 as i32)
     } else {
         Outcome::TunnelForged
@@ -198,7 +199,7 @@ pub fn decap_v6(ctx: &XdpContext, l3: usize) -> Outcome {
         ]
     };
     let key = node_key(&src, FAMILY_IPV6);
-    if count_in(&key, ctx) {
+    if count_in(&key, &src, ctx) {
         decapsulate(ctx, l3, TUNNEL_OVERHEAD_V6 as i32)
     } else {
         Outcome::TunnelForged
@@ -220,17 +221,49 @@ fn node_key(addr: &[u32; 4], family: u8) -> NodeKey {
     unsafe { slot.assume_init() }
 }
 
-/// True when `key` is a node's; counts the packet on its entry.
+/// True when `key` (of the address `words`) is a node's; counts the packet on its entry. First
+/// the node's slots (inlined array reads, no hash), then the hash of every node (a node without
+/// a slot, or a forged sender).
 #[inline(always)]
-fn count_in(key: &NodeKey, ctx: &XdpContext) -> bool {
+fn count_in(key: &NodeKey, words: &[u32; 4], ctx: &XdpContext) -> bool {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let want = as_key_words(key);
+    let first = tunnel_slot(words, key.family);
+    let mut i = 0;
+    while i < TUNNEL_SLOT_PROBES {
+        let index = (first + i) & (TUNNEL_SLOTS_LEN - 1);
+        if let Some(slot) = TUNNEL_SLOTS.get_ptr_mut(index) {
+            // SAFETY: this CPU's copy of the slot.
+            let slot = unsafe { &mut *slot };
+            let have = as_key_words(&slot.key);
+            if have[0] == want[0]
+                && have[1] == want[1]
+                && have[2] == want[2]
+                && have[3] == want[3]
+                && have[4] == want[4]
+            {
+                slot.stats.packets += 1;
+                slot.stats.bytes += bytes;
+                return true;
+            }
+        }
+        i += 1;
+    }
     let Some(stats) = TUNNEL_PEERS.get_ptr_mut(key) else {
         return false;
     };
     // SAFETY: this CPU's copy of the value.
     let stats = unsafe { &mut *stats };
     stats.packets += 1;
-    stats.bytes += (ctx.data_end() - ctx.data()) as u64;
+    stats.bytes += bytes;
     true
+}
+
+/// A node key as its five words.
+#[inline(always)]
+fn as_key_words(key: &NodeKey) -> &[u32; 5] {
+    // SAFETY: NodeKey is 20 bytes, aligned to 4.
+    unsafe { &*(key as *const NodeKey as *const [u32; 5]) }
 }
 
 #[inline(always)]

@@ -448,3 +448,72 @@ fn a_backend_on_another_node_needs_this_nodes_end_of_a_tunnel_of_its_family() {
         );
     });
 }
+
+/// The first tunnel slot of an IPv4 node (lb-common's `tunnel_slot`).
+fn first_slot(ip: Ipv4Addr) -> u32 {
+    let words = [u32::from_ne_bytes(ip.octets()), 0, 0, 0];
+    lb_common::tunnel_slot(&words, lb_common::FAMILY_IPV4)
+}
+
+#[test]
+fn a_node_whose_slots_are_all_taken_is_still_accepted_and_counted_through_the_hash_of_nodes() {
+    // As many nodes as there are probes, with node B's first slot and sorting before it, take
+    // every slot node B could have: node B is checked in the hash of nodes alone.
+    let target = first_slot(NODE_B4);
+    let crowd: Vec<Ipv4Addr> = (0..1u32 << 24)
+        .map(|n| Ipv4Addr::from(0x0a00_0000 + n))
+        .filter(|ip| first_slot(*ip) == target)
+        .take(lb_common::TUNNEL_SLOT_PROBES as usize)
+        .collect();
+    assert_eq!(crowd.len(), lb_common::TUNNEL_SLOT_PROBES as usize);
+    lab(move |dp, veth0, _| {
+        let mut peers: Vec<IpAddr> = crowd.iter().map(|ip| IpAddr::from(*ip)).collect();
+        peers.push(NODE_B4.into());
+        dp.set_tunnels(&tunnels(&peers, 1500)).unwrap();
+        let backend = Ipv4Addr::new(198, 18, 2, 14);
+        dp.upsert_service(tcp80(VIP4.into()), &[on_node(backend.into(), None)])
+            .unwrap();
+        let syn = ipv4_tcp_syn(NODE_MAC, CLIENT_MAC, CLIENT4, VIP4, 40000, 80);
+        // From node B (no slot) and from one of the crowd (a slot): both balanced, each
+        // counted as its own.
+        for (from, port) in [(NODE_B4, 40000), (crowd[3], 40001)] {
+            let syn = ipv4_tcp_syn(NODE_MAC, CLIENT_MAC, CLIENT4, VIP4, port, 80);
+            let frame = ipv4_in_ipv4(NODE_MAC, node_mac(11), from, HERE4, &syn);
+            let out = dp.run_ingress(veth0, &frame).unwrap();
+            assert_eq!(out.action, XdpAction::Redirect, "from {from}");
+            assert_eq!(&out.frame[30..34], &backend.octets());
+        }
+        let counted = dp.tunnel_peers().unwrap();
+        let of = |ip: Ipv4Addr| {
+            counted
+                .iter()
+                .find(|(n, _)| *n == IpAddr::from(ip))
+                .map(|(_, s)| s.packets)
+        };
+        assert_eq!(of(NODE_B4), Some(1));
+        assert_eq!(of(crowd[3]), Some(1));
+        assert_eq!(of(crowd[0]), Some(0));
+        assert_eq!(dp.stats().unwrap().tunnel_forged, 0);
+
+        // One of the crowd leaves: its slot is cleared, its packets are forged; node B still
+        // passes (a forged sender with node B's first slot is checked in the hash too).
+        let gone = crowd[3];
+        let fewer: Vec<IpAddr> = peers
+            .iter()
+            .filter(|p| **p != IpAddr::from(gone))
+            .copied()
+            .collect();
+        dp.set_tunnels(&tunnels(&fewer, 1500)).unwrap();
+        let late = ipv4_in_ipv4(NODE_MAC, node_mac(11), gone, HERE4, &syn);
+        assert_eq!(
+            dp.run_ingress(veth0, &late).unwrap().action,
+            XdpAction::Drop
+        );
+        assert_eq!(dp.stats().unwrap().tunnel_forged, 1);
+        let again = ipv4_in_ipv4(NODE_MAC, node_mac(11), NODE_B4, HERE4, &syn);
+        assert_eq!(
+            dp.run_ingress(veth0, &again).unwrap().action,
+            XdpAction::Redirect
+        );
+    });
+}

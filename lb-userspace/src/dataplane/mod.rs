@@ -123,7 +123,7 @@ impl MapShape {
 }
 
 /// Every map the data plane pins, with its shape as this build's programs and `options` want it.
-fn expected_shapes(options: &DataplaneOptions) -> [(&'static str, MapShape); 18] {
+fn expected_shapes(options: &DataplaneOptions) -> [(&'static str, MapShape); 19] {
     use lb_common::{
         BackendValue, FloodSettings, FloodState, ReverseNatValue, ServiceKey, ServiceValue,
         TrafficStats, REDIRECT_TARGETS_CAPACITY, VIP_FILTER_SLOTS,
@@ -190,6 +190,10 @@ fn expected_shapes(options: &DataplaneOptions) -> [(&'static str, MapShape); 18]
             MapShape::of::<lb_common::NodeKey, lb_common::TunnelStats>(
                 lb_common::TUNNEL_PEERS_CAPACITY,
             ),
+        ),
+        (
+            lb_common::MAP_TUNNEL_SLOTS,
+            MapShape::of::<u32, lb_common::TunnelSlot>(lb_common::TUNNEL_SLOTS),
         ),
         (
             lb_common::MAP_TRACE_EVENTS,
@@ -1165,6 +1169,7 @@ pub struct PinnedView {
     flood: Option<PerCpuArray<MapData, lb_common::FloodState>>,
     tunnel_peers:
         Option<aya::maps::PerCpuHashMap<MapData, lb_common::NodeKey, lb_common::TunnelStats>>,
+    tunnel_slots: Option<PerCpuArray<MapData, lb_common::TunnelSlot>>,
 }
 
 impl PinnedView {
@@ -1203,13 +1208,17 @@ impl PinnedView {
             tunnel_peers: open(lb_common::MAP_TUNNEL_PEERS)
                 .ok()
                 .and_then(|m| aya::maps::PerCpuHashMap::try_from(Map::PerCpuHashMap(m)).ok()),
+            // Absent in pin directories of versions before the tunnel slots.
+            tunnel_slots: open(lb_common::MAP_TUNNEL_SLOTS)
+                .ok()
+                .and_then(|m| PerCpuArray::try_from(Map::PerCpuArray(m)).ok()),
         })
     }
 
     /// The packets each other node tunnelled here (none before cluster-wide balancing).
     pub fn tunnel_peers(&self) -> Result<Vec<(IpAddr, lb_common::TunnelStats)>> {
         match &self.tunnel_peers {
-            Some(map) => tunnels::read_peers(map),
+            Some(map) => tunnels::read_peers(map, self.tunnel_slots.as_ref()),
             None => Ok(Vec::new()),
         }
     }

@@ -7,10 +7,11 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use aya::maps::{Array, MapData, PerCpuHashMap, PerCpuValues};
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use lb_common::{
-    NodeKey, TunnelSettings, TunnelStats, FAMILY_IPV4, FAMILY_IPV6, MAP_TUNNEL_PEERS,
-    MAP_TUNNEL_SETTINGS,
+    node_words, tunnel_slot, NodeKey, TunnelSettings, TunnelSlot, TunnelStats, FAMILY_IPV4,
+    FAMILY_IPV6, MAP_TUNNEL_PEERS, MAP_TUNNEL_SETTINGS, MAP_TUNNEL_SLOTS, TUNNEL_SLOTS,
+    TUNNEL_SLOT_PROBES,
 };
 
 use super::{map_error, Backend, Dataplane, DataplaneError, Result, Service};
@@ -113,23 +114,65 @@ pub fn warm(peers: &[IpAddr]) {
     }
 }
 
-/// Every node's counters, summed over CPUs.
-pub(super) fn read_peers<T: std::borrow::Borrow<MapData>>(
+/// Every node's counters, summed over CPUs: its entry in the hash of nodes, plus its slot's
+/// (`slots`: absent in pin directories of versions before the slots).
+pub(super) fn read_peers<T: std::borrow::Borrow<MapData>, S: std::borrow::Borrow<MapData>>(
     map: &PerCpuHashMap<T, NodeKey, TunnelStats>,
+    slots: Option<&PerCpuArray<S, TunnelSlot>>,
 ) -> Result<Vec<(IpAddr, TunnelStats)>> {
-    let mut out = Vec::new();
+    let add = |a: TunnelStats, v: &TunnelStats| TunnelStats {
+        packets: a.packets + v.packets,
+        bytes: a.bytes + v.bytes,
+    };
+    let mut by: std::collections::BTreeMap<NodeKey, TunnelStats> = Default::default();
     for entry in map.iter() {
         let (key, values) = entry.map_err(map_error(MAP_TUNNEL_PEERS))?;
-        let sum = values
-            .iter()
-            .fold(TunnelStats::default(), |a, v| TunnelStats {
-                packets: a.packets + v.packets,
-                bytes: a.bytes + v.bytes,
-            });
-        out.push((node_ip(&key), sum));
+        by.insert(key, values.iter().fold(TunnelStats::default(), add));
     }
+    if let Some(slots) = slots {
+        for index in 0..TUNNEL_SLOTS {
+            let values = slots.get(&index, 0).map_err(map_error(MAP_TUNNEL_SLOTS))?;
+            let key = values[0].key;
+            // A slot counts for a node the hash holds (a node is removed from its slot first).
+            if let Some(sum) = by.get_mut(&key) {
+                *sum = values.iter().map(|v| &v.stats).fold(*sum, add);
+            }
+        }
+    }
+    let mut out: Vec<(IpAddr, TunnelStats)> =
+        by.into_iter().map(|(k, v)| (node_ip(&k), v)).collect();
     out.sort_by_key(|(ip, _)| *ip);
     Ok(out)
+}
+
+/// The slot writes that make `slots` (each slot's key now; all zero: free) hold the nodes of
+/// `wanted`: a slot whose node is not wanted is cleared, and a wanted node without a slot goes
+/// to the first free one of its [`TUNNEL_SLOT_PROBES`] (none free: it is checked in the hash
+/// alone). A node keeps its slot, so its counters stay. Pure.
+pub fn place_in_slots(slots: &[NodeKey], wanted: &BTreeSet<NodeKey>) -> Vec<(u32, NodeKey)> {
+    let free = NodeKey::default();
+    let mut now: Vec<NodeKey> = slots.to_vec();
+    let mut writes = Vec::new();
+    for (index, key) in now.iter_mut().enumerate() {
+        if *key != free && !wanted.contains(key) {
+            *key = free;
+            writes.push((index as u32, free));
+        }
+    }
+    for key in wanted {
+        if now.contains(key) {
+            continue;
+        }
+        let first = tunnel_slot(&node_words(key), key.family);
+        let spot = (0..TUNNEL_SLOT_PROBES)
+            .map(|i| ((first + i) & (TUNNEL_SLOTS - 1)) as usize)
+            .find(|i| now.get(*i) == Some(&free));
+        if let Some(i) = spot {
+            now[i] = *key;
+            writes.push((i as u32, *key));
+        }
+    }
+    writes
 }
 
 impl Dataplane {
@@ -155,28 +198,51 @@ impl Dataplane {
                 .map_err(map_error(MAP_TUNNEL_SETTINGS))?;
         }
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
-        let map = self
-            .ebpf
-            .map_mut(MAP_TUNNEL_PEERS)
-            .ok_or(DataplaneError::MissingMap(MAP_TUNNEL_PEERS))?;
-        let mut peers: PerCpuHashMap<&mut MapData, NodeKey, TunnelStats> =
-            PerCpuHashMap::try_from(map).map_err(map_error(MAP_TUNNEL_PEERS))?;
+        let mut peers = self.peers_map()?;
         // What the map holds (it may have been pinned by an earlier process).
         let held: BTreeSet<IpAddr> = peers
             .keys()
             .filter_map(|k| k.ok())
             .map(|k| node_ip(&k))
             .collect();
-        for gone in held.difference(&tunnels.peers) {
-            peers
-                .remove(&node_key(gone))
-                .map_err(map_error(MAP_TUNNEL_PEERS))?;
-        }
         for new in tunnels.peers.difference(&held) {
             let zeros = PerCpuValues::try_from(vec![TunnelStats::default(); cpus])
                 .map_err(|e| DataplaneError::Cpus(std::io::Error::other(e.to_string())))?;
             peers
                 .insert(node_key(new), zeros, 0)
+                .map_err(map_error(MAP_TUNNEL_PEERS))?;
+        }
+        // The slots: after a new node is in the hash, before a gone one leaves it (a packet
+        // checked meanwhile finds the node in one or the other, or is refused once it is gone).
+        {
+            let map = self
+                .ebpf
+                .map_mut(MAP_TUNNEL_SLOTS)
+                .ok_or(DataplaneError::MissingMap(MAP_TUNNEL_SLOTS))?;
+            let mut slots: PerCpuArray<&mut MapData, TunnelSlot> =
+                PerCpuArray::try_from(map).map_err(map_error(MAP_TUNNEL_SLOTS))?;
+            let mut now = Vec::with_capacity(TUNNEL_SLOTS as usize);
+            for index in 0..TUNNEL_SLOTS {
+                let values = slots.get(&index, 0).map_err(map_error(MAP_TUNNEL_SLOTS))?;
+                now.push(values[0].key);
+            }
+            let wanted: BTreeSet<NodeKey> = tunnels.peers.iter().map(node_key).collect();
+            for (index, key) in place_in_slots(&now, &wanted) {
+                let slot = TunnelSlot {
+                    key,
+                    ..Default::default()
+                };
+                let values = PerCpuValues::try_from(vec![slot; cpus])
+                    .map_err(|e| DataplaneError::Cpus(std::io::Error::other(e.to_string())))?;
+                slots
+                    .set(index, values, 0)
+                    .map_err(map_error(MAP_TUNNEL_SLOTS))?;
+            }
+        }
+        let mut peers = self.peers_map()?;
+        for gone in held.difference(&tunnels.peers) {
+            peers
+                .remove(&node_key(gone))
                 .map_err(map_error(MAP_TUNNEL_PEERS))?;
         }
         let added: Vec<IpAddr> = tunnels.peers.difference(&held).copied().collect();
@@ -192,6 +258,14 @@ impl Dataplane {
         Ok(())
     }
 
+    fn peers_map(&mut self) -> Result<PerCpuHashMap<&mut MapData, NodeKey, TunnelStats>> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_TUNNEL_PEERS)
+            .ok_or(DataplaneError::MissingMap(MAP_TUNNEL_PEERS))?;
+        PerCpuHashMap::try_from(map).map_err(map_error(MAP_TUNNEL_PEERS))
+    }
+
     /// Has the kernel resolve (again) the next hop toward every other node; see [`warm`].
     pub fn warm_tunnel_peers(&self) {
         if let Some(tunnels) = &self.tunnels {
@@ -205,7 +279,13 @@ impl Dataplane {
             .ebpf
             .map(MAP_TUNNEL_PEERS)
             .ok_or(DataplaneError::MissingMap(MAP_TUNNEL_PEERS))?;
-        read_peers(&PerCpuHashMap::try_from(map).map_err(map_error(MAP_TUNNEL_PEERS))?)
+        let peers = PerCpuHashMap::try_from(map).map_err(map_error(MAP_TUNNEL_PEERS))?;
+        let slots = self
+            .ebpf
+            .map(MAP_TUNNEL_SLOTS)
+            .ok_or(DataplaneError::MissingMap(MAP_TUNNEL_SLOTS))?;
+        let slots = PerCpuArray::try_from(slots).map_err(map_error(MAP_TUNNEL_SLOTS))?;
+        read_peers(&peers, Some(&slots))
     }
 
     /// A backend on another node needs this node's end of a tunnel of its family.
@@ -228,5 +308,86 @@ impl Dataplane {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ip: &str) -> NodeKey {
+        node_key(&ip.parse().unwrap())
+    }
+
+    fn apply(slots: &mut [NodeKey], writes: &[(u32, NodeKey)]) {
+        for (i, k) in writes {
+            slots[*i as usize] = *k;
+        }
+    }
+
+    fn first(k: &NodeKey) -> u32 {
+        tunnel_slot(&node_words(k), k.family)
+    }
+
+    #[test]
+    fn nodes_go_to_a_free_slot_among_their_probes_keep_it_and_leave_it_when_gone() {
+        let mut slots = vec![NodeKey::default(); TUNNEL_SLOTS as usize];
+        let nodes: BTreeSet<NodeKey> = ["192.0.2.1", "192.0.2.2", "fd00::3", "10.1.2.3"]
+            .iter()
+            .map(|ip| key(ip))
+            .collect();
+        let writes = place_in_slots(&slots, &nodes);
+        assert_eq!(writes.len(), 4);
+        apply(&mut slots, &writes);
+        for n in &nodes {
+            let at = slots.iter().position(|s| s == n).expect("placed") as u32;
+            let distance = (at + TUNNEL_SLOTS - first(n)) % TUNNEL_SLOTS;
+            assert!(
+                distance < TUNNEL_SLOT_PROBES,
+                "{n:?} at {at}, first {}",
+                first(n)
+            );
+        }
+        // The same set again: nothing to write. One node fewer: only its slot is cleared.
+        assert!(place_in_slots(&slots, &nodes).is_empty());
+        let gone = key("192.0.2.2");
+        let fewer: BTreeSet<NodeKey> = nodes.iter().filter(|k| **k != gone).copied().collect();
+        let before = slots.clone();
+        let writes = place_in_slots(&slots, &fewer);
+        let at = before.iter().position(|s| *s == gone).unwrap() as u32;
+        assert_eq!(writes, vec![(at, NodeKey::default())]);
+    }
+
+    #[test]
+    fn nodes_beyond_their_probes_get_no_slot_and_the_rest_keep_theirs() {
+        // More nodes whose first slot is the same than there are probes.
+        let mut same = Vec::new();
+        let target = first(&key("10.0.0.1"));
+        for n in 0..1_000_000u32 {
+            let k = key(&std::net::Ipv4Addr::from(0x0a00_0000 + n).to_string());
+            if first(&k) == target {
+                same.push(k);
+                if same.len() == TUNNEL_SLOT_PROBES as usize + 2 {
+                    break;
+                }
+            }
+        }
+        assert_eq!(same.len(), TUNNEL_SLOT_PROBES as usize + 2);
+        let slots = vec![NodeKey::default(); TUNNEL_SLOTS as usize];
+        let wanted: BTreeSet<NodeKey> = same.iter().copied().collect();
+        let writes = place_in_slots(&slots, &wanted);
+        assert_eq!(writes.len(), TUNNEL_SLOT_PROBES as usize);
+        for (i, _) in &writes {
+            let distance = (i + TUNNEL_SLOTS - target) % TUNNEL_SLOTS;
+            assert!(distance < TUNNEL_SLOT_PROBES);
+        }
+    }
+
+    #[test]
+    fn a_slot_holding_a_node_no_longer_wanted_is_cleared_even_when_the_map_came_pinned() {
+        let mut slots = vec![NodeKey::default(); TUNNEL_SLOTS as usize];
+        slots[5] = key("198.51.100.9");
+        let writes = place_in_slots(&slots, &BTreeSet::new());
+        assert_eq!(writes, vec![(5, NodeKey::default())]);
     }
 }
