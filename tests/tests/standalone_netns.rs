@@ -1021,3 +1021,86 @@ fn a_trace_shows_one_clients_arp_new_flow_hits_and_replies_and_a_killed_trace_tu
     assert_eq!(conn.ask().unwrap(), "b1");
     assert_eq!(trace_active(&run), 0, "a killed trace stayed on");
 }
+
+/// The capabilities `deploy/host/sluice.service` bounds `sluice run` to, as setpriv names them
+/// ("bpf", "net_admin", ...).
+fn unit_capabilities() -> Vec<String> {
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/host/sluice.service"),
+    )
+    .unwrap();
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit bounds its capabilities");
+    line.split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+        .collect()
+}
+
+/// `sluice run` as root but bounded to `caps`, without new privileges, as the unit runs it:
+/// bpffs is mounted first with every capability, as systemd mounts it at boot (`ip netns exec`
+/// gives each command a /sys of its own, without one).
+fn bounded(caps: &[String], bin: &str, config: &str) -> Vec<String> {
+    let set = std::iter::once("-all".to_string())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    let script = format!(
+        "mount -t bpf bpf /sys/fs/bpf && exec setpriv --bounding-set {set} --no-new-privs -- \
+         {bin} run --config {config} --node node-1"
+    );
+    ["sh", "-c", &script]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+#[test]
+fn the_host_units_capabilities_are_enough_to_serve_and_one_fewer_is_refused_by_name() {
+    let caps = unit_capabilities();
+    assert!(!caps.iter().any(|c| c == "sys_admin"), "{caps:?}");
+    let lab = Lab::new(1);
+    lab.serve(1);
+    let dir = temp_dir("unit-caps");
+    let config = dir.join("sluice.yaml");
+    std::fs::write(&config, config_text(&dir, &one_web_backend())).unwrap();
+    let bin = sluice_bin();
+    let config = config.to_str().unwrap();
+
+    // Without CAP_NET_ADMIN it cannot attach: it says so and exits, leaving nothing attached.
+    let fewer: Vec<String> = caps.iter().filter(|c| *c != "net_admin").cloned().collect();
+    let args = bounded(&fewer, &bin, config);
+    let out = lab
+        .node
+        .exec_output(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "it ran without CAP_NET_ADMIN: {stderr}"
+    );
+    assert!(
+        stderr.contains("operation not permitted; it needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"),
+        "the error does not name the capabilities: {stderr}"
+    );
+    assert!(!lab.node.has_xdp("n0"));
+
+    // With the unit's set it serves: allocates, answers ARP, balances.
+    let args = bounded(&caps, &bin, config);
+    let mut process = lab
+        .node
+        .spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    process.wait_for_stderr("ready");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", process.pid())).unwrap();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    assert_eq!(effective & (1 << 21), 0, "CAP_SYS_ADMIN is effective");
+    let vip = addr("198.18.1.100:80");
+    assert_eq!(Conn::open(&lab.client, vip).unwrap().ask().unwrap(), "b1");
+    // Its bpffs (and so its pins) goes with its mount namespace: stopping it detaches all.
+    drop(process);
+    let _ = std::fs::remove_dir_all(dir);
+}

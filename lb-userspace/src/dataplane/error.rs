@@ -43,6 +43,12 @@ pub enum DataplaneError {
     InvalidVip { ip: IpAddr, reason: String },
     #[error("interface index {ifindex} is not attached to this data plane")]
     NotAttached { ifindex: u32 },
+    #[error(
+        "the kernel refused to load program {program}: operation not permitted; it needs \
+         CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (the systemd unit and the speaker's DaemonSet \
+         grant them), or root"
+    )]
+    LoadNotPermitted { program: String },
     #[error("the kernel's verifier rejected program {program}: {io_error}\nverifier log:\n{log}")]
     VerifierRejected {
         program: String,

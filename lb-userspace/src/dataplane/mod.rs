@@ -1262,16 +1262,28 @@ impl PinnedView {
     }
 }
 
+/// A program the kernel would not load: for want of a capability (EPERM, no verifier log), or
+/// rejected by the verifier.
+fn rejected(program: &str, io_error: std::io::Error, log: String) -> DataplaneError {
+    if io_error.raw_os_error() == Some(libc::EPERM) && log.trim().is_empty() {
+        DataplaneError::LoadNotPermitted {
+            program: program.to_string(),
+        }
+    } else {
+        DataplaneError::VerifierRejected {
+            program: program.to_string(),
+            io_error,
+            log,
+        }
+    }
+}
+
 fn load_error(object: &'static str, error: EbpfError) -> DataplaneError {
     match error {
         EbpfError::ProgramError(ProgramError::LoadError {
             io_error,
             verifier_log,
-        }) => DataplaneError::VerifierRejected {
-            program: object.to_string(),
-            io_error,
-            log: verifier_log.to_string(),
-        },
+        }) => rejected(object, io_error, verifier_log.to_string()),
         other => DataplaneError::Load {
             object,
             source: Box::new(other),
@@ -1284,11 +1296,7 @@ fn program_load_error(program: &'static str, error: ProgramError) -> DataplaneEr
         ProgramError::LoadError {
             io_error,
             verifier_log,
-        } => DataplaneError::VerifierRejected {
-            program: program.to_string(),
-            io_error,
-            log: verifier_log.to_string(),
-        },
+        } => rejected(program, io_error, verifier_log.to_string()),
         source => DataplaneError::Program { program, source },
     }
 }
