@@ -363,6 +363,12 @@ pub fn tunnel_slot(words: &[u32; 4], family: u8) -> u32 {
     h.wrapping_mul(0x9e37_79b1) >> (32 - TUNNEL_SLOTS.trailing_zeros())
 }
 
+/// The slots a node may sit in, in probe order (user space: placing it, reading its counters).
+pub fn tunnel_probes(key: &NodeKey) -> impl Iterator<Item = u32> {
+    let first = tunnel_slot(&node_words(key), key.family);
+    (0..TUNNEL_SLOT_PROBES).map(move |i| (first + i) & (TUNNEL_SLOTS - 1))
+}
+
 /// The words of a node's address, as [`tunnel_slot`] takes them.
 pub fn node_words(key: &NodeKey) -> [u32; 4] {
     let a = key.addr;

@@ -151,9 +151,7 @@ pub fn decap_v4(ctx: &XdpContext, l3: usize) -> Outcome {
         return Outcome::Passed;
     }
     let src = load32(ip.src.as_ptr());
-    let words = [src, 0, 0, 0];
-    let key = node_key(&words, FAMILY_IPV4);
-    if count_in(&key, &words, ctx) {
+    if count_in(&[src, 0, 0, 0], FAMILY_IPV4, ctx) {
         decapsulate(ctx, l3, TUNNEL_OVERHEAD_V4 as i32)
     } else {
         Outcome::TunnelForged
@@ -198,8 +196,7 @@ pub fn decap_v6(ctx: &XdpContext, l3: usize) -> Outcome {
             load32(s.add(12)),
         ]
     };
-    let key = node_key(&src, FAMILY_IPV6);
-    if count_in(&key, &src, ctx) {
+    if count_in(&src, FAMILY_IPV6, ctx) {
         decapsulate(ctx, l3, TUNNEL_OVERHEAD_V6 as i32)
     } else {
         Outcome::TunnelForged
@@ -221,26 +218,26 @@ fn node_key(addr: &[u32; 4], family: u8) -> NodeKey {
     unsafe { slot.assume_init() }
 }
 
-/// True when `key` (of the address `words`) is a node's; counts the packet on its entry. First
-/// the node's slots (inlined array reads, no hash), then the hash of every node (a node without
-/// a slot, or a forged sender).
+/// True when the address `words` (of `family`) is a node's; counts the packet on its entry.
+/// First the node's slots (inlined array reads, no hash), then the hash of every node (a node
+/// without a slot, or a forged sender): only then is its key built.
 #[inline(always)]
-fn count_in(key: &NodeKey, words: &[u32; 4], ctx: &XdpContext) -> bool {
+fn count_in(words: &[u32; 4], family: u8, ctx: &XdpContext) -> bool {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let want = as_key_words(key);
-    let first = tunnel_slot(words, key.family);
+    let first = tunnel_slot(words, family);
     let mut i = 0;
     while i < TUNNEL_SLOT_PROBES {
         let index = (first + i) & (TUNNEL_SLOTS_LEN - 1);
         if let Some(slot) = TUNNEL_SLOTS.get_ptr_mut(index) {
             // SAFETY: this CPU's copy of the slot.
             let slot = unsafe { &mut *slot };
+            // The key's last word is the family, its padding zero (see `node_key`).
             let have = as_key_words(&slot.key);
-            if have[0] == want[0]
-                && have[1] == want[1]
-                && have[2] == want[2]
-                && have[3] == want[3]
-                && have[4] == want[4]
+            if have[0] == words[0]
+                && have[1] == words[1]
+                && have[2] == words[2]
+                && have[3] == words[3]
+                && have[4] == family as u32
             {
                 slot.stats.packets += 1;
                 slot.stats.bytes += bytes;
@@ -249,7 +246,7 @@ fn count_in(key: &NodeKey, words: &[u32; 4], ctx: &XdpContext) -> bool {
         }
         i += 1;
     }
-    let Some(stats) = TUNNEL_PEERS.get_ptr_mut(key) else {
+    let Some(stats) = TUNNEL_PEERS.get_ptr_mut(&node_key(words, family)) else {
         return false;
     };
     // SAFETY: this CPU's copy of the value.

@@ -374,11 +374,23 @@ fn podman_loads_the_image_archive_under_the_same_name() {
 #[test]
 fn image_and_package_builds_that_fail_name_the_cause_and_leave_nothing_behind() {
     let tmp = TempDir::new("bad-build");
-    for (what, args) in [
-        ("image", vec!["--binary", "/nonexistent/sluice"]),
-        ("deb", vec!["--binary", "/nonexistent/sluice"]),
-        ("image", vec!["--tag"]),
-        ("image", vec!["--colour", "blue"]),
+    for (what, args, named) in [
+        (
+            "image",
+            vec!["--binary", "/nonexistent/sluice"],
+            "/nonexistent/sluice",
+        ),
+        (
+            "deb",
+            vec!["--binary", "/nonexistent/sluice"],
+            "/nonexistent/sluice",
+        ),
+        ("image", vec!["--tag"], "--tag needs a value"),
+        (
+            "image",
+            vec!["--colour", "blue"],
+            "unknown argument \"--colour\"",
+        ),
     ] {
         let out = tmp.0.join(format!("{what}.out"));
         let result = Command::new(xtask())
@@ -390,21 +402,21 @@ fn image_and_package_builds_that_fail_name_the_cause_and_leave_nothing_behind() 
             .unwrap();
         let stderr = String::from_utf8_lossy(&result.stderr);
         assert!(!result.status.success(), "{args:?} succeeded");
-        let named = [
-            "/nonexistent/sluice",
-            "--tag needs a value",
-            "unknown argument \"--colour\"",
-        ];
         assert!(
-            named.iter().any(|n| stderr.contains(n)),
-            "{args:?}: the error names neither the file nor the argument: {stderr}"
+            stderr.contains(named),
+            "{what} {args:?}: the error does not name {named:?}: {stderr}"
         );
-        let left: Vec<_> = std::fs::read_dir(&tmp.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let left = entries(&tmp.0);
         assert!(left.is_empty(), "{args:?} left {left:?} behind");
     }
+}
+
+/// What a directory holds, by name.
+fn entries(dir: &Path) -> Vec<std::ffi::OsString> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect()
 }
 
 /// A small tmpfs mounted for a test, unmounted when dropped.
@@ -437,10 +449,7 @@ fn a_full_disk_fails_image_and_package_builds_by_name_and_leaves_the_disk_empty(
             stderr.contains("No space left on device") || stderr.contains("disk full"),
             "{what}: the error does not say the disk is full: {stderr}"
         );
-        let left: Vec<_> = std::fs::read_dir(&disk.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let left = entries(&disk.0);
         assert!(left.is_empty(), "{what} left {left:?} on the full disk");
     }
 }

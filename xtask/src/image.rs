@@ -94,38 +94,26 @@ pub fn build(
     std::fs::create_dir_all(&blobs).context("cannot create the image layout")?;
 
     // The root filesystem.
-    let mut top = vec!["etc", "usr"];
     staging::install(binary, &rootfs.join(&BINARY[1..]), 0o755)?;
     for lib in libraries(binary)? {
         let inside = lib.strip_prefix("/").unwrap_or(&lib);
         staging::install(&lib, &rootfs.join(inside), 0o755)?;
-        let first = inside
-            .components()
-            .next()
-            .and_then(|c| c.as_os_str().to_str())
-            .unwrap_or("usr");
-        if !top.contains(&first) {
-            top.push(match first {
-                "lib" => "lib",
-                "lib64" => "lib64",
-                _ => bail!(
-                    "{} loads {}, outside /lib, /lib64 and /usr",
-                    binary.display(),
-                    lib.display()
-                ),
-            });
-        }
     }
     staging::write(&rootfs.join("etc/passwd"), PASSWD, 0o644)?;
     staging::write(&rootfs.join("etc/group"), GROUP, 0o644)?;
     std::fs::create_dir_all(rootfs.join("tmp"))?;
-    top.push("tmp");
     std::fs::set_permissions(
         rootfs.join("tmp"),
         std::os::unix::fs::PermissionsExt::from_mode(0o1777),
     )?;
 
-    // The layer: its tar's digest is the config's diff_id, its gzip's the manifest's.
+    // The layer (what the root filesystem holds): its tar's digest is the config's diff_id,
+    // its gzip's the manifest's.
+    let mut top: Vec<String> = std::fs::read_dir(&rootfs)?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    top.sort();
+    let top: Vec<&str> = top.iter().map(String::as_str).collect();
     let layer_tar = scratch.path.join("layer.tar");
     staging::tar(&rootfs, &top, &layer_tar, epoch)?;
     let diff_id = sha256(&layer_tar)?;

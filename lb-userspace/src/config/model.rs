@@ -528,14 +528,7 @@ fn build_merged(
             // A backend on another host needs this host's end of a tunnel of its family.
             for (j, b) in s.backends.iter().enumerate() {
                 let Some(node) = b.node else { continue };
-                let local = tunnels.as_ref().is_some_and(|t| {
-                    if node.is_ipv4() {
-                        t.local_v4.is_some()
-                    } else {
-                        t.local_v6.is_some()
-                    }
-                });
-                if !local {
+                if !tunnels.as_ref().is_some_and(|t| t.reaches(&node)) {
                     p.add(
                         format!("services[{i}].backends[{j}].node"),
                         format!(

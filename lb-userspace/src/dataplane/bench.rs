@@ -141,13 +141,7 @@ impl BenchHarness {
                 wrapped.action, direct.action
             )));
         }
-        let with_ingress = self.time(
-            wrapper,
-            names::PROG_RESTORE_THEN_CALL,
-            ifindex,
-            frame,
-            repeat,
-        )?;
+        let with_ingress = self.time_wrapper(ifindex, frame, repeat)?;
 
         self.set_target(&floor_fd)?;
         let wrapper = self.program(names::PROG_RESTORE_THEN_CALL)?;
@@ -158,13 +152,7 @@ impl BenchHarness {
                 overhead_run.action
             )));
         }
-        let overhead = self.time(
-            wrapper,
-            names::PROG_RESTORE_THEN_CALL,
-            ifindex,
-            frame,
-            repeat,
-        )?;
+        let overhead = self.time_wrapper(ifindex, frame, repeat)?;
         let floor = self.floor(ifindex, frame, repeat)?.ns_per_packet;
         // wrapper+ingress − (wrapper+floor) + floor = ingress alone.
         Ok((
@@ -196,24 +184,10 @@ impl BenchHarness {
         };
         let mover_fd = program_fd(self.program(name)?, name)?;
         self.set_target(&mover_fd)?;
-        let wrapper = self.program(names::PROG_RESTORE_THEN_CALL)?;
-        let with_mover = self.time(
-            wrapper,
-            names::PROG_RESTORE_THEN_CALL,
-            ifindex,
-            frame,
-            repeat,
-        )?;
+        let with_mover = self.time_wrapper(ifindex, frame, repeat)?;
         let floor_fd = program_fd(self.program(names::PROG_FLOOR)?, names::PROG_FLOOR)?;
         self.set_target(&floor_fd)?;
-        let wrapper = self.program(names::PROG_RESTORE_THEN_CALL)?;
-        let overhead = self.time(
-            wrapper,
-            names::PROG_RESTORE_THEN_CALL,
-            ifindex,
-            frame,
-            repeat,
-        )?;
+        let overhead = self.time_wrapper(ifindex, frame, repeat)?;
         let one_move = ((with_mover - overhead) / 2.0).max(0.0);
         Ok((
             Timing {
@@ -308,6 +282,18 @@ impl BenchHarness {
         let mut array: Array<_, BenchFrame> =
             Array::try_from(map).map_err(map_error(names::MAP_FRAME))?;
         array.set(0, value, 0).map_err(map_error(names::MAP_FRAME))
+    }
+
+    /// The restore wrapper in front of whatever [`Self::set_target`] put behind it.
+    fn time_wrapper(&self, ifindex: u32, frame: &[u8], repeat: u32) -> Result<f64> {
+        let wrapper = self.program(names::PROG_RESTORE_THEN_CALL)?;
+        self.time(
+            wrapper,
+            names::PROG_RESTORE_THEN_CALL,
+            ifindex,
+            frame,
+            repeat,
+        )
     }
 
     fn set_target(&mut self, fd: &aya::programs::ProgramFd) -> Result<()> {

@@ -9,9 +9,8 @@ use std::{
 
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use lb_common::{
-    node_words, tunnel_slot, NodeKey, TunnelSettings, TunnelSlot, TunnelStats, FAMILY_IPV4,
-    FAMILY_IPV6, MAP_TUNNEL_PEERS, MAP_TUNNEL_SETTINGS, MAP_TUNNEL_SLOTS, TUNNEL_SLOTS,
-    TUNNEL_SLOT_PROBES,
+    tunnel_probes, NodeKey, TunnelSettings, TunnelSlot, TunnelStats, FAMILY_IPV4, FAMILY_IPV6,
+    MAP_TUNNEL_PEERS, MAP_TUNNEL_SETTINGS, MAP_TUNNEL_SLOTS, TUNNEL_SLOTS,
 };
 
 use super::{map_error, Backend, Dataplane, DataplaneError, Result, Service};
@@ -27,6 +26,16 @@ pub struct Tunnels {
     pub mtu: u32,
     /// The other nodes' addresses.
     pub peers: BTreeSet<IpAddr>,
+}
+
+impl Tunnels {
+    /// This node has its end of a tunnel of `node`'s family.
+    pub fn reaches(&self, node: &IpAddr) -> bool {
+        match node {
+            IpAddr::V4(_) => self.local_v4.is_some(),
+            IpAddr::V6(_) => self.local_v6.is_some(),
+        }
+    }
 }
 
 fn node_key(ip: &IpAddr) -> NodeKey {
@@ -129,13 +138,15 @@ pub(super) fn read_peers<T: std::borrow::Borrow<MapData>, S: std::borrow::Borrow
         let (key, values) = entry.map_err(map_error(MAP_TUNNEL_PEERS))?;
         by.insert(key, values.iter().fold(TunnelStats::default(), add));
     }
+    // A node's slot, if it has one, is among its probes: only those are read.
     if let Some(slots) = slots {
-        for index in 0..TUNNEL_SLOTS {
-            let values = slots.get(&index, 0).map_err(map_error(MAP_TUNNEL_SLOTS))?;
-            let key = values[0].key;
-            // A slot counts for a node the hash holds (a node is removed from its slot first).
-            if let Some(sum) = by.get_mut(&key) {
-                *sum = values.iter().map(|v| &v.stats).fold(*sum, add);
+        for (key, sum) in by.iter_mut() {
+            for index in tunnel_probes(key) {
+                let values = slots.get(&index, 0).map_err(map_error(MAP_TUNNEL_SLOTS))?;
+                if values[0].key == *key {
+                    *sum = values.iter().map(|v| &v.stats).fold(*sum, add);
+                    break;
+                }
             }
         }
     }
@@ -163,13 +174,9 @@ pub fn place_in_slots(slots: &[NodeKey], wanted: &BTreeSet<NodeKey>) -> Vec<(u32
         if now.contains(key) {
             continue;
         }
-        let first = tunnel_slot(&node_words(key), key.family);
-        let spot = (0..TUNNEL_SLOT_PROBES)
-            .map(|i| ((first + i) & (TUNNEL_SLOTS - 1)) as usize)
-            .find(|i| now.get(*i) == Some(&free));
-        if let Some(i) = spot {
-            now[i] = *key;
-            writes.push((i as u32, *key));
+        if let Some(i) = tunnel_probes(key).find(|i| now.get(*i as usize) == Some(&free)) {
+            now[i as usize] = *key;
+            writes.push((i, *key));
         }
     }
     writes
@@ -292,11 +299,7 @@ impl Dataplane {
     pub(super) fn check_tunnels(&self, service: &Service, backends: &[Backend]) -> Result<()> {
         for b in backends {
             let Some(node) = b.node else { continue };
-            let local = self.tunnels.as_ref().and_then(|t| match node {
-                IpAddr::V4(_) => t.local_v4.map(IpAddr::from),
-                IpAddr::V6(_) => t.local_v6.map(IpAddr::from),
-            });
-            if local.is_none() {
+            if !self.tunnels.as_ref().is_some_and(|t| t.reaches(&node)) {
                 return Err(DataplaneError::InvalidService {
                     service: service.to_string(),
                     reason: format!(
@@ -314,6 +317,7 @@ impl Dataplane {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_common::{node_words, tunnel_slot, TUNNEL_SLOT_PROBES};
 
     fn key(ip: &str) -> NodeKey {
         node_key(&ip.parse().unwrap())

@@ -639,8 +639,8 @@ async fn lease_writer(mut w: LeaseWriter) {
 }
 
 impl LeaseWriter {
-    /// Writes our Lease; `Ok(true)` when it had been deleted (recreated claiming no L2 IP).
-    /// Writes our Lease; says whether it had been deleted, and the renew time written.
+    /// Writes our Lease; says whether it had been deleted (recreated claiming no L2 IP), and
+    /// the renew time written.
     async fn write(&self, wish: &LeaseWish) -> Result<(bool, Timestamp), kube::Error> {
         let current = self.record.get().await?;
         let written_before = self.health.lock().unwrap().written.is_some();
