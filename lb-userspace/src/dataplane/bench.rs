@@ -205,14 +205,7 @@ impl BenchHarness {
         self.set_restore_frame(frame, 0)?;
         let floor_fd = program_fd(self.program(names::PROG_FLOOR)?, names::PROG_FLOOR)?;
         self.set_target(&floor_fd)?;
-        let wrapper = self.program(names::PROG_RESTORE_THEN_CALL)?;
-        self.time(
-            wrapper,
-            names::PROG_RESTORE_THEN_CALL,
-            ifindex,
-            frame,
-            repeat,
-        )
+        self.time_wrapper(ifindex, frame, repeat)
     }
 
     /// The TC egress program behind the TC restore wrapper, minus the wrapper's own cost
