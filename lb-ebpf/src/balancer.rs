@@ -27,7 +27,7 @@ use crate::{
         BACKENDS, CONNTRACK, FLOOD_SETTINGS, FLOOD_STATE, FLOW_CACHE, MAGLEV, REDIRECT_TARGETS,
         REVERSE_NAT, SCRATCH, SERVICES, VIP_FILTER,
     },
-    parse::{ptr_at, L2},
+    parse::{holds, ptr_at, L2},
     stats::{self, Outcome},
 };
 
@@ -178,7 +178,7 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2, tunnelled: bool) -> Outcome {
     if ip.version_ihl >> 4 != 4
         || ihl < 5
         || total < ihl * 4
-        || ctx.data() + l2.l3_offset + total > ctx.data_end()
+        || !holds(ctx, l2.l3_offset + total)
     {
         return Outcome::Malformed;
     }
@@ -253,7 +253,7 @@ pub fn ipv6(ctx: &XdpContext, l2: &L2, tunnelled: bool) -> Outcome {
     } else {
         UDP_HLEN
     };
-    if payload < l4_len || ctx.data() + l2.l3_offset + IPV6_HLEN + payload > ctx.data_end() {
+    if payload < l4_len || !holds(ctx, l2.l3_offset + IPV6_HLEN + payload) {
         return Outcome::Malformed;
     }
     if ip6.hop_limit <= 1 {

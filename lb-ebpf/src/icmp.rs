@@ -21,7 +21,7 @@ use crate::{
         ICMP_TIME_EXCEEDED, IPV4_HLEN, IPV6_HLEN, TCP_CSUM_OFFSET, UDP_CSUM_OFFSET,
     },
     maps::CONNTRACK,
-    parse::ptr_at,
+    parse::{holds, ptr_at},
     stats::Outcome,
 };
 
@@ -205,7 +205,7 @@ pub fn ipv6(ctx: &XdpContext, l3: usize) -> Outcome {
     };
     let (ip6, icmp) = unsafe { (&mut *ip6, &mut *icmp) };
     let payload = u16::from_be_bytes(ip6.payload_len) as usize;
-    if ip6.vtcfl[0] >> 4 != 6 || ctx.data() + l3 + IPV6_HLEN + payload > ctx.data_end() {
+    if ip6.vtcfl[0] >> 4 != 6 || !holds(ctx, l3 + IPV6_HLEN + payload) {
         return Outcome::Malformed;
     }
     if !is_error_v6(icmp[0]) || ip6.hop_limit <= 1 || !may_be_vip_anywhere(&ip6.dst) {

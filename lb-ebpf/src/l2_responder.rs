@@ -14,7 +14,7 @@ use crate::{
     checksum::{self, load32, store32},
     headers::*,
     maps::{L2_DEADLINE, L2_VIPS},
-    parse::{ptr_at, L2},
+    parse::{holds, ptr_at, L2},
     stats::Outcome,
 };
 
@@ -159,7 +159,7 @@ pub fn ndp(ctx: &XdpContext, l2: &L2) -> Outcome {
     }
     let icmp_offset = l2.l3_offset + IPV6_HLEN;
     let payload_len = u16::from_be_bytes(ip6.payload_len) as usize;
-    if ctx.data() + icmp_offset + payload_len > ctx.data_end() {
+    if !holds(ctx, icmp_offset + payload_len) {
         return Outcome::Malformed;
     }
     let Some(icmp_type) = ptr_at::<u8>(ctx, icmp_offset) else {

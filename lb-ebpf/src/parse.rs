@@ -16,6 +16,15 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// True when the first `end` bytes of the packet are all there. `end` may come from a length
+/// field of the packet: it is compared as a number, never added to a packet pointer, because
+/// verifiers before Linux 6.8 lose a byte-swapped value's bounds and refuse pointer arithmetic
+/// with it ("math between pkt pointer and register with unbounded min value").
+#[inline(always)]
+pub fn holds(ctx: &XdpContext, end: usize) -> bool {
+    end <= ctx.data_end() - ctx.data()
+}
+
 /// The Ethernet layer of a frame.
 pub struct L2 {
     /// Offset of the layer-3 header (14, or 18 with a VLAN tag).
