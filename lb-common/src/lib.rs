@@ -195,6 +195,10 @@ pub mod decision {
     pub const TUNNEL_FORGED: u8 = 19;
     pub const TUNNEL_MISMATCH: u8 = 20;
     pub const TUNNEL_TOO_BIG: u8 = 21;
+    /// A unicast frame to another host's MAC (a promiscuous port, a flooding switch).
+    pub const PASSED_OTHER_HOST: u8 = 22;
+    /// A frame on a bond's standby port, which the bond drops.
+    pub const PASSED_STANDBY_PORT: u8 = 23;
 }
 
 /// One traced decision. Addresses: IPv4 in the first four bytes (ARP: sender and target).
@@ -800,6 +804,8 @@ mod user {
     unsafe impl aya::Pod for super::NodeKey {}
     unsafe impl aya::Pod for super::TunnelStats {}
     unsafe impl aya::Pod for super::TunnelSlot {}
+    unsafe impl aya::Pod for super::IfaceEntry {}
+    unsafe impl aya::Pod for super::IfaceStats {}
 }
 
 #[cfg(test)]
@@ -994,4 +1000,63 @@ mod tests {
         assert_eq!(b.tunnel_mismatch, 28);
         assert_eq!(b.tunnel_too_big, 30);
     }
+}
+
+/// Name of the array of [`IfaceEntry`], indexed by [`iface_slot`] of the ifindex a frame
+/// arrived on: what the XDP program needs to know of the interface (its MAC, where its service
+/// IPs are keyed, whether it is a bond's standby port). Written by user space for every
+/// interface the program runs on: each interface it is attached to and, for a bond in native
+/// mode, each of the bond's ports (the program runs in their drivers and sees their ifindex).
+/// An interface whose slot another one holds is looked up in [`MAP_IFACES_SHARED`]; an
+/// interface in neither (a test run) is treated as before this map existed: any destination
+/// MAC, its own ifindex.
+pub const MAP_IFACES: &str = "IFACES";
+/// Slots of [`MAP_IFACES`] (a power of two).
+pub const IFACE_SLOTS: u32 = 256;
+/// Name of the hash ifindex → [`IfaceEntry`] of the interfaces whose slot in [`MAP_IFACES`]
+/// another interface holds (that slot's entry has [`IFACE_SLOT_SHARED`]).
+pub const MAP_IFACES_SHARED: &str = "IFACES_SHARED";
+pub const IFACES_SHARED_CAPACITY: u32 = 1024;
+/// Name of the per-CPU array of [`IfaceStats`], indexed like [`MAP_IFACES`].
+pub const MAP_IFACE_STATS: &str = "IFACE_STATS";
+
+/// The slot of an interface in [`MAP_IFACES`].
+pub const fn iface_slot(ifindex: u32) -> u32 {
+    ifindex & (IFACE_SLOTS - 1)
+}
+
+/// The program ran in native (driver) mode on this interface.
+pub const IFACE_NATIVE: u16 = 1;
+/// A bond's port that is not the active one (active-backup): the bond drops what arrives
+/// there, so the program passes it untouched, answers nothing and balances nothing.
+pub const IFACE_STANDBY: u16 = 2;
+/// A port of a bond the program is attached to (its entry names the bond in `l2_ifindex`).
+pub const IFACE_BOND_PORT: u16 = 4;
+/// Another interface's entry is in [`MAP_IFACES_SHARED`] (its ifindex has this slot too).
+pub const IFACE_SLOT_SHARED: u16 = 8;
+
+/// An interface as the XDP program sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct IfaceEntry {
+    /// The interface this entry is for (0: an empty slot).
+    pub ifindex: u32,
+    /// The ifindex its service IPs are keyed under in [`MAP_L2_VIPS`]: its own, or its bond's.
+    pub l2_ifindex: u32,
+    /// The MAC frames to this host carry: the interface's (a bond's port: the bond's). Other
+    /// unicast destinations are another host's frames (a promiscuous port, a flooding switch):
+    /// passed untouched and counted.
+    pub mac: [u8; 6],
+    /// [`IFACE_NATIVE`], [`IFACE_STANDBY`], [`IFACE_BOND_PORT`], [`IFACE_SLOT_SHARED`].
+    pub flags: u16,
+}
+
+/// Frames the XDP program left alone on one interface, by reason, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct IfaceStats {
+    /// Unicast frames to another host's MAC.
+    pub other_host: u64,
+    /// Frames that arrived on a bond's standby port.
+    pub standby: u64,
 }

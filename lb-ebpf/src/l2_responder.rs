@@ -1,7 +1,7 @@
 //! Stage 2: answer ARP requests and IPv6 Neighbor Solicitations for service IPs, in place.
 //!
-//! Only for an IP that has an entry in `L2_VIPS` for the interface the frame arrived on: that is
-//! how "answer only on the interfaces the operator chose" holds. Anything else is left untouched.
+//! Only for an IP that has an entry in `L2_VIPS` for the interface the frame arrived on (a bond's
+//! port: for its bond): that is how "answer only on the interfaces the operator chose" holds. Anything else is left untouched.
 //! Never answers a truncated or malformed frame.
 
 use aya_ebpf::{
@@ -13,6 +13,7 @@ use lb_common::{L2VipKey, L2VipValue, FAMILY_IPV4, FAMILY_IPV6};
 use crate::{
     checksum::{self, load32, store32},
     headers::*,
+    iface,
     maps::{L2_DEADLINE, L2_VIPS},
     parse::{holds, ptr_at, L2},
     stats::Outcome,
@@ -91,7 +92,7 @@ pub fn arp(ctx: &XdpContext, l2: &L2) -> Outcome {
         return Outcome::Malformed;
     }
 
-    let key = key_v4(ctx.ingress_ifindex() as u32, &arp.tpa);
+    let key = key_v4(iface::l2_ifindex(ctx), &arp.tpa);
     let Some(mac) = our_mac(&key) else {
         return Outcome::Passed;
     };
@@ -186,7 +187,7 @@ pub fn ndp(ctx: &XdpContext, l2: &L2) -> Outcome {
         return Outcome::Passed;
     }
 
-    let key = key_v6(ctx.ingress_ifindex() as u32, &nd.target);
+    let key = key_v6(iface::l2_ifindex(ctx), &nd.target);
     let Some(mac) = our_mac(&key) else {
         return Outcome::Passed;
     };

@@ -12,6 +12,7 @@ mod checksum;
 mod egress;
 mod headers;
 mod icmp;
+mod iface;
 mod l2_responder;
 mod maps;
 mod parse;
@@ -27,6 +28,7 @@ use aya_ebpf::{
 };
 
 use headers::{Ipv4Hdr, Ipv6Hdr, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_ICMPV6, IPV6_HLEN};
+use iface::Dest;
 use lb_common::{
     PROTO_IPIP, PROTO_IPV6_IN_IP, PROTO_TCP, PROTO_UDP, TRACE_HOOK_TC, TRACE_HOOK_XDP,
 };
@@ -58,6 +60,24 @@ fn process_packet(ctx: &XdpContext) -> Outcome {
     let Some(l2) = parse::ethernet(ctx) else {
         return Outcome::Malformed;
     };
+    let Some(arrival) = iface::arrival(ctx) else {
+        return Outcome::StandbyPort;
+    };
+    match arrival.dest {
+        Dest::Us => {}
+        // Broadcast and multicast frames: ARP requests and Neighbor Solicitations only.
+        Dest::Group => {
+            return match l2.proto {
+                ETH_P_ARP => l2_responder::arp(ctx, &l2),
+                ETH_P_IPV6 => l2_responder::ndp(ctx, &l2),
+                _ => Outcome::Passed,
+            }
+        }
+        Dest::Other => {
+            iface::count_other_host(arrival.slot);
+            return Outcome::OtherHost;
+        }
+    }
     match l2.proto {
         ETH_P_ARP => l2_responder::arp(ctx, &l2),
         ETH_P_IPV4 => {

@@ -7,11 +7,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    BackendValue, FloodSettings, FloodState, FlowCacheEntry, FlowKey, FlowValue, GlobalStats,
+    BackendValue, FloodSettings, IfaceEntry, IfaceStats, FloodState, FlowCacheEntry, FlowKey, FlowValue, GlobalStats,
     L2VipKey, L2VipValue, NodeKey, ReverseCacheEntry, ReverseNatValue, ServiceKey, ServiceValue,
     TraceEvent, TraceFilter, TrafficStats, TunnelSettings, TunnelSlot, TunnelStats,
     BACKENDS_DEFAULT_CAPACITY, BPF_F_INNER_MAP, BPF_F_MMAPABLE, FLOWS_DEFAULT_CAPACITY,
-    FLOW_CACHE_SLOTS, L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE, REDIRECT_TARGETS_CAPACITY,
+    FLOW_CACHE_SLOTS, IFACES_SHARED_CAPACITY, IFACE_SLOTS, L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE, REDIRECT_TARGETS_CAPACITY,
     SERVICES_DEFAULT_CAPACITY, TRACE_EVENTS_BYTES, TUNNEL_PEERS_CAPACITY,
     TUNNEL_SLOTS as TUNNEL_SLOTS_LEN, VIP_FILTER_SLOTS,
 };
@@ -131,3 +131,16 @@ pub static TUNNEL_SLOTS: PerCpuArray<TunnelSlot, { TUNNEL_SLOTS_LEN as usize }> 
 #[btf_map]
 pub static TUNNEL_PEERS: PerCpuHashMap<NodeKey, TunnelStats, { TUNNEL_PEERS_CAPACITY as usize }> =
     PerCpuHashMap::new();
+
+/// The interfaces the program runs on, by slot of their ifindex (see lb-common's `MAP_IFACES`).
+#[btf_map]
+pub static IFACES: Array<IfaceEntry, { IFACE_SLOTS as usize }> = Array::new();
+
+/// Interfaces whose slot in `IFACES` another one holds (see lb-common's `MAP_IFACES_SHARED`).
+#[btf_map]
+pub static IFACES_SHARED: HashMap<u32, IfaceEntry, { IFACES_SHARED_CAPACITY as usize }> =
+    HashMap::new();
+
+/// What the program left alone per interface, by reason (see lb-common's `MAP_IFACE_STATS`).
+#[btf_map]
+pub static IFACE_STATS: PerCpuArray<IfaceStats, { IFACE_SLOTS as usize }> = PerCpuArray::new();

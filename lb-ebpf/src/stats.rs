@@ -32,6 +32,11 @@ pub enum Outcome {
     /// Too large for the node network once encapsulated: turned into an ICMP error to its
     /// sender (`XDP_TX`), or dropped.
     TunnelTooBig(u32),
+    /// A unicast frame to another host's MAC: passed untouched (counted per interface too).
+    OtherHost,
+    /// A frame on a bond's standby port: passed untouched for the bond to drop (counted per
+    /// interface too).
+    StandbyPort,
     /// Not an outcome: the outer header is gone, balance the inner packet (never counted).
     Decapsulated,
 }
@@ -42,9 +47,12 @@ impl Outcome {
     pub fn action(self) -> u32 {
         match self {
             Outcome::ArpReply | Outcome::NaReply => xdp_action::XDP_TX,
-            Outcome::Passed | Outcome::Malformed | Outcome::ToKernel | Outcome::IcmpUnmatched => {
-                xdp_action::XDP_PASS
-            }
+            Outcome::Passed
+            | Outcome::Malformed
+            | Outcome::ToKernel
+            | Outcome::IcmpUnmatched
+            | Outcome::OtherHost
+            | Outcome::StandbyPort => xdp_action::XDP_PASS,
             Outcome::Forwarded(action)
             | Outcome::IcmpTranslated(action)
             | Outcome::Tunnelled(action)
@@ -76,7 +84,9 @@ pub fn count(outcome: Outcome) {
             Outcome::TunnelForged => stats.tunnel_forged += 1,
             Outcome::TunnelMismatch => stats.tunnel_mismatch += 1,
             Outcome::TunnelTooBig(_) => stats.tunnel_too_big += 1,
-            Outcome::Decapsulated => stats.passed += 1,
+            Outcome::Decapsulated | Outcome::OtherHost | Outcome::StandbyPort => {
+                stats.passed += 1
+            }
         }
     }
 }

@@ -187,6 +187,8 @@ pub fn decision_of(outcome: Outcome) -> u8 {
         Outcome::TunnelForged => TUNNEL_FORGED,
         Outcome::TunnelMismatch => TUNNEL_MISMATCH,
         Outcome::TunnelTooBig(_) => TUNNEL_TOO_BIG,
+        Outcome::OtherHost => PASSED_OTHER_HOST,
+        Outcome::StandbyPort => PASSED_STANDBY_PORT,
         Outcome::Decapsulated => 0,
     }
 }

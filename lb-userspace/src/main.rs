@@ -842,6 +842,7 @@ fn inspect(
     let view = PinnedView::open(&pin_dir)
         .with_context(|| format!("inspecting the data plane pinned at {}", pin_dir.display()))?;
     let vips = view.l2_vips()?;
+    let interfaces = view.interfaces();
     let stats = view.stats()?;
     let services = view.services()?;
     let census = view.flow_census();
@@ -890,6 +891,7 @@ fn inspect(
             .map(|h| serde_json::json!({"name": h.service, "backend": h.backend}))
             .collect();
         let doc = serde_json::json!({
+            "interfaces": interfaces,
             "l2Vips": vips,
             "unhealthyBackends": unhealthy,
             "pools": status.pools.iter().map(|(p, used, total)| serde_json::json!({"pool": p, "inUse": used, "total": whole(*total)})).collect::<Vec<_>>(),
@@ -948,6 +950,34 @@ fn inspect(
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
+    println!("Interfaces (the XDP program runs on these)");
+    println!(
+        "  {:<16} {:<8} {:<8} {:<8} {:<22} OTHER HOSTS' FRAMES",
+        "INTERFACE", "IFINDEX", "MODE", "KIND", "ROLE"
+    );
+    if interfaces.is_empty() {
+        println!("  (none)");
+    }
+    for i in &interfaces {
+        let role = match (&i.port_of, i.standby) {
+            (Some(bond), false) => format!("port of {bond}, active"),
+            (Some(bond), true) => format!("port of {bond}, standby"),
+            (None, _) => "attached".to_string(),
+        };
+        println!(
+            "  {:<16} {:<8} {:<8} {:<8} {:<22} {}",
+            i.name.as_deref().unwrap_or("?"),
+            i.ifindex,
+            i.mode,
+            i.kind,
+            role,
+            i.other_host_frames
+        );
+        if let Some(note) = i.note {
+            println!("    warning: generic mode: {note}");
+        }
+    }
+    println!();
     println!("L2 VIPs (answered by ARP/NDP on these interfaces only)");
     println!("  {:<16} {:<8} {:<40} MAC", "INTERFACE", "IFINDEX", "IP");
     if vips.is_empty() {

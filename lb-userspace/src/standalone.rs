@@ -217,6 +217,9 @@ enum Event {
     Probe(ProbeResult),
     /// Once a second: publish what changed asynchronously (BGP sessions).
     Tick,
+    /// Every `dataplane::INTERFACE_REFRESH`: re-read the attached interfaces (a bond's
+    /// failover moves the ARP/NDP answers to its new active port).
+    Interfaces,
     Stop(OnStop),
 }
 
@@ -796,6 +799,13 @@ pub fn run(paths: Vec<PathBuf>, on_stop: OnStop) -> Result<()> {
             return;
         }
     });
+    let interfaces_tx = tx.clone();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(dataplane::INTERFACE_REFRESH);
+        if interfaces_tx.send(Event::Interfaces).is_err() {
+            return;
+        }
+    });
     let watch_tx = tx;
     let watched = paths.clone();
     std::thread::spawn(move || {
@@ -822,6 +832,11 @@ pub fn run(paths: Vec<PathBuf>, on_stop: OnStop) -> Result<()> {
             Event::Reload(trigger) => daemon.reload(trigger),
             Event::Probe(result) => daemon.on_probe(result),
             Event::Tick => daemon.tick(),
+            Event::Interfaces => {
+                if let Err(error) = daemon.dp.refresh_interfaces() {
+                    tracing::warn!(event = "interfacesNotRefreshed", %error);
+                }
+            }
             Event::Stop(how) => {
                 stop_bgp(daemon.bgp.take(), how);
                 break;

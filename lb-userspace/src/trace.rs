@@ -175,6 +175,14 @@ pub fn describe(code: u8) -> (&'static str, &'static str) {
             "too-big",
             "too large for the node network once encapsulated: an ICMP error with the MTU that fits went back",
         ),
+        PASSED_OTHER_HOST => (
+            "passed",
+            "a frame to another host's MAC (a promiscuous port or a flooding switch): not this host's",
+        ),
+        PASSED_STANDBY_PORT => (
+            "passed",
+            "arrived on a bond's standby port: the bond drops it, the active port answers",
+        ),
         _ => (
             "unknown",
             "a decision this sluice does not know (newer programs?)",

@@ -223,20 +223,41 @@ fn announce_answers_arp_and_ndp_on_the_chosen_interface_only_and_stops_when_stop
     assert!(ask_arp(&lab.a, "ca", Ipv4Addr::new(198, 18, 1, 2), VIP4).is_empty());
 }
 
-/// Listens on a client's interface for `WAIT`, from a thread, while the caller starts things.
-fn listen(ns: &NetNs, ifname: &'static str) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+/// Listens on a client's interface, from a thread, while the caller starts things; until
+/// [`Listener::heard`] (which waits 2 s more, for what was sent once ready). A slow machine (a
+/// software-emulated guest) may take seconds to load the programs: no fixed window.
+struct Listener {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<Vec<u8>>>,
+}
+
+impl Listener {
+    fn heard(self) -> Vec<Vec<u8>> {
+        std::thread::sleep(Duration::from_secs(2));
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle.join().unwrap()
+    }
+}
+
+fn listen(ns: &NetNs, ifname: &'static str) -> Listener {
     let path = format!("/var/run/netns/{}", ns.name);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = done.clone();
     let handle = std::thread::spawn(move || {
         let file = std::fs::File::open(&path).unwrap();
         let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
         assert_eq!(rc, 0);
         let sock = RawSocket::open(ifname).unwrap();
         ready_tx.send(()).unwrap();
-        sock.collect(Duration::from_secs(3), |_| true)
+        let mut heard = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            heard.extend(sock.collect(Duration::from_millis(200), |_| true));
+        }
+        heard
     });
     ready_rx.recv().unwrap();
-    handle
+    Listener { done, handle }
 }
 
 #[test]
@@ -257,8 +278,8 @@ fn starting_to_answer_announces_the_vips_on_their_link_only() {
         "nb",
     ]);
     sluice.wait_for_stderr("ready");
-    let heard_a = on_a.join().unwrap();
-    let heard_b = on_b.join().unwrap();
+    let heard_a = on_a.heard();
+    let heard_b = on_b.heard();
     let garp = heard_a.iter().find(|f| {
         f.len() >= 42
             && f[12..14] == [8, 6]

@@ -1451,3 +1451,76 @@ fn a_flow_closed_by_fins_from_both_sides_is_swept_after_its_grace_and_not_before
         assert_eq!(&dp.run_egress(&open_reply).unwrap()[26..30], &VIP4.octets());
     });
 }
+
+#[test]
+fn frames_to_another_hosts_mac_pass_untouched_and_are_counted_and_only_arp_ndp_is_read_from_group_frames(
+) {
+    lab(|dp, veth0, _| {
+        let veth0_if = dataplane::interface("veth0").unwrap();
+        // Attached, the program knows veth0's MAC: frames to it are this host's.
+        dp.attach_all(std::slice::from_ref(&veth0_if)).unwrap();
+        let ours = veth0_if.mac;
+        dp.upsert_service(tcp80(), &[b4(10), b4(11)]).unwrap();
+        dp.set_l2_vips(&[dataplane::L2Vip {
+            ifindex: veth0,
+            ip: IpAddr::V4(VIP4),
+            mac: ours,
+        }])
+        .unwrap();
+        let other: Mac = [0x02, 0x0f, 0, 0, 0, 9];
+
+        // To another host's MAC (a promiscuous port, a flooding switch): untouched, counted.
+        let for_other = [
+            ipv4_tcp_syn(other, CLIENT_MAC, CLIENT4, VIP4, 40000, 80),
+            ipv6_tcp_syn(other, CLIENT_MAC, client6(), vip6(), 40000, 80),
+            {
+                // A unicast ARP request to another host, for the VIP.
+                let mut f = arp_request(CLIENT_MAC, CLIENT4, VIP4);
+                f[0..6].copy_from_slice(&other);
+                f
+            },
+        ];
+        for frame in &for_other {
+            let out = dp.run_ingress(veth0, frame).unwrap();
+            assert_eq!(out.action, XdpAction::Pass);
+            assert_eq!(&out.frame, frame, "another host's frame must be untouched");
+        }
+        assert_eq!(
+            dp.flow_count().unwrap(),
+            0,
+            "no flow for another host's frames"
+        );
+        assert_eq!(
+            dp.interface_stats(veth0).unwrap().other_host,
+            for_other.len() as u64
+        );
+
+        // Broadcast: ARP is answered, nothing else is read.
+        let out = dp
+            .run_ingress(veth0, &arp_request(CLIENT_MAC, CLIENT4, VIP4))
+            .unwrap();
+        assert_eq!(
+            out.action,
+            XdpAction::Tx,
+            "a broadcast ARP request is answered"
+        );
+        let broadcast_syn = ipv4_tcp_syn([0xff; 6], CLIENT_MAC, CLIENT4, VIP4, 40001, 80);
+        let out = dp.run_ingress(veth0, &broadcast_syn).unwrap();
+        assert_eq!(out.action, XdpAction::Pass);
+        assert_eq!(
+            out.frame, broadcast_syn,
+            "a broadcast TCP frame is not balanced"
+        );
+
+        // To this host's MAC: balanced.
+        let syn = ipv4_tcp_syn(ours, CLIENT_MAC, CLIENT4, VIP4, 40002, 80);
+        let out = dp.run_ingress(veth0, &syn).unwrap();
+        assert_ne!(out.frame, syn, "this host's frame is balanced");
+        assert_eq!(dp.flow_count().unwrap(), 1);
+        assert_eq!(
+            dp.interface_stats(veth0).unwrap().other_host,
+            for_other.len() as u64,
+            "counted once each, and only those"
+        );
+    });
+}

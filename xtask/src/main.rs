@@ -13,6 +13,8 @@
 //! - `demo`       Sluice in network namespaces: a client, a node, three backends (needs root)
 //! - `image`      the OCI image archive of `sluice`, without a container engine; prints its digest
 //! - `deb`        the Debian package for hosts: the binary, a systemd unit, /etc/sluice/sluice.yaml
+//! - `kernels`    the data plane's tests on Debian's stock kernels, each booted in a QEMU guest
+//!   (`cargo xtask kernels [LABEL...] [-- FILTER]`); `test` runs it after the tests here
 
 use std::{
     env,
@@ -26,6 +28,7 @@ use anyhow::{bail, Context, Result};
 mod deb;
 mod e2e;
 mod image;
+mod kernels;
 mod staging;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -79,13 +82,18 @@ fn main() -> Result<()> {
         "manifests" => manifests(),
         "image" => image::main(&rest),
         "deb" => deb::main(&rest),
+        "kernels" => {
+            setup()?;
+            build_ebpf()?;
+            kernels::main(&rest)
+        }
         "demo" => {
             setup_with(DEMO_PACKAGES)?;
             build_ebpf()?;
             demo()
         }
         _ => {
-            eprintln!("usage: cargo xtask <setup | build-ebpf | test [-- cargo test args] | bench | soak [mesh|bfd|cluster] [-- RUNS] | manifests | demo | image | deb>");
+            eprintln!("usage: cargo xtask <setup | build-ebpf | test [-- cargo test args] | kernels [LABEL...] [-- FILTER] | bench | soak [mesh|bfd|cluster] [-- RUNS] | manifests | demo | image | deb>");
             std::process::exit(2);
         }
     }
@@ -180,7 +188,12 @@ fn have(command: &str) -> bool {
 }
 
 fn setup() -> Result<()> {
-    setup_with(DEBIAN_PACKAGES)
+    let all: Vec<(&str, &str)> = DEBIAN_PACKAGES
+        .iter()
+        .chain(kernels::PACKAGES)
+        .copied()
+        .collect();
+    setup_with(&all)
 }
 
 /// The toolchain pieces, and those of `packages` that are missing.
@@ -299,7 +312,20 @@ fn test(extra: &[String]) -> Result<()> {
     run(nightly_in_ebpf().args(["clippy", "--release", "--", "-D", "warnings"]))?;
     // Build everything (the e2e tests run the `sluice` binary) before running anything.
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
-    run_tests(cargo().args(["test", "--workspace"]).args(extra))
+    run_tests(cargo().args(["test", "--workspace"]).args(extra))?;
+    // The same data-plane tests on Debian's stock kernels, each in a QEMU guest (a filtered
+    // run of the tests here is a developer's quick loop: it skips them).
+    if !extra.is_empty() {
+        eprintln!("xtask: kernel matrix skipped: the tests were filtered ({extra:?}); `cargo xtask kernels` runs it");
+        return Ok(());
+    }
+    if !kernels::available() {
+        eprintln!(
+            "xtask: kernel matrix SKIPPED: QEMU is not installed (`cargo xtask setup` installs it)"
+        );
+        return Ok(());
+    }
+    kernels::main(&[])
 }
 
 /// Runs cargo test, passing its output through, and ends with one plain summary line

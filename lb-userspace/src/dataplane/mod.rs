@@ -8,6 +8,7 @@
 pub mod bench;
 mod error;
 pub mod flows;
+pub mod ifaces;
 mod services;
 mod system;
 mod tables;
@@ -26,7 +27,10 @@ use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
-        tc::{self, SchedClassifierLink, SchedClassifierLinkId, TcAttachType},
+        tc::{
+            self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions,
+            TcAttachType, TcHandle,
+        },
         xdp::{XdpLink, XdpLinkId},
         ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp, XdpMode,
     },
@@ -123,7 +127,7 @@ impl MapShape {
 }
 
 /// Every map the data plane pins, with its shape as this build's programs and `options` want it.
-fn expected_shapes(options: &DataplaneOptions) -> [(&'static str, MapShape); 19] {
+fn expected_shapes(options: &DataplaneOptions) -> [(&'static str, MapShape); 22] {
     use lb_common::{
         BackendValue, FloodSettings, FloodState, ReverseNatValue, ServiceKey, ServiceValue,
         TrafficStats, REDIRECT_TARGETS_CAPACITY, VIP_FILTER_SLOTS,
@@ -194,6 +198,18 @@ fn expected_shapes(options: &DataplaneOptions) -> [(&'static str, MapShape); 19]
         (
             lb_common::MAP_TUNNEL_SLOTS,
             MapShape::of::<u32, lb_common::TunnelSlot>(lb_common::TUNNEL_SLOTS),
+        ),
+        (
+            lb_common::MAP_IFACES,
+            MapShape::of::<u32, lb_common::IfaceEntry>(lb_common::IFACE_SLOTS),
+        ),
+        (
+            lb_common::MAP_IFACES_SHARED,
+            MapShape::of::<u32, lb_common::IfaceEntry>(lb_common::IFACES_SHARED_CAPACITY),
+        ),
+        (
+            lb_common::MAP_IFACE_STATS,
+            MapShape::of::<u32, lb_common::IfaceStats>(lb_common::IFACE_SLOTS),
         ),
         (
             lb_common::MAP_TRACE_EVENTS,
@@ -356,6 +372,8 @@ pub struct Dataplane {
     registry: services::Registry,
     /// Where links are pinned, when they are.
     link_dir: Option<PathBuf>,
+    /// The interface table as last written (`None`: write it whole).
+    ifaces_written: Option<ifaces::Table>,
     /// Some link was adopted from an earlier process: forwarding went on through its restart.
     adopted: bool,
     /// What `L2_VIPS` holds, as last written here (`None`: not read yet; read once from the
@@ -369,7 +387,13 @@ pub struct Dataplane {
 struct Attachment {
     name: String,
     xdp: XdpLinkId,
-    tc: SchedClassifierLinkId,
+    /// `None`: a netlink TC filter left in the interface's clsact qdisc to outlive this process
+    /// (pinned links before Linux 6.6, which has no TCX links to pin).
+    tc: Option<SchedClassifierLinkId>,
+    /// The XDP program runs in the driver (native mode); generic (skb) mode otherwise.
+    native: bool,
+    /// Why native mode was not used, when it was not.
+    generic_reason: Option<String>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -441,6 +465,7 @@ impl Dataplane {
                 _ => None,
             },
             adopted: false,
+            ifaces_written: None,
             l2_written: None,
             tunnels: None,
         };
@@ -582,35 +607,33 @@ impl Dataplane {
             interface: iface.name.clone(),
             source,
         };
-        let link_paths = self.link_dir.as_ref().map(|dir| {
-            (
-                dir.join(format!("xdp-{}", iface.name)),
-                dir.join(format!("tc-{}", iface.name)),
-            )
-        });
+        let link_paths = self
+            .link_dir
+            .as_ref()
+            .map(|dir| link_pin_paths(dir, &iface.name));
         if let Some((xdp_path, tc_path)) = &link_paths {
             if let Some(attachment) = self.adopt(iface, xdp_path, tc_path) {
                 self.attached.insert(iface.ifindex, attachment);
                 self.adopted = true;
                 tracing::info!(event = "xdpAdopted", interface = %iface.name, ifindex = iface.ifindex);
-                return Ok(());
+                return self.write_ifaces();
             }
         }
         let program = self.ingress_mut()?;
-        // Native (driver) mode where the driver supports XDP, generic (skb) mode elsewhere.
-        let xdp = program
-            .attach_to_if_index(iface.ifindex, XdpMode::Default)
-            .map_err(attach_error)?;
-        // TCX (no qdisc) from Linux 6.6; a clsact qdisc before that.
-        if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
-            if let Err(error) = tc::qdisc_add_clsact(&iface.name) {
-                tracing::debug!(event = "clsactPresent", interface = %iface.name, %error);
-            }
-        }
-        let tc = match self.egress_mut().and_then(|p| {
-            p.attach(&iface.name, TcAttachType::Egress)
-                .map_err(attach_error)
-        }) {
+        // Native (driver) mode where the driver (or every port of a bond) supports XDP; generic
+        // (skb) mode elsewhere, with the reason kept for `inspect`.
+        let (xdp, native, generic_reason) =
+            match program.attach_to_if_index(iface.ifindex, XdpMode::Driver) {
+                Ok(link) => (link, true, None),
+                Err(native_error) => {
+                    let reason = error_chain(&native_error);
+                    let link = program
+                        .attach_to_if_index(iface.ifindex, XdpMode::Skb)
+                        .map_err(attach_error)?;
+                    (link, false, Some(reason))
+                }
+            };
+        let tc = match self.attach_tc(iface) {
             Ok(link) => link,
             Err(error) => {
                 let _ = self.ingress_mut().map(|p| p.detach(xdp));
@@ -620,48 +643,109 @@ impl Dataplane {
         let mut attachment = Attachment {
             name: iface.name.clone(),
             xdp,
-            tc,
+            tc: Some(tc),
+            native,
+            generic_reason,
         };
         if let Some((xdp_path, tc_path)) = &link_paths {
             attachment = self.pin_links(attachment, xdp_path, tc_path)?;
         }
+        tracing::info!(
+            event = "xdpAttached",
+            interface = %iface.name,
+            ifindex = iface.ifindex,
+            mode = if attachment.native { "native" } else { "generic" },
+            generic_reason = attachment.generic_reason.as_deref().unwrap_or(""),
+        );
         self.attached.insert(iface.ifindex, attachment);
-        tracing::info!(event = "xdpAttached", interface = %iface.name, ifindex = iface.ifindex);
-        Ok(())
+        self.write_ifaces()
+    }
+
+    /// The TC egress program on an interface: a TCX link from Linux 6.6; before that a
+    /// netlink filter in a clsact qdisc, at Sluice's own priority and handle, so that the next
+    /// data plane finds it and swaps its program in (a filter left by an earlier one is reused).
+    fn attach_tc(&mut self, iface: &Interface) -> Result<SchedClassifierLinkId> {
+        let attach_error = |source| DataplaneError::Attach {
+            interface: iface.name.clone(),
+            source,
+        };
+        if tcx_available() {
+            return self
+                .egress_mut()?
+                .attach(&iface.name, TcAttachType::Egress)
+                .map_err(attach_error);
+        }
+        if let Err(error) = tc::qdisc_add_clsact(&iface.name) {
+            tracing::debug!(event = "clsactPresent", interface = %iface.name, %error);
+        }
+        if let Ok(link) = netlink_tc_link(&iface.name) {
+            if let Ok(id) = self.egress_mut()?.attach_to_link(link) {
+                return Ok(id);
+            }
+        }
+        self.egress_mut()?
+            .attach_with_options(
+                &iface.name,
+                TcAttachType::Egress,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: TC_PRIORITY,
+                    handle: TC_HANDLE,
+                    ..NlOptions::default()
+                }),
+            )
+            .map_err(attach_error)
     }
 
     /// Takes over links pinned by an earlier data plane on this interface, putting this one's
-    /// programs in them (atomic `bpf_link_update`: no moment without a program). `None` when
-    /// there is nothing usable to adopt (stale pins are removed).
+    /// programs in them (atomic `bpf_link_update`: no moment without a program; before Linux
+    /// 6.6 the TC program replaces the earlier one in its netlink filter). `None` when there
+    /// is nothing usable to adopt (stale pins are removed).
     fn adopt(&mut self, iface: &Interface, xdp_path: &Path, tc_path: &Path) -> Option<Attachment> {
-        if !xdp_path.exists() || !tc_path.exists() {
+        let tcx = tcx_available();
+        if !xdp_path.exists() || (tcx && !tc_path.exists()) {
             let _ = std::fs::remove_file(xdp_path);
             let _ = std::fs::remove_file(tc_path);
             return None;
         }
         let result = (|| -> std::result::Result<Attachment, String> {
             let xdp_fd: FdLink = PinnedLink::from_pin(xdp_path)
-                .map_err(|e| e.to_string())?
+                .map_err(|e| error_chain(&e))?
                 .into();
-            let tc_fd: FdLink = PinnedLink::from_pin(tc_path)
-                .map_err(|e| e.to_string())?
-                .into();
-            let xdp_link = XdpLink::try_from(xdp_fd).map_err(|e| e.to_string())?;
-            let tc_link = SchedClassifierLink::try_from(tc_fd).map_err(|e| e.to_string())?;
+            let tc_link = if tcx {
+                let tc_fd: FdLink = PinnedLink::from_pin(tc_path)
+                    .map_err(|e| error_chain(&e))?
+                    .into();
+                SchedClassifierLink::try_from(tc_fd).map_err(|e| error_chain(&e))?
+            } else {
+                netlink_tc_link(&iface.name).map_err(|e| e.to_string())?
+            };
+            let xdp_link = XdpLink::try_from(xdp_fd).map_err(|e| error_chain(&e))?;
             let xdp = self
                 .ingress_mut()
                 .map_err(|e| e.to_string())?
                 .attach_to_link(xdp_link)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| error_chain(&e))?;
             let tc = self
                 .egress_mut()
                 .map_err(|e| e.to_string())?
                 .attach_to_link(tc_link)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| error_chain(&e))?;
+            let tc = if tcx {
+                Some(tc)
+            } else {
+                self.leave_tc_filter(tc).map_err(|e| e.to_string())?;
+                None
+            };
+            // The mode the earlier data plane attached in (it wrote it down).
+            let native = self
+                .iface_entry(iface.ifindex)
+                .is_some_and(|e| e.flags & lb_common::IFACE_NATIVE != 0);
             Ok(Attachment {
                 name: iface.name.clone(),
                 xdp,
                 tc,
+                native,
+                generic_reason: None,
             })
         })();
         match result {
@@ -675,47 +759,92 @@ impl Dataplane {
         }
     }
 
+    /// Takes a netlink TC filter's link from the program and leaves it be: it stays in the
+    /// interface's clsact qdisc when this process exits (dropping the link would delete it).
+    fn leave_tc_filter(&mut self, tc: SchedClassifierLinkId) -> Result<()> {
+        let link = self
+            .egress_mut()?
+            .take_link(tc)
+            .map_err(|source| DataplaneError::Program {
+                program: PROG_TC_EGRESS,
+                source,
+            })?;
+        std::mem::forget(link);
+        Ok(())
+    }
+
     /// Pins both links of an attachment and gives them back to the programs. On failure the
-    /// links taken so far are dropped, which detaches them (nothing pins them).
+    /// links taken so far are dropped, which detaches them (nothing pins them). Before Linux
+    /// 6.6 the TC program is a netlink filter, which has no link to pin: it is left in place.
     fn pin_links(
         &mut self,
         attachment: Attachment,
         xdp_path: &Path,
         tc_path: &Path,
     ) -> Result<Attachment> {
-        let Attachment { name, xdp, tc } = attachment;
-        let result = (|| -> std::result::Result<(XdpLinkId, SchedClassifierLinkId), String> {
-            if let Some(dir) = xdp_path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-            }
-            let xdp_link = self
-                .ingress_mut()
-                .map_err(|e| e.to_string())?
-                .take_link(xdp)
-                .map_err(|e| e.to_string())?;
-            let xdp_fd = FdLink::try_from(xdp_link).map_err(|e| e.to_string())?;
-            let xdp_fd: FdLink = xdp_fd.pin(xdp_path).map_err(|e| e.to_string())?.into();
-            let xdp = self
-                .ingress_mut()
-                .map_err(|e| e.to_string())?
-                .attach_to_link(XdpLink::try_from(xdp_fd).map_err(|e| e.to_string())?)
-                .map_err(|e| e.to_string())?;
-            let tc_link = self
-                .egress_mut()
-                .map_err(|e| e.to_string())?
-                .take_link(tc)
-                .map_err(|e| e.to_string())?;
-            let tc_fd = FdLink::try_from(tc_link).map_err(|e| e.to_string())?;
-            let tc_fd: FdLink = tc_fd.pin(tc_path).map_err(|e| e.to_string())?.into();
-            let tc = self
-                .egress_mut()
-                .map_err(|e| e.to_string())?
-                .attach_to_link(SchedClassifierLink::try_from(tc_fd).map_err(|e| e.to_string())?)
-                .map_err(|e| e.to_string())?;
-            Ok((xdp, tc))
-        })();
+        let Attachment {
+            name,
+            xdp,
+            tc,
+            native,
+            generic_reason,
+        } = attachment;
+        let tcx = tcx_available();
+        let result =
+            (|| -> std::result::Result<(XdpLinkId, Option<SchedClassifierLinkId>), String> {
+                if let Some(dir) = xdp_path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                }
+                let xdp_link = self
+                    .ingress_mut()
+                    .map_err(|e| e.to_string())?
+                    .take_link(xdp)
+                    .map_err(|e| error_chain(&e))?;
+                let xdp_fd = FdLink::try_from(xdp_link).map_err(|e| error_chain(&e))?;
+                let xdp_fd: FdLink = xdp_fd
+                    .pin(xdp_path)
+                    .map_err(|e| pin_failure(xdp_path, &e))?
+                    .into();
+                let xdp = self
+                    .ingress_mut()
+                    .map_err(|e| e.to_string())?
+                    .attach_to_link(XdpLink::try_from(xdp_fd).map_err(|e| error_chain(&e))?)
+                    .map_err(|e| error_chain(&e))?;
+                let Some(tc) = tc else {
+                    return Ok((xdp, None));
+                };
+                if !tcx {
+                    self.leave_tc_filter(tc).map_err(|e| e.to_string())?;
+                    return Ok((xdp, None));
+                }
+                let tc_link = self
+                    .egress_mut()
+                    .map_err(|e| e.to_string())?
+                    .take_link(tc)
+                    .map_err(|e| error_chain(&e))?;
+                let tc_fd = FdLink::try_from(tc_link).map_err(|e| error_chain(&e))?;
+                let tc_fd: FdLink = tc_fd
+                    .pin(tc_path)
+                    .map_err(|e| pin_failure(tc_path, &e))?
+                    .into();
+                let tc = self
+                    .egress_mut()
+                    .map_err(|e| e.to_string())?
+                    .attach_to_link(
+                        SchedClassifierLink::try_from(tc_fd).map_err(|e| error_chain(&e))?,
+                    )
+                    .map_err(|e| error_chain(&e))?;
+                Ok((xdp, Some(tc)))
+            })();
         match result {
-            Ok((xdp, tc)) => Ok(Attachment { name, xdp, tc }),
+            Ok((xdp, tc)) => Ok(Attachment {
+                name,
+                xdp,
+                tc,
+                native,
+                generic_reason,
+            }),
             Err(reason) => {
                 let _ = std::fs::remove_file(xdp_path);
                 let _ = std::fs::remove_file(tc_path);
@@ -729,15 +858,21 @@ impl Dataplane {
 
     /// Detaches the ingress program from one interface (no-op if it is not attached).
     pub fn detach(&mut self, ifindex: u32) {
-        if let Some(Attachment { name, xdp, tc }) = self.attached.remove(&ifindex) {
+        if let Some(Attachment { name, xdp, tc, .. }) = self.attached.remove(&ifindex) {
             if let Some(dir) = &self.link_dir {
-                let _ = std::fs::remove_file(dir.join(format!("xdp-{name}")));
-                let _ = std::fs::remove_file(dir.join(format!("tc-{name}")));
+                let (xdp_path, tc_path) = link_pin_paths(dir, &name);
+                let _ = std::fs::remove_file(xdp_path);
+                let _ = std::fs::remove_file(tc_path);
             }
-            if let Ok(program) = self.egress_mut() {
-                if let Err(error) = program.detach(tc) {
-                    tracing::warn!(event = "tcDetachFailed", interface = %name, %error);
+            match tc {
+                Some(tc) => {
+                    if let Ok(program) = self.egress_mut() {
+                        if let Err(error) = program.detach(tc) {
+                            tracing::warn!(event = "tcDetachFailed", interface = %name, %error);
+                        }
+                    }
                 }
+                None => remove_tc_filter(&name),
             }
             if let Ok(program) = self.ingress_mut() {
                 if let Err(error) = program.detach(xdp) {
@@ -745,8 +880,101 @@ impl Dataplane {
                     return;
                 }
             }
+            if let Err(error) = self.write_ifaces() {
+                tracing::warn!(event = "interfaceTableNotWritten", %error);
+            }
             tracing::info!(event = "xdpDetached", interface = %name, ifindex);
         }
+    }
+
+    /// Every interface the program runs on, as it must see them (see [`ifaces`]): the attached
+    /// ones and their bonds' ports, with the bonds' current active ports.
+    fn desired_ifaces(&self) -> ifaces::Table {
+        let entries: Vec<lb_common::IfaceEntry> = self
+            .attached
+            .iter()
+            .flat_map(|(ifindex, a)| {
+                let mac = system::interface(&a.name)
+                    .map(|i| i.mac)
+                    .unwrap_or_default();
+                ifaces::entries(&ifaces::Attached {
+                    ifindex: *ifindex,
+                    mac,
+                    native: a.native,
+                    bond: ifaces::read_bond(&a.name),
+                })
+            })
+            .collect();
+        ifaces::plan(&entries)
+    }
+
+    /// Writes the interface table where it changed. Returns true when it did.
+    fn write_ifaces(&mut self) -> Result<()> {
+        self.refresh_interfaces().map(|_| ())
+    }
+
+    /// Reads the attached interfaces' facts again (a bond's ports and its active port, an
+    /// interface's MAC) and writes what changed: a bond's failover moves its ARP/NDP answers
+    /// to the new active port. Cheap when nothing changed (sysfs reads only); the daemons call
+    /// it every [`INTERFACE_REFRESH`]. Returns true when the table changed.
+    pub fn refresh_interfaces(&mut self) -> Result<bool> {
+        let want = self.desired_ifaces();
+        if self.ifaces_written.as_ref() == Some(&want) {
+            return Ok(false);
+        }
+        let had = self.ifaces_written.take();
+        let (mut slots_map, mut shared_map) = (None, None);
+        for (name, map) in self.ebpf.maps_mut() {
+            match name {
+                lb_common::MAP_IFACES => slots_map = Some(map),
+                lb_common::MAP_IFACES_SHARED => shared_map = Some(map),
+                _ => {}
+            }
+        }
+        let slots_map = slots_map.ok_or(DataplaneError::MissingMap(lb_common::MAP_IFACES))?;
+        let shared_map =
+            shared_map.ok_or(DataplaneError::MissingMap(lb_common::MAP_IFACES_SHARED))?;
+        let mut slots =
+            aya::maps::Array::try_from(slots_map).map_err(map_error(lb_common::MAP_IFACES))?;
+        let mut shared =
+            HashMap::try_from(shared_map).map_err(map_error(lb_common::MAP_IFACES_SHARED))?;
+        let result = ifaces::write(&mut slots, &mut shared, had.as_ref(), &want);
+        result?;
+        if had.is_some() {
+            tracing::info!(
+                event = "interfacesChanged",
+                standby_ports = ?want
+                    .slots
+                    .values()
+                    .chain(want.shared.values())
+                    .filter(|e| e.flags & lb_common::IFACE_STANDBY != 0)
+                    .filter_map(|e| interface_name(e.ifindex))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        self.ifaces_written = Some(want);
+        Ok(true)
+    }
+
+    /// What the program left alone on an interface (summed over CPUs; interfaces sharing a
+    /// slot count together).
+    pub fn interface_stats(&self, ifindex: u32) -> Result<lb_common::IfaceStats> {
+        let map = self
+            .ebpf
+            .map(lb_common::MAP_IFACE_STATS)
+            .ok_or(DataplaneError::MissingMap(lb_common::MAP_IFACE_STATS))?;
+        let stats: PerCpuArray<&MapData, lb_common::IfaceStats> =
+            PerCpuArray::try_from(map).map_err(map_error(lb_common::MAP_IFACE_STATS))?;
+        Ok(ifaces::read_stats(&stats, ifindex))
+    }
+
+    /// This data plane's entry for an interface, as written (by this process or the last).
+    fn iface_entry(&self, ifindex: u32) -> Option<lb_common::IfaceEntry> {
+        let map = self.ebpf.map(lb_common::MAP_IFACES)?;
+        let slots: aya::maps::Array<&MapData, lb_common::IfaceEntry> =
+            aya::maps::Array::try_from(map).ok()?;
+        let entry = slots.get(&lb_common::iface_slot(ifindex), 0).ok()?;
+        (entry.ifindex == ifindex).then_some(entry)
     }
 
     /// This process took over pinned links from an earlier one, which kept forwarding while it
@@ -1134,8 +1362,101 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// How often the daemons re-read the attached interfaces' facts ([`Dataplane::refresh_interfaces`]):
+/// a bond's failover moves the ARP/NDP answers to its new active port within this.
+pub const INTERFACE_REFRESH: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The priority and handle of Sluice's TC egress filter in a clsact qdisc (before Linux 6.6):
+/// fixed, so that the next data plane finds the filter and replaces its program.
+const TC_PRIORITY: u16 = 0x5c1;
+const TC_HANDLE: TcHandle = TcHandle::new(0, 0x5c1);
+
+/// TCX links (Linux 6.6): the TC program attaches as a link that can be pinned.
+fn tcx_available() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// Sluice's netlink TC filter on an interface (it may not exist).
+fn netlink_tc_link(name: &str) -> std::io::Result<SchedClassifierLink> {
+    SchedClassifierLink::attached(name, TcAttachType::Egress, TC_PRIORITY, TC_HANDLE, None)
+}
+
+/// Deletes Sluice's netlink TC filter from an interface, if it is there.
+fn remove_tc_filter(name: &str) {
+    use aya::programs::links::Link;
+    if let Ok(link) = netlink_tc_link(name) {
+        if let Err(error) = link.detach() {
+            tracing::debug!(event = "tcFilterAbsent", interface = %name, %error);
+        }
+    }
+}
+
+/// An error and every cause under it, on one line (aya's pin errors say "`BPF_OBJ_PIN`
+/// failed" and keep the errno in their source).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Why pinning a link at `path` failed, with the cause spelled out.
+fn pin_failure(path: &Path, error: &dyn std::error::Error) -> String {
+    let mut text = format!("pinning {}: {}", path.display(), error_chain(error));
+    if !path.parent().is_some_and(system::on_bpffs) {
+        text.push_str(" (the directory is not on a bpffs mount)");
+    }
+    text
+}
+
+/// The bpffs file names of an interface's pinned links. Interface names may hold characters
+/// bpffs refuses in a name (a dot: `eth0.100`, `vmbr0.50`): every byte outside
+/// `[A-Za-z0-9_-]` is written `%XX`, so each name has one file and `eth0` keeps `xdp-eth0`.
+pub fn link_pin_names(interface: &str) -> (String, String) {
+    let mut encoded = String::new();
+    for b in interface.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            encoded.push(b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02x}"));
+        }
+    }
+    (format!("xdp-{encoded}"), format!("tc-{encoded}"))
+}
+
+/// The interface a pinned link's file name is for (`xdp-eth0%2e100` → `eth0.100`).
+pub fn link_pin_interface(file_name: &str) -> Option<String> {
+    let encoded = file_name
+        .strip_prefix("xdp-")
+        .or_else(|| file_name.strip_prefix("tc-"))?;
+    let bytes = encoded.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn link_pin_paths(dir: &Path, interface: &str) -> (PathBuf, PathBuf) {
+    let (xdp, tc) = link_pin_names(interface);
+    (dir.join(xdp), dir.join(tc))
+}
+
 /// Stops a data plane left running with pinned links: removes the pins under `<pin_dir>/links/`,
-/// which detaches the programs once no process holds the links. Returns the links removed.
+/// which detaches the programs once no process holds the links (before Linux 6.6, the TC
+/// filters are deleted from their interfaces). Returns the links removed.
 pub fn detach_pinned(pin_dir: &Path) -> Result<Vec<String>> {
     require_root()?;
     let dir = pin_dir.join("links");
@@ -1150,7 +1471,13 @@ pub fn detach_pinned(pin_dir: &Path) -> Result<Vec<String>> {
             path: path.clone(),
             source,
         })?;
-        removed.push(entry.file_name().to_string_lossy().into_owned());
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        if !tcx_available() && file_name.starts_with("xdp-") {
+            if let Some(interface) = link_pin_interface(&file_name) {
+                remove_tc_filter(&interface);
+            }
+        }
+        removed.push(file_name);
     }
     removed.sort();
     Ok(removed)
@@ -1170,6 +1497,31 @@ pub struct PinnedView {
     tunnel_peers:
         Option<aya::maps::PerCpuHashMap<MapData, lb_common::NodeKey, lb_common::TunnelStats>>,
     tunnel_slots: Option<PerCpuArray<MapData, lb_common::TunnelSlot>>,
+    ifaces: Option<aya::maps::Array<MapData, lb_common::IfaceEntry>>,
+    ifaces_shared: Option<HashMap<MapData, u32, lb_common::IfaceEntry>>,
+    iface_stats: Option<PerCpuArray<MapData, lb_common::IfaceStats>>,
+}
+
+/// An interface the XDP program runs on, for `inspect`.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InterfaceView {
+    pub ifindex: u32,
+    pub name: Option<String>,
+    /// "native" or "generic".
+    pub mode: &'static str,
+    /// "bond", "bridge", "vlan", "device" or "virtual".
+    pub kind: &'static str,
+    /// A bond's port: the bond it answers for.
+    pub port_of: Option<String>,
+    /// A bond's standby port (active-backup): everything passes, the bond drops it.
+    pub standby: bool,
+    /// Generic mode: why, and what it costs.
+    pub note: Option<&'static str>,
+    /// Frames to another host's MAC, passed untouched.
+    pub other_host_frames: u64,
+    /// Frames that arrived on it while a standby port.
+    pub standby_frames: u64,
 }
 
 impl PinnedView {
@@ -1212,7 +1564,50 @@ impl PinnedView {
             tunnel_slots: open(lb_common::MAP_TUNNEL_SLOTS)
                 .ok()
                 .and_then(|m| PerCpuArray::try_from(Map::PerCpuArray(m)).ok()),
+            // Absent in pin directories of versions before the interface table.
+            ifaces: open(lb_common::MAP_IFACES)
+                .ok()
+                .and_then(|m| aya::maps::Array::try_from(Map::Array(m)).ok()),
+            ifaces_shared: open(lb_common::MAP_IFACES_SHARED)
+                .ok()
+                .and_then(|m| HashMap::try_from(Map::HashMap(m)).ok()),
+            iface_stats: open(lb_common::MAP_IFACE_STATS)
+                .ok()
+                .and_then(|m| PerCpuArray::try_from(Map::PerCpuArray(m)).ok()),
         })
+    }
+
+    /// The interfaces the program runs on: mode, kind, bond ports, what was left alone.
+    pub fn interfaces(&self) -> Vec<InterfaceView> {
+        let Some(slots) = &self.ifaces else {
+            return Vec::new();
+        };
+        ifaces::read(slots, self.ifaces_shared.as_ref())
+            .into_iter()
+            .map(|e| {
+                let name = interface_name(e.ifindex);
+                let kind = name.as_deref().map(ifaces::kind).unwrap_or("virtual");
+                let native = e.flags & lb_common::IFACE_NATIVE != 0;
+                let stats = self
+                    .iface_stats
+                    .as_ref()
+                    .map(|s| ifaces::read_stats(s, e.ifindex))
+                    .unwrap_or_default();
+                InterfaceView {
+                    ifindex: e.ifindex,
+                    name,
+                    mode: if native { "native" } else { "generic" },
+                    kind,
+                    port_of: (e.flags & lb_common::IFACE_BOND_PORT != 0)
+                        .then(|| interface_name(e.l2_ifindex))
+                        .flatten(),
+                    standby: e.flags & lb_common::IFACE_STANDBY != 0,
+                    note: (!native).then(|| ifaces::generic_note(kind)),
+                    other_host_frames: stats.other_host,
+                    standby_frames: stats.standby,
+                }
+            })
+            .collect()
     }
 
     /// The packets each other node tunnelled here (none before cluster-wide balancing).

@@ -46,6 +46,11 @@ pub fn require_root() -> Result<()> {
     Ok(())
 }
 
+/// True when `path` is on a bpffs mount.
+pub fn on_bpffs(path: &Path) -> bool {
+    is_bpffs(path)
+}
+
 fn is_bpffs(path: &Path) -> bool {
     let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
         return false;

@@ -464,6 +464,10 @@ async fn run_async(
             }
             seen = Some(now);
         }
+        // A bond's failover moves the ARP/NDP answers to its new active port.
+        if let Err(error) = speaker.dp.refresh_interfaces() {
+            warn!(error = %error, "interfacesNotRefreshed");
+        }
         if let Some(every) = options.garp_interval {
             if last_garp.elapsed() >= every {
                 speaker.refresh_announcements();
