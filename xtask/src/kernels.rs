@@ -13,7 +13,8 @@
 //! emulation (TCG): a guest run takes a few minutes. This machine's own kernel is the fourth
 //! column of the matrix: `cargo xtask test` runs the same tests on it directly.
 //!
-//! `cargo xtask kernels [LABEL...] [-- TEST-FILTER]`: every kernel of the matrix, or those named.
+//! `cargo xtask kernels [LABEL...] [-- FILTER]`: every kernel of the matrix, or those named;
+//! FILTER names a test binary (`kernel_links`) to run alone, or filters test names.
 
 use std::{
     fs,
@@ -52,15 +53,21 @@ pub const MATRIX: &[Kernel] = &[
     },
 ];
 
-/// The test binaries the guest runs: the data plane's packet tests, its namespace tests, and
-/// the link lab (bonds, VLANs, bridges) that only a guest can run. Every test in them runs,
-/// those ignored on this machine's kernel included (`--include-ignored`).
-pub const GUEST_TESTS: &[&str] = &[
-    "xdp_l2_packets",
-    "xdp_balancer_packets",
-    "xdp_tunnel_packets",
-    "l2_netns",
-    "balancer_netns",
+/// The test binaries the guest runs, each with the tests of it to run (none named: all): the
+/// data plane's packet tests, its namespace tests (L2 and balancing), `sluice run` restarting
+/// over its pinned links, and the link lab (bonds, VLANs, bridges) that only a guest can run.
+/// Tests ignored on this machine's kernel run too (`--include-ignored`).
+pub const GUEST_TESTS: &[(&str, &[&str])] = &[
+    ("xdp_l2_packets", &[]),
+    ("xdp_balancer_packets", &[]),
+    ("xdp_tunnel_packets", &[]),
+    ("l2_netns", &[]),
+    ("balancer_netns", &[]),
+    (
+        "standalone_netns",
+        &["forwarding_goes_on_while_sluice_run_restarts_and_detach_stops_it"],
+    ),
+    ("kernel_links", &[]),
 ];
 
 /// How long one guest may run before it is stopped and counted as failed.
@@ -184,7 +191,9 @@ fn build_test_binaries() -> Result<Vec<(String, PathBuf)>> {
         else {
             continue;
         };
-        if GUEST_TESTS.contains(&name) {
+        if GUEST_TESTS.iter().any(|(n, _)| *n == name)
+            && !found.iter().any(|(n, _): &(String, PathBuf)| n == name)
+        {
             found.push((name.to_string(), PathBuf::from(exe)));
         }
     }
@@ -466,11 +475,28 @@ fn run_guest(
         "cd {}\n",
         shell_quote(&root().display().to_string())
     ));
+    // A filter that names a test binary runs that binary alone; another filters test names.
+    let binary_only = filter
+        .as_deref()
+        .filter(|f| binaries.iter().any(|(n, _)| n == f));
+    let filter = if binary_only.is_some() { &None } else { filter };
     for (name, path) in binaries {
+        if binary_only.is_some_and(|b| b != name) {
+            continue;
+        }
+        // The developer's filter, else the tests this binary runs in the guest (none: all).
+        let only = GUEST_TESTS
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(&[][..], |(_, only)| *only);
+        let filters: Vec<String> = match filter {
+            Some(f) => vec![shell_quote(f)],
+            None => only.iter().map(|t| shell_quote(t)).collect(),
+        };
         script.push_str(&format!(
             "echo 'xtask-guest-binary: {name}'\n{} --include-ignored --test-threads=1 --color never {}\necho \"xtask-guest-binary-status: {name} $?\"\n",
             path.display(),
-            filter.as_deref().map(shell_quote).unwrap_or_default(),
+            filters.join(" "),
         ));
     }
     script.push_str("echo 'xtask-guest-status: 0'\nsync\necho o > /proc/sysrq-trigger\nsleep 60\n");
