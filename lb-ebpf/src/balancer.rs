@@ -175,11 +175,7 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2, tunnelled: bool) -> Outcome {
     let ip = unsafe { &*ip };
     let ihl = (ip.version_ihl & 0x0f) as usize;
     let total = u16::from_be_bytes(ip.total_len) as usize;
-    if ip.version_ihl >> 4 != 4
-        || ihl < 5
-        || total < ihl * 4
-        || !holds(ctx, l2.l3_offset + total)
-    {
+    if ip.version_ihl >> 4 != 4 || ihl < 5 || total < ihl * 4 || !holds(ctx, l2.l3_offset + total) {
         return Outcome::Malformed;
     }
     if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP && ip.proto != IPPROTO_ICMP {

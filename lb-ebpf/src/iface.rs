@@ -87,10 +87,7 @@ pub fn arrival(ctx: &XdpContext) -> Option<Arrival> {
     } else {
         Dest::Other
     };
-    Some(Arrival {
-        dest,
-        slot,
-    })
+    Some(Arrival { dest, slot })
 }
 
 /// Counts a frame for another host, passed untouched.

@@ -7,11 +7,12 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    BackendValue, FloodSettings, IfaceEntry, IfaceStats, FloodState, FlowCacheEntry, FlowKey, FlowValue, GlobalStats,
-    L2VipKey, L2VipValue, NodeKey, ReverseCacheEntry, ReverseNatValue, ServiceKey, ServiceValue,
-    TraceEvent, TraceFilter, TrafficStats, TunnelSettings, TunnelSlot, TunnelStats,
-    BACKENDS_DEFAULT_CAPACITY, BPF_F_INNER_MAP, BPF_F_MMAPABLE, FLOWS_DEFAULT_CAPACITY,
-    FLOW_CACHE_SLOTS, IFACES_SHARED_CAPACITY, IFACE_SLOTS, L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE, REDIRECT_TARGETS_CAPACITY,
+    BackendValue, FloodSettings, FloodState, FlowCacheEntry, FlowKey, FlowValue, GlobalStats,
+    IfaceEntry, IfaceStats, L2VipKey, L2VipValue, NodeKey, ReverseCacheEntry, ReverseNatValue,
+    ServiceKey, ServiceValue, TraceEvent, TraceFilter, TrafficStats, TunnelSettings, TunnelSlot,
+    TunnelStats, BACKENDS_DEFAULT_CAPACITY, BPF_F_INNER_MAP, BPF_F_MMAPABLE,
+    FLOWS_DEFAULT_CAPACITY, FLOW_CACHE_SLOTS, IFACES_SHARED_CAPACITY, IFACE_SLOTS,
+    L2_VIPS_DEFAULT_CAPACITY, MAGLEV_TEMPLATE_SIZE, REDIRECT_TARGETS_CAPACITY,
     SERVICES_DEFAULT_CAPACITY, TRACE_EVENTS_BYTES, TUNNEL_PEERS_CAPACITY,
     TUNNEL_SLOTS as TUNNEL_SLOTS_LEN, VIP_FILTER_SLOTS,
 };

@@ -84,9 +84,7 @@ pub fn count(outcome: Outcome) {
             Outcome::TunnelForged => stats.tunnel_forged += 1,
             Outcome::TunnelMismatch => stats.tunnel_mismatch += 1,
             Outcome::TunnelTooBig(_) => stats.tunnel_too_big += 1,
-            Outcome::Decapsulated | Outcome::OtherHost | Outcome::StandbyPort => {
-                stats.passed += 1
-            }
+            Outcome::Decapsulated | Outcome::OtherHost | Outcome::StandbyPort => stats.passed += 1,
         }
     }
 }

@@ -655,7 +655,13 @@ fn serve(
     );
 
     loop {
-        let signal = signals.wait()?;
+        // Between signals: a bond's failover moves the answers to its new active port.
+        let Some(signal) = signals.wait_for(dataplane::INTERFACE_REFRESH)? else {
+            if let Err(error) = dp.refresh_interfaces() {
+                tracing::warn!(event = "interfacesNotRefreshed", %error);
+            }
+            continue;
+        };
         if signal == libc::SIGHUP {
             tracing::info!(
                 event = "signalIgnored",

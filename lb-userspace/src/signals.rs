@@ -31,4 +31,21 @@ impl SignalSet {
         }
         Ok(signal)
     }
+
+    /// Waits up to `timeout` for a signal; `None` when none came.
+    pub fn wait_for(&self, timeout: std::time::Duration) -> Result<Option<libc::c_int>> {
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        let rc = unsafe { libc::sigtimedwait(&self.0, std::ptr::null_mut(), &ts) };
+        if rc < 0 {
+            let error = std::io::Error::last_os_error();
+            return match error.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(None),
+                _ => anyhow::bail!("sigtimedwait failed: {error}"),
+            };
+        }
+        Ok(Some(rc))
+    }
 }

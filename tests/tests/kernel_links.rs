@@ -155,7 +155,9 @@ fn serves_and_answers_once(seg: &Segment, me: &str, vip: &str, mac: [u8; 6], wha
     let counts = http_names(&seg.client, vip, 30);
     assert_eq!(counts.values().sum::<usize>(), 30, "{what}: {counts:?}");
     assert_eq!(counts.len(), 2, "{what}: every backend serves: {counts:?}");
-    println!("{what}: ARP answered once per request (5 of 5); 30 requests served: {counts:?}");
+    println!(
+        "figure: {what}: ARP answered once per request (5 of 5); 30 requests served: {counts:?}"
+    );
 }
 
 /// The interfaces `inspect` lists, by name: (mode, role fields).
@@ -268,7 +270,7 @@ fn an_active_backup_bond_answers_arp_once_from_its_active_port_and_follows_a_fai
         );
     };
     println!(
-        "active-backup failover: answered once from {} {:.2} s after {first}'s link went down",
+        "figure: active-backup failover: answered once from {} {:.2} s after {first}'s link went down",
         active_port(&lab.node),
         answered_after.as_secs_f64()
     );
@@ -396,6 +398,7 @@ fn vlan_devices_named_eth0_100_and_vlan200_each_answer_their_own_segment_only() 
         assert_eq!(entry(&interfaces, dev)["mode"], "generic", "{interfaces}");
         assert_eq!(entry(&interfaces, dev)["kind"], "vlan", "{interfaces}");
     }
+    println!("figure: VLAN devices eth0.100 and vlan200: XDP generic, each VIP answered on its own VLAN only");
     // The links were pinned under names bpffs takes (a dot it does not), in the bpffs of
     // sluice's own mount namespace.
     let out = std::process::Command::new("nsenter")
