@@ -1049,6 +1049,10 @@ pub struct IfaceEntry {
     pub mac: [u8; 6],
     /// [`IFACE_NATIVE`], [`IFACE_STANDBY`], [`IFACE_BOND_PORT`], [`IFACE_SLOT_SHARED`].
     pub flags: u16,
+    /// A second MAC of this host's: the bridge's, when the interface (or the bond) is a bridge
+    /// port (the host's address, and so the routers' frames, are on the bridge); else `mac`.
+    pub upper_mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// Frames the XDP program left alone on one interface, by reason, per CPU.

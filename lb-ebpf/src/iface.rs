@@ -77,10 +77,7 @@ pub fn arrival(ctx: &XdpContext) -> Option<Arrival> {
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: 14 bytes checked by ptr_at; the MACs sit at even offsets.
     let dst = unsafe { (*eth).dst.as_ptr() };
-    let mac = entry.mac.as_ptr();
-    let dest = if load32(dst) == load32(mac)
-        && load16(unsafe { dst.add(4) }) == load16(unsafe { mac.add(4) })
-    {
+    let dest = if same_mac(dst, entry.mac.as_ptr()) || same_mac(dst, entry.upper_mac.as_ptr()) {
         Dest::Us
     } else if unsafe { *dst } & 1 == 1 {
         Dest::Group
@@ -88,6 +85,12 @@ pub fn arrival(ctx: &XdpContext) -> Option<Arrival> {
         Dest::Other
     };
     Some(Arrival { dest, slot })
+}
+
+/// Two MACs compared in a 4-byte and a 2-byte word (both at even offsets).
+#[inline(always)]
+fn same_mac(a: *const u8, b: *const u8) -> bool {
+    load32(a) == load32(b) && load16(unsafe { a.add(4) }) == load16(unsafe { b.add(4) })
 }
 
 /// Counts a frame for another host, passed untouched.

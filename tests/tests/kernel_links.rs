@@ -24,29 +24,48 @@ use sluice_tests::{
     sluice_bin,
 };
 
-const GUEST: &str = "needs bonding and 802.1Q: `cargo xtask kernels` runs it in a QEMU guest";
-
 /// A client's segment: the switch namespace and the client namespace behind it.
 struct Segment {
     keepers: Vec<Dataplane>,
     client: NetNs,
+    /// The client's interface: `c0`, or its VLAN device.
+    client_if: String,
     sw: NetNs,
 }
 
 /// A switch namespace with bridge `br0`, and a client at `client_ip/24` on it.
 fn segment(tag: &str, client_ip: &str, gateway: &str) -> Segment {
+    segment_on_vlan(tag, client_ip, gateway, None)
+}
+
+/// [`segment`], the client's address on VLAN `vlan` of its link (`c0.VLAN`) when given: the
+/// switch's bridge carries the tagged frames as they are.
+fn segment_on_vlan(tag: &str, client_ip: &str, gateway: &str, vlan: Option<u16>) -> Segment {
     let sw = NetNs::new(&format!("{tag}-sw"));
     let client = NetNs::new(&format!("{tag}-cl"));
     sw.ip(&["link", "add", "br0", "type", "bridge"]);
     sw.ip(&["link", "set", "br0", "up"]);
     veth(&sw, "sc", &client, "c0");
     sw.ip(&["link", "set", "sc", "master", "br0"]);
-    client.ip(&["addr", "add", &format!("{client_ip}/24"), "dev", "c0"]);
+    let client_if = match vlan {
+        Some(id) => {
+            let name = format!("c0.{id}");
+            let id = id.to_string();
+            client.ip(&[
+                "link", "add", "link", "c0", "name", &name, "type", "vlan", "id", &id,
+            ]);
+            client.ip(&["link", "set", &name, "up"]);
+            name
+        }
+        None => "c0".to_string(),
+    };
+    client.ip(&["addr", "add", &format!("{client_ip}/24"), "dev", &client_if]);
     client.ip(&["route", "add", "default", "via", gateway]);
     client.exec(&["ethtool", "-K", "c0", "tx", "off"]);
     Segment {
         keepers: vec![napi_keeper(&client, "c0")],
         client,
+        client_if,
         sw,
     }
 }
@@ -113,12 +132,13 @@ fn run_sluice(lab: &Lab, tag: &str, interfaces: &[&str], vips: &[(&str, &str)]) 
 }
 
 /// Asks ARP for `vip` from the client once; the replies for it heard within 1.5 s.
-fn arp_replies(client: &NetNs, me: &str, vip: &str) -> Vec<Vec<u8>> {
+fn arp_replies(seg: &Segment, me: &str, vip: &str) -> Vec<Vec<u8>> {
     let me: Ipv4Addr = me.parse().unwrap();
     let vip: Ipv4Addr = vip.parse().unwrap();
-    let my_mac = client.mac("c0");
-    client.run(move || {
-        let sock = RawSocket::open("c0").unwrap();
+    let my_mac = seg.client.mac(&seg.client_if);
+    let client_if = seg.client_if.clone();
+    seg.client.run(move || {
+        let sock = RawSocket::open(&client_if).unwrap();
         sock.send(&frames::arp_request(my_mac, me, vip)).unwrap();
         sock.collect(Duration::from_millis(1500), |f| {
             f.len() >= 42 && f[12..14] == [8, 6] && f[20..22] == [0, 2] && f[28..32] == vip.octets()
@@ -140,7 +160,7 @@ fn http_names(client: &NetNs, vip: &str, n: usize) -> std::collections::BTreeMap
 /// 30 requests, both backends answer; ARP for the VIP answered exactly once, at `mac`.
 fn serves_and_answers_once(seg: &Segment, me: &str, vip: &str, mac: [u8; 6], what: &str) {
     for ask in 0..5 {
-        let replies = arp_replies(&seg.client, me, vip);
+        let replies = arp_replies(&seg, me, vip);
         assert_eq!(
             replies.len(),
             1,
@@ -212,6 +232,31 @@ fn bonded_node(lab: &Lab, seg: &mut Segment, mode: &str, switch_lag: bool) {
     }
 }
 
+/// A bonded node in `mode` serving 198.18.5.100 on `bond0` (address 198.18.5.1) to a client
+/// at 198.18.5.2, both backends serving; the switch's side a static LAG when `switch_lag`.
+struct BondLab {
+    run: Run,
+    seg: Segment,
+    _servers: [(sluice_tests::lab::Switch, sluice_tests::lab::Switch); 2],
+    lab: Lab,
+}
+
+fn bond_lab(tag: &str, mode: &str, switch_lag: bool) -> BondLab {
+    let lab = Lab::new(2);
+    let servers = [lab.serve_with_http(1), lab.serve_with_http(2)];
+    let mut seg = segment(tag, "198.18.5.2", "198.18.5.1");
+    bonded_node(&lab, &mut seg, mode, switch_lag);
+    lab.node
+        .ip(&["addr", "add", "198.18.5.1/24", "dev", "bond0"]);
+    let run = run_sluice(&lab, tag, &["bond0"], &[("198.18.5.100", "bond0")]);
+    BondLab {
+        run,
+        seg,
+        _servers: servers,
+        lab,
+    }
+}
+
 fn active_port(node: &NetNs) -> String {
     node.exec(&["cat", "/sys/class/net/bond0/bonding/active_slave"])
         .trim()
@@ -221,14 +266,12 @@ fn active_port(node: &NetNs) -> String {
 #[test]
 #[ignore = "needs bonding and 802.1Q: `cargo xtask kernels` runs it in a QEMU guest"]
 fn an_active_backup_bond_answers_arp_once_from_its_active_port_and_follows_a_failover() {
-    let _ = GUEST;
-    let lab = Lab::new(2);
-    let _servers = [lab.serve_with_http(1), lab.serve_with_http(2)];
-    let mut seg = segment("ab", "198.18.5.2", "198.18.5.1");
-    bonded_node(&lab, &mut seg, "active-backup", false);
-    lab.node
-        .ip(&["addr", "add", "198.18.5.1/24", "dev", "bond0"]);
-    let run = run_sluice(&lab, "ab", &["bond0"], &[("198.18.5.100", "bond0")]);
+    let BondLab {
+        run,
+        seg,
+        lab,
+        _servers,
+    } = bond_lab("ab", "active-backup", false);
     let mac = lab.node.mac("bond0");
     let first = active_port(&lab.node);
     serves_and_answers_once(&seg, "198.18.5.2", "198.18.5.100", mac, "active-backup");
@@ -260,7 +303,7 @@ fn an_active_backup_bond_answers_arp_once_from_its_active_port_and_follows_a_fai
     let started = Instant::now();
     seg.sw.ip(&["link", "set", cut, "down"]);
     let answered_after = loop {
-        let replies = arp_replies(&seg.client, "198.18.5.2", "198.18.5.100");
+        let replies = arp_replies(&seg, "198.18.5.2", "198.18.5.100");
         if replies.len() == 1 && active_port(&lab.node) != first {
             break started.elapsed();
         }
@@ -287,13 +330,12 @@ fn an_active_backup_bond_answers_arp_once_from_its_active_port_and_follows_a_fai
 #[test]
 #[ignore = "needs bonding and 802.1Q: `cargo xtask kernels` runs it in a QEMU guest"]
 fn a_balance_xor_bond_against_a_static_lag_answers_arp_once_and_balances() {
-    let lab = Lab::new(2);
-    let _servers = [lab.serve_with_http(1), lab.serve_with_http(2)];
-    let mut seg = segment("xor", "198.18.5.2", "198.18.5.1");
-    bonded_node(&lab, &mut seg, "balance-xor", true);
-    lab.node
-        .ip(&["addr", "add", "198.18.5.1/24", "dev", "bond0"]);
-    let run = run_sluice(&lab, "xor", &["bond0"], &[("198.18.5.100", "bond0")]);
+    let BondLab {
+        run,
+        seg,
+        lab,
+        _servers,
+    } = bond_lab("xor", "balance-xor", true);
     let mac = lab.node.mac("bond0");
     serves_and_answers_once(&seg, "198.18.5.2", "198.18.5.100", mac, "balance-xor");
     let interfaces = inspected(&run);
@@ -328,7 +370,7 @@ fn a_bridge_over_a_bond_answers_on_the_bridge_and_never_on_the_management_interf
     let mac = lab.node.mac("vmbr0");
     serves_and_answers_once(&seg, "198.18.5.2", "198.18.5.100", mac, "bridge over bond");
     for _ in 0..3 {
-        let heard = arp_replies(&mgmt.client, "198.18.6.2", "198.18.5.100");
+        let heard = arp_replies(&mgmt, "198.18.6.2", "198.18.5.100");
         assert!(
             heard.is_empty(),
             "the management segment got an answer: {heard:02x?}"
@@ -391,8 +433,8 @@ fn vlan_devices_named_eth0_100_and_vlan200_each_answer_their_own_segment_only() 
     serves_and_answers_once(&v100, "198.18.7.2", "198.18.7.100", mac, "eth0.100");
     serves_and_answers_once(&v200, "198.18.8.2", "198.18.8.100", mac, "vlan200");
     // Each VIP on its own segment only.
-    assert!(arp_replies(&v100.client, "198.18.7.2", "198.18.8.100").is_empty());
-    assert!(arp_replies(&v200.client, "198.18.8.2", "198.18.7.100").is_empty());
+    assert!(arp_replies(&v100, "198.18.7.2", "198.18.8.100").is_empty());
+    assert!(arp_replies(&v200, "198.18.8.2", "198.18.7.100").is_empty());
     let interfaces = inspected(&run);
     for dev in ["eth0.100", "vlan200"] {
         assert_eq!(entry(&interfaces, dev)["mode"], "generic", "{interfaces}");
@@ -411,5 +453,38 @@ fn vlan_devices_named_eth0_100_and_vlan200_each_answer_their_own_segment_only() 
         links.lines().any(|l| l == "xdp-eth0%2e100"),
         "{links} {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+#[ignore = "needs bonding and 802.1Q: `cargo xtask kernels` runs it in a QEMU guest"]
+fn a_vlan_on_an_active_backup_bond_answers_once_on_its_vlan() {
+    let lab = Lab::new(2);
+    let _servers = [lab.serve_with_http(1), lab.serve_with_http(2)];
+    let mut seg = segment_on_vlan("bv", "198.18.9.2", "198.18.9.1", Some(100));
+    bonded_node(&lab, &mut seg, "active-backup", false);
+    lab.node.ip(&[
+        "link",
+        "add",
+        "link",
+        "bond0",
+        "name",
+        "bond0.100",
+        "type",
+        "vlan",
+        "id",
+        "100",
+    ]);
+    lab.node.ip(&["link", "set", "bond0.100", "up"]);
+    lab.node
+        .ip(&["addr", "add", "198.18.9.1/24", "dev", "bond0.100"]);
+    let run = run_sluice(&lab, "bv", &["bond0.100"], &[("198.18.9.100", "bond0.100")]);
+    let mac = lab.node.mac("bond0.100");
+    serves_and_answers_once(&seg, "198.18.9.2", "198.18.9.100", mac, "bond0.100");
+    let interfaces = inspected(&run);
+    assert_eq!(
+        entry(&interfaces, "bond0.100")["kind"],
+        "vlan",
+        "{interfaces}"
     );
 }

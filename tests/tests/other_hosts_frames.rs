@@ -20,6 +20,8 @@ const VIP: &str = "198.18.1.100";
 /// answering with the host's name), and the test's files.
 struct Host {
     ns: NetNs,
+    /// The interface whose MAC this host's frames carry (its address is there).
+    mac_of: String,
     run: Process,
     dir: PathBuf,
     _backend: (NetNs, Switch, Dataplane),
@@ -31,11 +33,23 @@ impl Drop for Host {
     }
 }
 
-fn host(name: &str, sw: &NetNs, address: &str) -> Host {
+/// A host on the switch by its `eth0`; with `bridged`, `eth0` is a port of the host's bridge
+/// `vmbr0` (a MAC of its own), which holds the address (the Proxmox layout), and Sluice is
+/// still attached to `eth0`.
+fn host(name: &str, sw: &NetNs, address: &str, bridged: bool) -> Host {
     let ns = NetNs::new(name);
     veth(&ns, "eth0", sw, &format!("p-{name}"));
     sw.ip(&["link", "set", &format!("p-{name}"), "master", "br0"]);
-    ns.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
+    let on = if bridged {
+        ns.ip(&["link", "add", "vmbr0", "type", "bridge"]);
+        ns.ip(&["link", "set", "vmbr0", "address", "02:b7:00:00:00:01"]);
+        ns.ip(&["link", "set", "eth0", "master", "vmbr0"]);
+        ns.ip(&["link", "set", "vmbr0", "up"]);
+        "vmbr0"
+    } else {
+        "eth0"
+    };
+    ns.ip(&["addr", "add", &format!("{address}/24"), "dev", on]);
     ns.ip(&["link", "set", "eth0", "promisc", "on"]);
     ns.exec(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
     let backend = NetNs::new(&format!("{name}-b"));
@@ -81,6 +95,7 @@ services:
     run.wait_for_stderr("ready");
     Host {
         ns,
+        mac_of: on.to_string(),
         run,
         dir,
         _backend: (backend, server, keeper),
@@ -114,13 +129,18 @@ fn on_a_flooding_switch_each_host_balances_only_the_frames_to_its_own_mac() {
     sw.ip(&["link", "set", "p-cl", "master", "br0"]);
     client.ip(&["addr", "add", "198.18.1.2/24", "dev", "c0"]);
     client.exec(&["ethtool", "-K", "c0", "tx", "off"]);
-    let a = host("ha", &sw, "198.18.1.11");
-    let b = host("hb", &sw, "198.18.1.12");
+    let a = host("ha", &sw, "198.18.1.11", false);
+    let b = host("hb", &sw, "198.18.1.12", false);
     let to: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    send_to(&client, &a, &b, to);
+}
 
+/// Sends 30 requests to each host's MAC in turn (the other host listening in): each host
+/// balances its own, the other passes them.
+fn send_to(client: &NetNs, a: &Host, b: &Host, to: SocketAddr) {
     // The client sends to one host's MAC at a time, as a router choosing a next hop does.
-    for (to_host, other_host) in [(&a, &b), (&b, &a)] {
-        let mac = to_host.ns.mac("eth0");
+    for (to_host, other_host) in [(a, b), (b, a)] {
+        let mac = to_host.ns.mac(&to_host.mac_of);
         let mac = mac
             .iter()
             .map(|x| format!("{x:02x}"))
@@ -141,7 +161,7 @@ fn on_a_flooding_switch_each_host_balances_only_the_frames_to_its_own_mac() {
         let (before_other, before_passed) = counted(other_host);
         let name = to_host.ns.name.rsplit('-').next().unwrap().to_string();
         for i in 0..30 {
-            let answer = http_get(&client, to).unwrap_or_else(|e| panic!("request {i}: {e}"));
+            let answer = http_get(client, to).unwrap_or_else(|e| panic!("request {i}: {e}"));
             assert_eq!(
                 answer, name,
                 "request {i} balanced by the host it was sent to"
@@ -163,4 +183,21 @@ fn on_a_flooding_switch_each_host_balances_only_the_frames_to_its_own_mac() {
             passed - before_passed
         );
     }
+}
+
+#[test]
+fn a_host_attached_on_its_bridges_port_balances_the_frames_to_the_bridges_mac() {
+    require_root();
+    let sw = NetNs::new("hub2");
+    sw.ip(&["link", "add", "br0", "type", "bridge", "ageing_time", "0"]);
+    sw.ip(&["link", "set", "br0", "up"]);
+    let client = NetNs::new("hub2-cl");
+    veth(&client, "c0", &sw, "p-cl");
+    sw.ip(&["link", "set", "p-cl", "master", "br0"]);
+    client.ip(&["addr", "add", "198.18.1.2/24", "dev", "c0"]);
+    client.exec(&["ethtool", "-K", "c0", "tx", "off"]);
+    // hc's address and MAC are its bridge's; Sluice runs on the bridge's port eth0.
+    let c = host("hc", &sw, "198.18.1.13", true);
+    let d = host("hd", &sw, "198.18.1.14", false);
+    send_to(&client, &c, &d, format!("{VIP}:80").parse().unwrap());
 }

@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cargo, have, root, run};
+use crate::{cargo, have, libtest_counts, root, run};
 
 /// One kernel of the matrix: a label, and the Debian suite whose `linux-image-amd64` it is.
 pub struct Kernel {
@@ -576,7 +576,7 @@ fn run_guest(
                 return false;
             }
         }
-        unsafe_kill(pid);
+        kill_now(pid);
         true
     });
     let mut log = fs::File::create(&console)?;
@@ -612,7 +612,10 @@ fn run_guest(
         } else if line.starts_with("xtask-guest:") {
             eprintln!("{line}");
         } else if let Some(rest) = line.strip_prefix("test result: ") {
-            add_counts(rest, &mut run);
+            let counts = libtest_counts(rest);
+            run.passed += counts.passed;
+            run.failed += counts.failed;
+            run.ignored += counts.ignored;
         } else if line.starts_with("test ") && line.ends_with("... FAILED") {
             run.failures.push(format!(
                 "{current}: {}",
@@ -642,25 +645,8 @@ fn run_guest(
     Ok(run)
 }
 
-fn unsafe_kill(pid: u32) {
+fn kill_now(pid: u32) {
     let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-}
-
-/// Adds up a libtest summary ("ok. 4 passed; 0 failed; 1 ignored; ...").
-fn add_counts(summary: &str, run: &mut GuestRun) {
-    for part in summary.split(';') {
-        let mut words = part.split_whitespace().rev();
-        let (Some(what), Some(n)) = (words.next(), words.next()) else {
-            continue;
-        };
-        let n: u64 = n.parse().unwrap_or(0);
-        match what {
-            "passed" => run.passed += n,
-            "failed" => run.failed += n,
-            "ignored" => run.ignored += n,
-            _ => {}
-        }
-    }
 }
 
 fn shell_quote(s: &str) -> String {

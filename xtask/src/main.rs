@@ -342,18 +342,9 @@ fn run_tests(cmd: &mut Command) -> Result<()> {
         let line = line?;
         println!("{line}");
         if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split(';') {
-                let mut words = part.split_whitespace().rev();
-                let (Some(what), Some(n)) = (words.next(), words.next()) else {
-                    continue;
-                };
-                let n: u64 = n.parse().unwrap_or(0);
-                match what {
-                    "passed" => passed += n,
-                    "failed" => failed += n,
-                    _ => {}
-                }
-            }
+            let counts = libtest_counts(rest);
+            passed += counts.passed;
+            failed += counts.failed;
         }
     }
     let status = child.wait()?;
@@ -362,6 +353,32 @@ fn run_tests(cmd: &mut Command) -> Result<()> {
         bail!("cargo test failed: {status}");
     }
     Ok(())
+}
+
+/// What a libtest summary line ("ok. 4 passed; 0 failed; 1 ignored; ...") counts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct TestCounts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+fn libtest_counts(summary: &str) -> TestCounts {
+    let mut counts = TestCounts::default();
+    for part in summary.split(';') {
+        let mut words = part.split_whitespace().rev();
+        let (Some(what), Some(n)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let n: u64 = n.parse().unwrap_or(0);
+        match what {
+            "passed" => counts.passed += n,
+            "failed" => counts.failed += n,
+            "ignored" => counts.ignored += n,
+            _ => {}
+        }
+    }
+    counts
 }
 
 /// `target/release/sluice`, built.

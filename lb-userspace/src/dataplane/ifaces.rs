@@ -52,11 +52,35 @@ pub fn read_bond(name: &str) -> Option<Bond> {
     })
 }
 
+/// The MAC of the bridge `name` is a port of; `None` when it is not a bridge's port.
+pub fn read_bridge_mac(name: &str) -> Option<[u8; 6]> {
+    let class = Path::new("/sys/class/net").join(name);
+    if !class.join("brport").exists() {
+        return None;
+    }
+    parse_mac(
+        fs::read_to_string(class.join("master/address"))
+            .ok()?
+            .trim(),
+    )
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
 /// An interface the program is attached to, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attached {
     pub ifindex: u32,
     pub mac: [u8; 6],
+    /// The MAC of the bridge it is a port of, when it is one.
+    pub bridge_mac: Option<[u8; 6]>,
     /// Native (driver) mode; generic (skb) otherwise.
     pub native: bool,
     /// Its bond facts, when it is a bond.
@@ -69,11 +93,14 @@ pub struct Attached {
 /// after the bond has dropped what its standby ports received: the bond's entry is enough.
 pub fn entries(attached: &Attached) -> Vec<IfaceEntry> {
     let native = if attached.native { IFACE_NATIVE } else { 0 };
+    let upper_mac = attached.bridge_mac.unwrap_or(attached.mac);
     let mut out = vec![IfaceEntry {
         ifindex: attached.ifindex,
         l2_ifindex: attached.ifindex,
         mac: attached.mac,
         flags: native,
+        upper_mac,
+        _pad: [0; 2],
     }];
     if let (Some(bond), true) = (&attached.bond, attached.native) {
         let active_backup = bond.mode == "active-backup";
@@ -84,6 +111,8 @@ pub fn entries(attached: &Attached) -> Vec<IfaceEntry> {
                 l2_ifindex: attached.ifindex,
                 mac: attached.mac,
                 flags: native | IFACE_BOND_PORT | if standby { IFACE_STANDBY } else { 0 },
+                upper_mac,
+                _pad: [0; 2],
             });
         }
     }
@@ -228,10 +257,10 @@ pub fn kind(name: &str) -> &'static str {
 /// The note `inspect` gives an interface in generic mode: why, and what it costs.
 pub fn generic_note(kind: &str) -> &'static str {
     match kind {
-        "bridge" => "a bridge has no native XDP: the program runs on frames the bridge passes up, after an skb is built (about 2-4x the cost per packet); attach to the bridge's ports' NICs, or accept it",
-        "vlan" => "a VLAN device has no native XDP: the program runs after an skb is built (about 2-4x the cost per packet); attaching to the parent NIC balances tagged frames natively",
-        "bond" => "this bond's mode or a port's driver has no native XDP: generic mode on the bond (about 2-4x the cost per packet)",
-        _ => "the driver has no native XDP: the program runs after an skb is built (about 2-4x the cost per packet)",
+        "bridge" => "a bridge has no native XDP: the program runs on frames the bridge passes up, after an skb is built; attach to the bridge's ports' NICs, or accept it",
+        "vlan" => "a VLAN device has no native XDP: the program runs after an skb is built; attaching to the parent NIC balances tagged frames natively",
+        "bond" => "this bond's mode or a port's driver has no native XDP: generic mode on the bond",
+        _ => "the driver has no native XDP: the program runs after an skb is built",
     }
 }
 
@@ -245,6 +274,7 @@ mod tests {
         Attached {
             ifindex: 10,
             mac: MAC,
+            bridge_mac: None,
             native: true,
             bond: Some(Bond {
                 mode: mode.to_string(),
@@ -298,9 +328,25 @@ mod tests {
                 ifindex: 10,
                 l2_ifindex: 10,
                 mac: MAC,
-                flags: 0
+                flags: 0,
+                upper_mac: MAC,
+                _pad: [0; 2],
             }]
         );
+    }
+
+    #[test]
+    fn a_bridge_ports_frames_to_the_bridges_mac_are_this_hosts_too() {
+        let bridge = [2, 0, 0, 0, 0, 0xb7];
+        let mut b = bond("active-backup", Some("eth0"));
+        b.bridge_mac = Some(bridge);
+        // The bond and its ports: their own MAC, and the bridge's.
+        assert!(entries(&b)
+            .iter()
+            .all(|e| e.mac == MAC && e.upper_mac == bridge));
+        assert_eq!(parse_mac("02:00:00:00:00:b7"), Some(bridge));
+        assert_eq!(parse_mac("02:00:00:00:00"), None);
+        assert_eq!(parse_mac("02:00:00:00:00:b7:01"), None);
     }
 
     #[test]
@@ -310,6 +356,8 @@ mod tests {
             l2_ifindex: ifindex,
             mac: MAC,
             flags: 0,
+            upper_mac: MAC,
+            _pad: [0; 2],
         };
         let slots = lb_common::IFACE_SLOTS;
         let table = plan(&[e(5 + slots), e(5), e(6), e(5 + 2 * slots)]);

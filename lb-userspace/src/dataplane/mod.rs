@@ -444,6 +444,14 @@ impl Dataplane {
         retry_eagain(|| program.load()).map_err(|e| program_load_error(PROG_XDP_INGRESS, e))?;
         let egress: &mut SchedClassifier = program_mut(&mut ebpf, PROG_TC_EGRESS)?;
         retry_eagain(|| egress.load()).map_err(|e| program_load_error(PROG_TC_EGRESS, e))?;
+        if !tcx_available() {
+            tracing::info!(
+                event = "kernelFeatureMissing",
+                feature = "TCX links (Linux 6.6)",
+                kernel = %KernelVersion::current().map_or("unknown".to_string(), |v| v.to_string()),
+                fallback = "the TC egress program is a cls_bpf filter in a clsact qdisc, left in place over restarts",
+            );
+        }
         tracing::info!(
             event = "dataplaneLoaded",
             pin_dir = ?options.pin_dir,
@@ -900,6 +908,7 @@ impl Dataplane {
                 ifaces::entries(&ifaces::Attached {
                     ifindex: *ifindex,
                     mac,
+                    bridge_mac: ifaces::read_bridge_mac(&a.name),
                     native: a.native,
                     bond: ifaces::read_bond(&a.name),
                 })

@@ -60,8 +60,12 @@ fn main() -> Result<()> {
     sh(&[
         "ip", "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
     ]);
+    // veth0 has the MAC the frames are sent to: attached, the program checks it as on a node.
+    sh(&["ip", "link", "set", "veth0", "address", "02:5e:00:00:00:01"]);
     sluice_tests::balancer_namespace_setup();
-    let ifindex = lb_userspace::dataplane::interface("veth0")?.ifindex;
+    let veth0 = lb_userspace::dataplane::interface("veth0")?;
+    anyhow::ensure!(veth0.mac == NODE_MAC, "veth0 has not taken NODE_MAC");
+    let ifindex = veth0.ifindex;
     let vip4 = Ipv4Addr::new(198, 18, 1, 100);
     let vip6: Ipv6Addr = "fd53:1::100".parse()?;
     let client4 = Ipv4Addr::new(198, 18, 1, 2);
@@ -72,6 +76,9 @@ fn main() -> Result<()> {
         ..DataplaneOptions::default()
     })
     .context("load the data plane")?;
+    // Attached, as on a node: the interface table holds veth0 (its MAC, its slot), so every
+    // path below pays the check that a frame is this host's.
+    dp.attach_all(std::slice::from_ref(&veth0))?;
     dp.set_l2_vips(&[
         L2Vip {
             ifindex,
@@ -156,6 +163,7 @@ fn main() -> Result<()> {
         443,
     );
     let svc4 = ipv4_tcp_syn(NODE_MAC, CLIENT_MAC, client4, vip4, 40000, 80);
+    let other_host = ipv4_tcp_syn([2, 0x0f, 0, 0, 0, 9], CLIENT_MAC, client4, vip4, 40000, 80);
     let svc6 = ipv6_tcp_syn(NODE_MAC, CLIENT_MAC, client6, vip6, 40000, 443);
     let remote4 = ipv4_tcp_syn(NODE_MAC, CLIENT_MAC, client4, vip4, 40000, 81);
     let from_b = ipv4_in_ipv4(
@@ -210,6 +218,7 @@ fn main() -> Result<()> {
             "IPv4 hit, a trace on (this client)",
             "restored, event each run",
         ),
+        ("pass-through: a frame to another MAC", "direct"),
     ]
     .into_iter()
     .map(|(name, method)| (name, method, Vec::new()))
@@ -299,6 +308,11 @@ fn main() -> Result<()> {
             h.dataplane()
                 .set_trace_filter(lb_userspace::trace::filter(&Default::default()))?;
         }
+        // A promiscuous port: a service's packet for another host's MAC, passed and counted.
+        rows[12].2.push(sample(&mut h, &mut |h| {
+            Ok(h.ingress_direct(ifindex, &other_host, REPEAT)?
+                .ns_per_packet)
+        })?);
         let mut tc_floor_now = 0.0;
         reverse.push(sample(&mut h, &mut |h| {
             let (ns_rev, out, floor_tc) = h.egress_restored(&reply4, REPEAT)?;
