@@ -160,7 +160,7 @@ fn http_names(client: &NetNs, vip: &str, n: usize) -> std::collections::BTreeMap
 /// 30 requests, both backends answer; ARP for the VIP answered exactly once, at `mac`.
 fn serves_and_answers_once(seg: &Segment, me: &str, vip: &str, mac: [u8; 6], what: &str) {
     for ask in 0..5 {
-        let replies = arp_replies(&seg, me, vip);
+        let replies = arp_replies(seg, me, vip);
         assert_eq!(
             replies.len(),
             1,
