@@ -302,6 +302,26 @@ fn an_active_backup_bond_answers_arp_once_from_its_active_port_and_follows_a_fai
             > 0,
         "the standby port saw the broadcasts and passed them: {interfaces}"
     );
+    println!(
+        "figure: active-backup: XDP native on bond0's ports, {first} answering, {standby} standby ({} frames passed there)",
+        entry(&interfaces, standby)["standbyFrames"]
+    );
+    // What an operator sees (kept in the guest's console).
+    let text = std::process::Command::new("nsenter")
+        .args([
+            "--target",
+            &run.process.pid().to_string(),
+            "--mount",
+            "--net",
+        ])
+        .args([sluice_bin().as_str(), "inspect"])
+        .output()
+        .expect("nsenter (util-linux)");
+    let text = String::from_utf8_lossy(&text.stdout);
+    println!(
+        "sluice inspect:\n{}",
+        text.split("\n\n").next().unwrap_or("")
+    );
 
     // The active port's link fails: the bond moves to the other port, and so do the answers.
     let cut = if first == "p0" { "s0" } else { "s1" };
@@ -395,7 +415,7 @@ fn a_bridge_over_a_bond_answers_on_the_bridge_and_never_on_the_management_interf
     assert_eq!(vmbr0["kind"], "bridge", "{interfaces}");
     assert!(vmbr0["note"].as_str().is_some_and(|n| n.contains("bridge")));
     println!(
-        "bridge over bond: XDP mode {} ({})",
+        "figure: bridge over bond: XDP mode {} ({})",
         vmbr0["mode"], vmbr0["note"]
     );
 }
