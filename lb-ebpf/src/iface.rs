@@ -8,7 +8,6 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{iface_slot, IfaceEntry, IFACE_SLOT_SHARED, IFACE_STANDBY};
 
 use crate::{
-    checksum::{load16, load32},
     headers::EthHdr,
     maps::{IFACES, IFACES_SHARED, IFACE_STATS},
     parse::ptr_at,
@@ -75,11 +74,12 @@ pub fn arrival(ctx: &XdpContext) -> Option<Arrival> {
         return None;
     }
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
-    // SAFETY: 14 bytes checked by ptr_at; the MACs sit at even offsets.
-    let dst = unsafe { (*eth).dst.as_ptr() };
-    let dest = if same_mac(dst, entry.mac.as_ptr()) || same_mac(dst, entry.upper_mac.as_ptr()) {
+    // The destination MAC in one 8-byte load (the source MAC's first two bytes masked off),
+    // and the entry's two MACs likewise (each followed by 2 bytes of flags or padding).
+    let dst = mac_word(eth as *const u8);
+    let dest = if dst == mac_word(entry.mac.as_ptr()) || dst == mac_word(entry.upper_mac.as_ptr()) {
         Dest::Us
-    } else if unsafe { *dst } & 1 == 1 {
+    } else if dst & 1 == 1 {
         Dest::Group
     } else {
         Dest::Other
@@ -87,10 +87,13 @@ pub fn arrival(ctx: &XdpContext) -> Option<Arrival> {
     Some(Arrival { dest, slot })
 }
 
-/// Two MACs compared in a 4-byte and a 2-byte word (both at even offsets).
+/// The 6 bytes of a MAC at `p` (with 2 readable bytes behind it) as the low 48 bits of a word,
+/// in memory order: the group bit (the first byte's lowest) is the word's bit 0.
 #[inline(always)]
-fn same_mac(a: *const u8, b: *const u8) -> bool {
-    load32(a) == load32(b) && load16(unsafe { a.add(4) }) == load16(unsafe { b.add(4) })
+fn mac_word(p: *const u8) -> u64 {
+    // SAFETY: callers pass a MAC with two more bytes behind it (the Ethernet header's source
+    // MAC, an entry's flags or padding).
+    unsafe { (p as *const u64).read() & 0x0000_ffff_ffff_ffff }
 }
 
 /// Counts a frame for another host, passed untouched.
