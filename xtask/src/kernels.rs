@@ -308,7 +308,7 @@ pub fn fetch(kernel: &Kernel) -> Result<Fetched> {
             kernel.suite
         ),
     )?;
-    run(apt(&apt_dir, "apt-get").arg("update"))
+    with_retries(|| run(apt(&apt_dir, "apt-get").arg("update")))
         .with_context(|| format!("reading Debian's {} package index", kernel.suite))?;
     let image = depends(&apt_dir, "linux-image-amd64")?
         .into_iter()
@@ -320,10 +320,12 @@ pub fn fetch(kernel: &Kernel) -> Result<Fetched> {
         d == &format!("linux-binary-{flavour}") || d == &format!("linux-modules-{flavour}")
     }));
     let debs = apt_dir.join("debs");
-    run(apt(&apt_dir, "apt-get")
-        .current_dir(&debs)
-        .arg("download")
-        .args(&packages))
+    with_retries(|| {
+        run(apt(&apt_dir, "apt-get")
+            .current_dir(&debs)
+            .arg("download")
+            .args(&packages))
+    })
     .with_context(|| format!("downloading {packages:?}"))?;
     let unpacked = dir.join("root");
     for entry in fs::read_dir(&debs)? {
@@ -349,6 +351,22 @@ pub fn fetch(kernel: &Kernel) -> Result<Fetched> {
     write_initramfs(&dir, &unpacked.join("lib/modules").join(&release))?;
     fs::write(&ready, &release)?;
     bootable(&dir, &release).context("the unpacked kernel has no vmlinuz")
+}
+
+/// `f`, tried up to three times 5 s apart (the mirror may stumble).
+fn with_retries(mut f: impl FnMut() -> Result<()>) -> Result<()> {
+    let mut attempt = 1;
+    loop {
+        match f() {
+            Ok(()) => return Ok(()),
+            Err(error) if attempt < 3 => {
+                eprintln!("xtask: attempt {attempt} failed ({error:#}); again in 5 s");
+                std::thread::sleep(Duration::from_secs(5));
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 /// The paths of a fetched kernel, when they are all there.
