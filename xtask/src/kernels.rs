@@ -671,10 +671,11 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-/// The job's start, in the guest's real root: the filesystems, the modules, loopback.
+/// The job's start, in the guest's real root: the filesystems, the modules, loopback. `/tmp`
+/// stays the overlay's (writable, in the guest's memory): a checkout under /tmp stays visible.
 const JOB_PREAMBLE: &str = r#"mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mkdir -p /dev/pts; mount -t devpts devpts /dev/pts
-mount -t tmpfs tmpfs /tmp; mount -t tmpfs tmpfs /run; mkdir -p /run/netns
+mount -t tmpfs tmpfs /run; mkdir -p /run/netns
 mount -t bpf bpf /sys/fs/bpf; mount -t cgroup2 cgroup2 /sys/fs/cgroup
 export PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 export SLUICE_GUEST=1
