@@ -238,19 +238,18 @@ pub fn read_stats<T: std::borrow::Borrow<MapData>>(
         .unwrap_or_default()
 }
 
-/// What kind of interface `name` is, and so why the program runs there in the mode it does.
-pub fn kind(name: &str) -> &'static str {
+/// What kind of interface `name` is, and so why the program runs there in the mode it does:
+/// "bond", "bridge", "vlan", else its driver ("veth", "ixgbe", ...), else "device".
+pub fn kind(name: &str) -> String {
     let class = Path::new("/sys/class/net").join(name);
     if class.join("bonding").exists() {
-        "bond"
+        "bond".into()
     } else if class.join("bridge").exists() {
-        "bridge"
+        "bridge".into()
     } else if Path::new("/proc/net/vlan").join(name).exists() {
-        "vlan"
-    } else if fs::read_link(class.join("device/driver")).is_ok() {
-        "device"
+        "vlan".into()
     } else {
-        "virtual"
+        super::system::driver(name).unwrap_or_else(|| "device".into())
     }
 }
 

@@ -1519,8 +1519,8 @@ pub struct InterfaceView {
     pub name: Option<String>,
     /// "native" or "generic".
     pub mode: &'static str,
-    /// "bond", "bridge", "vlan", "device" or "virtual".
-    pub kind: &'static str,
+    /// "bond", "bridge", "vlan", or the driver ("veth", "ixgbe", ...).
+    pub kind: String,
     /// A bond's port: the bond it answers for.
     pub port_of: Option<String>,
     /// A bond's standby port (active-backup): everything passes, the bond drops it.
@@ -1595,7 +1595,10 @@ impl PinnedView {
             .into_iter()
             .map(|e| {
                 let name = interface_name(e.ifindex);
-                let kind = name.as_deref().map(ifaces::kind).unwrap_or("virtual");
+                let kind = name
+                    .as_deref()
+                    .map(ifaces::kind)
+                    .unwrap_or_else(|| "device".into());
                 let native = e.flags & lb_common::IFACE_NATIVE != 0;
                 let stats = self
                     .iface_stats
@@ -1606,12 +1609,12 @@ impl PinnedView {
                     ifindex: e.ifindex,
                     name,
                     mode: if native { "native" } else { "generic" },
-                    kind,
                     port_of: (e.flags & lb_common::IFACE_BOND_PORT != 0)
                         .then(|| interface_name(e.l2_ifindex))
                         .flatten(),
                     standby: e.flags & lb_common::IFACE_STANDBY != 0,
-                    note: (!native).then(|| ifaces::generic_note(kind)),
+                    note: (!native).then(|| ifaces::generic_note(&kind)),
+                    kind,
                     other_host_frames: stats.other_host,
                     standby_frames: stats.standby,
                 }
