@@ -102,6 +102,21 @@ services:
     }
 }
 
+/// A hub (a bridge that learns nothing: every unicast frame to every port) and a client on it
+/// at 198.18.1.2.
+fn hub(tag: &str) -> (NetNs, NetNs) {
+    require_root();
+    let sw = NetNs::new(tag);
+    sw.ip(&["link", "add", "br0", "type", "bridge", "ageing_time", "0"]);
+    sw.ip(&["link", "set", "br0", "up"]);
+    let client = NetNs::new(&format!("{tag}-cl"));
+    veth(&client, "c0", &sw, "p-cl");
+    sw.ip(&["link", "set", "p-cl", "master", "br0"]);
+    client.ip(&["addr", "add", "198.18.1.2/24", "dev", "c0"]);
+    client.exec(&["ethtool", "-K", "c0", "tx", "off"]);
+    (sw, client)
+}
+
 /// (packets the host's service counted, frames for other hosts its eth0 passed).
 fn counted(host: &Host) -> (u64, u64) {
     let doc = host.run.inspect_json(&sluice_bin());
@@ -119,16 +134,7 @@ fn counted(host: &Host) -> (u64, u64) {
 
 #[test]
 fn on_a_flooding_switch_each_host_balances_only_the_frames_to_its_own_mac() {
-    require_root();
-    let sw = NetNs::new("hub");
-    // A hub: no learning, every unicast frame to every port.
-    sw.ip(&["link", "add", "br0", "type", "bridge", "ageing_time", "0"]);
-    sw.ip(&["link", "set", "br0", "up"]);
-    let client = NetNs::new("hub-cl");
-    veth(&client, "c0", &sw, "p-cl");
-    sw.ip(&["link", "set", "p-cl", "master", "br0"]);
-    client.ip(&["addr", "add", "198.18.1.2/24", "dev", "c0"]);
-    client.exec(&["ethtool", "-K", "c0", "tx", "off"]);
+    let (sw, client) = hub("hub");
     let a = host("ha", &sw, "198.18.1.11", false);
     let b = host("hb", &sw, "198.18.1.12", false);
     let to: SocketAddr = format!("{VIP}:80").parse().unwrap();
@@ -187,15 +193,7 @@ fn send_to(client: &NetNs, a: &Host, b: &Host, to: SocketAddr) {
 
 #[test]
 fn a_host_attached_on_its_bridges_port_balances_the_frames_to_the_bridges_mac() {
-    require_root();
-    let sw = NetNs::new("hub2");
-    sw.ip(&["link", "add", "br0", "type", "bridge", "ageing_time", "0"]);
-    sw.ip(&["link", "set", "br0", "up"]);
-    let client = NetNs::new("hub2-cl");
-    veth(&client, "c0", &sw, "p-cl");
-    sw.ip(&["link", "set", "p-cl", "master", "br0"]);
-    client.ip(&["addr", "add", "198.18.1.2/24", "dev", "c0"]);
-    client.exec(&["ethtool", "-K", "c0", "tx", "off"]);
+    let (sw, client) = hub("hub2");
     // hc's address and MAC are its bridge's; Sluice runs on the bridge's port eth0.
     let c = host("hc", &sw, "198.18.1.13", true);
     let d = host("hd", &sw, "198.18.1.14", false);

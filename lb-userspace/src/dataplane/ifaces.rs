@@ -187,18 +187,11 @@ pub fn write(
         }
     }
     let gone: Vec<u32> = match had {
-        Some(h) => h
-            .shared
-            .keys()
-            .filter(|k| !want.shared.contains_key(k))
-            .copied()
-            .collect(),
+        Some(h) => h.shared.keys().copied().collect(),
         None => shared.keys().filter_map(|k| k.ok()).collect(),
     };
-    for ifindex in gone {
-        if !want.shared.contains_key(&ifindex) {
-            let _ = shared.remove(&ifindex);
-        }
+    for ifindex in gone.iter().filter(|k| !want.shared.contains_key(k)) {
+        let _ = shared.remove(ifindex);
     }
     Ok(())
 }

@@ -917,7 +917,7 @@ impl Dataplane {
         ifaces::plan(&entries)
     }
 
-    /// Writes the interface table where it changed. Returns true when it did.
+    /// Writes the interface table where it changed.
     fn write_ifaces(&mut self) -> Result<()> {
         self.refresh_interfaces().map(|_| ())
     }

@@ -440,6 +440,7 @@ async fn run_async(
     ));
     let mut last_pass = Instant::now();
     let mut last_garp = Instant::now();
+    let mut last_interfaces = Instant::now();
     let mut last_secret_check: Option<Instant> = None;
     let mut seen: Option<Fingerprint> = None;
     loop {
@@ -464,9 +465,13 @@ async fn run_async(
             }
             seen = Some(now);
         }
-        // A bond's failover moves the ARP/NDP answers to its new active port.
-        if let Err(error) = speaker.dp.refresh_interfaces() {
-            warn!(error = %error, "interfacesNotRefreshed");
+        // A bond's failover moves the ARP/NDP answers to its new active port: re-read every
+        // INTERFACE_REFRESH, not on every wake-up of the loop.
+        if last_interfaces.elapsed() >= dataplane::INTERFACE_REFRESH {
+            last_interfaces = Instant::now();
+            if let Err(error) = speaker.dp.refresh_interfaces() {
+                warn!(error = %error, "interfacesNotRefreshed");
+            }
         }
         if let Some(every) = options.garp_interval {
             if last_garp.elapsed() >= every {
